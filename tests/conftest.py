@@ -1,0 +1,44 @@
+"""Capability markers: a test marked ``fuse`` or ``netns`` is skipped when the
+machine lacks the capability, and fails instead when ``SWARM_REQUIRE_ALL=1``
+(as in CI), so a missing capability can never pass silently."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _fuse_missing() -> str | None:
+    if not Path("/dev/fuse").exists():
+        return "/dev/fuse is absent"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (apt-get install fuse3)"
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "/dev/fuse is not accessible"
+    return None
+
+
+def _netns_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    return None
+
+
+_CAPABILITIES = {"fuse": _fuse_missing, "netns": _netns_missing}
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for name, probe in _CAPABILITIES.items():
+        if item.get_closest_marker(name) is None:
+            continue
+        why = probe()
+        if why is None:
+            continue
+        if os.environ.get("SWARM_REQUIRE_ALL") == "1":
+            pytest.fail(f"capability {name!r} required (SWARM_REQUIRE_ALL=1): {why}")
+        pytest.skip(f"no {name}: {why}")
