@@ -1,0 +1,283 @@
+"""A mounted repository: its current revision, open files, and content reads.
+
+This is the filesystem's logic without FUSE: lookups go to the current
+revision's catalog; an open file keeps the revision it was opened in; reads
+fetch missing objects through the cache (verified there) and never return an
+unverified byte.  :mod:`cvmfs_like.fs` is the thin FUSE adapter on top.
+
+Revision switches are an atomic swap of one reference; the previous catalog
+stays open (and pinned in the cache) until no open file needs it, which open
+files do not: they hold their entry and chunk list.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cvmfs_like.cache import ObjectCache
+from cvmfs_like.catalog import Catalog, Chunk, Entry
+from cvmfs_like.exceptions import CatalogError, ObjectUnavailable, ReleaseError
+from cvmfs_like.objects import ObjectSource
+from trust.exceptions import TrustError, TrustTransportError
+from trust.targets import ReleaseTarget
+
+log = logging.getLogger(__name__)
+
+
+class TrustedReleases(Protocol):
+    """The node-side view of a repository's signed metadata (trust.client)."""
+
+    def refresh(self) -> None: ...
+
+    def load_cached(self) -> None: ...
+
+    def releases(self) -> list[ReleaseTarget]: ...
+
+    def tags(self) -> dict[str, ReleaseTarget]: ...
+
+
+@dataclass
+class Revision:
+    release: ReleaseTarget
+    catalog: Catalog
+    loaded_at: float
+
+
+@dataclass
+class OpenFile:
+    """A file opened in one revision; reads stay in that revision."""
+
+    entry: Entry
+    revision: int
+    chunks: list[Chunk]
+    offsets: list[int]
+    fds: dict[int, int] = field(default_factory=dict)  # chunk index -> descriptor
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    changed: bool
+    revision: int
+    changed_paths: list[bytes]
+    error: str | None = None
+
+
+class MountedRelease:
+    """The repository as the mount sees it."""
+
+    def __init__(
+        self,
+        name: str,
+        trusted: TrustedReleases,
+        source: ObjectSource,
+        cache: ObjectCache,
+        *,
+        tag: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self._trusted = trusted
+        self._source = source
+        self._cache = cache
+        self._tag = tag
+        self._clock = clock
+        self._current: Revision | None = None
+        self._update_lock = threading.Lock()
+        self._files: dict[int, OpenFile] = {}
+        self._fh = itertools.count(1)
+        self.last_check: float | None = None
+        self.last_error: str | None = None
+        self.offline = False
+
+    # -- revisions -----------------------------------------------------------
+
+    @property
+    def current(self) -> Revision:
+        rev = self._current
+        if rev is None:
+            raise ReleaseError(f"{self.name}: no revision loaded")
+        return rev
+
+    def start(self) -> Revision:
+        """Load the newest trusted revision, from the network or, failing that,
+        from the locally cached metadata and catalog.
+
+        Raises:
+            TrustError: no trusted metadata at all (first start with origin down).
+            ReleaseError: the catalog cannot be had.
+        """
+        try:
+            self._trusted.refresh()
+        except TrustTransportError as exc:
+            log.warning("%s: metadata refresh failed (%s); using cached metadata", self.name, exc)
+            self._trusted.load_cached()
+            self.offline = True
+            self.last_error = str(exc)
+        self.last_check = self._clock()
+        target = self._wanted()
+        if target is None:
+            raise ReleaseError(f"{self.name}: the repository has no published revision")
+        self._current = self._load(target)
+        return self._current
+
+    def _wanted(self) -> ReleaseTarget | None:
+        if self._tag is not None:
+            tags = self._trusted.tags()
+            if self._tag not in tags:
+                raise ReleaseError(f"{self.name}: no tag {self._tag!r} (have: {sorted(tags)})")
+            return tags[self._tag]
+        releases = self._trusted.releases()
+        return releases[-1] if releases else None
+
+    def _load(self, target: ReleaseTarget) -> Revision:
+        fd = self._cache.open(target.catalog, target.catalog_size, self._source)
+        os.close(fd)
+        self._cache.pin(target.catalog)
+        try:
+            catalog = Catalog(self._cache.path_of(target.catalog))
+        except CatalogError:
+            self._cache.unpin(target.catalog)
+            raise
+        return Revision(target, catalog, self._clock())
+
+    def update(self) -> UpdateResult:
+        """Check for a newer trusted revision now and switch to it.
+
+        Never raises for transport or verification failures: the current
+        revision keeps being served and the error is reported.
+        """
+        with self._update_lock:
+            old = self.current
+            try:
+                self._trusted.refresh()
+                self.offline = False
+                target = self._wanted()
+                self.last_check = self._clock()
+                self.last_error = None
+                if target is None or (
+                    target.revision == old.release.revision
+                    and target.catalog == old.release.catalog
+                ):
+                    return UpdateResult(False, old.release.revision, [])
+                new = self._load(target)
+            except (TrustError, ReleaseError) as exc:
+                self.last_error = str(exc)
+                self.last_check = self._clock()
+                log.warning(
+                    "%s: update failed, keeping revision %d: %s",
+                    self.name,
+                    old.release.revision,
+                    exc,
+                )
+                return UpdateResult(False, old.release.revision, [], str(exc))
+            changed = new.catalog.changed_paths(old.catalog)
+            self._current = new
+            self._cache.unpin(old.release.catalog)
+            log.info(
+                "%s: switched from revision %d to %d (%d paths changed)",
+                self.name,
+                old.release.revision,
+                new.release.revision,
+                len(changed),
+            )
+            return UpdateResult(True, new.release.revision, changed)
+
+    # -- lookups ---------------------------------------------------------------
+
+    def lookup(self, path: bytes) -> Entry | None:
+        return self.current.catalog.lookup(path)
+
+    def list_dir(self, path: bytes) -> list[Entry]:
+        return self.current.catalog.list_dir(path)
+
+    # -- content ---------------------------------------------------------------
+
+    def open(self, entry: Entry) -> int:
+        rev = self.current
+        if entry.chunked:
+            chunks = rev.catalog.chunks(entry.ino)
+        elif entry.object is not None:
+            chunks = [Chunk(0, entry.size, entry.object)]
+        else:
+            chunks = []
+        fh = next(self._fh)
+        self._files[fh] = OpenFile(entry, rev.release.revision, chunks, [c.offset for c in chunks])
+        return fh
+
+    def open_file(self, fh: int) -> OpenFile:
+        return self._files[fh]
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        """Verified bytes ``[offset, offset+size)`` of an open file.
+
+        Raises:
+            ObjectVerificationError: the object's bytes failed verification.
+            ObjectUnavailable: the object could not be fetched in time.
+        """
+        of = self._files[fh]
+        end = min(offset + size, of.entry.size)
+        if offset >= end:
+            return b""
+        parts: list[bytes] = []
+        i = bisect.bisect_right(of.offsets, offset) - 1
+        pos = offset
+        while pos < end:
+            chunk = of.chunks[i]
+            fd = self._chunk_fd(of, i)
+            want = min(end, chunk.offset + chunk.size) - pos
+            data = os.pread(fd, want, pos - chunk.offset)
+            if len(data) != want:
+                raise ObjectUnavailable(chunk.object, "short read from the local cache")
+            parts.append(data)
+            pos += want
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk_fd(self, of: OpenFile, index: int) -> int:
+        fd = of.fds.get(index)
+        if fd is not None:
+            return fd
+        chunk = of.chunks[index]
+        fd = self._cache.open(chunk.object, chunk.size, self._source)
+        with of.lock:
+            existing = of.fds.get(index)
+            if existing is not None:
+                os.close(fd)
+                return existing
+            of.fds[index] = fd
+        return fd
+
+    def release(self, fh: int) -> None:
+        of = self._files.pop(fh, None)
+        if of is None:
+            return
+        with of.lock:
+            for fd in of.fds.values():
+                os.close(fd)
+            of.fds.clear()
+
+    def open_count(self) -> int:
+        return len(self._files)
+
+    def status(self) -> dict[str, object]:
+        rev = self._current
+        return {
+            "repository": self.name,
+            "revision": None if rev is None else rev.release.revision,
+            "catalog": None if rev is None else rev.release.catalog,
+            "published": None if rev is None else rev.release.published,
+            "tag": self._tag,
+            "offline": self.offline,
+            "last_error": self.last_error,
+            "open_files": len(self._files),
+            "cache": self._cache.stats(),
+        }

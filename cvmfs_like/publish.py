@@ -1,0 +1,368 @@
+"""Publishing a directory tree as a new signed revision.
+
+Order of work, which makes a publish atomic:
+
+1. scan the tree; hash and store the content of new or changed files (objects
+   are written under temporary names and renamed, so never seen partial);
+2. write the catalog, store it as an object;
+3. flush the store to disk, then commit the TUF metadata, whose last step
+   (renaming ``timestamp.json``) is the single commit point.
+
+A publish killed before step 3 finishes leaves the previous revision served;
+the objects it wrote are unreferenced until a later publish uses them or
+``gc`` removes them.  The publisher's private state (``.publish/state.sqlite``)
+remembers each file's (inode, size, mtime) and content so an unchanged file is
+neither re-read nor re-hashed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trust.repository import RepositoryWriter
+
+from cvmfs_like.catalog import CatalogWriter, Chunk, Entry
+from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
+from cvmfs_like.exceptions import PublishError
+from cvmfs_like.store import ObjectWriter, OriginStore
+from trust.targets import ReleaseTarget, releases_of
+
+ProgressCallback = Callable[["PublishStats"], None]
+
+
+@dataclass
+class PublishStats:
+    """Counters of a publish, updated as it runs."""
+
+    entries: int = 0
+    files: int = 0
+    bytes: int = 0
+    hashed_files: int = 0
+    hashed_bytes: int = 0
+    new_objects: int = 0
+    new_bytes: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    release: ReleaseTarget
+    stats: PublishStats
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    ident: int
+    size: int
+    mtime_ns: int
+    object: str | None
+    chunks: str | None  # JSON [[offset, size, digest], ...]
+
+
+class _PublishState:
+    """path -> what the file was when last published (private to the publisher)."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, ident INTEGER,"
+            " size INTEGER, mtime_ns INTEGER, object TEXT, chunks TEXT) WITHOUT ROWID"
+        )
+
+    def load(self) -> dict[bytes, _Known]:
+        return {row[0]: _Known(*row[1:]) for row in self._db.execute("SELECT * FROM files")}
+
+    def save(self, changed: dict[bytes, _Known], removed: set[bytes]) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in removed))
+        self._db.executemany(
+            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+            ((p, k.ident, k.size, k.mtime_ns, k.object, k.chunks) for p, k in changed.items()),
+        )
+        self._db.execute("COMMIT")
+
+    def forget(self, digests: set[str]) -> None:
+        """Drop rows whose content objects were garbage-collected."""
+        rows = self._db.execute("SELECT path, object, chunks FROM files").fetchall()
+        gone = []
+        for path, obj, chunks in rows:
+            used = {obj} if obj else {c[2] for c in json.loads(chunks or "[]")}
+            if used & digests:
+                gone.append((path,))
+        self._db.execute("BEGIN")
+        self._db.executemany("DELETE FROM files WHERE path = ?", gone)
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _ident(st: os.stat_result) -> int:
+    return (st.st_dev << 64) ^ st.st_ino
+
+
+def _display(path: bytes) -> str:
+    return os.fsdecode(path) or "."
+
+
+def _read_whole(abs_path: bytes, st: os.stat_result, rel: bytes) -> bytes:
+    """Read a small file, refusing one that changes while it is read."""
+    try:
+        fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
+    try:
+        data = os.read(fd, st.st_size + 1)
+        while len(data) <= st.st_size:
+            more = os.read(fd, st.st_size + 1 - len(data))
+            if not more:
+                break
+            data += more
+        after = os.fstat(fd)
+    except OSError as exc:
+        raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if len(data) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+        raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
+    return data
+
+
+def _store_chunked(
+    abs_path: bytes, st: os.stat_result, rel: bytes, writer: ObjectWriter
+) -> list[Chunk]:
+    chunks: list[Chunk] = []
+    try:
+        with open(abs_path, "rb", buffering=0) as f:
+            for span in cut_stream(f):
+                digest = hashlib.sha256(span.data).hexdigest()
+                writer.put(span.data, digest)
+                chunks.append(Chunk(span.offset, len(span.data), digest))
+            after = os.fstat(f.fileno())
+    except OSError as exc:
+        raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
+    total = sum(c.size for c in chunks)
+    if total != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+        raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
+    return chunks
+
+
+def _scan(src: bytes) -> list[tuple[bytes, os.stat_result]]:
+    """Every entry below ``src`` (relative path, lstat), parents before children."""
+    try:
+        root_st = os.lstat(src)
+    except OSError as exc:
+        raise PublishError(f"cannot publish {os.fsdecode(src)!r}: {exc.strerror}") from exc
+    if not stat.S_ISDIR(root_st.st_mode):
+        raise PublishError(f"cannot publish {os.fsdecode(src)!r}: not a directory")
+    out: list[tuple[bytes, os.stat_result]] = [(b"", root_st)]
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        try:
+            with os.scandir(os.path.join(src, rel) if rel else src) as it:
+                children = sorted(it, key=lambda d: d.name)
+        except OSError as exc:
+            raise PublishError(f"cannot list {_display(rel)!r}: {exc.strerror}") from exc
+        for d in children:
+            child = rel + b"/" + d.name if rel else d.name
+            try:
+                st = d.stat(follow_symlinks=False)
+            except OSError as exc:
+                raise PublishError(f"cannot stat {_display(child)!r}: {exc.strerror}") from exc
+            out.append((child, st))
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(child)
+    return out
+
+
+def publish(
+    src: Path,
+    store: OriginStore,
+    keydir: Path,
+    *,
+    progress: ProgressCallback | None = None,
+    progress_interval: float = 0.2,
+) -> PublishResult:
+    """Publish ``src`` as the next revision of ``store``'s repository.
+
+    Raises:
+        PublishError: the tree cannot be read or changed while read.
+        trust.exceptions.TrustError: keys unusable, another publish running.
+    """
+    started = time.monotonic()
+    if not store.exists():
+        store.create()
+    with RepositoryWriter.open(store.metadata_dir, keydir) as repo:
+        state = _PublishState(store.private_dir / "state.sqlite")
+        try:
+            result = _publish_locked(src, store, repo, state, progress, progress_interval)
+        finally:
+            state.close()
+    return PublishResult(result[0], result[1], time.monotonic() - started)
+
+
+def _publish_locked(
+    src: Path,
+    store: OriginStore,
+    repo: RepositoryWriter,
+    state: _PublishState,
+    progress: ProgressCallback | None,
+    progress_interval: float,
+) -> tuple[ReleaseTarget, PublishStats]:
+    stats = PublishStats()
+    known = state.load()
+    changed: dict[bytes, _Known] = {}
+    writer = ObjectWriter(store.data_dir)
+    src_b = os.fsencode(src)
+    scanned = _scan(src_b)
+
+    # Hard links: one catalog inode per (device, inode) of the source.
+    link_count: dict[int, int] = {}
+    for _, st in scanned:
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            key = _ident(st)
+            link_count[key] = link_count.get(key, 0) + 1
+    link_ino: dict[int, int] = {}
+    link_content: dict[int, tuple[str | None, list[Chunk] | None]] = {}
+
+    entries: list[Entry] = []
+    chunk_lists: list[tuple[int, list[Chunk]]] = []
+    next_tick = time.monotonic() + progress_interval
+    for n, (rel, st) in enumerate(scanned, start=1):
+        mode = st.st_mode
+        name = rel.rsplit(b"/", 1)[-1]
+        ino = n
+        nlink = 1
+        obj: str | None = None
+        chunks: list[Chunk] | None = None
+        target: bytes | None = None
+        size = 0
+        if stat.S_ISDIR(mode):
+            nlink = 2
+        elif stat.S_ISLNK(mode):
+            abs_path = os.path.join(src_b, rel)
+            try:
+                target = os.readlink(abs_path)
+            except OSError as exc:
+                raise PublishError(f"cannot read link {_display(rel)!r}: {exc.strerror}") from exc
+            size = len(target)
+        elif stat.S_ISREG(mode):
+            size = st.st_size
+            ident = _ident(st)
+            if ident in link_count:
+                nlink = link_count[ident]
+                if ident in link_ino:
+                    ino = link_ino[ident]
+                    obj, chunks = link_content[ident]
+                    entries.append(
+                        Entry(
+                            rel,
+                            name,
+                            mode,
+                            size,
+                            st.st_mtime_ns,
+                            ino,
+                            nlink,
+                            None,
+                            obj,
+                            chunks is not None,
+                        )
+                    )
+                    stats.entries += 1
+                    stats.files += 1
+                    continue
+                link_ino[ident] = ino
+            prev = known.get(rel)
+            if (
+                prev is not None
+                and prev.ident == ident
+                and prev.size == size
+                and prev.mtime_ns == st.st_mtime_ns
+            ):
+                obj = prev.object
+                if prev.chunks is not None:
+                    chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev.chunks)]
+            elif size == 0:
+                pass
+            else:
+                abs_path = os.path.join(src_b, rel)
+                if size > CHUNK_THRESHOLD:
+                    chunks = _store_chunked(abs_path, st, rel, writer)
+                else:
+                    obj = writer.put(_read_whole(abs_path, st, rel))
+                stats.hashed_files += 1
+                stats.hashed_bytes += size
+            if (
+                prev is None
+                or prev.ident != ident
+                or prev.size != size
+                or prev.mtime_ns != st.st_mtime_ns
+            ):
+                changed[rel] = _Known(
+                    ident,
+                    size,
+                    st.st_mtime_ns,
+                    obj,
+                    None
+                    if chunks is None
+                    else json.dumps([[c.offset, c.size, c.object] for c in chunks]),
+                )
+            if ident in link_count:
+                link_content[ident] = (obj, chunks)
+            stats.files += 1
+            stats.bytes += size
+        else:
+            stats.skipped.append(f"{_display(rel)} (special file)")
+            continue
+        if chunks is not None:
+            chunk_lists.append((ino, chunks))
+        entries.append(
+            Entry(
+                rel, name, mode, size, st.st_mtime_ns, ino, nlink, target, obj, chunks is not None
+            )
+        )
+        stats.entries += 1
+        if progress is not None and time.monotonic() >= next_tick:
+            stats.new_objects, stats.new_bytes = writer.written_objects, writer.written_bytes
+            progress(stats)
+            next_tick = time.monotonic() + progress_interval
+
+    revision = max((r.revision for r in releases_of(repo.targets())), default=0) + 1
+    published = int(time.time())
+    tmp_catalog = store.private_dir / f"catalog-{os.getpid()}.sqlite"
+    cw = CatalogWriter(tmp_catalog, {"revision": str(revision), "published": str(published)})
+    cw.add_entries(entries)
+    for ino, chunks_ in chunk_lists:
+        cw.add_chunks(ino, chunks_)
+    cw.finish()
+    catalog_digest = writer.put_file(tmp_catalog)
+    catalog_size = tmp_catalog.stat().st_size
+    tmp_catalog.unlink()
+    stats.new_objects, stats.new_bytes = writer.written_objects, writer.written_bytes
+
+    removed = set(known) - {rel for rel, _ in scanned}
+    state.save(changed, removed)
+    release = ReleaseTarget(
+        revision=revision,
+        catalog=catalog_digest,
+        catalog_size=catalog_size,
+        published=published,
+        files=stats.files,
+        total_bytes=stats.bytes,
+    )
+    # Objects must be durable before the metadata that names them.
+    os.sync()
+    repo.commit({release.target_name: release.to_target_file()})
+    if progress is not None:
+        progress(stats)
+    return release, stats

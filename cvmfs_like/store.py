@@ -1,0 +1,101 @@
+"""The origin store: what a publisher writes and an origin serves as plain files.
+
+Layout (every path below ``STORE/NAME/`` is served as is over HTTP)::
+
+    STORE/NAME/metadata/    TUF metadata (N.root.json, N.targets.json,
+                            N.snapshot.json, timestamp.json)
+    STORE/NAME/data/ab/ab.. content-addressed objects (file chunks, catalogs)
+    STORE/NAME/.publish/    the publisher's private state (not needed to serve)
+
+Objects are written to a temporary name and renamed, so a reader (or a
+publish killed half way) never sees a partial object under its final name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from pathlib import Path
+
+from cvmfs_like.exceptions import StoreError
+from cvmfs_like.objects import digest_of, object_path
+
+_REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+
+
+def check_repo_name(name: str) -> str:
+    """Raises StoreError unless ``name`` is a DNS-like repository name."""
+    if not _REPO_NAME.fullmatch(name) or ".." in name:
+        raise StoreError(
+            f"bad repository name {name!r}: use letters, digits, dots and dashes"
+            " (e.g. sw.example.org)"
+        )
+    return name
+
+
+class OriginStore:
+    """One repository's directory in an origin store."""
+
+    def __init__(self, store: Path, name: str) -> None:
+        self.name = check_repo_name(name)
+        self.root = store / name
+        self.metadata_dir = self.root / "metadata"
+        self.data_dir = self.root / "data"
+        self.private_dir = self.root / ".publish"
+
+    def exists(self) -> bool:
+        return self.metadata_dir.is_dir()
+
+    def create(self) -> None:
+        for d in (self.metadata_dir, self.data_dir, self.private_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for i in range(256):
+            (self.data_dir / f"{i:02x}").mkdir(exist_ok=True)
+
+    def path_of(self, digest: str) -> Path:
+        return object_path(self.data_dir, digest)
+
+    def has(self, digest: str) -> bool:
+        return os.path.exists(object_path(self.data_dir, digest))
+
+
+class ObjectWriter:
+    """Writes objects into a store's data directory, once each."""
+
+    _counter = itertools.count()
+
+    def __init__(self, data_dir: Path) -> None:
+        self._data_dir = data_dir
+        self._known: set[str] = set()
+        self.written_objects = 0
+        self.written_bytes = 0
+
+    def put(self, data: bytes | memoryview, digest: str | None = None) -> str:
+        """Store ``data`` unless present; return its name.
+
+        ``digest`` may be passed when the caller already hashed ``data``.
+        """
+        if digest is None:
+            digest = digest_of(data)
+        if digest in self._known:
+            return digest
+        final = object_path(self._data_dir, digest)
+        if not os.path.exists(final):
+            tmp = final.parent / f".tmp-{os.getpid()}-{next(self._counter)}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            self.written_objects += 1
+            self.written_bytes += len(data)
+        self._known.add(digest)
+        return digest
+
+    def put_file(self, path: Path) -> str:
+        """Store the content of a local file (a catalog) as an object."""
+        return self.put(path.read_bytes())

@@ -1,0 +1,411 @@
+"""The ``swarm`` command line.
+
+Every subcommand maps errors to a one-line message naming what was wrong and
+exit status 1 (2 for usage errors, from argparse); tracebacks only with
+``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cvmfs_like.exceptions import ReleaseError
+from swarm.exceptions import ConfigError, SwarmError
+from trust.exceptions import TrustError
+
+log = logging.getLogger("swarm")
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad address {text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _progress_printer(enabled: bool) -> Callable[[Any], None] | None:
+    if not enabled:
+        return None
+    start = time.monotonic()
+
+    def show(stats: Any) -> None:
+        rate = stats.hashed_bytes / max(time.monotonic() - start, 1e-6) / 1e6
+        sys.stderr.write(
+            f"\r  {stats.entries} entries, {stats.hashed_files} files hashed"
+            f" ({stats.hashed_bytes / 1e6:.1f} MB, {rate:.0f} MB/s),"
+            f" {stats.new_objects} new objects   "
+        )
+        sys.stderr.flush()
+
+    return show
+
+
+# -- subcommands -------------------------------------------------------------------
+
+
+def cmd_keys_init(a: argparse.Namespace) -> int:
+    from trust.keys import init_keys
+
+    root = init_keys(a.keydir, a.repo, root_keys=a.root_keys, root_threshold=a.threshold)
+    print(f"created keys for {a.repo} in {a.keydir}")
+    print(f"trusted root (install it on nodes out of band): {root}")
+    return 0
+
+
+def cmd_keys_rotate(a: argparse.Namespace) -> int:
+    from trust.keys import rotate_key
+
+    from cvmfs_like.store import OriginStore
+
+    store = OriginStore(a.store, a.repo)
+    rotate_key(a.keydir, store.metadata_dir, a.role)
+    print(f"rotated the {a.role} key of {a.repo}; new root: {a.keydir / 'root.json'}")
+    return 0
+
+
+def cmd_publish(a: argparse.Namespace) -> int:
+    from cvmfs_like.publish import publish
+    from cvmfs_like.store import OriginStore
+
+    show = _progress_printer(not a.quiet and sys.stderr.isatty())
+    result = publish(a.src, OriginStore(a.store, a.repo), a.keys, progress=show)
+    if show is not None:
+        sys.stderr.write("\n")
+    s = result.stats
+    for skipped in s.skipped:
+        print(f"warning: skipped {skipped}", file=sys.stderr)
+    if a.json:
+        print(
+            json.dumps(
+                {
+                    "repository": a.repo,
+                    "revision": result.release.revision,
+                    "catalog": result.release.catalog,
+                    "entries": s.entries,
+                    "files": s.files,
+                    "bytes": s.bytes,
+                    "hashed_files": s.hashed_files,
+                    "hashed_bytes": s.hashed_bytes,
+                    "new_objects": s.new_objects,
+                    "new_bytes": s.new_bytes,
+                    "seconds": round(result.seconds, 3),
+                }
+            )
+        )
+    else:
+        print(
+            f"published {a.repo} revision {result.release.revision}: {s.entries} entries,"
+            f" {s.bytes / 1e6:.1f} MB; hashed {s.hashed_files} files, stored {s.new_objects}"
+            f" new objects ({s.new_bytes / 1e6:.1f} MB) in {result.seconds:.2f} s"
+        )
+    return 0
+
+
+def cmd_revisions(a: argparse.Namespace) -> int:
+    from cvmfs_like.retention import list_revisions
+    from cvmfs_like.store import OriginStore
+
+    releases, tags = list_revisions(OriginStore(a.store, a.repo))
+    by_rev: dict[int, list[str]] = {}
+    for name, t in tags.items():
+        by_rev.setdefault(t.revision, []).append(name)
+    for r in releases:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.published))
+        names = ",".join(sorted(by_rev.get(r.revision, [])))
+        size = f"{r.total_bytes / 1e6:>10.1f} MB"
+        print(f"{r.revision:>6}  {when}Z  {r.files:>8} files  {size}  {names}")
+    return 0
+
+
+def cmd_tag(a: argparse.Namespace) -> int:
+    from cvmfs_like.retention import tag
+    from cvmfs_like.store import OriginStore
+
+    t = tag(OriginStore(a.store, a.repo), a.keys, a.name, a.revision, delete=a.delete)
+    print(f"deleted tag {a.name}" if t is None else f"tag {a.name} -> revision {t.revision}")
+    return 0
+
+
+def cmd_gc(a: argparse.Namespace) -> int:
+    from cvmfs_like.retention import gc
+    from cvmfs_like.store import OriginStore
+
+    r = gc(OriginStore(a.store, a.repo), a.keys, keep=a.keep, dry_run=a.dry_run)
+    verb = "would remove" if a.dry_run else "removed"
+    print(
+        f"{verb} revisions {r.removed_revisions or 'none'}; kept {r.kept_revisions};"
+        f" {verb} {r.deleted_objects} objects ({r.deleted_bytes / 1e6:.1f} MB)"
+    )
+    return 0
+
+
+def cmd_resign(a: argparse.Namespace) -> int:
+    from trust.repository import RepositoryWriter
+
+    from cvmfs_like.store import OriginStore
+
+    store = OriginStore(a.store, a.repo)
+    with RepositoryWriter.open(store.metadata_dir, a.keys) as repo:
+        if a.all:
+            repo.refresh_all()
+        else:
+            repo.refresh_timestamp()
+    print(f"re-signed {'all roles' if a.all else 'timestamp'} of {a.repo}")
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from swarm.origin import serve
+
+    host, port = _host_port(a.listen)
+    if not a.store.is_dir():
+        raise ConfigError(f"store {a.store} is not a directory")
+    print(f"serving {a.store} on http://{host}:{port}/", flush=True)
+    serve(a.store, host, port)
+    return 0
+
+
+def _mount_config(a: argparse.Namespace) -> Any:
+    from swarm.mount_service import MountConfig, parse_size
+
+    return MountConfig(
+        name=a.name,
+        mountpoint=a.mountpoint.resolve(),
+        origin=a.origin,
+        trust_root=a.trust.resolve(),
+        cache=a.cache.resolve(),
+        quota=parse_size(a.quota),
+        ttl=a.ttl,
+        fetch_timeout=a.fetch_timeout,
+        tag=a.tag,
+    )
+
+
+def cmd_mount(a: argparse.Namespace) -> int:
+    from swarm.mount_service import run_mount, start_detached
+
+    cfg = _mount_config(a)
+    if a.foreground:
+        run_mount(cfg, ready_fd=a.ready_fd)
+        return 0
+    argv = [
+        "mount",
+        a.name,
+        str(cfg.mountpoint),
+        "--origin",
+        a.origin,
+        "--trust",
+        str(cfg.trust_root),
+        "--cache",
+        str(cfg.cache),
+        "--quota",
+        a.quota,
+        "--ttl",
+        str(a.ttl),
+        "--fetch-timeout",
+        str(a.fetch_timeout),
+    ]
+    if a.tag:
+        argv += ["--tag", a.tag]
+    if a.debug:
+        argv.insert(0, "--debug")
+    msg = start_detached(argv, cfg.cache)
+    print(f"mounted {a.name} revision {msg.split()[1]} at {cfg.mountpoint}")
+    return 0
+
+
+def cmd_umount(a: argparse.Namespace) -> int:
+    from swarm.mount_service import unmount
+
+    unmount(a.mountpoint)
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from swarm.mount_service import control, swarm_mounts
+
+    targets = [a.mountpoint] if a.mountpoint else [mp for _, mp in swarm_mounts()]
+    if not targets:
+        print("no swarm mounts")
+        return 0
+    reports = []
+    for mp in targets:
+        st = control(mp, "status")
+        st["mountpoint"] = str(mp)
+        reports.append(st)
+    if a.json:
+        print(json.dumps(reports if not a.mountpoint else reports[0], indent=2))
+        return 0
+    for st in reports:
+        cache: dict[str, int] = st["cache"]  # type: ignore[assignment]
+        print(
+            f"{st['mountpoint']}: {st['repository']} revision {st['revision']}"
+            f"{' (tag ' + str(st['tag']) + ')' if st['tag'] else ''}"
+        )
+        print(f"  catalog {st['catalog']}")
+        print(
+            f"  cache {cache['used'] / 1e6:.1f} / {cache['quota'] / 1e6:.1f} MB,"
+            f" {cache['objects']} objects, {cache['hits']} hits, {cache['misses']} misses,"
+            f" {cache['failures']} failures"
+        )
+        if st.get("offline"):
+            print("  OFFLINE: serving cached metadata")
+        if st.get("last_error"):
+            print(f"  last error: {st['last_error']}")
+    return 0
+
+
+def cmd_reload(a: argparse.Namespace) -> int:
+    from swarm.mount_service import control
+
+    r = control(a.mountpoint, "reload", timeout=a.timeout)
+    if r.get("error"):
+        print(f"swarm: reload: {r['error']} (still revision {r.get('revision')})", file=sys.stderr)
+        return 1
+    print(
+        f"revision {r['revision']}"
+        + (f" ({r['changed_paths']} paths changed)" if r["changed"] else " (unchanged)")
+    )
+    return 0
+
+
+def cmd_trust_client(a: argparse.Namespace, rest: list[str]) -> int:
+    from trust.conformance import main as conformance_main
+
+    return conformance_main(rest)
+
+
+# -- parser --------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="swarm", description="Signed software releases, shared and mounted."
+    )
+    p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    keys = sub.add_parser("keys", help="repository signing keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    k = ksub.add_parser("init", help="create a repository's keys and trusted root")
+    k.add_argument("keydir", type=Path)
+    k.add_argument("--repo", required=True)
+    k.add_argument("--root-keys", type=int, default=1, help="number of root keys (default 1)")
+    k.add_argument("--threshold", type=int, default=1, help="root signatures needed (default 1)")
+    k.set_defaults(func=cmd_keys_init)
+    k = ksub.add_parser("rotate", help="replace a role's key (writes a new root version)")
+    k.add_argument("keydir", type=Path)
+    k.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
+    k.add_argument("--repo", required=True)
+    k.add_argument("--store", required=True, type=Path)
+    k.set_defaults(func=cmd_keys_rotate)
+
+    def repo_args(sp: argparse.ArgumentParser, keys: bool = True) -> None:
+        sp.add_argument("--repo", required=True, help="repository name, e.g. sw.example.org")
+        if keys:
+            sp.add_argument("--keys", required=True, type=Path, help="key directory")
+        sp.add_argument("--store", required=True, type=Path, help="origin store directory")
+
+    s = sub.add_parser("publish", help="publish a directory tree as a new signed revision")
+    s.add_argument("src", type=Path)
+    repo_args(s)
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.set_defaults(func=cmd_publish)
+
+    s = sub.add_parser("revisions", help="list a repository's revisions and tags")
+    repo_args(s, keys=False)
+    s.set_defaults(func=cmd_revisions)
+
+    s = sub.add_parser("tag", help="name a revision (default: the newest)")
+    s.add_argument("name")
+    repo_args(s)
+    s.add_argument("--revision", type=int)
+    s.add_argument("--delete", action="store_true")
+    s.set_defaults(func=cmd_tag)
+
+    s = sub.add_parser("gc", help="drop old revisions and unreferenced objects from a store")
+    repo_args(s)
+    s.add_argument("--keep", type=int, default=3, help="newest revisions to keep (default 3)")
+    s.add_argument("--dry-run", action="store_true")
+    s.set_defaults(func=cmd_gc)
+
+    s = sub.add_parser("resign", help="re-sign the timestamp (cron) or every role")
+    repo_args(s)
+    s.add_argument("--all", action="store_true", help="re-sign targets and snapshot too")
+    s.set_defaults(func=cmd_resign)
+
+    s = sub.add_parser("serve", help="serve a store over HTTP (the origin)")
+    s.add_argument("store", type=Path)
+    s.add_argument("--listen", default="127.0.0.1:8080")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("mount", help="mount a repository read-only (FUSE)")
+    s.add_argument("name")
+    s.add_argument("mountpoint", type=Path)
+    s.add_argument("--origin", required=True, help="origin base URL, e.g. http://127.0.0.1:8080/")
+    s.add_argument("--trust", required=True, type=Path, help="the repository's trusted root.json")
+    s.add_argument("--cache", required=True, type=Path)
+    s.add_argument("--quota", default="10G", help="cache quota (default 10G)")
+    s.add_argument("--ttl", type=float, default=60.0, help="seconds between revision checks")
+    s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per object fetch")
+    s.add_argument("--tag", help="follow a tag instead of the newest revision")
+    s.add_argument("--foreground", action="store_true")
+    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount a swarm mount")
+    s.add_argument("mountpoint", type=Path)
+    s.set_defaults(func=cmd_umount)
+
+    s = sub.add_parser("status", help="revision and cache of swarm mounts")
+    s.add_argument("mountpoint", type=Path, nargs="?")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("reload", help="check for a new revision now")
+    s.add_argument("mountpoint", type=Path)
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_reload)
+
+    sub.add_parser(
+        "trust-client", help="TUF conformance client (see tuf-conformance)", add_help=False
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    debug = "--debug" in args_in[:1]
+    if "trust-client" in args_in[:2]:
+        rest = args_in[args_in.index("trust-client") + 1 :]
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
+        return cmd_trust_client(argparse.Namespace(), rest)
+    a = parser.parse_args(args_in)
+    logging.basicConfig(
+        level=logging.DEBUG if a.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        code: int = a.func(a)
+        return code
+    except (SwarmError, ReleaseError, TrustError) as exc:
+        if a.debug:
+            raise
+        print(f"swarm: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("swarm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

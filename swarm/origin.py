@@ -1,0 +1,58 @@
+"""The HTTP origin: a store's repositories served as plain files (aiohttp).
+
+``GET /NAME/metadata/...`` and ``GET /NAME/data/ab/ab...`` map to files under
+``STORE/NAME/``; nothing else is served (the publisher's private state is
+not).  Range requests, conditional requests and sendfile come from aiohttp's
+``FileResponse``.  Content-addressed objects and versioned metadata are
+immutable and cacheable forever; ``timestamp.json`` must be revalidated, so a
+site proxy (squid) in front never freezes a node on an old revision.  The same
+store works behind any web server, e.g. nginx with ``root STORE``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from aiohttp import web
+
+_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+_OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}")
+_METADATA = re.compile(r"(?:[0-9]+\.)?(?:root|targets|snapshot|timestamp)\.json")
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def make_app(store: Path) -> web.Application:
+    """An aiohttp application serving ``store``."""
+    root = store.resolve()
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        repo = request.match_info["repo"]
+        kind = request.match_info["kind"]
+        rest = request.match_info["rest"]
+        if not _REPO.fullmatch(repo) or ".." in repo:
+            raise web.HTTPNotFound()
+        if kind == "data" and _OBJECT.fullmatch(rest):
+            cache = _IMMUTABLE
+        elif kind == "metadata" and _METADATA.fullmatch(rest):
+            cache = _IMMUTABLE if rest[0].isdigit() else "no-cache"
+        else:
+            raise web.HTTPNotFound()
+        path = root / repo / kind / rest
+        if not path.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(path, headers={"Cache-Control": cache})
+
+    async def index(request: web.Request) -> web.Response:
+        repos = sorted(p.name for p in root.iterdir() if (p / "metadata").is_dir())
+        return web.json_response({"repositories": repos})
+
+    app = web.Application()
+    app.router.add_get("/", index)
+    app.router.add_get("/{repo}/{kind}/{rest:.+}", handle)
+    return app
+
+
+def serve(store: Path, host: str, port: int) -> None:
+    """Serve until interrupted (blocks)."""
+    web.run_app(make_app(store), host=host, port=port, print=None, access_log=None)

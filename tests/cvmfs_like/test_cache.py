@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from cvmfs_like.cache import ObjectCache
+from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
+from tests.fakes import InMemoryObjectSource
+
+
+def read_fd(fd: int) -> bytes:
+    try:
+        return os.pread(fd, 1 << 20, 0)
+    finally:
+        os.close(fd)
+
+
+def test_fetches_verifies_and_then_hits(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"hello world")
+    cache = ObjectCache(tmp_path, 1 << 20)
+    assert read_fd(cache.open(d, 11, src)) == b"hello world"
+    assert read_fd(cache.open(d, 11, src)) == b"hello world"
+    assert src.calls == [d]
+    assert cache.stats()["hits"] == 1 and cache.stats()["misses"] == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"), [(b"hello w0rld", "content hash"), (b"hello", "size 5 != expected 11")]
+)
+def test_tampered_or_truncated_object_is_refused_and_not_stored(
+    tmp_path: Path, bad: bytes, reason: str
+) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"hello world")
+    src.tampered[d] = bad
+    cache = ObjectCache(tmp_path, 1 << 20)
+    with pytest.raises(ObjectVerificationError, match=reason):
+        cache.open(d, 11, src)
+    assert not cache.path_of(d).exists()
+    assert not cache.contains(d)
+    del src.tampered[d]
+    assert read_fd(cache.open(d, 11, src)) == b"hello world"
+
+
+def test_unavailable_source_raises_and_stores_nothing(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"x")
+    src.down = True
+    cache = ObjectCache(tmp_path, 1 << 20)
+    with pytest.raises(ObjectUnavailable):
+        cache.open(d, 1, src)
+    assert cache.stats()["objects"] == 0
+
+
+def test_quota_evicts_least_recently_used_but_never_pinned(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    blobs = [bytes([i]) * 400 for i in range(5)]
+    ds = [src.add(b) for b in blobs]
+    cache = ObjectCache(tmp_path, 1000)
+    os.close(cache.open(ds[0], 400, src))
+    cache.pin(ds[0])
+    os.close(cache.open(ds[1], 400, src))
+    os.close(cache.open(ds[2], 400, src))  # over quota: evicts ds[1], not the pinned ds[0]
+    assert cache.contains(ds[0]) and not cache.contains(ds[1]) and cache.contains(ds[2])
+    assert cache.used <= 1000
+    os.close(cache.open(ds[2], 400, src))  # touch ds[2]
+    os.close(cache.open(ds[3], 400, src))  # the least recently used unpinned is ds[2]
+    assert cache.used <= 1000 and cache.contains(ds[0]) and cache.contains(ds[3])
+    assert not cache.contains(ds[2])
+
+
+def test_reader_holding_an_evicted_object_keeps_its_bytes(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    a, b = src.add(b"A" * 800), src.add(b"B" * 800)
+    cache = ObjectCache(tmp_path, 1000)
+    fd = cache.open(a, 800, src)
+    os.close(cache.open(b, 800, src))  # evicts a while fd is open
+    assert not cache.contains(a)
+    assert read_fd(fd) == b"A" * 800
+
+
+def test_object_larger_than_quota_is_still_served(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"Z" * 5000)
+    cache = ObjectCache(tmp_path, 1000)
+    assert read_fd(cache.open(d, 5000, src)) == b"Z" * 5000
+
+
+def test_concurrent_readers_fetch_once(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"shared" * 1000)
+    src.delay = 0.2
+    cache = ObjectCache(tmp_path, 1 << 20)
+    results: list[bytes] = []
+
+    def reader() -> None:
+        results.append(read_fd(cache.open(d, 6000, src)))
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [b"shared" * 1000] * 8
+    assert src.calls == [d]
+
+
+def test_index_survives_restart_and_leftover_temp_files_are_removed(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"persist")
+    cache = ObjectCache(tmp_path, 1 << 20)
+    os.close(cache.open(d, 7, src))
+    leftover = cache.path_of(d).parent / ".tmp-1-2"
+    leftover.write_bytes(b"partial")
+    again = ObjectCache(tmp_path, 1 << 20)
+    assert again.contains(d) and again.used == 7
+    assert not leftover.exists()
+
+
+def test_bad_quota_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="quota"):
+        ObjectCache(tmp_path, 0)
