@@ -86,8 +86,12 @@ class ReleaseTarget:
             total = custom.get("bytes", 0)
         except KeyError as exc:
             raise MetadataFormatError(f"target {target.path!r}: missing {exc}") from exc
-        for field, value in (("revision", revision), ("published", published),
-                             ("files", files), ("bytes", total)):
+        for field, value in (
+            ("revision", revision),
+            ("published", published),
+            ("files", files),
+            ("bytes", total),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise MetadataFormatError(f"target {target.path!r}: bad {field} {value!r}")
         if not isinstance(catalog, str) or not _HEX64.fullmatch(catalog):
@@ -102,9 +106,7 @@ class ReleaseTarget:
             if not is_valid_tag(tag):
                 raise MetadataFormatError(f"target {target.path!r}: bad tag name")
         elif target.path != f"{REVISION_PREFIX}{revision}":
-            raise MetadataFormatError(
-                f"target {target.path!r} claims revision {revision}"
-            )
+            raise MetadataFormatError(f"target {target.path!r} claims revision {revision}")
         return cls(
             revision=revision,
             catalog=catalog,
