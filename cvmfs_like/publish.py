@@ -107,7 +107,8 @@ class _PublishState:
 
 
 def _ident(st: os.stat_result) -> int:
-    return (st.st_dev << 64) ^ st.st_ino
+    """(device, inode) folded into a signed 64-bit SQLite integer."""
+    return (st.st_dev * 0x9E3779B97F4A7C15 + st.st_ino) & ((1 << 63) - 1)
 
 
 def _display(path: bytes) -> str:
