@@ -1,0 +1,1 @@
+"""Benchmarks of swarm-grid (``python -m bench.run``)."""
