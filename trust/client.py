@@ -1,0 +1,310 @@
+"""Node side: keep one repository's trusted metadata up to date.
+
+:class:`TrustedRepository` wraps python-tuf's ``ngclient.Updater`` (which
+implements the TUF client workflow, spec section 5) over an injected
+``FetcherInterface``, so metadata may come from the origin or from any
+untrusted peer.  Layout of the local cache ``metadata_dir`` (python-tuf's)::
+
+    root.json              symlink to root_history/<N>.root.json (newest trusted)
+    root_history/N.root.json
+    timestamp.json snapshot.json targets.json   newest metadata python-tuf accepted
+    verified.state         our last *complete* verified state (see below)
+
+``verified.state`` holds the raw timestamp, snapshot and targets of the last
+successful refresh in one atomically replaced file: a refresh interrupted
+half-way may leave a newer ``timestamp.json`` next to an older snapshot, and
+the explicit offline mode (:meth:`TrustedRepository.load_cached`) must still
+find one consistent set.  Its name does not end in ``.json`` so tools that
+list trusted roles (e.g. tuf-conformance) ignore it.
+
+Offline policy: :meth:`load_cached` re-verifies the root chain, signatures and
+cross-role versions/hashes, but *accepts expired metadata* and logs a warning
+naming the expired roles.  Rationale: it makes no request, so no attacker can
+feed it stale data (the freeze attack needs a feed); the state was current
+when it was verified; a node whose origin is down keeps serving the release it
+already trusted rather than none.  :meth:`refresh` never accepts expired data.
+
+Invariants: the trusted state only ever changes to a fully verified newer
+state; a failed refresh leaves the previous state in place.  All public
+methods are serialised by a lock and may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib import parse
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import Root, TargetFile
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+
+from trust.exceptions import TrustConfigError, VerificationError
+from trust.keys import write_file_atomic
+from trust.targets import ReleaseTarget, releases_of, tags_of
+from trust.verify import (
+    VerifiedState,
+    map_download_error,
+    map_repository_error,
+    verify_root_chain,
+    verify_top_level,
+)
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "verified.state"
+_ROLES = ("timestamp", "snapshot", "targets")
+
+
+class UnknownTargetError(TrustConfigError):
+    """The verified targets do not list the requested target."""
+
+
+class TrustedRepository:
+    """Verified view of one TUF repository, refreshed on demand.
+
+    Args:
+        metadata_dir: the node's local cache for this repository.
+        metadata_url: base URL of the repository's metadata directory; files
+            are fetched as ``<metadata_url><name>`` (``N.root.json``,
+            ``timestamp.json``, ``N.snapshot.json``, ``N.targets.json``).
+        fetcher: transport (python-tuf ``FetcherInterface``); ``None`` means
+            python-tuf's urllib3 fetcher.
+        trusted_root: out-of-band root bytes; used as the trust anchor when
+            given (newer cached roots are re-verified from it), and installed
+            into an empty cache.
+        config: python-tuf ``UpdaterConfig`` (maximum lengths, root rotations).
+
+    Raises:
+        TrustConfigError: no cached root and no ``trusted_root``, or the root
+            cannot be parsed or is not self-signed, or the cache is unwritable.
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        metadata_url: str,
+        *,
+        fetcher: FetcherInterface | None = None,
+        trusted_root: bytes | None = None,
+        config: UpdaterConfig | None = None,
+    ) -> None:
+        self._dir = metadata_dir
+        self._url = metadata_url if metadata_url.endswith("/") else metadata_url + "/"
+        self._fetcher = fetcher
+        self._config = config or UpdaterConfig()
+        self._lock = threading.Lock()
+        self._state: VerifiedState | None = None
+        try:
+            metadata_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TrustConfigError(f"cannot create {metadata_dir}: {exc}") from exc
+        root_path = metadata_dir / "root.json"
+        if trusted_root is None:
+            try:
+                trusted_root = root_path.read_bytes()
+            except FileNotFoundError as exc:
+                raise TrustConfigError(
+                    f"{metadata_dir} holds no root.json and no trusted root was given"
+                ) from exc
+            except OSError as exc:
+                raise TrustConfigError(f"cannot read {root_path}: {exc}") from exc
+        try:
+            verify_root_chain(trusted_root, ())
+        except VerificationError as exc:
+            raise TrustConfigError(f"the trusted root is unusable: {exc}") from exc
+        self._trusted_root = trusted_root
+        if not root_path.exists():
+            try:
+                write_file_atomic(root_path, trusted_root)
+            except OSError as exc:
+                raise TrustConfigError(f"cannot install root in {metadata_dir}: {exc}") from exc
+
+    # -- updating ------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Run the TUF client workflow: root chain, timestamp, snapshot, targets.
+
+        Raises:
+            VerificationError: a subclass naming the attack or defect
+                (SignatureError, RollbackError, ExpiredMetadataError,
+                HashMismatchError, OversizedDataError, MetadataFormatError);
+                the previous trusted state is kept.
+            TrustTransportError: metadata could not be fetched.
+            TrustConfigError: the local cache cannot be read or written.
+        """
+        with self._lock:
+            self._run(lambda updater: updater.refresh())
+            self._state = self._adopt_cache()
+
+    def load_cached(self) -> None:
+        """Trust the last state verified by :meth:`refresh`, without network.
+
+        Signatures, the root chain and cross-role consistency are verified
+        again; expired metadata is accepted with a warning (module docstring).
+
+        Raises:
+            TrustConfigError: no complete verified state is cached.
+            VerificationError: the cached state fails verification.
+        """
+        with self._lock:
+            try:
+                raw = json.loads((self._dir / STATE_FILE).read_bytes())
+                docs = [raw[role].encode() for role in _ROLES]
+            except FileNotFoundError as exc:
+                raise TrustConfigError(
+                    f"no verified metadata cached in {self._dir}: refresh once online"
+                ) from exc
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise TrustConfigError(f"{self._dir / STATE_FILE} is unreadable: {exc}") from exc
+            state = verify_top_level(self._root(), *docs, now=datetime.now(UTC))
+            if state.expired:
+                logger.warning(
+                    "offline: using cached metadata of %s although %s expired; "
+                    "it will not be refreshed until the repository is reachable",
+                    self._url,
+                    ", ".join(state.expired),
+                )
+            self._state = state
+
+    def download_target(self, name: str, target_base_url: str, target_dir: Path) -> Path:
+        """Refresh, then fetch target ``name`` into ``target_dir`` and verify it.
+
+        The file is named by the URL-quoted target path; an existing file
+        with the right length and hashes is not fetched again.  Delegated
+        targets roles are followed.  With consistent snapshots the URL is
+        ``<target_base_url><dir>/<sha256>.<basename>``.
+
+        Raises:
+            UnknownTargetError: no role lists ``name``.
+            VerificationError: metadata or the target fail verification.
+            TrustTransportError: a download failed.
+            TrustConfigError: local files cannot be written.
+        """
+        with self._lock:
+            path = target_dir / parse.quote(name, "")
+
+            def fetch(updater: Updater) -> None:
+                info = updater.get_targetinfo(name)
+                if info is None:
+                    raise UnknownTargetError(f"no target named {name!r}")
+                if updater.find_cached_target(info, str(path)) is None:
+                    updater.download_target(info, str(path), target_base_url)
+
+            target_dir.mkdir(parents=True, exist_ok=True)
+            self._run(fetch)
+            self._state = self._adopt_cache()
+            return path
+
+    # -- reading -------------------------------------------------------------
+
+    def targets(self) -> dict[str, TargetFile]:
+        """All targets of the top-level targets role (a copy).
+
+        Raises:
+            TrustConfigError: nothing verified yet (call refresh or load_cached).
+        """
+        with self._lock:
+            return dict(self._current().targets.targets)
+
+    def releases(self) -> list[ReleaseTarget]:
+        """Every revision, oldest first.
+
+        Raises:
+            MetadataFormatError: a revision target is malformed.
+            TrustConfigError: nothing verified yet.
+        """
+        return releases_of(self.targets())
+
+    def latest_release(self) -> ReleaseTarget | None:
+        """The highest revision, or None if the repository has none.
+
+        Raises:
+            MetadataFormatError: a revision target is malformed.
+            TrustConfigError: nothing verified yet.
+        """
+        releases = self.releases()
+        return releases[-1] if releases else None
+
+    def tags(self) -> dict[str, ReleaseTarget]:
+        """Every tag by name.
+
+        Raises:
+            MetadataFormatError: a tag target is malformed.
+            TrustConfigError: nothing verified yet.
+        """
+        return tags_of(self.targets())
+
+    @property
+    def targets_version(self) -> int:
+        """Version of the trusted targets metadata (0 before any verification)."""
+        with self._lock:
+            return 0 if self._state is None else self._state.targets.version
+
+    def expired_roles(self) -> tuple[str, ...]:
+        """Roles of the trusted state that are expired now (offline mode only)."""
+        with self._lock:
+            if self._state is None:
+                return ()
+            now = datetime.now(UTC)
+            state = self._state
+            signed = (state.root, state.timestamp, state.snapshot, state.targets)
+            return tuple(s.type for s in signed if s.is_expired(now))
+
+    # -- internals -----------------------------------------------------------
+
+    def _current(self) -> VerifiedState:
+        if self._state is None:
+            raise TrustConfigError("no verified metadata yet: call refresh() or load_cached()")
+        return self._state
+
+    def _run(self, action: Callable[[Updater], None]) -> None:
+        """Run ``action`` on a fresh Updater (python-tuf allows one refresh per
+        Updater), mapping python-tuf's errors at this boundary."""
+        try:
+            updater = Updater(
+                str(self._dir),
+                self._url,
+                fetcher=self._fetcher,
+                config=self._config,
+                bootstrap=self._trusted_root,
+            )
+            action(updater)
+        except tuf_exc.RepositoryError as exc:
+            raise map_repository_error(exc) from exc
+        except tuf_exc.DownloadError as exc:
+            raise map_download_error(exc) from exc
+        except OSError as exc:
+            raise TrustConfigError(f"local metadata cache {self._dir}: {exc}") from exc
+
+    def _root(self) -> Root:
+        """The newest root reachable from the trust anchor through the cache."""
+        history = self._dir / "root_history"
+        anchor = verify_root_chain(self._trusted_root, ())
+        newer: list[bytes] = []
+        version = anchor.version + 1
+        while (path := history / f"{version}.root.json").exists():
+            newer.append(path.read_bytes())
+            version += 1
+        return verify_root_chain(self._trusted_root, newer)
+
+    def _adopt_cache(self) -> VerifiedState:
+        """Re-verify what the Updater just accepted and record it as the last
+        complete state (``verified.state``)."""
+        try:
+            docs = [(self._dir / f"{role}.json").read_bytes() for role in _ROLES]
+        except OSError as exc:
+            raise TrustConfigError(f"local metadata cache {self._dir}: {exc}") from exc
+        state = verify_top_level(self._root(), *docs, now=datetime.now(UTC))
+        if state.expired:  # the Updater refuses expired data; be explicit anyway
+            raise VerificationError(f"expired after refresh: {', '.join(state.expired)}")
+        record = {role: doc.decode() for role, doc in zip(_ROLES, docs, strict=True)}
+        try:
+            write_file_atomic(self._dir / STATE_FILE, json.dumps(record).encode())
+        except OSError as exc:
+            raise TrustConfigError(f"cannot write {self._dir / STATE_FILE}: {exc}") from exc
+        return state
