@@ -141,7 +141,9 @@ def write_results(
     meta = {**meta, "json": f"bench/results/{json_path.name}"}
     record = {"meta": meta, "rows": [r.to_json() for r in rows], "samples": samples}
     json_path.write_text(json.dumps(record, indent=2) + "\n")
-    md_path.write_text(markdown(rows, meta))
+    text = markdown(rows, meta)
+    md_path.write_text(text)  # the last run
+    (out_dir / f"RESULTS-{tag}.md").write_text(text)  # the last run of this kind
     return json_path, md_path
 
 
