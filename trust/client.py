@@ -78,6 +78,8 @@ class TrustedRepository:
             given (newer cached roots are re-verified from it), and installed
             into an empty cache.
         config: python-tuf ``UpdaterConfig`` (maximum lengths, root rotations).
+        clock: current time for the offline expiry report (tests); python-tuf's
+            own checks in :meth:`refresh` always use the system clock.
 
     Raises:
         TrustConfigError: no cached root and no ``trusted_root``, or the root
@@ -92,6 +94,7 @@ class TrustedRepository:
         fetcher: FetcherInterface | None = None,
         trusted_root: bytes | None = None,
         config: UpdaterConfig | None = None,
+        clock: Callable[[], datetime] | None = None,
     ) -> None:
         self._dir = metadata_dir
         self._url = metadata_url if metadata_url.endswith("/") else metadata_url + "/"
@@ -99,6 +102,7 @@ class TrustedRepository:
         self._config = config or UpdaterConfig()
         self._lock = threading.Lock()
         self._state: VerifiedState | None = None
+        self._clock = clock or (lambda: datetime.now(UTC))
         try:
             metadata_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -161,7 +165,7 @@ class TrustedRepository:
                 ) from exc
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
                 raise TrustConfigError(f"{self._dir / STATE_FILE} is unreadable: {exc}") from exc
-            state = verify_top_level(self._root(), *docs, now=datetime.now(UTC))
+            state = verify_top_level(self._root(), *docs, now=self._clock())
             if state.expired:
                 logger.warning(
                     "offline: using cached metadata of %s although %s expired; "
@@ -250,7 +254,7 @@ class TrustedRepository:
         with self._lock:
             if self._state is None:
                 return ()
-            now = datetime.now(UTC)
+            now = self._clock()
             state = self._state
             signed = (state.root, state.timestamp, state.snapshot, state.targets)
             return tuple(s.type for s in signed if s.is_expired(now))
@@ -299,6 +303,7 @@ class TrustedRepository:
             docs = [(self._dir / f"{role}.json").read_bytes() for role in _ROLES]
         except OSError as exc:
             raise TrustConfigError(f"local metadata cache {self._dir}: {exc}") from exc
+        # the system clock, as python-tuf's checks in the Updater just used
         state = verify_top_level(self._root(), *docs, now=datetime.now(UTC))
         if state.expired:  # the Updater refuses expired data; be explicit anyway
             raise VerificationError(f"expired after refresh: {', '.join(state.expired)}")

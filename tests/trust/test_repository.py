@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Root, TargetFile
 
+import trust.keys as keys_module
 import trust.repository as repository_module
 from trust.exceptions import TrustConfigError
 from trust.keys import Expiry, KeyRing, init_keys, rotate_key
@@ -113,7 +114,7 @@ def test_commit_atomicity_crash_before_timestamp(
         w.commit({"revisions/1": _target("revisions/1", b"one")})
     committed = (meta / "timestamp.json").read_bytes()
 
-    real_write = repository_module.write_file_atomic
+    real_write = keys_module.write_file_atomic
 
     class Killed(BaseException):
         pass
