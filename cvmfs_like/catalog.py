@@ -143,7 +143,6 @@ class CatalogWriter:
 
     def finish(self) -> None:
         self._db.execute("COMMIT")
-        self._db.execute("VACUUM")
         self._db.close()
 
 

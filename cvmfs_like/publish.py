@@ -17,8 +17,10 @@ neither re-read nor re-hashed.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
+import multiprocessing
 import os
 import sqlite3
 import stat
@@ -27,12 +29,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trust.repository import RepositoryWriter
-
 from cvmfs_like.catalog import CatalogWriter, Chunk, Entry
 from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
 from cvmfs_like.exceptions import PublishError
 from cvmfs_like.store import ObjectWriter, OriginStore
+from trust.repository import RepositoryWriter
 from trust.targets import ReleaseTarget, releases_of
 
 ProgressCallback = Callable[["PublishStats"], None]
@@ -115,31 +116,28 @@ def _display(path: bytes) -> str:
     return os.fsdecode(path) or "."
 
 
-def _read_whole(abs_path: bytes, st: os.stat_result, rel: bytes) -> bytes:
+def _read_whole(abs_path: bytes, size: int, mtime_ns: int, rel: bytes) -> bytes:
     """Read a small file, refusing one that changes while it is read."""
     try:
         fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
         raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
     try:
-        data = os.read(fd, st.st_size + 1)
-        while len(data) <= st.st_size:
-            more = os.read(fd, st.st_size + 1 - len(data))
-            if not more:
-                break
-            data += more
+        # A regular file returns fewer bytes than asked only at its end, so
+        # one read of size+1 tells both the content and that nothing follows.
+        data = os.read(fd, size + 1)
         after = os.fstat(fd)
     except OSError as exc:
         raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if len(data) != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+    if len(data) != size or after.st_mtime_ns != mtime_ns:
         raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
     return data
 
 
 def _store_chunked(
-    abs_path: bytes, st: os.stat_result, rel: bytes, writer: ObjectWriter
+    abs_path: bytes, size: int, mtime_ns: int, rel: bytes, writer: ObjectWriter
 ) -> list[Chunk]:
     chunks: list[Chunk] = []
     try:
@@ -152,9 +150,85 @@ def _store_chunked(
     except OSError as exc:
         raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
     total = sum(c.size for c in chunks)
-    if total != st.st_size or after.st_mtime_ns != st.st_mtime_ns:
+    if total != size or after.st_mtime_ns != mtime_ns:
         raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
     return chunks
+
+
+_Content = tuple[str | None, list[Chunk] | None]
+_Todo = tuple[bytes, int, int]  # relative path, size, mtime_ns
+
+
+def _store_files(src: bytes, data_dir: Path, todo: list[_Todo]) -> tuple[list[_Content], int, int]:
+    """Hash and store files; also the body of each worker process."""
+    writer = ObjectWriter(data_dir)
+    out: list[_Content] = []
+    for rel, size, mtime_ns in todo:
+        abs_path = src + b"/" + rel
+        if size > CHUNK_THRESHOLD:
+            out.append((None, _store_chunked(abs_path, size, mtime_ns, rel, writer)))
+        else:
+            out.append((writer.put(_read_whole(abs_path, size, mtime_ns, rel)), None))
+    return out, writer.written_objects, writer.written_bytes
+
+
+def _batches(
+    todo: list[_Todo], max_files: int = 512, max_bytes: int = 32 << 20
+) -> list[list[_Todo]]:
+    batches: list[list[_Todo]] = []
+    current: list[_Todo] = []
+    size = 0
+    for item in todo:
+        if current and (len(current) >= max_files or size + item[1] > max_bytes):
+            batches.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += item[1]
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _store_all(
+    src: bytes,
+    data_dir: Path,
+    todo: list[_Todo],
+    workers: int,
+    stats: PublishStats,
+    tick: Callable[[], None],
+) -> list[_Content]:
+    """Contents of ``todo`` in order, hashed and stored by ``workers`` processes."""
+    batches = _batches(todo)
+    if workers <= 1 or len(batches) <= 2:
+        results: list[_Content] = []
+        for batch in batches:
+            contents, objects, nbytes = _store_files(src, data_dir, batch)
+            results.extend(contents)
+            _account(stats, batch, objects, nbytes)
+            tick()
+        return results
+    ctx = multiprocessing.get_context("fork")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_store_files, src, data_dir, b) for b in batches]
+        try:
+            ordered: list[_Content] = []
+            for batch, fut in zip(batches, futures, strict=True):
+                contents, objects, nbytes = fut.result()
+                ordered.extend(contents)
+                _account(stats, batch, objects, nbytes)
+                tick()
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    return ordered
+
+
+def _account(stats: PublishStats, batch: list[_Todo], objects: int, nbytes: int) -> None:
+    stats.hashed_files += len(batch)
+    stats.hashed_bytes += sum(t[1] for t in batch)
+    stats.new_objects += objects
+    stats.new_bytes += nbytes
 
 
 def _scan(src: bytes) -> list[tuple[bytes, os.stat_result]]:
@@ -193,6 +267,7 @@ def publish(
     *,
     progress: ProgressCallback | None = None,
     progress_interval: float = 0.2,
+    workers: int | None = None,
 ) -> PublishResult:
     """Publish ``src`` as the next revision of ``store``'s repository.
 
@@ -206,7 +281,9 @@ def publish(
     with RepositoryWriter.open(store.metadata_dir, keydir) as repo:
         state = _PublishState(store.private_dir / "state.sqlite")
         try:
-            result = _publish_locked(src, store, repo, state, progress, progress_interval)
+            result = _publish_locked(
+                src, store, repo, state, progress, progress_interval, workers or os.cpu_count() or 1
+            )
         finally:
             state.close()
     return PublishResult(result[0], result[1], time.monotonic() - started)
@@ -219,13 +296,18 @@ def _publish_locked(
     state: _PublishState,
     progress: ProgressCallback | None,
     progress_interval: float,
+    workers: int,
 ) -> tuple[ReleaseTarget, PublishStats]:
     stats = PublishStats()
     known = state.load()
-    changed: dict[bytes, _Known] = {}
-    writer = ObjectWriter(store.data_dir)
-    src_b = os.fsencode(src)
+    src_b = os.fsencode(src.resolve())
     scanned = _scan(src_b)
+    next_tick = [time.monotonic() + progress_interval]
+
+    def tick() -> None:
+        if progress is not None and time.monotonic() >= next_tick[0]:
+            progress(stats)
+            next_tick[0] = time.monotonic() + progress_interval
 
     # Hard links: one catalog inode per (device, inode) of the source.
     link_count: dict[int, int] = {}
@@ -233,123 +315,109 @@ def _publish_locked(
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             key = _ident(st)
             link_count[key] = link_count.get(key, 0) + 1
-    link_ino: dict[int, int] = {}
-    link_content: dict[int, tuple[str | None, list[Chunk] | None]] = {}
 
+    # Pass 1: what each regular file holds, if the state already knows it.
+    content: dict[int, _Content] = {}  # scanned index -> content
+    todo: list[_Todo] = []
+    todo_index: list[int] = []
+    first_link: dict[int, int] = {}  # ident -> scanned index of its first name
+    changed: dict[bytes, _Known] = {}
+    for i, (rel, st) in enumerate(scanned):
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        ident = _ident(st)
+        if ident in link_count:
+            if ident in first_link:
+                continue
+            first_link[ident] = i
+        prev = known.get(rel)
+        if (
+            prev is not None
+            and prev.ident == ident
+            and prev.size == st.st_size
+            and prev.mtime_ns == st.st_mtime_ns
+        ):
+            chunks = None
+            if prev.chunks is not None:
+                chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev.chunks)]
+            content[i] = (prev.object, chunks)
+        elif st.st_size == 0:
+            content[i] = (None, None)
+        else:
+            todo.append((rel, st.st_size, st.st_mtime_ns))
+            todo_index.append(i)
+
+    # Pass 2: hash and store what is new, in parallel.
+    for i, c in zip(
+        todo_index, _store_all(src_b, store.data_dir, todo, workers, stats, tick), strict=True
+    ):
+        content[i] = c
+
+    # Pass 3: the catalog entries.
     entries: list[Entry] = []
     chunk_lists: list[tuple[int, list[Chunk]]] = []
-    next_tick = time.monotonic() + progress_interval
-    for n, (rel, st) in enumerate(scanned, start=1):
+    for n, (rel, st) in enumerate(scanned):
         mode = st.st_mode
         name = rel.rsplit(b"/", 1)[-1]
-        ino = n
-        nlink = 1
+        ino, nlink, size = n + 1, 1, 0
         obj: str | None = None
-        chunks: list[Chunk] | None = None
+        chunks_: list[Chunk] | None = None
         target: bytes | None = None
-        size = 0
         if stat.S_ISDIR(mode):
             nlink = 2
         elif stat.S_ISLNK(mode):
-            abs_path = os.path.join(src_b, rel)
             try:
-                target = os.readlink(abs_path)
+                target = os.readlink(src_b + b"/" + rel)
             except OSError as exc:
                 raise PublishError(f"cannot read link {_display(rel)!r}: {exc.strerror}") from exc
             size = len(target)
         elif stat.S_ISREG(mode):
             size = st.st_size
             ident = _ident(st)
+            first = n
             if ident in link_count:
                 nlink = link_count[ident]
-                if ident in link_ino:
-                    ino = link_ino[ident]
-                    obj, chunks = link_content[ident]
-                    entries.append(
-                        Entry(
-                            rel,
-                            name,
-                            mode,
-                            size,
-                            st.st_mtime_ns,
-                            ino,
-                            nlink,
-                            None,
-                            obj,
-                            chunks is not None,
-                        )
-                    )
-                    stats.entries += 1
-                    stats.files += 1
-                    continue
-                link_ino[ident] = ino
+                first = first_link[ident]
+                ino = first + 1
+            obj, chunks_ = content[first]
             prev = known.get(rel)
-            if (
-                prev is not None
-                and prev.ident == ident
-                and prev.size == size
-                and prev.mtime_ns == st.st_mtime_ns
+            if prev is None or (prev.ident, prev.size, prev.mtime_ns) != (
+                ident,
+                size,
+                st.st_mtime_ns,
             ):
-                obj = prev.object
-                if prev.chunks is not None:
-                    chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev.chunks)]
-            elif size == 0:
-                pass
-            else:
-                abs_path = os.path.join(src_b, rel)
-                if size > CHUNK_THRESHOLD:
-                    chunks = _store_chunked(abs_path, st, rel, writer)
-                else:
-                    obj = writer.put(_read_whole(abs_path, st, rel))
-                stats.hashed_files += 1
-                stats.hashed_bytes += size
-            if (
-                prev is None
-                or prev.ident != ident
-                or prev.size != size
-                or prev.mtime_ns != st.st_mtime_ns
-            ):
-                changed[rel] = _Known(
-                    ident,
-                    size,
-                    st.st_mtime_ns,
-                    obj,
-                    None
-                    if chunks is None
-                    else json.dumps([[c.offset, c.size, c.object] for c in chunks]),
-                )
-            if ident in link_count:
-                link_content[ident] = (obj, chunks)
+                chunk_json = None
+                if chunks_ is not None:
+                    chunk_json = json.dumps([[c.offset, c.size, c.object] for c in chunks_])
+                changed[rel] = _Known(ident, size, st.st_mtime_ns, obj, chunk_json)
             stats.files += 1
             stats.bytes += size
+            if chunks_ is not None and first == n:
+                chunk_lists.append((ino, chunks_))
         else:
             stats.skipped.append(f"{_display(rel)} (special file)")
             continue
-        if chunks is not None:
-            chunk_lists.append((ino, chunks))
         entries.append(
             Entry(
-                rel, name, mode, size, st.st_mtime_ns, ino, nlink, target, obj, chunks is not None
+                rel, name, mode, size, st.st_mtime_ns, ino, nlink, target, obj, chunks_ is not None
             )
         )
         stats.entries += 1
-        if progress is not None and time.monotonic() >= next_tick:
-            stats.new_objects, stats.new_bytes = writer.written_objects, writer.written_bytes
-            progress(stats)
-            next_tick = time.monotonic() + progress_interval
 
     revision = max((r.revision for r in releases_of(repo.targets())), default=0) + 1
     published = int(time.time())
     tmp_catalog = store.private_dir / f"catalog-{os.getpid()}.sqlite"
     cw = CatalogWriter(tmp_catalog, {"revision": str(revision), "published": str(published)})
     cw.add_entries(entries)
-    for ino, chunks_ in chunk_lists:
-        cw.add_chunks(ino, chunks_)
+    for ino, chunk_list in chunk_lists:
+        cw.add_chunks(ino, chunk_list)
     cw.finish()
+    writer = ObjectWriter(store.data_dir)
     catalog_digest = writer.put_file(tmp_catalog)
     catalog_size = tmp_catalog.stat().st_size
     tmp_catalog.unlink()
-    stats.new_objects, stats.new_bytes = writer.written_objects, writer.written_bytes
+    stats.new_objects += writer.written_objects
+    stats.new_bytes += writer.written_bytes
 
     removed = set(known) - {rel for rel, _ in scanned}
     state.save(changed, removed)
@@ -362,8 +430,26 @@ def _publish_locked(
         total_bytes=stats.bytes,
     )
     # Objects must be durable before the metadata that names them.
-    os.sync()
+    _sync(store.data_dir)
     repo.commit({release.target_name: release.to_target_file()})
     if progress is not None:
         progress(stats)
     return release, stats
+
+
+def _sync(path: Path) -> None:
+    """Flush the file system holding ``path`` (syncfs, not the whole machine)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _libc_syncfs(fd)
+    finally:
+        os.close(fd)
+
+
+def _libc_syncfs(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise PublishError(f"syncfs failed: {os.strerror(err)}")

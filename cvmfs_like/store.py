@@ -61,12 +61,20 @@ class OriginStore:
 
 
 class ObjectWriter:
-    """Writes objects into a store's data directory, once each."""
+    """Writes objects into a store's data directory, once each.
+
+    A new object is created with ``O_EXCL`` under its final name: a publish
+    killed mid-write can leave a short file, which no committed catalog names
+    yet; the next writer of that object sees the wrong size and replaces it
+    (through a temporary name).  Equal size with other content cannot come
+    from a killed write (the page cache keeps a prefix), and is caught by
+    readers' verification anyway.
+    """
 
     _counter = itertools.count()
 
     def __init__(self, data_dir: Path) -> None:
-        self._data_dir = data_dir
+        self._data_dir = str(data_dir)
         self._known: set[str] = set()
         self.written_objects = 0
         self.written_bytes = 0
@@ -80,21 +88,38 @@ class ObjectWriter:
             digest = digest_of(data)
         if digest in self._known:
             return digest
-        final = object_path(self._data_dir, digest)
-        if not os.path.exists(final):
-            tmp = final.parent / f".tmp-{os.getpid()}-{next(self._counter)}"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        final = f"{self._data_dir}/{digest[:2]}/{digest}"
+        try:
+            fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            if os.stat(final).st_size != len(data):
+                self._replace(final, data)
+        else:
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                self._write_all(fd, data)
             finally:
                 os.close(fd)
-            os.rename(tmp, final)
             self.written_objects += 1
             self.written_bytes += len(data)
         self._known.add(digest)
         return digest
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def _replace(self, final: str, data: bytes | memoryview) -> None:
+        tmp = f"{os.path.dirname(final)}/.tmp-{os.getpid()}-{next(self._counter)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._write_all(fd, data)
+        finally:
+            os.close(fd)
+        os.rename(tmp, final)
+        self.written_objects += 1
+        self.written_bytes += len(data)
 
     def put_file(self, path: Path) -> str:
         """Store the content of a local file (a catalog) as an object."""

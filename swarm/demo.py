@@ -21,7 +21,8 @@ from pathlib import Path
 REPO = "sw.example.org"
 SIMULATE = """#!/bin/sh
 # A stand-in for experiment software: reads its data file from the release.
-echo "simulate $(cat "$(dirname "$0")/../VERSION") using $(wc -c < "$(dirname "$0")/../share/geometry.dat") bytes of geometry"
+top="$(dirname "$0")/.."
+echo "simulate $(cat "$top/VERSION") using $(wc -c < "$top/share/geometry.dat") bytes of geometry"
 """
 
 
@@ -76,13 +77,23 @@ def main() -> int:
 
         _step("2. ... and publishes a software tree as signed revision 1")
         _sample_tree(src, "1.0")
-        _run("swarm", "publish", str(src), "--repo", REPO, "--keys", str(keys), "--store", str(store))
+        _run(
+            "swarm", "publish", str(src), "--repo", REPO, "--keys", str(keys), "--store", str(store)
+        )
 
         _step("3. The origin serves the store over HTTP (loopback)")
         port = _free_port()
         print(f"$ swarm serve {store} --listen 127.0.0.1:{port} &")
         origin = subprocess.Popen(
-            [sys.executable, "-m", "swarm.cli", "serve", str(store), "--listen", f"127.0.0.1:{port}"],
+            [
+                sys.executable,
+                "-m",
+                "swarm.cli",
+                "serve",
+                str(store),
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -95,8 +106,18 @@ def main() -> int:
 
         _step("4. A node mounts it read-only; it trusts only the root.json it was given")
         _run(
-            "swarm", "mount", REPO, str(mnt), "--origin", f"http://127.0.0.1:{port}/",
-            "--trust", str(keys / "root.json"), "--cache", str(cache), "--quota", "1G",
+            "swarm",
+            "mount",
+            REPO,
+            str(mnt),
+            "--origin",
+            f"http://127.0.0.1:{port}/",
+            "--trust",
+            str(keys / "root.json"),
+            "--cache",
+            str(cache),
+            "--quota",
+            "1G",
         )
         mounted = True
         _run("ls", "-l", str(mnt), str(mnt / "bin"))
@@ -106,7 +127,9 @@ def main() -> int:
 
         _step("6. Revision 2 is published; the node picks it up without remounting")
         _sample_tree(src, "2.0")
-        _run("swarm", "publish", str(src), "--repo", REPO, "--keys", str(keys), "--store", str(store))
+        _run(
+            "swarm", "publish", str(src), "--repo", REPO, "--keys", str(keys), "--store", str(store)
+        )
         _run("swarm", "reload", str(mnt))
         _run(str(mnt / "bin" / "simulate"))
         rev = os.getxattr(mnt, "user.swarm.revision").decode()
@@ -116,7 +139,18 @@ def main() -> int:
         _step("7. A tampered object at the origin is refused: the reader gets EIO, never bad bytes")
         victim = src / "share" / "calibration.dat"
         victim.write_bytes(os.urandom(100_000))
-        _run("swarm", "publish", str(src), "--repo", REPO, "--keys", str(keys), "--store", str(store), "--quiet")
+        _run(
+            "swarm",
+            "publish",
+            str(src),
+            "--repo",
+            REPO,
+            "--keys",
+            str(keys),
+            "--store",
+            str(store),
+            "--quiet",
+        )
         _run("swarm", "reload", str(mnt))
         data_dir = store / REPO / "data"
         digest = _digest_of(victim)

@@ -6,7 +6,7 @@ import os
 import random
 from pathlib import Path
 
-HELLO = "#!/bin/sh\necho \"hello from revision $(cat \"$(dirname \"$0\")/../VERSION\")\"\n"
+HELLO = '#!/bin/sh\necho "hello from revision $(cat "$(dirname "$0")/../VERSION")"\n'
 
 
 def build_sample_tree(root: Path, *, version: str = "1", large_mib: int = 0) -> Path:

@@ -15,7 +15,9 @@ H1 = "a" * 64
 H2 = "b" * 64
 
 
-def build(path: Path, entries: list[Entry], chunks: dict[int, list[Chunk]] | None = None) -> Catalog:
+def build(
+    path: Path, entries: list[Entry], chunks: dict[int, list[Chunk]] | None = None
+) -> Catalog:
     w = CatalogWriter(path, {"revision": "1"})
     w.add_entries(entries)
     for ino, cs in (chunks or {}).items():
@@ -56,8 +58,21 @@ def test_lookup_list_and_chunks_round_trip(tmp_path: Path) -> None:
 def test_changed_paths_reports_edits_additions_removals_and_parents(tmp_path: Path) -> None:
     old = build(tmp_path / "old", tree(), {6: [Chunk(0, 10, H1), Chunk(10, 20, H2)]})
     entries = [e for e in tree() if e.path != b"link"]
-    entries = [Entry(e.path, e.name, e.mode, e.size, e.mtime_ns, e.ino, e.nlink, e.target,
-                     H2 if e.path == b"bin/run" else e.object, e.chunked) for e in entries]
+    entries = [
+        Entry(
+            e.path,
+            e.name,
+            e.mode,
+            e.size,
+            e.mtime_ns,
+            e.ino,
+            e.nlink,
+            e.target,
+            H2 if e.path == b"bin/run" else e.object,
+            e.chunked,
+        )
+        for e in entries
+    ]
     entries.append(Entry(b"bin/new", b"new", F, 0, 9, 9, 1))
     new = build(tmp_path / "new", entries, {6: [Chunk(0, 10, H1), Chunk(10, 20, H1)]})
     changed = new.changed_paths(old)

@@ -32,7 +32,9 @@ def catalog_of(store: OriginStore, revision: int | None = None) -> Catalog:
     return Catalog(store.path_of(r.catalog))
 
 
-def test_publish_records_every_kind_of_entry(tmp_path: Path, repo: tuple[OriginStore, Path]) -> None:
+def test_publish_records_every_kind_of_entry(
+    tmp_path: Path, repo: tuple[OriginStore, Path]
+) -> None:
     store, keys = repo
     src = build_sample_tree(tmp_path / "src")
     result = publish(src, store, keys)
@@ -132,7 +134,7 @@ def test_file_changing_while_read_is_refused(
         return data
 
     monkeypatch.setattr(os, "read", read_and_grow)
-    with pytest.raises(PublishError, match="growing.log.*changed while"):
+    with pytest.raises(PublishError, match=r"growing.log.*changed while"):
         publish(src, store, keys)
     monkeypatch.setattr(os, "read", real_read)
     assert list_revisions(store)[0] == []
