@@ -148,7 +148,7 @@ class ObjectCache:
             verify(digest, size, data)
         except Exception as exc:
             self.failures += 1
-            log.error("object %s rejected or unavailable: %s", digest, exc)
+            log.error("fetch refused: %s", exc)
             raise
         return self.insert_verified(digest, data)
 

@@ -156,7 +156,10 @@ class Catalog:
             CatalogError: not a readable catalog of a schema this code knows.
         """
         self.path = path
-        self._local = threading.local()
+        # One connection per OS thread.  Not threading.local: libfuse calls in
+        # from native threads, and each callback would see a fresh local.
+        self._conns: dict[int, sqlite3.Connection] = {}
+        self._conns_lock = threading.Lock()
         try:
             props = dict(self._conn().execute("SELECT key, value FROM properties"))
         except sqlite3.DatabaseError as exc:
@@ -166,12 +169,14 @@ class Catalog:
         self.properties = props
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        tid = threading.get_ident()
+        conn = self._conns.get(tid)
         if conn is None:
             conn = sqlite3.connect(
                 f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False
             )
-            self._local.conn = conn
+            with self._conns_lock:
+                self._conns[tid] = conn
         return conn
 
     @staticmethod
@@ -262,7 +267,7 @@ class Catalog:
         return sorted(changed)
 
     def close(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        with self._conns_lock:
+            conns, self._conns = list(self._conns.values()), {}
+        for conn in conns:
             conn.close()
-            self._local.conn = None

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -44,11 +45,31 @@ class TrustedReleases(Protocol):
     def tags(self) -> dict[str, ReleaseTarget]: ...
 
 
+_LISTINGS_KEPT = 8192
+
+
 @dataclass
 class Revision:
     release: ReleaseTarget
     catalog: Catalog
     loaded_at: float
+    # Directory listings, most recently used last: a readdir is served in
+    # several calls (and again on every hot walk), each would re-query SQLite.
+    listings: OrderedDict[bytes, list[Entry]] = field(default_factory=OrderedDict)
+    listings_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def list_dir(self, path: bytes) -> list[Entry]:
+        with self.listings_lock:
+            found = self.listings.get(path)
+            if found is not None:
+                self.listings.move_to_end(path)
+                return found
+        entries = self.catalog.list_dir(path)
+        with self.listings_lock:
+            self.listings[path] = entries
+            if len(self.listings) > _LISTINGS_KEPT:
+                self.listings.popitem(last=False)
+        return entries
 
 
 @dataclass
@@ -197,7 +218,7 @@ class MountedRelease:
         return self.current.catalog.lookup(path)
 
     def list_dir(self, path: bytes) -> list[Entry]:
-        return self.current.catalog.list_dir(path)
+        return self.current.list_dir(path)
 
     # -- content ---------------------------------------------------------------
 
