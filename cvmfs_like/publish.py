@@ -60,13 +60,10 @@ class PublishResult:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
-class _Known:
-    ident: int
-    size: int
-    mtime_ns: int
-    object: str | None
-    chunks: str | None  # JSON [[offset, size, digest], ...]
+# What the publisher knew of a file: (ident, size, mtime_ns, object, chunks
+# as JSON [[offset, size, digest], ...]).  Plain tuples: 100k of them are
+# loaded on every publish.
+_Known = tuple[int, int, int, str | None, str | None]
 
 
 class _PublishState:
@@ -80,14 +77,15 @@ class _PublishState:
         )
 
     def load(self) -> dict[bytes, _Known]:
-        return {row[0]: _Known(*row[1:]) for row in self._db.execute("SELECT * FROM files")}
+        rows = self._db.execute("SELECT path, ident, size, mtime_ns, object, chunks FROM files")
+        return {row[0]: row[1:] for row in rows}
 
     def save(self, changed: dict[bytes, _Known], removed: set[bytes]) -> None:
         self._db.execute("BEGIN")
         self._db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in removed))
         self._db.executemany(
             "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
-            ((p, k.ident, k.size, k.mtime_ns, k.object, k.chunks) for p, k in changed.items()),
+            ((p, *k) for p, k in changed.items()),
         )
         self._db.execute("COMMIT")
 
@@ -331,16 +329,11 @@ def _publish_locked(
                 continue
             first_link[ident] = i
         prev = known.get(rel)
-        if (
-            prev is not None
-            and prev.ident == ident
-            and prev.size == st.st_size
-            and prev.mtime_ns == st.st_mtime_ns
-        ):
+        if prev is not None and prev[:3] == (ident, st.st_size, st.st_mtime_ns):
             chunks = None
-            if prev.chunks is not None:
-                chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev.chunks)]
-            content[i] = (prev.object, chunks)
+            if prev[4] is not None:
+                chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev[4])]
+            content[i] = (prev[3], chunks)
         elif st.st_size == 0:
             content[i] = (None, None)
         else:
@@ -381,7 +374,7 @@ def _publish_locked(
                 ino = first + 1
             obj, chunks_ = content[first]
             prev = known.get(rel)
-            if prev is None or (prev.ident, prev.size, prev.mtime_ns) != (
+            if prev is None or prev[:3] != (
                 ident,
                 size,
                 st.st_mtime_ns,
@@ -389,7 +382,7 @@ def _publish_locked(
                 chunk_json = None
                 if chunks_ is not None:
                     chunk_json = json.dumps([[c.offset, c.size, c.object] for c in chunks_])
-                changed[rel] = _Known(ident, size, st.st_mtime_ns, obj, chunk_json)
+                changed[rel] = (ident, size, st.st_mtime_ns, obj, chunk_json)
             stats.files += 1
             stats.bytes += size
             if chunks_ is not None and first == n:
