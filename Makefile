@@ -30,6 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m swarm.demo
 
+test: EXTRA_PACKAGES := nginx
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 

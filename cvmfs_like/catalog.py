@@ -9,6 +9,12 @@ Invariants kept by :class:`CatalogWriter` and relied on by readers:
 
 * every entry but the root has its parent directory in the catalog;
 * hard links share ``ino`` (and so content); ``nlink`` counts them;
+* a revision is a tree of catalogs: the root catalog is the signed target;
+  a directory whose subtree is large gets a catalog of its own, named with
+  its hash and size in its parent's ``nested`` table (a Merkle tree).  The
+  directory's own entry is in both catalogs; every path is repository-relative
+  in every catalog.  Nested catalogs carry no revision number, so an
+  unchanged subtree yields a byte-identical catalog, stored and fetched once;
 * a regular file has exactly one of: no content (size 0), one ``object`` of
   ``size`` bytes, or ``chunked`` with chunks covering ``[0, size)`` in order.
 """
@@ -42,6 +48,11 @@ CREATE TABLE entries (
     chunked INTEGER NOT NULL DEFAULT 0
 ) WITHOUT ROWID;
 CREATE INDEX entries_parent ON entries (parent, name);
+CREATE TABLE nested (
+    path BLOB PRIMARY KEY,
+    catalog TEXT NOT NULL,
+    size INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE chunks (
     ino INTEGER NOT NULL,
     idx INTEGER NOT NULL,
@@ -141,6 +152,10 @@ class CatalogWriter:
             ((ino, i, c.offset, c.size, c.object) for i, c in enumerate(chunks)),
         )
 
+    def add_nested(self, path: bytes, digest: str, size: int) -> None:
+        """Declare that the subtree below ``path`` lives in catalog ``digest``."""
+        self._db.execute("INSERT INTO nested VALUES (?,?,?)", (path, digest, size))
+
     def finish(self) -> None:
         self._db.execute("COMMIT")
         self._db.close()
@@ -167,6 +182,9 @@ class Catalog:
         if props.get("schema") != str(SCHEMA_VERSION):
             raise CatalogError(f"catalog {path.name}: unknown schema {props.get('schema')!r}")
         self.properties = props
+        self.nested: dict[bytes, tuple[str, int]] = {
+            p: (h, n) for p, h, n in self._conn().execute("SELECT path, catalog, size FROM nested")
+        }
 
     def _conn(self) -> sqlite3.Connection:
         tid = threading.get_ident()
@@ -212,8 +230,9 @@ class Catalog:
             yield self._entry(row)
 
     def objects(self) -> dict[str, int]:
-        """Every object the revision references, with its size."""
-        out: dict[str, int] = {}
+        """Every object this catalog references (file contents and nested
+        catalogs, not what those reference), with its size."""
+        out: dict[str, int] = {h: n for h, n in self.nested.values()}
         conn = self._conn()
         for digest, size in conn.execute(
             "SELECT object, size FROM entries WHERE object IS NOT NULL"

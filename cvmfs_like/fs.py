@@ -220,7 +220,11 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
     # -- metadata ------------------------------------------------------------------
 
     def entry(self, path: bytes) -> Entry:
-        e = self.mounted.lookup(path)
+        try:
+            e = self.mounted.lookup(path)
+        except ReleaseError as exc:
+            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
         if e is None:
             raise mfusepy.FuseOSError(errno.ENOENT)
         return e
@@ -347,7 +351,7 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         if e.object is not None:
             out["hash"] = e.object.encode()
         if e.chunked:
-            out["chunks"] = str(len(self.mounted.current.catalog.chunks(e.ino))).encode()
+            out["chunks"] = str(len(self.mounted.current.chunks(e))).encode()
         if p == b"" and self.control_socket is not None:
             out["control"] = os.fsencode(self.control_socket)
         return out
@@ -367,8 +371,16 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
 class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with the hot paths written against the C structs."""
 
+    def _lookup(self, path: bytes) -> Entry | None:
+        try:
+            entry: Entry | None = self.operations.mounted.lookup(path[1:])
+        except ReleaseError as exc:
+            log.error("EIO on %s: catalog unavailable: %s", os.fsdecode(path), exc)
+            raise mfusepy.FuseOSError(errno.EIO) from exc
+        return entry
+
     def getattr_fuse_3(self, path: bytes, buf: Any, fip: Any) -> int:
-        e = self.operations.mounted.lookup(path[1:])
+        e = self._lookup(path)
         if e is None:
             return -errno.ENOENT
         st = buf.contents
@@ -377,7 +389,7 @@ class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
         return 0
 
     def opendir(self, path: bytes, fip: Any) -> int:
-        e = self.operations.mounted.lookup(path[1:])
+        e = self._lookup(path)
         if e is None:
             return -errno.ENOENT
         if not e.is_dir:

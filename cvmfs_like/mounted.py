@@ -50,13 +50,56 @@ _LISTINGS_KEPT = 8192
 
 @dataclass
 class Revision:
+    """One revision's catalog tree, nested catalogs loaded on first use."""
+
     release: ReleaseTarget
-    catalog: Catalog
+    catalog: Catalog  # the root catalog
     loaded_at: float
+    loader: Callable[[str, int], Catalog]  # (digest, size) -> verified, pinned catalog
+    # mount point -> catalog, for every catalog of this revision loaded so far
+    catalogs: dict[bytes, Catalog] = field(default_factory=dict)
+    load_lock: threading.Lock = field(default_factory=threading.Lock)
     # Directory listings, most recently used last: a readdir is served in
     # several calls (and again on every hot walk), each would re-query SQLite.
     listings: OrderedDict[bytes, list[Entry]] = field(default_factory=OrderedDict)
     listings_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.catalogs[b""] = self.catalog
+
+    def catalog_for(self, path: bytes) -> Catalog:
+        """The catalog holding ``path``'s entry (and, for a directory, its
+        children): the deepest nested catalog mounted at or above it.
+
+        Raises:
+            ObjectVerificationError, ObjectUnavailable, CatalogError: a nested
+                catalog that had to be loaded could not be.
+        """
+        cat = self.catalog
+        if not cat.nested or not path:
+            return cat
+        prefix = b""
+        for part in path.split(b"/"):
+            prefix = prefix + b"/" + part if prefix else part
+            if prefix in cat.nested:
+                cat = self._nested(prefix, cat)
+                if not cat.nested:
+                    break
+        return cat
+
+    def _nested(self, mountpoint: bytes, parent: Catalog) -> Catalog:
+        found = self.catalogs.get(mountpoint)
+        if found is not None:
+            return found
+        with self.load_lock:
+            found = self.catalogs.get(mountpoint)
+            if found is None:
+                digest, size = parent.nested[mountpoint]
+                found = self.catalogs[mountpoint] = self.loader(digest, size)
+        return found
+
+    def lookup(self, path: bytes) -> Entry | None:
+        return self.catalog_for(path).lookup(path)
 
     def list_dir(self, path: bytes) -> list[Entry]:
         with self.listings_lock:
@@ -64,12 +107,36 @@ class Revision:
             if found is not None:
                 self.listings.move_to_end(path)
                 return found
-        entries = self.catalog.list_dir(path)
+        entries = self.catalog_for(path).list_dir(path)
         with self.listings_lock:
             self.listings[path] = entries
             if len(self.listings) > _LISTINGS_KEPT:
                 self.listings.popitem(last=False)
         return entries
+
+    def chunks(self, entry: Entry) -> list[Chunk]:
+        return self.catalog_for(entry.path).chunks(entry.ino)
+
+    def digests(self) -> list[str]:
+        """Hashes of the catalogs loaded (and pinned) for this revision."""
+        with self.load_lock:
+            return [c.path.name for c in self.catalogs.values()]
+
+    def changed_paths(self, older: Revision) -> list[bytes]:
+        """Paths the kernel may hold from ``older`` whose entry differs here.
+
+        Only catalogs ``older`` loaded can have been seen by the kernel; a
+        nested catalog whose hash did not change has no changes.
+        """
+        with older.load_lock:
+            seen = dict(older.catalogs)
+        changed: set[bytes] = set()
+        for mountpoint, old_cat in seen.items():
+            new_cat = self.catalog_for(mountpoint)
+            if new_cat.path.name == old_cat.path.name:
+                continue
+            changed.update(new_cat.changed_paths(old_cat))
+        return sorted(changed)
 
 
 @dataclass
@@ -159,16 +226,19 @@ class MountedRelease:
         releases = self._trusted.releases()
         return releases[-1] if releases else None
 
-    def _load(self, target: ReleaseTarget) -> Revision:
-        fd = self._cache.open(target.catalog, target.catalog_size, self._source)
+    def _load_catalog(self, digest: str, size: int) -> Catalog:
+        fd = self._cache.open(digest, size, self._source)
         os.close(fd)
-        self._cache.pin(target.catalog)
+        self._cache.pin(digest)
         try:
-            catalog = Catalog(self._cache.path_of(target.catalog))
+            return Catalog(self._cache.path_of(digest))
         except CatalogError:
-            self._cache.unpin(target.catalog)
+            self._cache.unpin(digest)
             raise
-        return Revision(target, catalog, self._clock())
+
+    def _load(self, target: ReleaseTarget) -> Revision:
+        catalog = self._load_catalog(target.catalog, target.catalog_size)
+        return Revision(target, catalog, self._clock(), self._load_catalog)
 
     def update(self) -> UpdateResult:
         """Check for a newer trusted revision now and switch to it.
@@ -200,9 +270,22 @@ class MountedRelease:
                     exc,
                 )
                 return UpdateResult(False, old.release.revision, [], str(exc))
-            changed = new.catalog.changed_paths(old.catalog)
+            try:
+                changed = new.changed_paths(old)
+            except ReleaseError as exc:
+                for digest in new.digests():
+                    self._cache.unpin(digest)
+                self.last_error = str(exc)
+                log.warning(
+                    "%s: update failed, keeping revision %d: %s",
+                    self.name,
+                    old.release.revision,
+                    exc,
+                )
+                return UpdateResult(False, old.release.revision, [], str(exc))
             self._current = new
-            self._cache.unpin(old.release.catalog)
+            for digest in old.digests():
+                self._cache.unpin(digest)
             log.info(
                 "%s: switched from revision %d to %d (%d paths changed)",
                 self.name,
@@ -215,7 +298,7 @@ class MountedRelease:
     # -- lookups ---------------------------------------------------------------
 
     def lookup(self, path: bytes) -> Entry | None:
-        return self.current.catalog.lookup(path)
+        return self.current.lookup(path)
 
     def list_dir(self, path: bytes) -> list[Entry]:
         return self.current.list_dir(path)
@@ -225,7 +308,7 @@ class MountedRelease:
     def open(self, entry: Entry) -> int:
         rev = self.current
         if entry.chunked:
-            chunks = rev.catalog.chunks(entry.ino)
+            chunks = rev.chunks(entry)
         elif entry.object is not None:
             chunks = [Chunk(0, entry.size, entry.object)]
         else:

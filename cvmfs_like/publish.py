@@ -29,12 +29,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cvmfs_like.catalog import CatalogWriter, Chunk, Entry
+from cvmfs_like.catalog import CatalogWriter, Chunk, Entry, parent_of
 from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
 from cvmfs_like.exceptions import PublishError
 from cvmfs_like.store import ObjectWriter, OriginStore
 from trust.repository import RepositoryWriter
 from trust.targets import ReleaseTarget, releases_of
+
+NEST_THRESHOLD = 4096  # entries below a directory that earn it its own catalog
 
 ProgressCallback = Callable[["PublishStats"], None]
 
@@ -266,6 +268,7 @@ def publish(
     progress: ProgressCallback | None = None,
     progress_interval: float = 0.2,
     workers: int | None = None,
+    nest_threshold: int = NEST_THRESHOLD,
 ) -> PublishResult:
     """Publish ``src`` as the next revision of ``store``'s repository.
 
@@ -280,7 +283,14 @@ def publish(
         state = _PublishState(store.private_dir / "state.sqlite")
         try:
             result = _publish_locked(
-                src, store, repo, state, progress, progress_interval, workers or os.cpu_count() or 1
+                src,
+                store,
+                repo,
+                state,
+                progress,
+                progress_interval,
+                workers or os.cpu_count() or 1,
+                nest_threshold,
             )
         finally:
             state.close()
@@ -295,6 +305,7 @@ def _publish_locked(
     progress: ProgressCallback | None,
     progress_interval: float,
     workers: int,
+    nest_threshold: int,
 ) -> tuple[ReleaseTarget, PublishStats]:
     stats = PublishStats()
     known = state.load()
@@ -399,16 +410,15 @@ def _publish_locked(
 
     revision = max((r.revision for r in releases_of(repo.targets())), default=0) + 1
     published = int(time.time())
-    tmp_catalog = store.private_dir / f"catalog-{os.getpid()}.sqlite"
-    cw = CatalogWriter(tmp_catalog, {"revision": str(revision), "published": str(published)})
-    cw.add_entries(entries)
-    for ino, chunk_list in chunk_lists:
-        cw.add_chunks(ino, chunk_list)
-    cw.finish()
     writer = ObjectWriter(store.data_dir)
-    catalog_digest = writer.put_file(tmp_catalog)
-    catalog_size = tmp_catalog.stat().st_size
-    tmp_catalog.unlink()
+    catalog_digest, catalog_size = _write_catalogs(
+        entries,
+        dict(chunk_lists),
+        store.private_dir,
+        writer,
+        {"revision": str(revision), "published": str(published)},
+        nest_threshold,
+    )
     stats.new_objects += writer.written_objects
     stats.new_bytes += writer.written_bytes
 
@@ -428,6 +438,77 @@ def _publish_locked(
     if progress is not None:
         progress(stats)
     return release, stats
+
+
+def _catalog_roots(entries: list[Entry], threshold: int) -> set[bytes]:
+    """Directories that get a catalog of their own (the root always does).
+
+    Bottom-up: a directory is cut when the entries below it that are not
+    already in a cut subtree reach ``threshold``, so every catalog holds
+    roughly between ``threshold`` and a small multiple of it.
+    """
+    below: dict[bytes, int] = {}
+    dirs = [e.path for e in entries if e.is_dir]
+    for e in entries:
+        parent = parent_of(e.path)
+        if parent is not None:
+            below[parent] = below.get(parent, 0) + 1
+    roots = {b""}
+    for d in sorted(dirs, key=lambda p: p.count(b"/"), reverse=True):
+        if d == b"":
+            continue
+        n = below.get(d, 0)
+        parent = parent_of(d)
+        assert parent is not None
+        if n >= threshold:
+            roots.add(d)
+        else:
+            below[parent] = below.get(parent, 0) + n
+    return roots
+
+
+def _write_catalogs(
+    entries: list[Entry],
+    chunk_map: dict[int, list[Chunk]],
+    private_dir: Path,
+    writer: ObjectWriter,
+    root_properties: dict[str, str],
+    threshold: int,
+) -> tuple[str, int]:
+    """Write the revision's catalog tree, deepest first; return the root's
+    (digest, size)."""
+    roots = _catalog_roots(entries, threshold)
+    owned: dict[bytes, list[Entry]] = {r: [] for r in roots}
+    owner_of: dict[bytes, bytes] = {}
+    for e in entries:  # parents come before children
+        if e.path == b"":
+            owner = b""
+        else:
+            parent = parent_of(e.path)
+            assert parent is not None
+            owner = parent if parent in roots else owner_of[parent]
+        owned[owner].append(e)
+        if e.is_dir:
+            owner_of[e.path] = e.path if e.path in roots else owner
+            if e.path in roots and e.path != b"":
+                owned[e.path].append(e)  # a nested root is in both catalogs
+    written: dict[bytes, tuple[str, int]] = {}
+    tmp = private_dir / f"catalog-{os.getpid()}.sqlite"
+    for root in sorted(roots, key=lambda p: p.count(b"/") if p else -1, reverse=True):
+        props = root_properties if root == b"" else {}
+        cw = CatalogWriter(tmp, {"root": root.hex(), **props})
+        mine = owned[root]
+        cw.add_entries(mine)
+        for ino in sorted({e.ino for e in mine if e.chunked}):
+            cw.add_chunks(ino, chunk_map[ino])
+        for child in sorted(r for r in roots if r and parent_of(r) is not None):
+            if owner_of[parent_of(child) or b""] == root and child != root:
+                cw.add_nested(child, *written[child])
+        cw.finish()
+        data = tmp.read_bytes()
+        written[root] = (writer.put(data), len(data))
+        tmp.unlink()
+    return written[b""]
 
 
 def _sync(path: Path) -> None:

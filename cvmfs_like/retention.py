@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trust.repository import RepositoryWriter
 from tuf.api.metadata import Metadata, Snapshot, TargetFile, Targets, Timestamp
 
 from cvmfs_like.catalog import Catalog
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.publish import _PublishState
 from cvmfs_like.store import OriginStore
+from trust.repository import RepositoryWriter
 from trust.targets import ReleaseTarget, is_valid_tag, releases_of, tags_of
 
 
@@ -108,6 +108,21 @@ def tag(
         return tagged
 
 
+def catalog_tree_objects(store: OriginStore, root: str) -> set[str]:
+    """Every object a revision needs: its catalogs and what they reference."""
+    live = {root}
+    stack = [root]
+    while stack:
+        cat = Catalog(store.path_of(stack.pop()))
+        try:
+            objects = cat.objects()
+            stack.extend(h for h, _ in cat.nested.values() if h not in live)
+        finally:
+            cat.close()
+        live.update(objects)
+    return live
+
+
 def gc(
     store: OriginStore, keydir: Path, keep: int = 3, *, dry_run: bool = False, min_age: float = 0.0
 ) -> GcResult:
@@ -132,8 +147,7 @@ def gc(
 
         live: set[str] = set()
         for r in [*kept_all, *tags.values()]:
-            live.add(r.catalog)
-            live.update(Catalog(store.path_of(r.catalog)).objects())
+            live |= catalog_tree_objects(store, r.catalog)
         deleted: set[str] = set()
         deleted_bytes = 0
         now = time.time()

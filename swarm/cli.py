@@ -75,7 +75,9 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
 
     show = _progress_printer(not a.quiet and sys.stderr.isatty())
-    result = publish(a.src, OriginStore(a.store, a.repo), a.keys, progress=show)
+    result = publish(
+        a.src, OriginStore(a.store, a.repo), a.keys, progress=show, nest_threshold=a.catalog_entries
+    )
     if show is not None:
         sys.stderr.write("\n")
     s = result.stats
@@ -317,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src", type=Path)
     repo_args(s)
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument(
+        "--catalog-entries",
+        type=int,
+        default=4096,
+        metavar="N",
+        help="a directory with N or more entries below it gets its own catalog (default 4096)",
+    )
     s.add_argument("--json", action="store_true", help="print the result as JSON")
     s.set_defaults(func=cmd_publish)
 

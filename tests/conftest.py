@@ -29,7 +29,13 @@ def _netns_missing() -> str | None:
     return None
 
 
-_CAPABILITIES = {"fuse": _fuse_missing, "netns": _netns_missing}
+def _nginx_missing() -> str | None:
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        return "nginx is not installed (apt-get install nginx-light)"
+    return None
+
+
+_CAPABILITIES = {"fuse": _fuse_missing, "netns": _netns_missing, "nginx": _nginx_missing}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -131,13 +131,15 @@ class MountProcess:
         with os.fdopen(read_fd, "rb") as pipe:
             ready = pipe.readline().decode()
         if not ready.startswith("ok"):
+            log = self.log()
             self.close()
-            raise RuntimeError(f"mount failed: {self.log()}")
+            raise RuntimeError(f"mount failed: {log}")
         deadline = time.monotonic() + 10
         while not is_mounted(mountpoint):
             if time.monotonic() > deadline:
+                log = self.log()
                 self.close()
-                raise RuntimeError(f"mount never appeared: {self.log()}")
+                raise RuntimeError(f"mount never appeared: {log}")
             time.sleep(0.02)
 
     def log(self) -> str:

@@ -37,8 +37,12 @@ class Site:
         self.root_json = init_keys(self.keys, REPO)
         self.store = OriginStore(tmp / "store", REPO)
         self.src = build_sample_tree(tmp / "src", large_mib=20)
-        publish(self.src, self.store, self.keys)
+        self.publish()
         self.origin = OriginServer(tmp / "store").start()
+
+    def publish(self) -> None:
+        # A tiny nesting threshold: every test also runs on a catalog tree.
+        publish(self.src, self.store, self.keys, nest_threshold=8)
 
     def mount(self, name: str = "mnt", cache: str = "cache", *extra: str) -> MountProcess:
         return MountProcess(
@@ -47,7 +51,13 @@ class Site:
 
     def object_of(self, rel: str) -> Path:
         releases, _ = list_revisions(self.store)
-        entry = Catalog(self.store.path_of(releases[-1].catalog)).lookup(rel.encode())
+        cat = Catalog(self.store.path_of(releases[-1].catalog))
+        while True:  # descend the catalog tree to the catalog holding rel
+            mount = next((m for m in cat.nested if rel.encode().startswith(m + b"/")), None)
+            if mount is None:
+                break
+            cat = Catalog(self.store.path_of(cat.nested[mount][0]))
+        entry = cat.lookup(rel.encode())
         assert entry is not None and entry.object is not None
         return self.store.path_of(entry.object)
 
@@ -124,7 +134,7 @@ def test_new_revision_is_picked_up_without_remount_and_open_files_keep_theirs(
             (site.src / "VERSION").write_text("2 (a longer version)\n")
             (site.src / "added").write_text("new in 2\n")
             (site.src / "private").unlink()
-            publish(site.src, site.store, site.keys)
+            site.publish()
             control(mp, "reload")
             assert os.getxattr(mp, "user.swarm.revision") == b"2"
             assert (mp / "VERSION").read_text() == "2 (a longer version)\n"
@@ -142,7 +152,7 @@ def test_new_revision_is_picked_up_without_remount_and_open_files_keep_theirs(
 def test_revision_is_picked_up_by_ttl(site: Site) -> None:
     with site.mount("mnt", "cache", "--ttl", "0.3") as m:
         (site.src / "VERSION").write_text("ttl\n")
-        publish(site.src, site.store, site.keys)
+        site.publish()
         deadline = time.monotonic() + 15
         while os.getxattr(m.mountpoint, "user.swarm.revision") != b"2":
             assert time.monotonic() < deadline, m.log()
@@ -212,7 +222,7 @@ def test_small_quota_under_concurrent_readers_serves_correct_bytes(site: Site) -
         p.parent.mkdir(exist_ok=True)
         p.write_bytes(os.urandom(50_000 + i))
         files[f"many/f{i}"] = p.read_bytes()
-    publish(site.src, site.store, site.keys)
+    site.publish()
     with site.mount("mnt", "cache", "--quota", "1M") as m:
 
         def check(rel: str) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from cvmfs_like.catalog import Catalog
 from cvmfs_like.exceptions import PublishError
 from cvmfs_like.publish import publish
-from cvmfs_like.retention import gc, list_revisions, tag
+from cvmfs_like.retention import catalog_tree_objects, gc, list_revisions, tag
 from cvmfs_like.store import ObjectWriter, OriginStore
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
@@ -187,3 +187,34 @@ def test_tags_and_gc_keep_what_is_named_and_drop_the_rest(
     assert again.release.revision == 6
     f = Catalog(store.path_of(again.release.catalog)).lookup(b"f")
     assert f is not None and store.has(f.object or "")
+
+
+def test_large_subtrees_get_nested_catalogs_and_unchanged_ones_are_reused(
+    tmp_path: Path, repo: tuple[OriginStore, Path]
+) -> None:
+    store, keys = repo
+    src = tmp_path / "src"
+    for d in ("a", "b", "c/deep"):
+        for i in range(12):
+            (src / d).mkdir(parents=True, exist_ok=True)
+            (src / d / f"f{i}").write_text(f"{d} {i}\n")
+    (src / "top").write_text("top\n")
+    publish(src, store, keys, nest_threshold=10)
+    root = catalog_of(store)
+    assert set(root.nested) == {b"a", b"b", b"c/deep"}
+    assert root.lookup(b"a") is not None and root.lookup(b"a/f1") is None
+    assert root.lookup(b"c") is not None and root.lookup(b"top") is not None
+    a = Catalog(store.path_of(root.nested[b"a"][0]))
+    assert a.lookup(b"a") is not None and a.lookup(b"a/f1") is not None
+    assert [e.name for e in a.list_dir(b"a")][:2] == [b"f0", b"f1"]
+    assert catalog_tree_objects(store, root.path.name) >= set(a.objects())
+
+    (src / "b" / "f3").write_text("changed\n")
+    r = publish(src, store, keys, nest_threshold=10)
+    assert r.stats.new_objects == 3  # the file, catalog b, the root catalog
+    new_root = catalog_of(store)
+    assert new_root.nested[b"a"] == root.nested[b"a"]
+    assert new_root.nested[b"b"] != root.nested[b"b"]
+    new_b = Catalog(store.path_of(new_root.nested[b"b"][0]))
+    old_b = Catalog(store.path_of(root.nested[b"b"][0]))
+    assert new_b.changed_paths(old_b) == [b"b", b"b/f3"]
