@@ -60,9 +60,8 @@ def cmd_keys_init(a: argparse.Namespace) -> int:
 
 
 def cmd_keys_rotate(a: argparse.Namespace) -> int:
-    from trust.keys import rotate_key
-
     from cvmfs_like.store import OriginStore
+    from trust.keys import rotate_key
 
     store = OriginStore(a.store, a.repo)
     rotate_key(a.keydir, store.metadata_dir, a.role)
@@ -149,9 +148,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
 
 
 def cmd_resign(a: argparse.Namespace) -> int:
-    from trust.repository import RepositoryWriter
-
     from cvmfs_like.store import OriginStore
+    from trust.repository import RepositoryWriter
 
     store = OriginStore(a.store, a.repo)
     with RepositoryWriter.open(store.metadata_dir, a.keys) as repo:

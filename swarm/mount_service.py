@@ -22,14 +22,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from trust.client import TrustedRepository
-
 from cvmfs_like.cache import ObjectCache
 from cvmfs_like.fs import ReleaseOperations, mount
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.store import check_repo_name
 from swarm.exceptions import ConfigError
 from swarm.origin_client import OriginMetadataFetcher, OriginObjectSource
+from trust.client import TrustedRepository
 
 log = logging.getLogger(__name__)
 
