@@ -248,6 +248,7 @@ class MountedRelease:
         """
         with self._update_lock:
             old = self.current
+            new: Revision | None = None
             try:
                 self._trusted.refresh()
                 self.offline = False
@@ -260,22 +261,13 @@ class MountedRelease:
                 ):
                     return UpdateResult(False, old.release.revision, [])
                 new = self._load(target)
+                changed = new.changed_paths(old)
             except (TrustError, ReleaseError) as exc:
+                if new is not None:
+                    for digest in new.digests():
+                        self._cache.unpin(digest)
                 self.last_error = str(exc)
                 self.last_check = self._clock()
-                log.warning(
-                    "%s: update failed, keeping revision %d: %s",
-                    self.name,
-                    old.release.revision,
-                    exc,
-                )
-                return UpdateResult(False, old.release.revision, [], str(exc))
-            try:
-                changed = new.changed_paths(old)
-            except ReleaseError as exc:
-                for digest in new.digests():
-                    self._cache.unpin(digest)
-                self.last_error = str(exc)
                 log.warning(
                     "%s: update failed, keeping revision %d: %s",
                     self.name,

@@ -218,3 +218,8 @@ def test_large_subtrees_get_nested_catalogs_and_unchanged_ones_are_reused(
     new_b = Catalog(store.path_of(new_root.nested[b"b"][0]))
     old_b = Catalog(store.path_of(root.nested[b"b"][0]))
     assert new_b.changed_paths(old_b) == [b"b", b"b/f3"]
+
+    (src / "a" / "added").write_text("new\n")  # elsewhere: b's catalog stays as it was
+    publish(src, store, keys, nest_threshold=10)
+    assert catalog_of(store).nested[b"b"] == new_root.nested[b"b"]
+    assert catalog_of(store).nested[b"a"] != new_root.nested[b"a"]
