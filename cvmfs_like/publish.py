@@ -78,6 +78,22 @@ class _PublishState:
             " size INTEGER, mtime_ns INTEGER, object TEXT, chunks TEXT) WITHOUT ROWID"
         )
 
+    def catalogs(self) -> dict[bytes, tuple[str, int]]:
+        """Catalogs built before: content key -> (digest, size)."""
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS catalogs (key BLOB PRIMARY KEY, digest TEXT,"
+            " size INTEGER) WITHOUT ROWID"
+        )
+        return {k: (d, n) for k, d, n in self._db.execute("SELECT key, digest, size FROM catalogs")}
+
+    def remember_catalogs(self, built: dict[bytes, tuple[str, int]]) -> None:
+        self._db.execute("BEGIN")
+        self._db.execute("DELETE FROM catalogs")
+        self._db.executemany(
+            "INSERT INTO catalogs VALUES (?,?,?)", ((k, d, n) for k, (d, n) in built.items())
+        )
+        self._db.execute("COMMIT")
+
     def load(self) -> dict[bytes, _Known]:
         rows = self._db.execute("SELECT path, ident, size, mtime_ns, object, chunks FROM files")
         return {row[0]: row[1:] for row in rows}
@@ -421,14 +437,19 @@ def _publish_locked(
     revision = max((r.revision for r in releases_of(repo.targets())), default=0) + 1
     published = int(time.time())
     writer = ObjectWriter(store.data_dir)
+    previous = state.catalogs()
+    built: dict[bytes, tuple[str, int]] = {}
     catalog_digest, catalog_size = _write_catalogs(
         entries,
         dict(chunk_lists),
-        store.private_dir,
+        store,
         writer,
         {"revision": str(revision), "published": str(published)},
         nest_threshold,
+        previous,
+        built,
     )
+    state.remember_catalogs(built)
     stats.new_objects += writer.written_objects
     stats.new_bytes += writer.written_bytes
 
@@ -480,13 +501,20 @@ def _catalog_roots(entries: list[Entry], threshold: int) -> set[bytes]:
 def _write_catalogs(
     entries: list[Entry],
     chunk_map: dict[int, list[Chunk]],
-    private_dir: Path,
+    store: OriginStore,
     writer: ObjectWriter,
     root_properties: dict[str, str],
     threshold: int,
+    previous: dict[bytes, tuple[str, int]],
+    built: dict[bytes, tuple[str, int]],
 ) -> tuple[str, int]:
     """Write the revision's catalog tree, deepest first; return the root's
-    (digest, size)."""
+    (digest, size).
+
+    A nested catalog whose rows are exactly those of one built before (same
+    content key in ``previous``, object still in the store) is reused without
+    being rebuilt; ``built`` receives the keys of this revision's catalogs.
+    """
     roots = _catalog_roots(entries, threshold)
     owned: dict[bytes, list[Entry]] = {r: [] for r in roots}
     owner_of: dict[bytes, bytes] = {}
@@ -503,20 +531,33 @@ def _write_catalogs(
             if e.path in roots and e.path != b"":
                 owned[e.path].append(e)  # a nested root is in both catalogs
     written: dict[bytes, tuple[str, int]] = {}
-    tmp = private_dir / f"catalog-{os.getpid()}.sqlite"
+    tmp = store.private_dir / f"catalog-{os.getpid()}.sqlite"
     for root in sorted(roots, key=lambda p: p.count(b"/") if p else -1, reverse=True):
         props = root_properties if root == b"" else {}
-        cw = CatalogWriter(tmp, {"root": root.hex(), **props})
         mine = owned[root]
+        chunked = sorted({e.ino for e in mine if e.chunked})
+        children = [
+            (child, *written[child])
+            for child in sorted(roots)
+            if child and child != root and owner_of[parent_of(child) or b""] == root
+        ]
+        key = hashlib.blake2b(
+            repr((root, props, mine, [chunk_map[i] for i in chunked], children)).encode(),
+            digest_size=20,
+        ).digest()
+        reuse = previous.get(key)
+        if reuse is not None and store.has(reuse[0]):
+            written[root] = built[key] = reuse
+            continue
+        cw = CatalogWriter(tmp, {"root": root.hex(), **props})
         cw.add_entries(mine)
-        for ino in sorted({e.ino for e in mine if e.chunked}):
+        for ino in chunked:
             cw.add_chunks(ino, chunk_map[ino])
-        for child in sorted(r for r in roots if r and parent_of(r) is not None):
-            if owner_of[parent_of(child) or b""] == root and child != root:
-                cw.add_nested(child, *written[child])
+        for child, digest, size in children:
+            cw.add_nested(child, digest, size)
         cw.finish()
         data = tmp.read_bytes()
-        written[root] = (writer.put(data), len(data))
+        written[root] = built[key] = (writer.put(data), len(data))
         tmp.unlink()
     return written[b""]
 
