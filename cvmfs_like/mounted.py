@@ -46,6 +46,7 @@ class TrustedReleases(Protocol):
 
 
 _LISTINGS_KEPT = 8192
+_ENTRIES_KEPT = 65536
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Revision:
     # several calls (and again on every hot walk), each would re-query SQLite.
     listings: OrderedDict[bytes, list[Entry]] = field(default_factory=OrderedDict)
     listings_lock: threading.Lock = field(default_factory=threading.Lock)
+    entries: OrderedDict[bytes, Entry] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.catalogs[b""] = self.catalog
@@ -99,7 +101,18 @@ class Revision:
         return found
 
     def lookup(self, path: bytes) -> Entry | None:
-        return self.catalog_for(path).lookup(path)
+        # Hot for open(): the kernel caches attributes but every open of a
+        # file comes here.  Negative results are cached by the kernel.
+        found = self.entries.get(path)
+        if found is not None:
+            return found
+        entry = self.catalog_for(path).lookup(path)
+        if entry is not None:
+            with self.listings_lock:
+                self.entries[path] = entry
+                if len(self.entries) > _ENTRIES_KEPT:
+                    self.entries.popitem(last=False)
+        return entry
 
     def list_dir(self, path: bytes) -> list[Entry]:
         with self.listings_lock:
