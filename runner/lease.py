@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from runner.exceptions import LeaseError
 
@@ -88,6 +88,10 @@ class Lease:
     def deadline(self) -> float:
         """Absolute clock time at which the lease ends."""
         return self.now + self.time_left
+
+    def at(self, now: float) -> Lease:
+        """The same lease seen at a later clock time (less time left)."""
+        return replace(self, now=now, time_left=max(0.0, self.deadline - now))
 
     def to_json(self) -> dict[str, object]:
         return {

@@ -1,0 +1,69 @@
+"""One elastic job: size it to the lease just in time, run it, learn its cost.
+
+The order matters: sizing happens before anything is created, so a refused
+job leaves no trace; the measured HS06.s per event is recorded only from a
+run that committed events, and it feeds the next sizing of the same job name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner.lease import Lease
+from runner.node_run import RunReport, StopRequest, run_job
+from runner.sizing import Sizing, WorkHistory, size_job
+from runner.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class ElasticResult:
+    sizing: Sizing
+    report: RunReport
+    measured_work_per_event: float | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            **self.report.to_json(),
+            "cpu_work_per_event_used": self.sizing.cpu_work_per_event,
+            "cpu_work_per_event_source": self.sizing.work_source,
+            "cpu_work_per_event_measured": self.measured_work_per_event,
+        }
+
+
+def run_elastic_job(
+    spec: JobSpec,
+    lease: Lease,
+    workdir: str | Path,
+    *,
+    history: WorkHistory | None = None,
+    stop: StopRequest | None = None,
+    should_stop: Callable[[], str | None] | None = None,
+    grace: float = 10.0,
+) -> ElasticResult:
+    """Size ``spec`` to ``lease`` and run it on ``lease.cores`` workers.
+
+    Raises:
+        JobRefused: fewer than ``min_events`` fit; nothing was run or created.
+        JournalError, TaskError: see :func:`runner.node_run.run_job`.
+    """
+    measured = history.measured(spec.name) if history is not None else None
+    sizing = size_job(spec, lease, measured)
+    report = run_job(
+        spec,
+        sizing.events,
+        workdir,
+        cores=lease.cores,
+        stop=stop,
+        should_stop=should_stop,
+        grace=grace,
+        # RLIMIT_AS per task: the lease limits the whole job, tasks run one per core.
+        memory=None if lease.memory is None else lease.memory // lease.cores,
+    )
+    work: float | None = None
+    # A resumed run's CPU time covers only part of its events: measure fresh runs only.
+    new_events = 0 if report.resumed_tasks else report.events_done
+    if history is not None and new_events > 0 and report.cpu_seconds > 0:
+        work = history.record(spec.name, report.cpu_seconds, lease.power_per_core, new_events)
+    return ElasticResult(sizing=sizing, report=report, measured_work_per_event=work)

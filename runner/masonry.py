@@ -1,0 +1,132 @@
+"""Job masonry: keep filling a lease with elastic jobs from a queue directory.
+
+The queue is a directory of job spec files (``*.toml``). Each file is one job:
+the pilot takes the first one (in name order) that still fits the time left,
+moves it to ``running/`` while it runs and to ``done/`` afterwards, beside its
+report. A spec that does not fit stays queued for a node with a longer lease;
+a malformed spec goes to ``rejected/`` with the reason. The pilot stops when
+no queued job fits (at least ``min_events``), when the queue is empty, or
+when asked to stop.
+
+The clock and the lease source are injected: ``lease_at(now)`` is called
+before each job, so a shutdowntime moved earlier in MJF is seen by the next
+sizing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runner.elastic import run_elastic_job
+from runner.exceptions import JobRefused, JobSpecError, RunnerError
+from runner.lease import Lease
+from runner.node_run import StopRequest
+from runner.sizing import WorkHistory
+from runner.spec import load_spec
+
+
+@dataclass
+class PilotReport:
+    jobs_run: list[dict[str, object]] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    rejected: dict[str, str] = field(default_factory=dict)
+    stopped: str = ""
+    events_done: int = 0
+    cpu_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "jobs_run": self.jobs_run,
+            "refused": self.refused,
+            "rejected": self.rejected,
+            "stopped": self.stopped,
+            "events_done": self.events_done,
+            "cpu_seconds": self.cpu_seconds,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+def run_pilot(
+    queue: str | Path,
+    workroot: str | Path,
+    lease_at: Callable[[float], Lease],
+    clock: Callable[[], float],
+    *,
+    history: WorkHistory | None = None,
+    stop: StopRequest | None = None,
+    grace: float = 10.0,
+) -> PilotReport:
+    """Run queued jobs until none fits the lease; see the module docstring.
+
+    Raises:
+        LeaseError: ``lease_at`` could not establish the lease.
+    """
+    qdir = Path(queue)
+    for sub in ("running", "done", "rejected"):
+        (qdir / sub).mkdir(parents=True, exist_ok=True)
+    stop = stop or StopRequest()
+    report = PilotReport()
+    t0 = clock()
+    while True:
+        if stop.requested:
+            report.stopped = f"stop requested ({stop.reason})"
+            break
+        lease = lease_at(clock())
+        candidates = sorted(p for p in qdir.glob("*.toml") if p.is_file())
+        if not candidates:
+            report.stopped = "queue empty"
+            break
+        ran = False
+        for path in candidates:
+            try:
+                spec = load_spec(path)
+            except JobSpecError as exc:
+                os.replace(path, qdir / "rejected" / path.name)
+                (qdir / "rejected" / f"{path.stem}.reason").write_text(str(exc) + "\n")
+                report.rejected[path.name] = str(exc)
+                continue
+            running = qdir / "running" / path.name
+            try:
+                os.replace(path, running)
+                result = run_elastic_job(
+                    spec,
+                    lease,
+                    Path(workroot) / path.stem,
+                    history=history,
+                    stop=stop,
+                    grace=grace,
+                )
+            except JobRefused as exc:
+                os.replace(running, path)
+                report.refused[path.name] = str(exc)
+                continue
+            except RunnerError as exc:
+                os.replace(running, qdir / "rejected" / path.name)
+                (qdir / "rejected" / f"{path.stem}.reason").write_text(str(exc) + "\n")
+                report.rejected[path.name] = str(exc)
+                continue
+            report.refused.pop(path.name, None)
+            report.events_done += result.report.events_done
+            report.cpu_seconds += result.report.cpu_seconds
+            if result.report.stopped and not result.report.complete:
+                # Cut by a shutdown: back to the queue; its journal resumes it later.
+                os.replace(running, path)
+                report.jobs_run.append({"spec": path.name, **result.to_json()})
+                ran = True
+                break
+            os.replace(running, qdir / "done" / path.name)
+            summary = {"spec": path.name, **result.to_json()}
+            (qdir / "done" / f"{path.stem}.report.json").write_text(json.dumps(summary, indent=1))
+            report.jobs_run.append(summary)
+            ran = True
+            break  # re-read the lease and the queue before the next job
+        if not ran:
+            report.stopped = "no queued job fits the lease"
+            break
+    report.wall_seconds = clock() - t0
+    return report
