@@ -1,0 +1,117 @@
+"""Elastic jobs (size, run, learn) and the masonry pilot over a queue directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.elastic import run_elastic_job
+from runner.exceptions import JobRefused
+from runner.lease import Lease
+from runner.masonry import run_pilot
+from runner.node_run import StopRequest
+from runner.sizing import WorkHistory
+from runner.spec import parse_spec
+
+SYNTH = str(Path(__file__).with_name("synth_events.py"))
+
+
+def _lease(time_left: float, cores: int = 2, power: float = 10.0, now: float = 0.0) -> Lease:
+    return Lease(
+        cores=cores, power_per_core=power, time_left=time_left, memory=None, now=now, sources={}
+    )
+
+
+def _data(name: str, **kw: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "command": [sys.executable, SYNTH, "{first}", "{count}", "{output}"],
+        "cpu_work_per_event": 1.0,
+        "max_events": 1000,
+        "min_events": 5,
+        "events_per_task": 10,
+        **kw,
+    }
+
+
+def test_refused_job_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(JobRefused):
+        # 0.8 * 1 s * 10 HS06 * 2 cores / 1 HS06.s = 16 < min 20
+        run_elastic_job(parse_spec(_data("j", min_events=20)), _lease(1), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_measured_work_feeds_the_next_sizing(tmp_path: Path) -> None:
+    history = WorkHistory(tmp_path / "history.json")
+    # the spec claims 0.001 HS06.s/event; each run of the command costs ~30 ms CPU
+    spec = parse_spec(_data("j", cpu_work_per_event=0.001, max_events=40))
+    first = run_elastic_job(spec, _lease(10), tmp_path / "a", history=history)
+    assert first.sizing.events == 40 and first.sizing.work_source == "spec"
+    assert first.report.complete and first.measured_work_per_event is not None
+    # 4 tasks of interpreter start-up: far more than 0.001 HS06.s/event at 10 HS06
+    assert first.measured_work_per_event > 0.002
+    bigger = replace(spec, max_events=10**8)
+    second = run_elastic_job(bigger, _lease(10), tmp_path / "b", history=history, stop=_stopped())
+    assert second.sizing.work_source == "measured"
+    assert second.sizing.cpu_work_per_event == pytest.approx(first.measured_work_per_event)
+    assert second.sizing.events < 160_000 / 2  # the spec's own figure would give 160000
+    assert second.report.events_done == 0  # stopped before dispatch
+
+
+def _stopped() -> StopRequest:
+    stop = StopRequest()
+    stop.request("test: sizing only")
+    return stop
+
+
+def _write(queue: Path, name: str, data: dict[str, Any]) -> None:
+    lines = []
+    for k, v in data.items():
+        lines.append(f"{k} = {json.dumps(v)}")
+    (queue / name).write_text("\n".join(lines) + "\n")
+
+
+def test_pilot_fills_lease_then_stops(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    _write(queue, "a.toml", _data("a", max_events=20))
+    _write(queue, "b.toml", _data("b", max_events=20))
+    _write(queue, "c-huge.toml", _data("c", min_events=10**6, max_events=10**6))
+    (queue / "d-bad.toml").write_text('name = "d"\n')
+    t0 = time.monotonic()
+    report = run_pilot(
+        queue,
+        tmp_path / "work",
+        lambda now: _lease(100, now=t0).at(now),
+        time.monotonic,
+    )
+    assert [j["spec"] for j in report.jobs_run] == ["a.toml", "b.toml"]
+    assert report.events_done == 40
+    assert report.stopped == "no queued job fits the lease"
+    assert "c-huge.toml" in report.refused and (queue / "c-huge.toml").exists()
+    assert "command" in report.rejected["d-bad.toml"]
+    assert (queue / "rejected" / "d-bad.toml").exists()
+    assert sorted(p.name for p in (queue / "done").glob("*.toml")) == ["a.toml", "b.toml"]
+    done = json.loads((queue / "done" / "a.report.json").read_text())
+    assert done["events_done"] == 20 and done["complete"]
+
+
+def test_pilot_stops_when_lease_runs_out(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    for name in ("a", "b", "c"):
+        _write(queue, f"{name}.toml", _data(name, max_events=10, min_events=10))
+    clock = iter([0.0, 0.0, 50.0, 100.0, 100.0])
+    # 0.8 * time_left * 10 * 2 / 1 >= 10 needs time_left >= 0.625 s
+    report = run_pilot(
+        queue, tmp_path / "work", lambda now: _lease(100.3).at(now), lambda: next(clock)
+    )
+    assert [j["spec"] for j in report.jobs_run] == ["a.toml", "b.toml"]
+    assert report.stopped == "no queued job fits the lease"
+    assert (queue / "c.toml").exists()
