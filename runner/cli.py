@@ -1,0 +1,151 @@
+"""The runner's subcommands (``swarm lease``, ``swarm job run``, ``swarm pilot``).
+
+``add_runner_commands`` registers them on the ``swarm`` parser; each handler
+maps runner errors to a message on stderr and an exit status:
+0 done, 1 error, 3 job refused (nothing ran), 4 job stopped or incomplete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from runner.elastic import run_elastic_job
+from runner.exceptions import JobRefused, RunnerError
+from runner.lease import Lease, LeaseOptions, discover_lease
+from runner.masonry import run_pilot
+from runner.node_run import StopRequest, stop_on_sigterm
+from runner.power import PowerCache, benchmark_power
+from runner.sizing import WorkHistory
+from runner.spec import load_spec
+
+_STATE = Path(os.environ.get("SWARM_RUNNER_STATE", "/var/lib/swarm/runner"))
+
+
+def _lease(a: argparse.Namespace, wall_now: float) -> Lease:
+    cache = PowerCache(_STATE / "power.json")
+    return discover_lease(
+        now=wall_now,
+        environ=os.environ,
+        options=LeaseOptions(
+            cores=a.cores, power_per_core=a.power, time_left=a.time_left, memory=None
+        ),
+        detected_cores=os.cpu_count(),
+        benchmark=lambda cores: benchmark_power(cache, cores, wall_now),
+    )
+
+
+def cmd_lease(a: argparse.Namespace) -> int:
+    lease = _lease(a, time.time())
+    if a.json:
+        print(json.dumps(lease.to_json(), indent=1))
+        return 0
+    for name in ("cores", "power_per_core", "time_left", "memory"):
+        print(f"{name:15} {getattr(lease, name)!s:>15}   from {lease.sources.get(name)}")
+    for w in lease.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_job_run(a: argparse.Namespace) -> int:
+    spec = load_spec(a.spec)
+    lease = _lease(a, time.time())
+    history = WorkHistory(_STATE / "work_per_event.json") if not a.no_history else None
+    try:
+        with stop_on_sigterm(StopRequest()) as stop:
+            result = run_elastic_job(
+                spec, lease, a.output, history=history, stop=stop, grace=a.grace
+            )
+    except JobRefused as exc:
+        if a.json:
+            print(json.dumps({"refused": str(exc), "events_planned": 0, "events_done": 0}))
+        print(f"swarm: {exc}", file=sys.stderr)
+        return 3
+    out: dict[str, Any] = result.to_json()
+    if a.json:
+        print(json.dumps(out, indent=1))
+    else:
+        r = result.report
+        print(
+            f"{r.job}: {r.events_done}/{r.events_planned} events, "
+            f"{r.wall_seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU -> {r.output}"
+        )
+    return 0 if result.report.complete else 4
+
+
+def cmd_pilot(a: argparse.Namespace) -> int:
+    lease = _lease(a, time.time())
+    start_wall, start_mono = time.time(), time.monotonic()
+
+    def lease_at(mono: float) -> Lease:
+        return lease.at(start_wall + (mono - start_mono))
+
+    with stop_on_sigterm(StopRequest()) as stop:
+        report = run_pilot(
+            a.queue,
+            a.work or Path(a.queue) / "work",
+            lease_at,
+            time.monotonic,
+            history=WorkHistory(_STATE / "work_per_event.json"),
+            stop=stop,
+            grace=a.grace,
+        )
+    print(json.dumps(report.to_json(), indent=1))
+    return 0
+
+
+def _lease_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cores", type=int, help="cores of the lease (default: discovered)")
+    p.add_argument("--time-left", type=float, metavar="SECONDS", help="seconds left")
+    p.add_argument("--power", type=float, metavar="HS06_PER_CORE", help="HS06 per core")
+
+
+def _guard(func: Any) -> Any:
+    def run(a: argparse.Namespace) -> int:
+        try:
+            code: int = func(a)
+            return code
+        except RunnerError as exc:
+            print(f"swarm: {exc}", file=sys.stderr)
+            return 1
+
+    return run
+
+
+def add_runner_commands(sub: Any) -> None:
+    """Register ``lease``, ``job run`` and ``pilot`` on a subparsers object."""
+    s = sub.add_parser("lease", help="what this node advertises, and where each value came from")
+    _lease_options(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_guard(cmd_lease))
+
+    job = sub.add_parser("job", help="elastic jobs")
+    jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    s = jsub.add_parser("run", help="size one elastic job to the lease and run it now")
+    s.add_argument("spec", type=Path)
+    _lease_options(s)
+    s.add_argument("--output", required=True, type=Path, help="the job's work directory")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds for tasks on SIGTERM")
+    s.add_argument("--no-history", action="store_true", help="ignore measured work per event")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_guard(cmd_job_run))
+
+    s = sub.add_parser("pilot", help="fill the lease with jobs from a queue directory")
+    s.add_argument("queue", type=Path)
+    s.add_argument("--work", type=Path, help="work directories (default QUEUE/work)")
+    s.add_argument("--grace", type=float, default=10.0)
+    _lease_options(s)
+    s.set_defaults(func=_guard(cmd_pilot))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="swarm")
+    add_runner_commands(p.add_subparsers(dest="command", required=True))
+    a = p.parse_args(argv)
+    code: int = a.func(a)
+    return code
