@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_like.exceptions import ReleaseError
+from runner.cli import add_runner_commands
 from swarm.exceptions import ConfigError, SwarmError
 from trust.exceptions import TrustError
 
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "trust-client", help="TUF conformance client (see tuf-conformance)", add_help=False
     )
+    add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
     return p
 
 
