@@ -17,7 +17,7 @@ from typing import Any
 
 from runner.elastic import run_elastic_job
 from runner.exceptions import JobRefused, RunnerError
-from runner.lease import Lease, LeaseOptions, discover_lease
+from runner.lease import Lease, LeaseOptions, discover_lease, shutdown_probe
 from runner.masonry import run_pilot
 from runner.node_run import StopRequest, stop_on_sigterm
 from runner.power import PowerCache, benchmark_power
@@ -59,7 +59,13 @@ def cmd_job_run(a: argparse.Namespace) -> int:
     try:
         with stop_on_sigterm(StopRequest()) as stop:
             result = run_elastic_job(
-                spec, lease, a.output, history=history, stop=stop, grace=a.grace
+                spec,
+                lease,
+                a.output,
+                history=history,
+                stop=stop,
+                should_stop=shutdown_probe(os.environ, lease.deadline, time.time),
+                grace=a.grace,
             )
     except JobRefused as exc:
         if a.json:

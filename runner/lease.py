@@ -353,3 +353,32 @@ def discover_lease(
         detected_cores=detected_cores,
         benchmark=benchmark,
     )
+
+
+def shutdown_probe(
+    environ: Mapping[str, str], deadline: float, clock: Callable[[], float]
+) -> Callable[[], str | None]:
+    """A ``should_stop`` for a running job: a reason once MJF moves the end earlier.
+
+    Re-reads ``shutdowntime`` and ``shutdowntime_job`` (a site announcing a
+    drain); returns None while neither is earlier than ``deadline``.
+    """
+
+    def probe() -> str | None:
+        for kind, name in (
+            ("MACHINEFEATURES", "shutdowntime"),
+            ("JOBFEATURES", "shutdowntime_job"),
+        ):
+            directory = environ.get(kind)
+            if not directory:
+                continue
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    value = float(int(f.read(64).strip()))
+            except (OSError, ValueError):
+                continue
+            if value < deadline - 1.0:
+                return f"${kind}/{name} moved to {value:.0f} ({value - clock():.0f} s from now)"
+        return None
+
+    return probe

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from runner.exceptions import LeaseError
-from runner.lease import FeatureDir, LeaseOptions, assemble_lease, discover_lease
+from runner.lease import (
+    FeatureDir,
+    LeaseOptions,
+    assemble_lease,
+    discover_lease,
+    shutdown_probe,
+)
 
 NOW = 1_700_000_000.0
 
@@ -150,3 +156,12 @@ def test_bad_config_value_is_a_warning() -> None:
     )
     assert lease.cores == 3
     assert any("config cores" in w and "detected" in w for w in lease.warnings)
+
+
+def test_shutdown_probe_sees_an_earlier_shutdowntime(tmp_path: Path) -> None:
+    machine = _mjf(tmp_path, "m", shutdowntime=str(int(NOW) + 600))
+    probe = shutdown_probe({"MACHINEFEATURES": machine}, NOW + 600, lambda: NOW)
+    assert probe() is None
+    (Path(machine) / "shutdowntime").write_text(str(int(NOW) + 60))
+    reason = probe()
+    assert reason is not None and "shutdowntime moved" in reason and "60 s" in reason
