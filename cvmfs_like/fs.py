@@ -89,6 +89,12 @@ def _path(raw: bytes | str) -> bytes:
     return b[1:]
 
 
+def log_read_failure(path: str, exc: ObjectVerificationError | ObjectUnavailable) -> None:
+    """The log line a reader's EIO corresponds to: which object, and why."""
+    what = "failed verification" if isinstance(exc, ObjectVerificationError) else "unavailable"
+    log.error("EIO on %s: object %s %s: %s", path, exc.digest, what, exc.reason)
+
+
 class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
     """fusepy-style operations of one mounted repository."""
 
@@ -313,11 +319,8 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
         try:
             return self.mounted.read(fi.fh, offset, size)
-        except ObjectVerificationError as exc:
-            log.error("EIO on %s: object %s failed verification: %s", path, exc.digest, exc.reason)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
-        except ObjectUnavailable as exc:
-            log.error("EIO on %s: object %s unavailable: %s", path, exc.digest, exc.reason)
+        except (ObjectVerificationError, ObjectUnavailable) as exc:
+            log_read_failure(path, exc)
             raise mfusepy.FuseOSError(errno.EIO) from exc
 
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
@@ -406,18 +409,8 @@ class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
         ops: ReleaseOperations = self.operations
         try:
             pieces = ops.mounted.read_pieces(fip.contents.fh, offset, size)
-        except ObjectVerificationError as exc:
-            log.error(
-                "EIO on %s: object %s failed verification: %s",
-                os.fsdecode(path),
-                exc.digest,
-                exc.reason,
-            )
-            return -errno.EIO
-        except ObjectUnavailable as exc:
-            log.error(
-                "EIO on %s: object %s unavailable: %s", os.fsdecode(path), exc.digest, exc.reason
-            )
+        except (ObjectVerificationError, ObjectUnavailable) as exc:
+            log_read_failure(os.fsdecode(path), exc)
             return -errno.EIO
         if len(pieces) > len(_BUFVEC_TYPES):
             return -errno.EIO  # a read spans at most a few 1 MiB+ chunks
