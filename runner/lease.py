@@ -143,10 +143,36 @@ class _Collector:
             return None
         return value
 
+    def sourced(
+        self, kind: str, name: str, for_field: str, *, integer: bool
+    ) -> tuple[float, str] | None:
+        """``feature`` with where it came from, for ``_first_source``."""
+        v = self.feature(kind, name, for_field, integer=integer)
+        return None if v is None else (v, self.source(kind, name))
+
     def source(self, kind: str, name: str) -> str:
         d = self.dirs[kind]
         assert d is not None
         return f"${kind}/{name} ({os.path.join(d.path, name)})"
+
+
+def _given(value: float | None, source: str) -> tuple[float, str] | None:
+    return None if value is None else (value, source)
+
+
+def _first_source(
+    field: str,
+    sources: dict[str, str],
+    *candidates: Callable[[], tuple[float, str] | None],
+) -> float | None:
+    """The first candidate that yields a value, in order of precedence; later
+    candidates are not even read (so they add no warnings)."""
+    for candidate in candidates:
+        found = candidate()
+        if found is not None:
+            sources[field] = found[1]
+            return found[0]
+    return None
 
 
 def _config_number(
@@ -187,22 +213,17 @@ def assemble_lease(
     sources: dict[str, str] = {}
 
     # --- cores: option > allocated_cpu (job) > config > total_cpu (machine) > detected
-    cores: int | None = None
-    if options.cores is not None:
-        cores, sources["cores"] = options.cores, "option cores"
-    if cores is None:
-        v = c.feature("JOBFEATURES", "allocated_cpu", "cores", integer=True)
-        if v is not None:
-            cores, sources["cores"] = int(v), c.source("JOBFEATURES", "allocated_cpu")
-    if cores is None:
-        v = _config_number(config, "cores", c.problems, "cores")
-        if v is not None:
-            cores, sources["cores"] = int(v), "config cores"
     total_cpu = c.feature("MACHINEFEATURES", "total_cpu", "cores", integer=True)
-    if cores is None and total_cpu is not None:
-        cores, sources["cores"] = int(total_cpu), c.source("MACHINEFEATURES", "total_cpu")
-    if cores is None and detected_cores:
-        cores, sources["cores"] = detected_cores, "detected (os.cpu_count)"
+    cores_f = _first_source(
+        "cores",
+        sources,
+        lambda: _given(options.cores, "option cores"),
+        lambda: c.sourced("JOBFEATURES", "allocated_cpu", "cores", integer=True),
+        lambda: _given(_config_number(config, "cores", c.problems, "cores"), "config cores"),
+        lambda: _given(total_cpu, c.source("MACHINEFEATURES", "total_cpu") if total_cpu else ""),
+        lambda: _given(detected_cores or None, "detected (os.cpu_count)"),
+    )
+    cores = None if cores_f is None else int(cores_f)
 
     # --- power per core: option > config > hs06 / total_cpu (machine) > benchmark
     power: float | None = None
@@ -266,17 +287,14 @@ def assemble_lease(
         time_left = max(0.0, time_left)
 
     # --- memory: option > max_rss_bytes (job) > config > none
-    memory: int | None = None
-    if options.memory is not None:
-        memory, sources["memory"] = options.memory, "option memory"
-    if memory is None:
-        v = c.feature("JOBFEATURES", "max_rss_bytes", "memory", integer=True)
-        if v is not None:
-            memory, sources["memory"] = int(v), c.source("JOBFEATURES", "max_rss_bytes")
-    if memory is None:
-        v = _config_number(config, "memory", c.problems, "memory")
-        if v is not None:
-            memory, sources["memory"] = int(v), "config memory"
+    memory_f = _first_source(
+        "memory",
+        sources,
+        lambda: _given(options.memory, "option memory"),
+        lambda: c.sourced("JOBFEATURES", "max_rss_bytes", "memory", integer=True),
+        lambda: _given(_config_number(config, "memory", c.problems, "memory"), "config memory"),
+    )
+    memory = None if memory_f is None else int(memory_f)
     if memory is None:
         sources["memory"] = "no limit (no source)"
 
