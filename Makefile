@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m swarm.demo
 
-test: EXTRA_PACKAGES := nginx
+test: EXTRA_PACKAGES := nginx iproute2
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -43,7 +43,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx
+bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
