@@ -2,7 +2,9 @@
 
 SwarmError
 ├── OriginError      the HTTP origin could not be reached or answered badly
-└── ConfigError      local misuse: bad option, unusable path, bad address
+├── ConfigError      local misuse: bad option, unusable path, bad address
+├── TransferError    a torrent could not deliver (removed, storage error, bad torrent)
+└── ImageError       a VM image could not be published or was refused by policy
 """
 
 
@@ -16,3 +18,11 @@ class OriginError(SwarmError):
 
 class ConfigError(SwarmError):
     """Bad configuration or command-line input."""
+
+
+class TransferError(SwarmError):
+    """Peer-to-peer transfer failed: bad torrent, storage error, torrent gone."""
+
+
+class ImageError(SwarmError):
+    """A VM image could not be published, or the site's policy refused it."""
