@@ -37,6 +37,7 @@ import mfusepy
 from cvmfs_like.catalog import Entry
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
 from cvmfs_like.mounted import MountedRelease
+from cvmfs_like.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ _libfuse: Any = mfusepy._libfuse
 _libc = ctypes.CDLL(None)
 _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
+_libc.free.argtypes = [ctypes.c_void_p]
 _BUF_IS_FD = 1 << 1
 _BUF_FD_SEEK = 1 << 2
 
@@ -102,9 +104,9 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def __init__(
         self,
-        mounted: MountedRelease,
+        mounted: MountedRelease | Namespace,
         *,
-        ttl: float = 60.0,
+        ttl: float | None = 60.0,
         control_socket: Path | None = None,
         on_ready: Callable[[], None] | None = None,
         read_ahead_kb: int = 4096,
@@ -128,9 +130,10 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def init(self, path: str) -> None:
         self._fuse_ptr = _libfuse.fuse_get_context().contents.fuse
-        updater = threading.Thread(target=self._update_loop, name="swarm-update", daemon=True)
-        self._threads.append(updater)
-        updater.start()
+        if self.ttl is not None:  # else the owner (the node daemon) updates
+            updater = threading.Thread(target=self._update_loop, name="swarm-update", daemon=True)
+            self._threads.append(updater)
+            updater.start()
         if self.control_socket is not None:
             self._start_control()
         tuner = threading.Thread(target=self._tune_read_ahead, name="swarm-tune", daemon=True)
@@ -162,10 +165,13 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
             self.control_socket.unlink(missing_ok=True)
 
     def _update_loop(self) -> None:
+        assert self.ttl is not None
         while not self._stop.wait(self.ttl):
             self.check_now()
 
     def check_now(self) -> dict[str, Any]:
+        if not isinstance(self.mounted, MountedRelease):
+            return {"error": "this mount is updated by its node daemon"}
         result = self.mounted.update()
         if result.changed:
             self.invalidate(result.changed_paths)
@@ -278,15 +284,15 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         return os.fsdecode(e.target)
 
     def statfs(self, path: str) -> dict[str, int]:
-        rel = self.mounted.current.release
-        blocks = (rel.total_bytes + 4095) // 4096
+        total_bytes, files = self.mounted.statfs()
+        blocks = (total_bytes + 4095) // 4096
         return {
             "f_bsize": 4096,
             "f_frsize": 4096,
             "f_blocks": blocks,
             "f_bfree": 0,
             "f_bavail": 0,
-            "f_files": rel.files,
+            "f_files": files,
             "f_ffree": 0,
             "f_namemax": 255,
         }
@@ -344,17 +350,7 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
 
     def _xattrs(self, path: str) -> dict[str, bytes]:
         p = _path(path)
-        e = self.entry(p)
-        rev = self.mounted.current.release
-        out = {
-            "repository": self.mounted.name.encode(),
-            "revision": str(rev.revision).encode(),
-            "catalog": rev.catalog.encode(),
-        }
-        if e.object is not None:
-            out["hash"] = e.object.encode()
-        if e.chunked:
-            out["chunks"] = str(len(self.mounted.current.chunks(e))).encode()
+        out = self.mounted.xattrs(self.entry(p))
         if p == b"" and self.control_socket is not None:
             out["control"] = os.fsencode(self.control_socket)
         return out
@@ -369,6 +365,27 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         if value is None:
             raise mfusepy.FuseOSError(mfusepy.ENOATTR)
         return value
+
+
+def _memory_bufvec(bufpp: Any, data: bytes) -> int:
+    """A one-buffer ``fuse_bufvec`` holding a copy of ``data`` (libfuse frees both)."""
+    vec_type = _BUFVEC_TYPES[0]
+    raw = _libc.malloc(ctypes.sizeof(vec_type))
+    mem = _libc.malloc(max(len(data), 1))
+    if not raw or not mem:
+        if raw:
+            _libc.free(raw)
+        if mem:
+            _libc.free(mem)
+        return -errno.ENOMEM
+    ctypes.memset(raw, 0, ctypes.sizeof(vec_type))
+    ctypes.memmove(mem, data, len(data))
+    vec = vec_type.from_address(raw)
+    vec.count = 1
+    vec.buf[0].size = len(data)
+    vec.buf[0].mem = mem
+    bufpp[0] = ctypes.cast(raw, type(bufpp[0]))
+    return 0
 
 
 class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
@@ -412,6 +429,8 @@ class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
         except (ObjectVerificationError, ObjectUnavailable) as exc:
             log_read_failure(os.fsdecode(path), exc)
             return -errno.EIO
+        if isinstance(pieces, bytes):
+            return _memory_bufvec(bufpp, pieces)
         if len(pieces) > len(_BUFVEC_TYPES):
             return -errno.EIO  # a read spans at most a few 1 MiB+ chunks
         vec_type = _BUFVEC_TYPES[max(len(pieces), 1) - 1]

@@ -393,6 +393,25 @@ class MountedRelease:
     def open_count(self) -> int:
         return len(self._files)
 
+    def statfs(self) -> tuple[int, int]:
+        """(bytes, files) of the current revision."""
+        rel = self.current.release
+        return rel.total_bytes, rel.files
+
+    def xattrs(self, entry: Entry) -> dict[str, bytes]:
+        """The ``user.swarm.*`` attributes of an entry of the current revision."""
+        rev = self.current
+        out = {
+            "repository": self.name.encode(),
+            "revision": str(rev.release.revision).encode(),
+            "catalog": rev.release.catalog.encode(),
+        }
+        if entry.object is not None:
+            out["hash"] = entry.object.encode()
+        if entry.chunked:
+            out["chunks"] = str(len(rev.chunks(entry))).encode()
+        return out
+
     def status(self) -> dict[str, object]:
         rev = self._current
         return {
