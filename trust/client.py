@@ -35,17 +35,26 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib import parse
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import Root, TargetFile
+from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from trust.exceptions import TrustConfigError, VerificationError
 from trust.keys import write_file_atomic
-from trust.targets import ReleaseTarget, releases_of, tags_of
+from trust.targets import (
+    ImageTarget,
+    ReleaseTarget,
+    image_target_name,
+    images_of,
+    releases_of,
+    tags_of,
+)
 from trust.verify import (
     VerifiedState,
     map_download_error,
@@ -62,6 +71,22 @@ _ROLES = ("timestamp", "snapshot", "targets")
 
 class UnknownTargetError(TrustConfigError):
     """The verified targets do not list the requested target."""
+
+
+@dataclass(frozen=True)
+class RoleSigners:
+    """Who signed the trusted metadata of one role (for a site's key pins).
+
+    ``signed`` holds only keys the trusted root delegates the role to and whose
+    signature over the trusted metadata verifies; it has at least
+    ``threshold`` members, or the metadata would not be trusted.
+    """
+
+    role: str
+    version: int
+    threshold: int
+    authorized: frozenset[str]  # keyids the trusted root names for the role
+    signed: frozenset[str]  # the authorized keyids with a valid signature
 
 
 class TrustedRepository:
@@ -242,6 +267,68 @@ class TrustedRepository:
             TrustConfigError: nothing verified yet.
         """
         return tags_of(self.targets())
+
+    def images(self) -> list[ImageTarget]:
+        """Every signed VM image (``images/<name>/<version>``), by name.
+
+        Raises:
+            MetadataFormatError: an image target is malformed.
+            TrustConfigError: nothing verified yet.
+        """
+        return images_of(self.targets())
+
+    def image(self, name: str, version: str) -> ImageTarget | None:
+        """The signed image ``name`` ``version``, or None if not listed.
+
+        Raises:
+            MetadataFormatError: the image target is malformed.
+            TrustConfigError: nothing verified yet.
+        """
+        target = self.targets().get(image_target_name(name, version))
+        return None if target is None else ImageTarget.from_target_file(target)
+
+    def signers(self, role: str = "targets") -> RoleSigners:
+        """The keys whose signatures on the trusted ``role`` metadata verify.
+
+        The signatures are not kept in memory, so they are read back from
+        ``verified.state`` (written together with the trusted state) and that
+        document must be the trusted one: another process refreshing the same
+        cache in between makes this raise rather than answer for other data.
+
+        Raises:
+            TrustConfigError: nothing verified yet, ``role`` is not timestamp,
+                snapshot or targets, or the cached state is unreadable or no
+                longer the trusted one (refresh or load_cached again).
+        """
+        if role not in _ROLES:
+            raise TrustConfigError(f"no signers for role {role!r}: one of {', '.join(_ROLES)}")
+        with self._lock:
+            state = self._current()
+            trusted = {"timestamp": state.timestamp, "snapshot": state.snapshot}.get(
+                role, state.targets
+            )
+            path = self._dir / STATE_FILE
+            try:
+                md: Metadata[Any] = Metadata.from_bytes(
+                    json.loads(path.read_bytes())[role].encode()
+                )
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise TrustConfigError(f"{path} is unreadable: {exc}") from exc
+            except tuf_exc.RepositoryError as exc:
+                raise TrustConfigError(f"{path} is malformed: {exc}") from exc
+            if md.signed != trusted:
+                raise TrustConfigError(
+                    f"{path} changed since it was verified (another process refreshed "
+                    "the cache): refresh or load_cached again"
+                )
+            result = state.root.get_verification_result(role, md.signed_bytes, md.signatures)
+            return RoleSigners(
+                role=role,
+                version=trusted.version,
+                threshold=result.threshold,
+                authorized=frozenset(result.signed) | frozenset(result.unsigned),
+                signed=frozenset(result.signed),
+            )
 
     @property
     def targets_version(self) -> int:
