@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cvmfs_like.catalog import CatalogWriter, Chunk, Entry, parent_of
 from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
@@ -39,6 +40,7 @@ from trust.targets import ReleaseTarget, releases_of
 NEST_THRESHOLD = 4096  # entries below a directory that earn it its own catalog
 
 ProgressCallback = Callable[["PublishStats"], None]
+TargetExtension = Callable[[ReleaseTarget, dict[str, Any]], None]
 
 
 @dataclass
@@ -295,12 +297,17 @@ def publish(
     progress_interval: float = 0.2,
     workers: int | None = None,
     nest_threshold: int = NEST_THRESHOLD,
+    extend_target: TargetExtension | None = None,
 ) -> PublishResult:
     """Publish ``src`` as the next revision of ``store``'s repository.
 
     Raises:
         PublishError: the tree cannot be read or changed while read.
         trust.exceptions.TrustError: keys unusable, another publish running.
+
+    ``extend_target(release, custom)`` may add fields to the target's
+    ``custom`` before the commit (the swarm adds the revision's torrent); it
+    runs after every object is durable and may raise to abort the publish.
     """
     started = time.monotonic()
     if not store.exists():
@@ -317,6 +324,7 @@ def publish(
                 progress_interval,
                 workers or os.cpu_count() or 1,
                 nest_threshold,
+                extend_target,
             )
         finally:
             state.close()
@@ -332,6 +340,7 @@ def _publish_locked(
     progress_interval: float,
     workers: int,
     nest_threshold: int,
+    extend_target: TargetExtension | None,
 ) -> tuple[ReleaseTarget, PublishStats]:
     stats = PublishStats()
     known = state.load()
@@ -465,7 +474,11 @@ def _publish_locked(
     )
     # Objects must be durable before the metadata that names them.
     _sync(store.data_dir)
-    repo.commit({release.target_name: release.to_target_file()})
+    target_file = release.to_target_file()
+    if extend_target is not None:
+        extend_target(release, target_file.custom)
+        _sync(store.data_dir)
+    repo.commit({release.target_name: target_file})
     if progress is not None:
         progress(stats)
     return release, stats
