@@ -176,11 +176,19 @@ class ExchangeFetcher(FetcherInterface):
 
     def _first(self, sources: list[str]) -> tuple[bytes, str]:
         errors = []
+        not_found = False
         for src in sources:
             try:
                 return self._get(src, _MAX_METADATA), src
+            except tuf_exceptions.DownloadHTTPError as exc:
+                not_found |= exc.status_code in (403, 404)
+                errors.append(str(exc))
             except tuf_exceptions.DownloadError as exc:
                 errors.append(str(exc))
+        if not_found:
+            # "Nobody has it" (e.g. the next root version): python-tuf stops
+            # looking on 403/404, so say so rather than a transport failure.
+            raise tuf_exceptions.DownloadHTTPError("; ".join(errors), 404)
         raise tuf_exceptions.DownloadError("; ".join(errors))
 
     def _newest(self, sources: list[str]) -> tuple[bytes, str]:
