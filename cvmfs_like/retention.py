@@ -20,7 +20,7 @@ from cvmfs_like.exceptions import StoreError
 from cvmfs_like.publish import _PublishState
 from cvmfs_like.store import OriginStore
 from trust.repository import RepositoryWriter
-from trust.targets import ReleaseTarget, is_valid_tag, releases_of, tags_of
+from trust.targets import ReleaseTarget, image_objects, is_valid_tag, releases_of, tags_of
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,15 @@ def catalog_tree_objects(store: OriginStore, root: str) -> set[str]:
     return live
 
 
+def _extension_objects(target: TargetFile | None) -> set[str]:
+    """Objects a revision's target names beside its catalog tree: the
+    torrent a publish extension added (``custom.torrent.sha256``)."""
+    custom = None if target is None else target.custom
+    torrent = custom.get("torrent") if isinstance(custom, dict) else None
+    sha = torrent.get("sha256") if isinstance(torrent, dict) else None
+    return {sha} if isinstance(sha, str) else set()
+
+
 def gc(
     store: OriginStore, keydir: Path, keep: int = 3, *, dry_run: bool = False, min_age: float = 0.0
 ) -> GcResult:
@@ -145,9 +154,10 @@ def gc(
         if removed and not dry_run:
             repo.commit({}, remove=[r.target_name for r in removed])
 
-        live: set[str] = set()
+        live: set[str] = image_objects(targets)
         for r in [*kept_all, *tags.values()]:
             live |= catalog_tree_objects(store, r.catalog)
+            live |= _extension_objects(targets.get(f"revisions/{r.revision}"))
         deleted: set[str] = set()
         deleted_bytes = 0
         now = time.time()

@@ -1,10 +1,12 @@
 """The HTTP origin: a store's repositories served as plain files (aiohttp).
 
-``GET /NAME/metadata/...`` and ``GET /NAME/data/ab/ab...`` map to files under
-``STORE/NAME/``; nothing else is served (the publisher's private state is
-not).  Range requests, conditional requests and sendfile come from aiohttp's
-``FileResponse``.  Content-addressed objects and versioned metadata are
-immutable and cacheable forever; ``timestamp.json`` must be revalidated, so a
+``GET /NAME/metadata/...``, ``GET /NAME/data/ab/ab...`` and
+``GET /NAME/images/IMAGE/VERSION/FILE`` (VM images, the web seed of their
+torrents) map to files under ``STORE/NAME/``; nothing else is served (the
+publisher's private state is not).  Range requests, conditional requests
+and sendfile come from aiohttp's ``FileResponse``.  Content-addressed
+objects, versioned metadata and image versions are immutable and cacheable
+forever; ``timestamp.json`` must be revalidated, so a
 site proxy (squid) in front never freezes a node on an old revision.  The same
 store works behind any web server, e.g. nginx with ``root STORE``.
 """
@@ -19,6 +21,7 @@ from aiohttp import web
 _REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}")
 _METADATA = re.compile(r"(?:[0-9]+\.)?(?:root|targets|snapshot|timestamp)\.json")
+_IMAGE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}/){2}[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 _IMMUTABLE = "public, max-age=31536000, immutable"
 
 
@@ -36,6 +39,8 @@ def make_app(store: Path) -> web.Application:
             cache = _IMMUTABLE
         elif kind == "metadata" and _METADATA.fullmatch(rest):
             cache = _IMMUTABLE if rest[0].isdigit() else "no-cache"
+        elif kind == "images" and _IMAGE.fullmatch(rest) and ".." not in rest:
+            cache = _IMMUTABLE  # a published image version never changes
         else:
             raise web.HTTPNotFound()
         path = root / repo / kind / rest
