@@ -26,9 +26,10 @@ FUSE mount made by a node daemon from the test that wants to read it.
 Invariants:
 
 - every name this module creates (namespaces, veths, the bridge) is
-  ``PREFIX + base36(pid) + "-" + ...``, so :func:`cleanup_stale` can remove what a
-  crashed run left without touching a concurrent run (whose pid is alive) or
-  anything it did not make;
+  ``PREFIX + base36(pid) + "-" + ...`` (the prefix in lower case, the pid in digits
+  and upper case, so that no prefix's names parse as another's), so
+  :func:`cleanup_stale` can remove what a crashed run left without touching a
+  concurrent run (whose pid is alive) or anything it did not make;
 - :meth:`Network.close` (run by ``__exit__`` even when the body raises, also on
   ``KeyboardInterrupt``) terminates the processes started with :meth:`Host.popen`,
   then any other process still inside one of its namespaces, then deletes the
@@ -66,7 +67,9 @@ class NetnsError(Exception):
 
 
 def _b36(n: int) -> str:
-    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    """Base 36 in digits and *upper-case* letters, so that a pid never reads as part of
+    a (lower-case) prefix: ``sg`` + ``B73`` and ``sgb`` + ``73`` stay distinct."""
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
     out = ""
     while True:
         n, r = divmod(n, 36)
@@ -137,7 +140,7 @@ def _check_prefix(prefix: str) -> None:
 
 
 def _owner_pid(name: str, prefix: str) -> int | None:
-    m = re.match(rf"^{prefix}([0-9a-z]+)-", name)
+    m = re.match(rf"^{prefix}([0-9A-Z]+)-", name)
     return int(m.group(1), 36) if m else None
 
 

@@ -240,6 +240,8 @@ def test_cleanup_stale_removes_only_dead_runs() -> None:
     subprocess.run(["ip", "netns", "add", f"{tag}n0"], check=True)
     subprocess.run(["ip", "link", "add", f"{tag}b", "type", "bridge"], check=True)
     try:
+        # Another prefix that is a prefix of ours never claims our names.
+        assert not {f"{tag}n0", f"{tag}b"} & set(cleanup_stale("sg"))
         with Network(1, prefix="sgt") as live:
             removed = cleanup_stale("sgt")
             assert sorted(removed) == sorted([f"{tag}n0", f"{tag}b"])
