@@ -15,6 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from runner.confine import (
+    DEFAULT_CGROUP_PARENT,
+    DEFAULT_JOB_USER,
+    Confinement,
+    job_user_for_node,
+)
 from runner.elastic import run_elastic_job
 from runner.exceptions import JobRefused, RunnerError
 from runner.lease import Lease, LeaseOptions, discover_lease, shutdown_probe
@@ -37,6 +43,13 @@ def _lease(a: argparse.Namespace, wall_now: float) -> Lease:
         ),
         detected_cores=os.cpu_count(),
         benchmark=lambda cores: benchmark_power(cache, cores, wall_now),
+    )
+
+
+def _confinement(a: argparse.Namespace) -> Confinement:
+    return Confinement(
+        user=job_user_for_node(a.job_user),
+        cgroup_parent=None if a.no_cgroup else a.cgroup_parent,
     )
 
 
@@ -66,6 +79,7 @@ def cmd_job_run(a: argparse.Namespace) -> int:
                 stop=stop,
                 should_stop=shutdown_probe(os.environ, lease.deadline, time.time),
                 grace=a.grace,
+                confinement=_confinement(a),
             )
     except JobRefused as exc:
         if a.json:
@@ -99,7 +113,9 @@ def cmd_pilot(a: argparse.Namespace) -> int:
             time.monotonic,
             history=WorkHistory(_STATE / "work_per_event.json"),
             stop=stop,
+            should_stop=shutdown_probe(os.environ, lease.deadline, time.time),
             grace=a.grace,
+            confinement=_confinement(a),
         )
     print(json.dumps(report.to_json(), indent=1))
     return 0
@@ -109,6 +125,24 @@ def _lease_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cores", type=int, help="cores of the lease (default: discovered)")
     p.add_argument("--time-left", type=float, metavar="SECONDS", help="seconds left")
     p.add_argument("--power", type=float, metavar="HS06_PER_CORE", help="HS06 per core")
+
+
+def _confinement_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--job-user",
+        default=DEFAULT_JOB_USER,
+        metavar="USER",
+        help=f"user tasks run as when the node runs as root (default {DEFAULT_JOB_USER})",
+    )
+    p.add_argument(
+        "--cgroup-parent",
+        default=DEFAULT_CGROUP_PARENT,
+        metavar="NAME",
+        help=f"swarm-owned parent of the jobs' memory cgroups (default {DEFAULT_CGROUP_PARENT})",
+    )
+    p.add_argument(
+        "--no-cgroup", action="store_true", help="limit memory per task with RLIMIT_DATA only"
+    )
 
 
 def _guard(func: Any) -> Any:
@@ -139,6 +173,7 @@ def add_runner_commands(sub: Any) -> None:
     s.add_argument("--grace", type=float, default=10.0, help="seconds for tasks on SIGTERM")
     s.add_argument("--no-history", action="store_true", help="ignore measured work per event")
     s.add_argument("--json", action="store_true")
+    _confinement_options(s)
     s.set_defaults(func=_guard(cmd_job_run))
 
     s = sub.add_parser("pilot", help="fill the lease with jobs from a queue directory")
@@ -146,6 +181,7 @@ def add_runner_commands(sub: Any) -> None:
     s.add_argument("--work", type=Path, help="work directories (default QUEUE/work)")
     s.add_argument("--grace", type=float, default=10.0)
     _lease_options(s)
+    _confinement_options(s)
     s.set_defaults(func=_guard(cmd_pilot))
 
 

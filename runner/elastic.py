@@ -7,14 +7,19 @@ run that committed events, and it feeds the next sizing of the same job name.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from runner.confine import Confinement
 from runner.lease import Lease
 from runner.node_run import RunReport, StopRequest, run_job
 from runner.sizing import Sizing, WorkHistory, size_job
 from runner.spec import JobSpec
+
+_RESERVE = 0.01
+_RESERVE_MAX = 60.0
 
 
 @dataclass(frozen=True)
@@ -41,15 +46,24 @@ def run_elastic_job(
     stop: StopRequest | None = None,
     should_stop: Callable[[], str | None] | None = None,
     grace: float = 10.0,
+    confinement: Confinement | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ElasticResult:
     """Size ``spec`` to ``lease`` and run it on ``lease.cores`` workers.
 
+    The lease's memory limits the whole job, confined as ``confinement``
+    says; the lease's end (less a reserve for the gather, 1 % of the time
+    left, at most a minute) is the run's deadline, so the job stops itself
+    with its committed events rather than being killed by the lease.
+
     Raises:
         JobRefused: fewer than ``min_events`` fit; nothing was run or created.
-        JournalError, TaskError: see :func:`runner.node_run.run_job`.
+        JournalError, TaskError, ConfinementError: see
+            :func:`runner.node_run.run_job`.
     """
     measured = history.measured(spec.name) if history is not None else None
     sizing = size_job(spec, lease, measured)
+    reserve = min(_RESERVE_MAX, _RESERVE * lease.time_left)
     report = run_job(
         spec,
         sizing.events,
@@ -58,8 +72,11 @@ def run_elastic_job(
         stop=stop,
         should_stop=should_stop,
         grace=grace,
-        # RLIMIT_AS per task: the lease limits the whole job, tasks run one per core.
-        memory=None if lease.memory is None else lease.memory // lease.cores,
+        memory=lease.memory,
+        confinement=confinement,
+        deadline=clock() + lease.time_left - reserve,
+        task_estimate=sizing.cpu_work_per_event / lease.power_per_core * spec.events_per_task,
+        clock=clock,
     )
     work: float | None = None
     # A resumed run's CPU time covers only part of its events: measure fresh runs only.

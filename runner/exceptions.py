@@ -6,7 +6,9 @@ RunnerError
 ├── JobSpecError      a job spec is malformed (names the field)
 ├── JobRefused        the job does not fit the lease (fewer than min_events)
 ├── JournalError      the gather journal is corrupt or belongs to another plan
-└── TaskError         a task's process could not be started (bad command, path)
+├── TaskError         a task's process could not be started (bad command, path)
+├── ConfinementError  the job user is unknown or cannot reach the work directory
+└── UnknownJob        no job with that id in the service's queue
 
 Warnings about individual lease sources (a missing or malformed MJF file) are
 not errors: they are collected in ``Lease.warnings`` and the value falls back
@@ -49,3 +51,11 @@ class JournalError(RunnerError):
 
 class TaskError(RunnerError):
     """A task's command could not be started."""
+
+
+class ConfinementError(RunnerError):
+    """Tasks cannot be confined as configured (unknown job user, unreachable directory)."""
+
+
+class UnknownJob(RunnerError):
+    """The job service has no job with this id."""

@@ -5,8 +5,10 @@ the pilot takes the first one (in name order) that still fits the time left,
 moves it to ``running/`` while it runs and to ``done/`` afterwards, beside its
 report. A spec that does not fit stays queued for a node with a longer lease;
 a malformed spec goes to ``rejected/`` with the reason. The pilot stops when
-no queued job fits (at least ``min_events``), when the queue is empty, or
-when asked to stop.
+no queued job fits (at least ``min_events``), when the queue is empty, when
+a job stopped itself at the lease's end (it goes back to the queue and
+resumes from its journal), when jobs cannot be confined (a node problem: the
+job stays queued), or when asked to stop.
 
 The clock and the lease source are injected: ``lease_at(now)`` is called
 before each job, so a shutdowntime moved earlier in MJF is seen by the next
@@ -21,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from runner.confine import Confinement
 from runner.elastic import run_elastic_job
-from runner.exceptions import JobRefused, JobSpecError, RunnerError
+from runner.exceptions import ConfinementError, JobRefused, JobSpecError, RunnerError
 from runner.lease import Lease
 from runner.node_run import StopRequest
 from runner.sizing import WorkHistory
@@ -59,9 +62,14 @@ def run_pilot(
     *,
     history: WorkHistory | None = None,
     stop: StopRequest | None = None,
+    should_stop: Callable[[], str | None] | None = None,
     grace: float = 10.0,
+    confinement: Confinement | None = None,
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
+
+    ``should_stop`` is passed to every job (e.g. a changed MJF shutdowntime);
+    ``confinement`` says how jobs' tasks are confined.
 
     Raises:
         LeaseError: ``lease_at`` could not establish the lease.
@@ -99,12 +107,19 @@ def run_pilot(
                     Path(workroot) / path.stem,
                     history=history,
                     stop=stop,
+                    should_stop=should_stop,
                     grace=grace,
+                    confinement=confinement,
                 )
             except JobRefused as exc:
                 os.replace(running, path)
                 report.refused[path.name] = str(exc)
                 continue
+            except ConfinementError as exc:
+                # The node, not the job, is at fault: keep the job, stop the pilot.
+                os.replace(running, path)
+                report.stopped = f"cannot confine jobs: {exc}"
+                break
             except RunnerError as exc:
                 os.replace(running, qdir / "rejected" / path.name)
                 (qdir / "rejected" / f"{path.stem}.reason").write_text(str(exc) + "\n")
@@ -114,9 +129,14 @@ def run_pilot(
             report.events_done += result.report.events_done
             report.cpu_seconds += result.report.cpu_seconds
             if result.report.stopped and not result.report.complete:
-                # Cut by a shutdown: back to the queue; its journal resumes it later.
+                # Cut by a shutdown or the lease's end: back to the queue; its
+                # journal resumes it later (on this node or the next lease).
                 os.replace(running, path)
                 report.jobs_run.append({"spec": path.name, **result.to_json()})
+                if not stop.requested:
+                    report.stopped = (
+                        f"{path.name} stopped at the lease end: {result.report.stopped}"
+                    )
                 ran = True
                 break
             os.replace(running, qdir / "done" / path.name)
@@ -125,6 +145,8 @@ def run_pilot(
             report.jobs_run.append(summary)
             ran = True
             break  # re-read the lease and the queue before the next job
+        if report.stopped:
+            break
         if not ran:
             report.stopped = "no queued job fits the lease"
             break

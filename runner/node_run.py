@@ -4,59 +4,100 @@ One worker slot per core; each task is one run of the spec's command as a
 child process. Layout of the job's work directory::
 
     journal.jsonl               header (the plan) + one line per committed task
-    tasks/000007.out            output of committed task 7
-    tasks/000007.2.<pid>.part   attempt 2 of task 7 while it runs (discarded on failure)
-    tasks/000007.2.log          the attempt's stdout and stderr
+    tasks/000007.out            output of committed task 7 (gather-owned, read-only to tasks)
+    tasks/000007.2.log          stdout and stderr of attempt 2 of task 7
+    parts/000007.2.<pid>.part   what attempt 2 writes while it runs (job user's directory)
+    scratch/                    the tasks' working directory and $HOME (job user's)
     events.out                  the gathered output: committed tasks in event order
     report.json                 the last RunReport
 
-Commit protocol for a task that exited 0: fsync its part file, rename it to
-``NNNNNN.out``, fsync the directory, append the journal line and fsync the
+Commit protocol for a task that exited 0: rename its part file from
+``parts/`` (writable by the job) to ``tasks/NNNNNN.out`` (writable only by
+the gather, so the entry cannot be swapped afterwards), check that it is a
+regular file with one link owned by the job user (a symlink or hard link
+planted by a task must not pull a node file into the output), hand it to the
+gather's user, fsync it and ``tasks/``, append the journal line and fsync the
 journal. A gather killed anywhere in between leaves either no commit line (the
 task is run again; its ``.out`` is overwritten by the rerun's rename) or a
 durable commit line with its output in place.
 
-Children get ``PR_SET_PDEATHSIG`` (SIGKILL) so that a SIGKILLed gather takes
-its running tasks with it instead of leaving them to write into a directory
-a restarted gather owns. SIGTERM (or ``StopRequest.request``) stops dispatch;
-running tasks get ``grace`` seconds, then are killed and reported as cut.
+Tasks are confined by :mod:`runner.confine` (job user, memory cgroup or
+rlimit, ``PR_SET_PDEATHSIG`` so that a SIGKILLed gather takes its running
+tasks with it instead of leaving them to write into a directory a restarted
+gather owns).
+
+The loop is event driven: each child has a pidfd in a selector, beside an
+eventfd that :meth:`StopRequest.request` writes, so a task's exit or a stop
+is handled at once and an idle gather costs nothing; the selector's timeout
+is the nearest timer (task timeout, grace end, lease deadline, shutdown
+probe). SIGTERM (or ``StopRequest.request``) stops dispatch; running tasks get
+``grace`` seconds, then are killed and reported as cut. With a ``deadline``
+(the lease's end), no task is started that would not finish before it by the
+measured duration of earlier tasks, and tasks still running at the deadline
+are cut: an elastic job stops itself, it is never killed by its lease.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
-import resource
+import selectors
 import signal
+import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from runner.confine import Confinement, JobConfinement
 from runner.exceptions import JournalError, TaskError
 from runner.scatter import Assignment, Plan, ScatterGather, header_line, replay_journal
 from runner.spec import JobSpec
 
-_PR_SET_PDEATHSIG = 1
+# Estimated task duration x this must fit before the deadline for the task to start.
+_DEADLINE_MARGIN = 1.2
+_EWMA = 0.3
 
 
 class StopRequest:
-    """Set from a signal handler, the API or a shutdown probe; read by the loop."""
+    """Set from a signal handler, the API or a shutdown probe; read by the loop.
+
+    ``request`` may come from any thread (or a signal handler in the main
+    thread): it wakes every gather waiting on this request at once.
+    ``grace``, when given with the first request, overrides the run's grace.
+    """
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.grace: float | None = None
+        # Reentrant: a signal handler may run while the main thread holds it.
+        self._lock = threading.RLock()
+        self._wakers: list[Callable[[], None]] = []
 
-    def request(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
+    def request(self, reason: str, grace: float | None = None) -> None:
+        with self._lock:
+            if self.reason is None:
+                self.reason = reason
+                self.grace = grace
+            # Called under the lock, so no waker runs after its unsubscribe returned.
+            for wake in self._wakers:
+                wake()
 
     @property
     def requested(self) -> bool:
         return self.reason is not None
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wakers.append(wake)
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wakers.remove(wake)
 
 
 @contextlib.contextmanager
@@ -75,6 +116,15 @@ def stop_on_sigterm(stop: StopRequest) -> Iterator[StopRequest]:
 
 @dataclass
 class RunReport:
+    """What one run of a job did.
+
+    ``cpu_seconds`` is the CPU time of every task run (from ``wait4``),
+    ``cpu_seconds_committed`` that of the runs whose output was committed.
+    ``dispatch_seconds`` is the gather's own busy time (scatter, commit,
+    bookkeeping) outside waiting and outside starting commands, whose cost is
+    ``spawn_seconds``; both over ``task_runs`` started runs.
+    """
+
     job: str
     events_planned: int
     events_done: int
@@ -90,23 +140,18 @@ class RunReport:
     cpu_seconds: float
     output: str
     failures: list[str] = field(default_factory=list)
+    cpu_seconds_committed: float = 0.0
+    task_runs: int = 0
+    dispatch_seconds: float = 0.0
+    spawn_seconds: float = 0.0
+    user: str = ""
+    memory_limit: str = "none"
+    memory_kills: int = 0
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
         d["abandoned"] = {str(k): v for k, v in self.abandoned.items()}
         return d
-
-
-def _child_setup(memory: int | None) -> Callable[[], None]:
-    # Resolved in the parent: the child, between fork and exec, must not dlopen.
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def setup() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if memory is not None:
-            resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-
-    return setup
 
 
 def _fsync_dir(path: Path) -> None:
@@ -122,12 +167,8 @@ class _Running:
         self.assignment = a
         self.proc = proc
         self.part = part
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+        self.pidfd: int | None = None
+        self.cpu = 0.0
 
 
 def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, set[int]]:
@@ -166,6 +207,283 @@ def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, set[int]]:
     return plan, set()
 
 
+class _Gather:
+    """The event loop of one run; see the module docstring."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        work: Path,
+        sg: ScatterGather,
+        conf: JobConfinement,
+        env: dict[str, str],
+        stop: StopRequest,
+        *,
+        should_stop: Callable[[], str | None] | None,
+        grace: float,
+        deadline: float | None,
+        task_estimate: float | None,
+        clock: Callable[[], float],
+        poll_interval: float,
+    ) -> None:
+        self.spec = spec
+        self.tasks_dir = work / "tasks"
+        self.parts_dir = work / "parts"
+        self.scratch = work / "scratch"
+        self.sg = sg
+        self.conf = conf
+        self.env = env
+        self.stop = stop
+        self.should_stop = should_stop
+        self.grace = grace
+        self.deadline = deadline
+        self.clock = clock
+        self.poll_interval = poll_interval
+        self.per_event = None if task_estimate is None else task_estimate / spec.events_per_task
+        self.setup = conf.child_setup()
+        self.running: dict[int, _Running] = {}
+        self.stopped: str | None = None
+        self.cut_at: float | None = None
+        self.cpu = 0.0
+        self.cpu_committed = 0.0
+        self.task_runs = 0
+        self.busy = 0.0
+        self.spawning = 0.0
+        self.memory_kills = 0
+        self.uid = os.geteuid()
+        self.gid = os.getegid()
+        self.nonce = os.getpid()
+        self.sel = selectors.DefaultSelector()
+        self.wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.sel.register(self.wake_fd, selectors.EVENT_READ, None)
+        self.journal = open(work / "journal.jsonl", "a")  # noqa: SIM115 (closed in close)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self.wake_fd, 1)
+
+    # --- one task's life
+    def spawn(self, a: Assignment) -> None:
+        part = self.parts_dir / f"{a.task:06d}.{a.attempt}.{self.nonce}.part"
+        log = self.tasks_dir / f"{a.task:06d}.{a.attempt}.log"
+        argv = self.spec.argv(a.events.first, a.events.count, str(part))
+        self.env["SWARM_RUNNER_WORKER"] = str(a.worker)
+        self.env["SWARM_RUNNER_TASK"] = str(a.task)
+        t0 = time.perf_counter()
+        try:
+            with open(log, "wb") as logf:
+                proc = subprocess.Popen(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    cwd=self.scratch,
+                    start_new_session=True,
+                    preexec_fn=self.setup,
+                )
+        except (OSError, subprocess.SubprocessError) as exc:
+            # A command that cannot be executed will not improve on retry.
+            self.sg.failed(a, f"cannot start {argv[0]}: {exc}")
+            who = "" if self.conf.user is None else f" as {self.conf.user.name}"
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            raise TaskError(f"cannot start {argv[0]!r}{who}: {why}") from exc
+        finally:
+            self.spawning += time.perf_counter() - t0
+        self.task_runs += 1
+        r = _Running(a, proc, part)
+        try:
+            r.pidfd = os.pidfd_open(proc.pid)
+            self.sel.register(r.pidfd, selectors.EVENT_READ, r)
+        except (OSError, AttributeError):
+            r.pidfd = None  # no pidfd (old kernel): this child is polled
+        self.running[a.worker] = r
+
+    def _reaped(self, r: _Running, block: bool) -> bool:
+        """Collect the exit status and CPU time of ``r``; False if it still runs.
+
+        Whatever the task left running in its process group is killed first,
+        while the unreaped leader still holds the group's id.
+        """
+        try:
+            if os.waitid(os.P_PID, r.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+                if not block:
+                    return False
+                os.waitid(os.P_PID, r.proc.pid, os.WEXITED | os.WNOWAIT)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(r.proc.pid, signal.SIGKILL)
+            _, status, usage = os.wait4(r.proc.pid, 0)
+        except ChildProcessError:  # reaped elsewhere: no status, no CPU figure
+            if r.proc.returncode is None:
+                r.proc.returncode = -signal.SIGKILL
+            usage = None
+        else:
+            r.proc.returncode = os.waitstatus_to_exitcode(status)
+        if usage is not None:
+            r.cpu = usage.ru_utime + usage.ru_stime
+            self.cpu += r.cpu
+        if r.pidfd is not None:
+            self.sel.unregister(r.pidfd)
+            os.close(r.pidfd)
+            r.pidfd = None
+        return True
+
+    def kill(self, r: _Running) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(r.proc.pid, signal.SIGKILL)
+        self._reaped(r, block=True)
+        r.part.unlink(missing_ok=True)
+
+    def finished(self, r: _Running) -> None:
+        del self.running[r.assignment.worker]
+        a = r.assignment
+        rc = r.proc.returncode
+        assert rc is not None
+        if rc == 0:
+            why = self.commit(r)
+            if why is None:
+                return
+        else:
+            why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            if rc == -signal.SIGKILL:
+                kills = self.conf.memory_kills()
+                if kills > self.memory_kills:
+                    self.memory_kills = kills
+                    why = f"killed by the memory limit ({self.conf.memory_limit})"
+            r.part.unlink(missing_ok=True)
+        self.sg.failed(a, why)
+
+    def commit(self, r: _Running) -> str | None:
+        """Commit a run that exited 0; None on success, else why it failed."""
+        a = r.assignment
+        dest = self.tasks_dir / f"{a.task:06d}.out"
+        try:
+            os.replace(r.part, dest)
+        except FileNotFoundError:
+            return "exit status 0 but no output file"
+        # dest is in a directory only the gather writes: it cannot change under us.
+        st = os.lstat(dest)
+        user = self.conf.user
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_nlink != 1
+            or (user is not None and st.st_uid != user.uid)
+        ):
+            dest.unlink()
+            return "output is not a regular file of the job's own (symlink or hard link?)"
+        fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            if user is not None:
+                os.fchown(fd, self.uid, self.gid)
+                os.fchmod(fd, 0o644)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.tasks_dir)
+        self.journal.write(self.sg.succeeded(a))
+        self.journal.flush()
+        os.fsync(self.journal.fileno())
+        self.cpu_committed += r.cpu
+        took = self.clock() - a.started
+        per_event = took / a.events.count
+        self.per_event = (
+            per_event
+            if self.per_event is None
+            else (1 - _EWMA) * self.per_event + _EWMA * per_event
+        )
+        return None
+
+    # --- the loop
+    def _next_fits(self, now: float) -> bool:
+        if self.deadline is None or self.per_event is None or not self.sg.pending:
+            return True
+        count = self.sg.plan.range_of(self.sg.pending[0]).count
+        return now + self.per_event * count * _DEADLINE_MARGIN <= self.deadline
+
+    def _halt(self, reason: str, cut_at: float) -> None:
+        if not self.sg.stopping:
+            self.sg.stop()
+            self.stopped = self.stopped or reason
+        self.cut_at = cut_at if self.cut_at is None else min(self.cut_at, cut_at)
+
+    def run(self) -> None:
+        sg = self.sg
+        next_probe = self.clock()
+        ready: list[tuple[selectors.SelectorKey, int]] = []
+        stop_seen = False
+        self.stop.subscribe(self._wake)
+        try:
+            while True:
+                t0 = time.perf_counter()
+                spawning0 = self.spawning
+                for key, _ in ready:
+                    if key.data is None:
+                        with contextlib.suppress(BlockingIOError):
+                            os.eventfd_read(self.wake_fd)
+                    elif self._reaped(key.data, block=False):
+                        self.finished(key.data)
+                for r in [r for r in self.running.values() if r.pidfd is None]:
+                    if self._reaped(r, block=False):
+                        self.finished(r)
+                now = self.clock()
+                for a in sg.expired(now):
+                    r = self.running.pop(a.worker)
+                    self.kill(r)
+                    sg.failed(a, f"timed out after {self.spec.task_timeout} s")
+                if self.should_stop is not None and now >= next_probe:
+                    next_probe = now + 1.0
+                    reason = self.should_stop()
+                    if reason:
+                        self.stop.request(reason)
+                if self.stop.requested and not stop_seen:
+                    stop_seen = True
+                    grace = self.grace if self.stop.grace is None else self.stop.grace
+                    self._halt(self.stop.reason or "stop", now + grace)
+                if self.deadline is not None:
+                    if now >= self.deadline:
+                        self._halt("lease deadline reached", now)
+                    elif not sg.stopping and not self._next_fits(now):
+                        left = self.deadline - now
+                        why = f"lease ends in {left:.3g} s: no time for another task"
+                        self._halt(why, self.deadline)
+                if self.cut_at is not None and now >= self.cut_at:
+                    for r in list(self.running.values()):
+                        self.kill(r)
+                        sg.cut(r.assignment)
+                    self.running.clear()
+                for a in sg.dispatch(now):
+                    self.spawn(a)
+                if sg.finished:
+                    self.busy += time.perf_counter() - t0 - (self.spawning - spawning0)
+                    return
+                timeout = self._timeout(now, next_probe)
+                self.busy += time.perf_counter() - t0 - (self.spawning - spawning0)
+                ready = self.sel.select(timeout)
+        finally:
+            self.stop.unsubscribe(self._wake)
+
+    def _timeout(self, now: float, next_probe: float) -> float | None:
+        timers = [a.deadline for a in self.sg.running.values() if a.deadline is not None]
+        if self.should_stop is not None:
+            timers.append(next_probe)
+        if self.cut_at is not None:
+            timers.append(self.cut_at)
+        if self.deadline is not None:
+            timers.append(self.deadline)
+        timeout = None if not timers else max(0.0, min(timers) - now)
+        if any(r.pidfd is None for r in self.running.values()):
+            timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
+        return timeout
+
+    def close(self) -> None:
+        for r in self.running.values():
+            self.kill(r)
+        self.running.clear()
+        self.sel.close()
+        os.close(self.wake_fd)
+        self.journal.close()
+
+
 def run_job(
     spec: JobSpec,
     events: int,
@@ -175,21 +493,29 @@ def run_job(
     stop: StopRequest | None = None,
     should_stop: Callable[[], str | None] | None = None,
     grace: float = 10.0,
-    poll_interval: float = 0.005,
     memory: int | None = None,
+    confinement: Confinement | None = None,
+    deadline: float | None = None,
+    task_estimate: float | None = None,
     max_attempts: int = 3,
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] = time.monotonic,
+    poll_interval: float = 0.05,
 ) -> RunReport:
     """Run ``events`` events of ``spec`` with ``cores`` workers in ``workdir``.
 
     Resumes from ``workdir/journal.jsonl`` if present. ``should_stop`` is
     polled about once a second (e.g. a changed MJF shutdowntime) and returns a
-    reason to stop or None.
+    reason to stop or None. ``memory`` limits the whole job (bytes), applied
+    as ``confinement`` says (see :mod:`runner.confine`). ``deadline`` (a
+    ``clock`` time) is when tasks must be done; ``task_estimate`` (seconds)
+    is the expected duration of one task before any has been measured.
+    ``poll_interval`` is used only when the kernel has no pidfd.
 
     Raises:
         JournalError: see :func:`open_journal`.
         TaskError: the command cannot be started at all.
+        ConfinementError: the job user cannot reach the work directory.
     """
     work = Path(workdir)
     tasks_dir = work / "tasks"
@@ -198,100 +524,45 @@ def run_job(
     plan, committed = open_journal(
         work, Plan(spec.name, spec.first_event, events, spec.events_per_task)
     )
-    for stale in tasks_dir.glob("*.part"):
-        stale.unlink(missing_ok=True)
-    sg = ScatterGather(
-        plan,
-        cores,
-        committed=committed,
-        task_timeout=spec.task_timeout,
-        max_attempts=max_attempts,
-    )
-    child_env = dict(os.environ if env is None else env)
-    setup = _child_setup(memory)
-    running: dict[int, _Running] = {}
     t0 = clock()
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cut_at: float | None = None
-    next_probe = t0
-    nonce = os.getpid()
-
-    journal = open(work / "journal.jsonl", "a")  # noqa: SIM115 (closed in finally)
-    try:
-        while not sg.finished:
-            now = clock()
-            if should_stop is not None and now >= next_probe:
-                next_probe = now + 1.0
-                reason = should_stop()
-                if reason:
-                    stop.request(reason)
-            if stop.requested and not sg.stopping:
-                sg.stop()
-                cut_at = now + grace
-            for a in sg.dispatch(now):
-                part = tasks_dir / f"{a.task:06d}.{a.attempt}.{nonce}.part"
-                log = tasks_dir / f"{a.task:06d}.{a.attempt}.log"
-                argv = spec.argv(a.events.first, a.events.count, str(part))
-                child_env["SWARM_RUNNER_WORKER"] = str(a.worker)
-                child_env["SWARM_RUNNER_TASK"] = str(a.task)
-                try:
-                    with open(log, "wb") as logf:
-                        proc = subprocess.Popen(
-                            argv,
-                            stdin=subprocess.DEVNULL,
-                            stdout=logf,
-                            stderr=subprocess.STDOUT,
-                            env=child_env,
-                            start_new_session=True,
-                            preexec_fn=setup,
-                        )
-                except OSError as exc:
-                    # A command that cannot be executed will not improve on retry.
-                    sg.failed(a, f"cannot start {argv[0]}: {exc}")
-                    raise TaskError(f"cannot start {argv[0]!r}: {exc.strerror}") from exc
-                running[a.worker] = _Running(a, proc, part)
-            for r in list(running.values()):
-                rc = r.proc.poll()
-                if rc is None:
-                    continue
-                del running[r.assignment.worker]
-                a = r.assignment
-                if rc == 0 and r.part.exists():
-                    with open(r.part, "rb") as f:
-                        os.fsync(f.fileno())
-                    os.replace(r.part, tasks_dir / f"{a.task:06d}.out")
-                    _fsync_dir(tasks_dir)
-                    journal.write(sg.succeeded(a))
-                    journal.flush()
-                    os.fsync(journal.fileno())
-                else:
-                    why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
-                    if rc == 0:
-                        why = "exit status 0 but no output file"
-                    r.part.unlink(missing_ok=True)
-                    sg.failed(a, why)
-            now = clock()
-            for a in sg.expired(now):
-                r = running.pop(a.worker)
-                _kill(r.proc)
-                r.part.unlink(missing_ok=True)
-                sg.failed(a, f"timed out after {spec.task_timeout} s")
-            if cut_at is not None and now >= cut_at:
-                for r in list(running.values()):
-                    _kill(r.proc)
-                    r.part.unlink(missing_ok=True)
-                    sg.cut(r.assignment)
-                running.clear()
-            if not sg.finished:
-                time.sleep(poll_interval)
-    finally:
-        for r in running.values():
-            _kill(r.proc)
-            r.part.unlink(missing_ok=True)
-        journal.close()
+    with JobConfinement(confinement or Confinement(), spec.name, memory, cores) as conf:
+        conf.prepare_dir(work / "parts")
+        conf.prepare_dir(work / "scratch")
+        for stale in [*tasks_dir.glob("*.part"), *(work / "parts").glob("*.part")]:
+            stale.unlink(missing_ok=True)
+        sg = ScatterGather(
+            plan,
+            cores,
+            committed=committed,
+            task_timeout=spec.task_timeout,
+            max_attempts=max_attempts,
+        )
+        child_env = dict(os.environ if env is None else env)
+        if conf.user is not None:
+            child_env.update(
+                HOME=str(work / "scratch"), USER=conf.user.name, LOGNAME=conf.user.name
+            )
+        gather = _Gather(
+            spec,
+            work,
+            sg,
+            conf,
+            child_env,
+            stop,
+            should_stop=should_stop,
+            grace=grace,
+            deadline=deadline,
+            task_estimate=task_estimate,
+            clock=clock,
+            poll_interval=poll_interval,
+        )
+        try:
+            gather.run()
+        finally:
+            gather.close()
+        memory_limit = conf.memory_limit
 
     output = gather_output(work, plan, sg.committed)
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     report = RunReport(
         job=spec.name,
         events_planned=plan.events,
@@ -302,12 +573,19 @@ def run_job(
         cut_runs=sg.cut_runs,
         abandoned=sg.abandoned,
         complete=sg.complete,
-        stopped=stop.reason,
+        stopped=stop.reason or gather.stopped,
         resumed_tasks=len(committed),
         wall_seconds=clock() - t0,
-        cpu_seconds=(cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+        cpu_seconds=gather.cpu,
         output=str(output),
         failures=[f for st in sg.state.values() for f in st.failures],
+        cpu_seconds_committed=gather.cpu_committed,
+        task_runs=gather.task_runs,
+        dispatch_seconds=gather.busy,
+        spawn_seconds=gather.spawning,
+        user=str(conf.user) if conf.user is not None else f"uid {os.geteuid()} (the node's)",
+        memory_limit=memory_limit,
+        memory_kills=gather.memory_kills,
     )
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     return report

@@ -32,6 +32,7 @@ def _spec(tmp_path: Path, min_events: int = 1) -> Path:
 
 def test_job_run_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     args = ["job", "run", str(_spec(tmp_path)), "--cores", "2", "--time-left", "100"]
+    args += ["--job-user", "root"]  # the venv's python may not be reachable by nobody
     code = main([*args, "--power", "10", "--output", str(tmp_path / "out"), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,8 @@ def test_whole_job_gathers_each_event_once(tmp_path: Path) -> None:
     assert report.tasks == 5 and report.failed_runs == 0
     assert report.cpu_seconds > 0 and report.wall_seconds > 0
     assert json.loads((tmp_path / "w" / "report.json").read_text())["events_done"] == 23
-    assert not list((tmp_path / "w" / "tasks").glob("*.part"))
+    assert not list((tmp_path / "w" / "parts").glob("*.part"))
+    assert report.task_runs == 5 and report.cpu_seconds_committed == report.cpu_seconds
 
 
 def test_sigkilled_worker_task_is_requeued_to_another_worker(tmp_path: Path) -> None:
@@ -195,3 +198,43 @@ def test_sigterm_mid_job_stops_dispatch_and_keeps_commits(tmp_path: Path) -> Non
     report = json.loads(proc.communicate(timeout=60)[0])
     assert report["complete"]
     assert _events(work / "events.out") == list(range(200))
+
+
+def test_without_pidfd_children_are_polled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_pidfd(pid: int, flags: int = 0) -> int:
+        raise OSError(errno.ENOSYS, "pidfd_open")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfd)
+    report = run_job(_spec(), 20, tmp_path / "w", cores=2, poll_interval=0.01)
+    assert report.complete and _events(report.output) == list(range(20))
+
+
+def test_stop_from_another_thread_wakes_the_gather_with_its_grace(tmp_path: Path) -> None:
+    # Nothing else would wake the gather (no timeouts, no probe) and the run's
+    # own grace is a minute: only the request's wakeup and grace end the run.
+    stop = StopRequest()
+    timer = threading.Timer(0.3, stop.request, args=("api", 0.0))
+    timer.start()
+    try:
+        report = run_job(_spec("--sleep", "30"), 10, tmp_path / "w", cores=2, stop=stop, grace=60)
+    finally:
+        timer.cancel()
+    assert report.stopped == "api" and report.cut_runs == 2 and report.events_done == 0
+
+
+def test_no_task_starts_that_cannot_finish_before_the_deadline(tmp_path: Path) -> None:
+    deadline = time.monotonic() + 0.5
+    report = run_job(_spec(), 10, tmp_path / "w", cores=2, deadline=deadline, task_estimate=5.0)
+    assert report.task_runs == 0 and report.events_done == 0
+    assert report.stopped is not None and "no time for another task" in report.stopped
+
+
+def test_deadline_stops_the_job_with_its_commits_and_resume_completes(tmp_path: Path) -> None:
+    spec = _spec("--sleep", "0.05")
+    deadline = time.monotonic() + 0.8
+    report = run_job(spec, 60, tmp_path / "w", cores=2, deadline=deadline)
+    assert not report.complete and report.stopped is not None and "lease" in report.stopped
+    done = _events(report.output)
+    assert len(done) == len(set(done)) == report.events_done > 0
+    resumed = run_job(_spec(), 60, tmp_path / "w", cores=2)
+    assert resumed.complete and _events(resumed.output) == list(range(60))

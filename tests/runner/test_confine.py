@@ -1,0 +1,248 @@
+"""Confinement of tasks: the job user, the job's memory limit, hostile outputs.
+
+The tests that switch users need root; the memory ones also need a memory
+cgroup hierarchy (v2, or v1 as on hybrid hosts) and clean it up.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runner.confine import (
+    Confinement,
+    JobUser,
+    check_reachable,
+    find_memory_hierarchy,
+    job_user_for_node,
+)
+from runner.exceptions import ConfinementError
+from runner.node_run import run_job
+from runner.spec import JobSpec, parse_spec
+
+HERE = Path(__file__).parent
+PROBE = str(HERE / "probe_task.sh")
+ROOT = HERE.parent.parent
+MiB = 1 << 20
+
+
+def _spec(*extra: str, **kw: Any) -> JobSpec:
+    data: dict[str, Any] = {
+        "name": "probe",
+        "command": ["/bin/sh", PROBE, "{first}", "{count}", "{output}", *extra],
+        "cpu_work_per_event": 1.0,
+        "max_events": 10**6,
+        "events_per_task": 5,
+    }
+    data.update(kw)
+    return parse_spec(data)
+
+
+def _events(path: str | Path) -> list[int]:
+    return [int(line.split()[1]) for line in Path(path).read_text().splitlines()]
+
+
+def _nobody() -> JobUser:
+    return JobUser.lookup("nobody")
+
+
+# --- pure parts ---------------------------------------------------------------
+
+MOUNTS_HYBRID = """\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+"""
+
+
+def test_memory_hierarchy_prefers_v2_with_the_memory_controller() -> None:
+    v2_mounts = "cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n"
+    h = find_memory_hierarchy(v2_mounts, lambda mp: "cpuset cpu io memory pids\n")
+    assert h is not None and (h.version, h.mountpoint) == (2, Path("/sys/fs/cgroup"))
+    # hybrid: the unified mount has no controllers, memory is bound to v1
+    h = find_memory_hierarchy(MOUNTS_HYBRID, lambda mp: "")
+    assert h is not None and (h.version, h.mountpoint) == (1, Path("/sys/fs/cgroup/memory"))
+    assert find_memory_hierarchy("proc /proc proc rw 0 0\n", lambda mp: "memory") is None
+
+
+def test_job_user_only_when_the_node_is_root() -> None:
+    assert job_user_for_node("nobody", euid=1000) is None
+    assert job_user_for_node(None, euid=0) is None
+    user = job_user_for_node("nobody", euid=0)
+    assert user is not None and user.uid != 0 and user.name == "nobody"
+    with pytest.raises(ConfinementError, match="no-such-user-here"):
+        job_user_for_node("no-such-user-here", euid=0)
+
+
+def test_unreachable_work_directory_is_named(open_dir: Path) -> None:
+    closed = open_dir / "closed"
+    (closed / "w").mkdir(parents=True)
+    closed.chmod(0o700)
+    with pytest.raises(ConfinementError, match=re.escape(f"{closed} is mode 700")):
+        check_reachable(closed / "w", JobUser("x", 54321, 54321))
+
+
+def test_symlinked_output_is_refused_not_gathered(tmp_path: Path) -> None:
+    # A task that plants a symlink to a node file as its output.
+    spec = _spec(
+        command=["/bin/sh", "-c", 'ln -s /etc/passwd "$3"', "sh", "{first}", "{count}", "{output}"]
+    )
+    report = run_job(spec, 5, tmp_path / "w", cores=1, max_attempts=1)
+    assert not report.complete and report.events_done == 0
+    assert "not a regular file" in report.failures[0]
+    assert Path(report.output).read_bytes() == b""
+    assert not list((tmp_path / "w" / "tasks").glob("*.out"))
+
+
+def test_memory_falls_back_to_rlimit_without_cgroups(open_dir: Path) -> None:
+    conf = Confinement(cgroup_parent=None)
+    report = run_job(_spec(), 10, open_dir / "w", cores=2, memory=256 * MiB, confinement=conf)
+    assert report.complete
+    assert report.memory_limit.startswith(f"RLIMIT_DATA {128 * MiB} bytes per task")
+    assert "cgroups are disabled" in report.memory_limit
+    # a task allocating beyond its share fails (dash even segfaults), it does not hang
+    report = run_job(
+        _spec("300"), 5, open_dir / "x", cores=2, memory=64 * MiB, confinement=conf, max_attempts=1
+    )
+    assert not report.complete and report.events_done == 0
+    assert re.search(r"exit status [1-9]|killed by signal", report.failures[0])
+
+
+# --- as root --------------------------------------------------------------------
+
+
+def _log(work: Path, task: int = 0, attempt: int = 1) -> str:
+    return (work / "tasks" / f"{task:06d}.{attempt}.log").read_text()
+
+
+def test_tasks_run_as_the_job_user(as_root: None, open_dir: Path) -> None:
+    nobody = _nobody()
+    work = open_dir / "w"
+    conf = Confinement(user=nobody, cgroup_parent=None)
+    report = run_job(_spec(), 12, work, cores=2, confinement=conf)
+    assert report.complete and _events(report.output) == list(range(12))
+    assert report.user.startswith("nobody (uid")
+    for task in range(3):
+        who = _log(work, task).splitlines()[0]
+        assert f"uid={nobody.uid} gid={nobody.gid} groups={nobody.gid} " in who
+        assert f"home={work / 'scratch'} cwd={work / 'scratch'}" in who
+    assert nobody.uid != 0
+    # the job user writes its parts; committed outputs are the gather's, read-only to it
+    assert os.stat(work / "parts").st_uid == nobody.uid
+    out = os.stat(work / "tasks" / "000000.out")
+    assert (out.st_uid, out.st_mode & 0o777) == (0, 0o644)
+    assert os.stat(work / "tasks").st_uid == 0
+
+
+def test_unreachable_work_directory_refuses_the_job(as_root: None, tmp_path: Path) -> None:
+    # tmp_path's parents are mode 0700: nobody cannot reach it
+    conf = Confinement(user=_nobody(), cgroup_parent=None)
+    with pytest.raises(ConfinementError, match="cannot reach"):
+        run_job(_spec(), 5, tmp_path / "w", cores=1, confinement=conf)
+
+
+def test_job_memory_cgroup_limits_and_is_removed(
+    cgroup_parent: tuple[str, Path], open_dir: Path
+) -> None:
+    name, base = cgroup_parent
+    conf = Confinement(user=_nobody(), cgroup_parent=name)
+    work = open_dir / "w"
+    report = run_job(_spec(), 10, work, cores=2, memory=128 * MiB, confinement=conf)
+    assert report.complete and report.memory_kills == 0
+    assert (
+        report.memory_limit.startswith("cgroup v") and f"{128 * MiB} bytes" in report.memory_limit
+    )
+    # the task ran inside the job's cgroup, which is gone afterwards
+    m = re.search(rf"/{name}/(probe\.{os.getpid()}\.\d+)$", _log(work), re.M)
+    assert m is not None, _log(work)
+    assert not (base / m.group(1)).exists()
+    assert [p for p in base.iterdir() if p.is_dir()] == []
+
+
+def test_task_over_the_memory_limit_is_killed_and_reported(
+    cgroup_parent: tuple[str, Path], open_dir: Path
+) -> None:
+    name, base = cgroup_parent
+    conf = Confinement(user=_nobody(), cgroup_parent=name)
+    spec = _spec("200")  # holds 200 MB (twice that while building it); the job gets 64 MiB
+    report = run_job(
+        spec, 5, open_dir / "w", cores=1, memory=64 * MiB, confinement=conf, max_attempts=2
+    )
+    assert not report.complete and report.events_done == 0
+    assert report.failed_runs == 2 and report.memory_kills >= 1
+    assert "killed by the memory limit" in report.failures[0], report.failures
+    assert list(report.abandoned) == [0]
+    assert [p for p in base.iterdir() if p.is_dir()] == []
+
+
+def test_stale_cgroup_of_a_dead_gather_is_swept(
+    cgroup_parent: tuple[str, Path], open_dir: Path
+) -> None:
+    name, base = cgroup_parent
+    proc = subprocess.Popen(["true"])  # its pid is gone once waited for
+    proc.wait()
+    base.mkdir(exist_ok=True)
+    stale = base / f"probe.{proc.pid}.1"
+    stale.mkdir()
+    conf = Confinement(cgroup_parent=name)
+    report = run_job(_spec(), 5, open_dir / "w", cores=1, memory=64 * MiB, confinement=conf)
+    assert report.complete and not stale.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is dead, just not reaped
+
+
+GATHER_AS_NOBODY = """
+import sys
+from runner.confine import Confinement, JobUser
+from runner.node_run import run_job
+from runner.spec import parse_spec
+spec = parse_spec({
+    "name": "sleepy",
+    "command": ["/bin/sh", "-c", 'echo $$ > "$3.pid"; exec sleep 60', "sh",
+                "{first}", "{count}", "{output}"],
+    "cpu_work_per_event": 1.0, "max_events": 10, "events_per_task": 5,
+})
+conf = Confinement(user=JobUser.lookup("nobody"), cgroup_parent=None)
+run_job(spec, 10, sys.argv[1], cores=2, confinement=conf)
+"""
+
+
+def test_sigkilled_gather_takes_job_user_tasks_with_it(as_root: None, open_dir: Path) -> None:
+    # The kernel clears PR_SET_PDEATHSIG on a credential change: it must be set after setuid.
+    work = open_dir / "w"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    gather = subprocess.Popen([sys.executable, "-c", GATHER_AS_NOBODY, str(work)], env=env)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(pids) < 2 and time.monotonic() < deadline:
+            files = list((work / "parts").glob("*.pid")) if (work / "parts").exists() else []
+            pids = [int(t) for f in files if (t := f.read_text().strip())]
+            time.sleep(0.02)
+        assert len(pids) == 2, "the tasks never started"
+        assert all(os.stat(f"/proc/{p}").st_uid == _nobody().uid for p in pids)
+    finally:
+        gather.send_signal(signal.SIGKILL)
+        gather.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    alive = [p for p in pids if _alive(p)]
+    for p in alive:  # clean up before failing
+        os.kill(p, signal.SIGKILL)
+    assert not alive, "tasks outlived their gather"
