@@ -3,14 +3,28 @@ sessions talking to each other (and to an HTTP web seed) on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
-from swarm.exceptions import TransferError
-from swarm.torrent import create_torrent, parse_torrent
-from tests.swarm.torrent_helpers import bencode, info_span, merkle_root, skip_value
+from swarm.exceptions import ConfigError, TransferError
+from swarm.torrent import SessionConfig, create_torrent, parse_torrent
+from swarm.transfer import TorrentMeta
+from tests.swarm.torrent_helpers import (
+    address,
+    bencode,
+    eventually,
+    info_span,
+    merkle_root,
+    running,
+    skip_value,
+)
 
 PIECE = 64 * 1024
 
@@ -115,3 +129,330 @@ def test_bad_inputs_to_create_raise_transfer_error(tmp_path: Path) -> None:
     ]:
         with pytest.raises(TransferError):
             create_torrent(tmp_path, files, name=name, piece_length=piece)
+
+
+# -- live sessions on 127.0.0.1 ---------------------------------------------
+
+MiB = 1024 * 1024
+
+
+def make_release(tmp_path: Path, size: int = 4 * MiB) -> tuple[TorrentMeta, Path, bytes]:
+    """A one-file torrent and a seeder directory holding its file."""
+    seed_dir = tmp_path / "seed"
+    data = write_random(seed_dir / "disk.img", size, 7)
+    return (
+        create_torrent(seed_dir, ["disk.img"], name="disk.img", piece_length=PIECE),
+        seed_dir,
+        data,
+    )
+
+
+def pieces_bytes(offset: int, size: int) -> int:
+    """Bytes of the whole pieces covering a range (what an exact fetch downloads)."""
+    return ((offset + size - 1) // PIECE - offset // PIECE + 1) * PIECE
+
+
+def test_sessions_use_only_configured_discovery_and_tcp(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running(tmp_path / "a") as a:
+            settings = a.libtorrent_settings()
+            assert settings["enable_dht"] is False and settings["dht_bootstrap_nodes"] == ""
+            assert settings["enable_upnp"] is False and settings["enable_natpmp"] is False
+            assert settings["enable_lsd"] is False
+            assert settings["enable_outgoing_utp"] is False
+            assert settings["enable_incoming_utp"] is False
+            assert settings["allow_multiple_connections_per_ip"] is True
+            assert a.listen_port > 0 and a.status()["listen_port"] == a.listen_port
+            async with running(tmp_path / "b", bootstrap=[address(a)]) as b:
+                settings = b.libtorrent_settings()
+                assert settings["enable_dht"] is True
+                assert settings["dht_bootstrap_nodes"] == address(a)
+
+    asyncio.run(scenario())
+    with pytest.raises(ConfigError):
+        SessionConfig(listen="127.0.0.1", bootstrap=[]).settings()
+    with pytest.raises(ConfigError):
+        SessionConfig(listen="127.0.0.1:0", bootstrap=["nowhere"]).settings()
+
+
+def test_on_demand_read_fetches_only_the_pieces_it_needs(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+    offset, size = 1_500_000, 200_000
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            async with running(tmp_path / "l", bootstrap=[address(seeder)]) as leecher:
+                transfer = leecher.add(meta, tmp_path / "leech")
+                got = await asyncio.wait_for(transfer.read(0, offset, size), 30)
+                assert got == data[offset : offset + size]
+                status = transfer.status()
+                assert 0 < status.downloaded <= pieces_bytes(offset, size) < len(data) // 4
+                assert not transfer.have_file(0)
+                assert transfer.file_path(0) == tmp_path / "leech" / "disk.img"
+                assert [p.seed for p in transfer.peers()] == [True]
+                # The end of the file: a short read, then nothing past it.
+                assert await transfer.read(0, len(data) - 10, 100) == data[-10:]
+                assert await transfer.read(0, len(data), 100) == b""
+                assert leecher.status()["torrents"] == 1
+                assert leecher.add(meta, tmp_path / "leech") is transfer  # idempotent
+
+    asyncio.run(scenario())
+
+
+def test_prefetch_completes_the_whole_file(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            async with running(tmp_path / "l", bootstrap=[address(seeder)]) as leecher:
+                transfer = leecher.add(meta, tmp_path / "leech", prefetch=True)
+                await asyncio.wait_for(transfer.wait_complete(), 30)
+                assert transfer.have_file(0)
+                assert transfer.status().state == "seeding"
+                assert transfer.file_path(0).read_bytes() == data
+
+    asyncio.run(scenario())
+
+
+def test_sequential_reads_read_ahead_but_do_not_fetch_everything(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path, 8 * MiB)
+    ahead = 1 * MiB
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            async with running(
+                tmp_path / "l", bootstrap=[address(seeder)], read_ahead=ahead
+            ) as leecher:
+                transfer = leecher.add(meta, tmp_path / "leech")
+                assert await transfer.read(0, 0, PIECE) == data[:PIECE]
+                assert await transfer.read(0, PIECE, PIECE) == data[PIECE : 2 * PIECE]
+                await eventually(
+                    lambda: transfer.status().total_done >= 2 * PIECE + ahead, "read-ahead"
+                )
+                assert transfer.status().downloaded < 4 * MiB
+
+    asyncio.run(scenario())
+
+
+def test_concurrent_readers_all_get_their_bytes(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path, 8 * MiB)
+    ranges = [(i * 1_000_003 % (8 * MiB - 300_000), 100_000 + i * 20_000) for i in range(12)]
+    ranges += [ranges[0], (0, 8 * MiB)]  # the same range twice; one reader wants it all
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            async with running(tmp_path / "l", bootstrap=[address(seeder)]) as leecher:
+                transfer = leecher.add(meta, tmp_path / "leech")
+                reads = [transfer.read(0, off, n) for off, n in ranges]
+                results = await asyncio.wait_for(asyncio.gather(*reads), 60)
+                for (off, n), got in zip(ranges, results, strict=True):
+                    assert got == data[off : off + n]
+
+    asyncio.run(scenario())
+
+
+class WebSeed:
+    """An aiohttp server on 127.0.0.1 serving ``root`` as plain files (with ranges)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> WebSeed:
+        @web.middleware
+        async def record(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            self.paths.append(request.path)
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
+        app.router.add_static("/", self.root)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+def test_web_seed_alone_serves_a_multi_file_torrent(tmp_path: Path) -> None:
+    # The origin's store holds STORE/NAME/PATH; the web seed URL is the store's root.
+    store = tmp_path / "store"
+    contents = {
+        "data/ab/one": write_random(store / "rel" / "data/ab/one", 2 * MiB + 5, 11),
+        "data/cd/two": write_random(store / "rel" / "data/cd/two", 700_000, 12),
+    }
+    meta = create_torrent(store / "rel", list(contents), name="rel", piece_length=PIECE)
+
+    async def scenario() -> None:
+        async with WebSeed(store) as origin, running(tmp_path / "l") as leecher:
+            transfer = leecher.add(meta, tmp_path / "node", web_seeds=(origin.url,))
+            for path, content in contents.items():
+                index = meta.file_index(path)
+                got = await asyncio.wait_for(transfer.read(index, 1000, 300_000), 30)
+                assert got == content[1000:301_000]
+                assert transfer.file_path(index) == tmp_path / "node" / "rel" / path
+            assert {"/rel/data/ab/one", "/rel/data/cd/two"} <= set(origin.paths)
+            assert transfer.status().downloaded < sum(map(len, contents.values()))
+
+    asyncio.run(scenario())
+
+
+def test_web_seed_of_a_single_file_torrent_is_the_directory_url(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path, 1 * MiB + 123)
+
+    async def scenario() -> None:
+        async with WebSeed(seed_dir) as origin, running(tmp_path / "l") as leecher:
+            transfer = leecher.add(meta, tmp_path / "node", prefetch=True, web_seeds=(origin.url,))
+            await asyncio.wait_for(transfer.wait_complete(), 30)
+            assert transfer.file_path(0).read_bytes() == data
+            assert set(origin.paths) == {"/disk.img"}
+
+    asyncio.run(scenario())
+
+
+def test_restart_resumes_without_downloading_or_hashing_again(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+    state, node = tmp_path / "state", tmp_path / "node"
+    offset, size = 300_000, 1 * MiB
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seed = seeder.add(meta, seed_dir)
+            async with running(state, bootstrap=[address(seeder)]) as first:
+                transfer = first.add(meta, node)
+                assert await transfer.read(0, offset, size) == data[offset : offset + size]
+                assert transfer.status().downloaded > 0
+            assert seed.rechecked  # a fresh seeder hashes its files: the flag works
+        # No peers at all now: only what was resumed can be read.
+        async with running(state) as second:
+            transfer = second.add(meta, node)
+            assert (
+                await asyncio.wait_for(transfer.read(0, offset, size), 30)
+                == data[offset : offset + size]
+            )
+            assert transfer.status().downloaded == 0
+            assert not transfer.rechecked
+            assert transfer.status().state != "checking"
+
+    asyncio.run(scenario())
+
+
+def test_unreadable_resume_data_is_ignored_and_files_are_checked(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / f"{meta.info_hash}.resume").write_bytes(b"d8:file-format")  # truncated
+
+    async def scenario() -> None:
+        async with running(state) as session:
+            transfer = session.add(meta, seed_dir)
+            assert await asyncio.wait_for(transfer.read(0, 0, 1000), 30) == data[:1000]
+            await asyncio.wait_for(transfer.wait_complete(), 30)
+            assert transfer.rechecked and transfer.status().downloaded == 0
+
+    asyncio.run(scenario())
+
+
+def test_resume_after_sigkill_keeps_what_was_saved(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+    state, node = tmp_path / "state", tmp_path / "node"
+    torrent = tmp_path / "disk.torrent"
+    torrent.write_bytes(meta.data)
+    offset, size = 2 * MiB, 1 * MiB
+
+    async def seed_and_kill() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            args = [str(state), str(node), str(torrent), address(seeder), str(offset), str(size)]
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.swarm.torrent_helpers", *args,
+                stdout=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                assert child.stdout is not None
+                line = await asyncio.wait_for(child.stdout.readline(), 60)
+                assert line.startswith(b"saved ")
+            finally:
+                child.send_signal(signal.SIGKILL)  # the child we started, by its PID
+                await child.wait()
+
+    async def resume() -> None:
+        async with running(state) as session:
+            transfer = session.add(meta, node)
+            got = await asyncio.wait_for(transfer.read(0, offset, size), 30)
+            assert got == data[offset : offset + size]
+            assert transfer.status().downloaded == 0 and not transfer.rechecked
+
+    asyncio.run(seed_and_kill())
+    asyncio.run(resume())
+
+
+def test_a_corrupt_seeder_is_banned_and_readers_still_get_good_bytes(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    (bad_dir / "disk.img").write_bytes(data)
+
+    async def scenario() -> None:
+        async with (
+            running(tmp_path / "good") as good,
+            running(tmp_path / "bad-state") as bad,
+        ):
+            good.add(meta, seed_dir)
+            bad_transfer = bad.add(meta, bad_dir)
+            await asyncio.wait_for(bad_transfer.wait_complete(), 30)
+            # libtorrent does not re-verify what it uploads: spoil every piece.
+            with open(bad_dir / "disk.img", "r+b") as f:
+                for at in range(1000, len(data), PIECE):
+                    f.seek(at)
+                    f.write(bytes([data[at] ^ 0xFF]))
+            async with running(tmp_path / "l", bootstrap=[address(bad)]) as leecher:
+                transfer = leecher.add(meta, tmp_path / "node")
+                read = asyncio.ensure_future(transfer.read(0, 0, len(data)))
+                await eventually(lambda: address(bad) in leecher.banned(), "the ban")
+                assert transfer.status().hash_failures >= 1
+                assert not read.done()
+                leecher.connect(address(good))
+                assert await asyncio.wait_for(read, 30) == data
+                assert transfer.file_path(0).read_bytes() == data
+                assert leecher.status()["banned"] == 1
+                assert all(p.address != address(bad) for p in transfer.peers())
+
+    asyncio.run(scenario())
+
+
+def test_reads_fail_when_the_torrent_is_removed_or_the_session_closes(tmp_path: Path) -> None:
+    meta, _, _ = make_release(tmp_path, 1 * MiB)
+
+    async def scenario() -> None:
+        async with running(tmp_path / "l") as session:  # no peers: reads wait
+            transfer = session.add(meta, tmp_path / "node")
+            read = asyncio.ensure_future(transfer.read(0, 0, 10))
+            await asyncio.sleep(0)
+            session.remove(meta.info_hash)
+            with pytest.raises(TransferError, match="removed"):
+                await asyncio.wait_for(read, 10)
+            assert session.get(meta.info_hash) is None
+            transfer = session.add(meta, tmp_path / "node")
+            read = asyncio.ensure_future(transfer.read(0, 0, 10))
+            await asyncio.sleep(0)
+        with pytest.raises(TransferError, match="closed"):
+            await asyncio.wait_for(read, 10)
+        with pytest.raises(TransferError):
+            session.add(meta, tmp_path / "node")
+
+    asyncio.run(scenario())

@@ -1,10 +1,22 @@
-"""Independent checks for torrent tests: a minimal bencoder, the span of the info
-dictionary, and BEP 52 merkle roots, written from the specs so the tests do not
-trust libtorrent to check libtorrent."""
+"""Helpers for the torrent tests.
+
+Independent checks (a minimal bencoder, the span of the info dictionary, BEP 52
+merkle roots) written from the specs, so the tests do not trust libtorrent to
+check libtorrent; live sessions on 127.0.0.1 that are always closed; and the
+child process of the SIGKILL test (``python -m tests.swarm.torrent_helpers``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
 
 BLOCK = 16 * 1024
 
@@ -64,3 +76,53 @@ def merkle_root(content: bytes) -> str:
     while len(layer) > 1:
         layer = [hashlib.sha256(layer[i] + layer[i + 1]).digest() for i in range(0, len(layer), 2)]
     return layer[0].hex()
+
+
+# -- live sessions ------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running(
+    state_dir: Path, *, bootstrap: Sequence[str] = (), **tuning: Any
+) -> AsyncIterator[TorrentSession]:
+    """A started session on 127.0.0.1 (any port), closed whatever happens."""
+    config = SessionConfig(listen="127.0.0.1:0", bootstrap=list(bootstrap), **tuning)
+    session = TorrentSession(config, state_dir)
+    await session.start()
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+def address(session: TorrentSession) -> str:
+    return f"127.0.0.1:{session.listen_port}"
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    """Wait until ``predicate()`` holds; fail (not a timing assertion: a hang guard)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + timeout
+    while not predicate():
+        if loop.time() > give_up:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _read_until_saved(args: list[str]) -> None:
+    """Child of the SIGKILL test: read a range, wait until it is in the resume
+    file, say so, then hang until killed."""
+    state, save, torrent, seeder, offset, size = args
+    meta = parse_torrent(Path(torrent).read_bytes())
+    config = SessionConfig(listen="127.0.0.1:0", bootstrap=[seeder], resume_interval=0.5)
+    session = TorrentSession(config, Path(state))
+    await session.start()
+    transfer = session.add(meta, Path(save))
+    await transfer.read(0, int(offset), int(size))
+    await eventually(lambda: not transfer.resume_pending, "resume data saved")
+    print("saved", transfer.status().downloaded, flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_read_until_saved(sys.argv[1:]))
