@@ -54,6 +54,45 @@ class PilotReport:
         }
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _reject(qdir: Path, current: Path, spec: Path, reason: str) -> None:
+    _write_atomic(qdir / "rejected" / f"{spec.stem}.reason", reason + "\n")
+    os.replace(current, qdir / "rejected" / spec.name)
+
+
+def _probes(
+    should_stop: Callable[[], str | None] | None,
+    lease_at: Callable[[float], Lease],
+    clock: Callable[[], float],
+    deadline: float,
+) -> Callable[[], str | None]:
+    """``should_stop`` for one job: the caller's probe, then whether the lease
+    now ends more than a second before it did when the job was sized."""
+
+    def probe() -> str | None:
+        if should_stop is not None:
+            reason = should_stop()
+            if reason:
+                return reason
+        now = clock()
+        try:
+            lease = lease_at(now)
+        except RunnerError:
+            return None  # a transient problem reading MJF is no reason to stop
+        end = now + lease.time_left
+        if end < deadline - 1.0:
+            where = lease.sources.get("time_left", "the lease")
+            return f"the lease now ends {deadline - end:.0f} s earlier ({where})"
+        return None
+
+    return probe
+
+
 def run_pilot(
     queue: str | Path,
     workroot: str | Path,
@@ -68,8 +107,10 @@ def run_pilot(
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
 
-    ``should_stop`` is passed to every job (e.g. a changed MJF shutdowntime);
-    ``confinement`` says how jobs' tasks are confined.
+    Every job stops (and goes back to the queue) when ``should_stop`` gives a
+    reason (e.g. a changed MJF shutdowntime) or when ``lease_at`` says the
+    lease now ends earlier than when the job was sized; ``confinement`` says
+    how jobs' tasks are confined.
 
     Raises:
         LeaseError: ``lease_at`` could not establish the lease.
@@ -84,7 +125,8 @@ def run_pilot(
         if stop.requested:
             report.stopped = f"stop requested ({stop.reason})"
             break
-        lease = lease_at(clock())
+        now = clock()
+        lease = lease_at(now)
         candidates = sorted(p for p in qdir.glob("*.toml") if p.is_file())
         if not candidates:
             report.stopped = "queue empty"
@@ -94,8 +136,7 @@ def run_pilot(
             try:
                 spec = load_spec(path)
             except JobSpecError as exc:
-                os.replace(path, qdir / "rejected" / path.name)
-                (qdir / "rejected" / f"{path.stem}.reason").write_text(str(exc) + "\n")
+                _reject(qdir, path, path, str(exc))
                 report.rejected[path.name] = str(exc)
                 continue
             running = qdir / "running" / path.name
@@ -107,7 +148,7 @@ def run_pilot(
                     Path(workroot) / path.stem,
                     history=history,
                     stop=stop,
-                    should_stop=should_stop,
+                    should_stop=_probes(should_stop, lease_at, clock, now + lease.time_left),
                     grace=grace,
                     confinement=confinement,
                 )
@@ -121,8 +162,7 @@ def run_pilot(
                 report.stopped = f"cannot confine jobs: {exc}"
                 break
             except RunnerError as exc:
-                os.replace(running, qdir / "rejected" / path.name)
-                (qdir / "rejected" / f"{path.stem}.reason").write_text(str(exc) + "\n")
+                _reject(qdir, running, path, str(exc))
                 report.rejected[path.name] = str(exc)
                 continue
             report.refused.pop(path.name, None)
@@ -139,9 +179,10 @@ def run_pilot(
                     )
                 ran = True
                 break
-            os.replace(running, qdir / "done" / path.name)
             summary = {"spec": path.name, **result.to_json()}
-            (qdir / "done" / f"{path.stem}.report.json").write_text(json.dumps(summary, indent=1))
+            # The report first: whoever sees the spec in done/ finds its report.
+            _write_atomic(qdir / "done" / f"{path.stem}.report.json", json.dumps(summary, indent=1))
+            os.replace(running, qdir / "done" / path.name)
             report.jobs_run.append(summary)
             ran = True
             break  # re-read the lease and the queue before the next job

@@ -408,7 +408,7 @@ class _Gather:
 
     def run(self) -> None:
         sg = self.sg
-        next_probe = self.clock()
+        next_probe = self.clock() + 1.0  # the lease was read just before the run
         ready: list[tuple[selectors.SelectorKey, int]] = []
         stop_seen = False
         self.stop.subscribe(self._wake)

@@ -1,0 +1,314 @@
+"""The node daemon's job service: a queue filled by the API, drained by masonry.
+
+``JobService`` owns a queue directory (the layout of :mod:`runner.masonry`)
+and a work root. ``submit`` validates a TOML spec and writes it atomically
+into the queue (temporary dot-file, fsync, rename, fsync of the directory), so
+the masonry loop never sees half a spec. One background thread (``start``)
+runs :func:`runner.masonry.run_pilot` whenever jobs are queued, which keeps
+filling the lease; when no queued job fits, the thread sleeps until the next
+submission or ``recheck`` seconds (the lease may have been renewed). ``stop``
+stops dispatch: running tasks finish within the grace period or are cut, the
+job goes back to the queue and resumes from its journal at the next start.
+
+Job ids sort in submission order (``YYYYMMDD-HHMMSS.mmm-xxxxxx``, UTC), so
+masonry's name order is first come, first served. Specs dropped into the
+queue directory by hand are jobs too; their id is the file's stem.
+
+Nothing here touches the event loop: the daemon calls ``submit``/``jobs``
+through a thread (they do disk I/O) and ``stop`` from its shutdown path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from runner.confine import (
+    DEFAULT_CGROUP_PARENT,
+    DEFAULT_JOB_USER,
+    Confinement,
+    job_user_for_node,
+)
+from runner.exceptions import JobSpecError, RunnerError, UnknownJob
+from runner.lease import Lease, LeaseOptions, discover_lease
+from runner.masonry import PilotReport, run_pilot
+from runner.node_run import StopRequest
+from runner.power import PowerCache, benchmark_power
+from runner.sizing import WorkHistory
+from runner.spec import parse_spec
+
+log = logging.getLogger("runner.service")
+
+MAX_SPEC_BYTES = 64 * 1024
+STATES = ("queued", "running", "done", "rejected")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class JobService:
+    """Queue + masonry thread; see the module docstring.
+
+    ``lease_at(now)`` gives the lease at ``clock`` time ``now`` (called before
+    each job, so a moved shutdowntime or a renewed lease is seen).
+    """
+
+    def __init__(
+        self,
+        queue_dir: str | Path,
+        workroot: str | Path,
+        lease_at: Callable[[float], Lease],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        history: WorkHistory | None = None,
+        confinement: Confinement | None = None,
+        grace: float = 10.0,
+        should_stop: Callable[[], str | None] | None = None,
+        recheck: float = 30.0,
+    ) -> None:
+        self.queue = Path(queue_dir)
+        self.workroot = Path(workroot)
+        self.lease_at = lease_at
+        self.clock = clock
+        self.history = history
+        self.confinement = confinement
+        self.grace = grace
+        self.should_stop = should_stop
+        self.recheck = recheck
+        for sub in ("", "running", "done", "rejected"):
+            (self.queue / sub).mkdir(parents=True, exist_ok=True)
+        self.workroot.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stop = StopRequest()
+        self._last_ms = 0
+        self.last_pilot: PilotReport | None = None
+        self.last_error: str | None = None
+
+    # --- submission and queries (any thread)
+    def submit(self, spec_text: str) -> str:
+        """Validate ``spec_text`` (TOML) and queue it; returns the job id.
+
+        Raises:
+            JobSpecError: not TOML, too large, or a field is wrong (the
+                message names it); nothing is queued.
+        """
+        if len(spec_text.encode()) > MAX_SPEC_BYTES:
+            raise JobSpecError("<spec>", f"is larger than {MAX_SPEC_BYTES} bytes")
+        try:
+            data = tomllib.loads(spec_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise JobSpecError("<spec>", f"is not valid TOML: {exc}") from exc
+        parse_spec(data)
+        job_id = self._new_id()
+        tmp = self.queue / f".{job_id}.toml.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(spec_text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.queue / f"{job_id}.toml")
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dfd = os.open(self.queue, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        self._wake.set()
+        return job_id
+
+    def _new_id(self) -> str:
+        with self._lock:
+            ms = max(time.time_ns() // 1_000_000, self._last_ms + 1)
+            self._last_ms = ms
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(ms // 1000))
+        return f"{stamp}.{ms % 1000:03d}-{secrets.token_hex(3)}"
+
+    def _paths(self, state: str) -> list[Path]:
+        d = self.queue if state == "queued" else self.queue / state
+        return sorted(p for p in d.glob("*.toml") if p.is_file())
+
+    def _describe(self, path: Path, state: str) -> dict[str, Any]:
+        job_id = path.stem
+        out: dict[str, Any] = {"id": job_id, "state": state, "name": None}
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+            name = tomllib.loads(path.read_text()).get("name")
+            out["name"] = name if isinstance(name, str) else None
+        journal = self.workroot / job_id / "journal.jsonl"
+        if state in ("queued", "running"):
+            with contextlib.suppress(OSError):
+                lines = journal.read_bytes().count(b"\n")
+                out["tasks_committed"] = max(0, lines - 1)
+        if state == "queued" and self.last_pilot is not None:
+            refused = self.last_pilot.refused.get(path.name)
+            if refused:
+                out["refused"] = refused
+        if state == "done":
+            with contextlib.suppress(OSError, ValueError):
+                report = path.with_name(f"{job_id}.report.json").read_text()
+                out["report"] = json.loads(report)
+        if state == "rejected":
+            with contextlib.suppress(OSError):
+                out["reason"] = path.with_name(f"{job_id}.reason").read_text().strip()
+        return out
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job (queued, running, done, rejected), in submission order."""
+        found: dict[str, dict[str, Any]] = {}
+        for state in STATES:
+            for path in self._paths(state):
+                # A job moving between states may be seen twice: the later state wins.
+                found[path.stem] = self._describe(path, state)
+        return [found[k] for k in sorted(found)]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        """One job by id.
+
+        Raises:
+            UnknownJob: no such job (or not a valid id).
+        """
+        if not _ID.match(job_id):
+            raise UnknownJob(f"{job_id!r} is not a job id")
+        for _ in range(2):  # the masonry thread may move it between two looks
+            for state in reversed(STATES):
+                d = self.queue if state == "queued" else self.queue / state
+                path = d / f"{job_id}.toml"
+                if path.is_file():
+                    return self._describe(path, state)
+        raise UnknownJob(f"no job {job_id!r} in {self.queue}")
+
+    def status(self) -> dict[str, Any]:
+        """The service itself: whether it runs, and the last pilot's outcome."""
+        t = self._thread
+        return {
+            "running": t is not None and t.is_alive(),
+            "stopping": self._stop.requested,
+            "last_pilot_stopped": None if self.last_pilot is None else self.last_pilot.stopped,
+            "last_error": self.last_error,
+        }
+
+    # --- the masonry thread
+    def start(self) -> None:
+        """Run the masonry loop in a background thread (no-op if it runs)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stop = StopRequest()
+            self._thread = threading.Thread(target=self._loop, name="swarm-masonry", daemon=True)
+            self._thread.start()
+
+    def _has_queued(self) -> bool:
+        return any(p.is_file() for p in self.queue.glob("*.toml"))
+
+    def _loop(self) -> None:
+        stop = self._stop
+        while not stop.requested:
+            self._wake.clear()
+            if self._has_queued():
+                try:
+                    self.last_pilot = run_pilot(
+                        self.queue,
+                        self.workroot,
+                        self.lease_at,
+                        self.clock,
+                        history=self.history,
+                        stop=stop,
+                        should_stop=self.should_stop,
+                        grace=self.grace,
+                        confinement=self.confinement,
+                    )
+                    self.last_error = None
+                except RunnerError as exc:
+                    self.last_error = str(exc)
+                    log.warning("job service: %s", exc)
+                except Exception as exc:  # keep serving; the log has the traceback
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("job service: masonry failed")
+                if stop.requested:
+                    break
+            # A submission during the pilot has set the event: no wait then.
+            self._wake.wait(self.recheck)
+
+    def stop(self, grace: float | None = None, wait: bool = True) -> None:
+        """Stop dispatch; running tasks get ``grace`` seconds (default: the
+        service's), then are cut. With ``wait``, return once the thread ended."""
+        self._stop.request("job service stopped", grace)
+        self._wake.set()
+        t = self._thread
+        if wait and t is not None:
+            t.join()
+
+
+def job_service_from_config(
+    runner: Mapping[str, Any],
+    data_dir: Path,
+    *,
+    environ: Mapping[str, str] = os.environ,
+) -> JobService:
+    """A ``JobService`` from the ``[runner]`` table of the node's config.
+
+    Keys (all optional): ``queue`` (default ``DATA_DIR/jobs/queue``),
+    ``work`` (``DATA_DIR/jobs/work``), ``state`` (``DATA_DIR/runner``: DB12
+    cache, measured work per event), ``job_user`` (``nobody``; used when the
+    node runs as root), ``cgroup_parent`` (``swarm-jobs``; ``""`` for rlimits
+    only), ``grace`` (10 s), and the lease's ``cores``, ``power_per_core``,
+    ``time_left``, ``shutdowntime``, ``memory`` (see
+    :func:`runner.lease.assemble_lease`; MJF from ``environ`` comes first).
+
+    Raises:
+        RunnerError: an unknown key or a value of the wrong type.
+        ConfinementError: the node is root and ``job_user`` does not exist.
+    """
+    lease_keys = {"cores", "power_per_core", "time_left", "shutdowntime", "memory"}
+    known = {"queue", "work", "state", "job_user", "cgroup_parent", "grace"} | lease_keys
+    unknown = sorted(set(runner) - known)
+    if unknown:
+        raise RunnerError(f"runner.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+
+    def text(key: str, default: str) -> str:
+        value = runner.get(key, default)
+        if not isinstance(value, str):
+            raise RunnerError(f"runner.{key}: expected a string, got {value!r}")
+        return value
+
+    grace = runner.get("grace", 10.0)
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
+        raise RunnerError(f"runner.grace: expected seconds >= 0, got {grace!r}")
+    state = Path(text("state", str(data_dir / "runner")))
+    cache = PowerCache(state / "power.json")
+    config = {k: runner[k] for k in lease_keys if k in runner}
+
+    def lease_at(now: float) -> Lease:
+        wall = time.time()
+        return discover_lease(
+            now=wall,
+            environ=environ,
+            config=config,
+            options=LeaseOptions(),
+            detected_cores=os.cpu_count(),
+            benchmark=lambda cores: benchmark_power(cache, cores, wall),
+        )
+
+    return JobService(
+        text("queue", str(data_dir / "jobs" / "queue")),
+        text("work", str(data_dir / "jobs" / "work")),
+        lease_at,
+        history=WorkHistory(state / "work_per_event.json"),
+        confinement=Confinement(
+            user=job_user_for_node(text("job_user", DEFAULT_JOB_USER)),
+            cgroup_parent=text("cgroup_parent", DEFAULT_CGROUP_PARENT) or None,
+        ),
+        grace=float(grace),
+    )
