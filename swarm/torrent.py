@@ -375,6 +375,13 @@ def _error_text(ec: Any) -> str | None:
     return None if ec.value() == 0 else str(ec.message())
 
 
+def _set_error(fut: asyncio.Future[bytes], exc: TransferError) -> None:
+    fut.set_exception(exc)
+    # Mark it retrieved: readers still waiting get the error all the same,
+    # and a reader that gave up (cancelled) leaves no "never retrieved" noise.
+    fut.exception()
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
@@ -674,7 +681,7 @@ class TorrentTransfer:
         if fut is None or fut.done():
             return
         if self._failed is not None:
-            fut.set_exception(self._failed)
+            _set_error(fut, self._failed)
             return
         self._pending[piece] = fut
         if not self._ready:
@@ -682,7 +689,7 @@ class TorrentTransfer:
         tries = self._retries.get(piece, 0) + 1
         if tries > MAX_READ_RETRIES:
             self._pending.pop(piece)
-            fut.set_exception(TransferError(f"{self.meta.name}: piece {piece}: {error}"))
+            _set_error(fut, TransferError(f"{self.meta.name}: piece {piece}: {error}"))
             return
         self._retries[piece] = tries
         log.info("%s: read of piece %d failed (%s), retrying", self.meta.name, piece, error)
@@ -753,7 +760,7 @@ class TorrentTransfer:
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(self._failed)
+                _set_error(fut, self._failed)
         callbacks, self._flush_callbacks = self._flush_callbacks, deque()
         for callback in callbacks:
             callback()
