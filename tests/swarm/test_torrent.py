@@ -466,3 +466,30 @@ def test_reads_fail_when_the_torrent_is_removed_or_the_session_closes(tmp_path: 
             session.add(meta, tmp_path / "node")
 
     asyncio.run(scenario())
+
+
+def test_switching_prefetch_keeps_waiting_reads_and_then_fetches_all(tmp_path: Path) -> None:
+    meta, seed_dir, data = make_release(tmp_path)
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder, running(tmp_path / "l") as leecher:
+            seeder.add(meta, seed_dir)
+            transfer = leecher.add(meta, tmp_path / "node", prefetch=True)
+            await eventually(lambda: transfer.status().state == "downloading", "checked")
+            read = asyncio.ensure_future(transfer.read(0, 3 * MiB, 1000))
+            try:
+                await asyncio.sleep(0.2)
+                # Priority 0 everywhere drops libtorrent's piece deadlines: the
+                # waiting read must be asked for again, or it would hang.
+                transfer.set_prefetch(False)
+                assert transfer.status().prefetch is False
+                leecher.connect(address(seeder))
+                assert await asyncio.wait_for(read, 30) == data[3 * MiB : 3 * MiB + 1000]
+            finally:
+                read.cancel()
+            assert transfer.status().downloaded < len(data) // 2
+            transfer.set_prefetch(True)
+            await asyncio.wait_for(transfer.wait_complete(), 30)
+            assert transfer.file_path(0).read_bytes() == data
+
+    asyncio.run(scenario())
