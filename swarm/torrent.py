@@ -286,9 +286,12 @@ class SessionConfig:
 
     ``listen`` is ``"ip:port"`` (port 0: any free port, see
     :attr:`TorrentSession.listen_port`).  ``bootstrap`` peers are connected to
-    directly for every torrent and are the only DHT bootstrap nodes; with
-    none, the DHT is off, so the node never contacts libtorrent's public
-    routers.  Rate limits are bytes/s, 0 for none; libtorrent exempts
+    directly for every torrent and are the only DHT bootstrap nodes: the
+    node never contacts libtorrent's public routers.  With ``dht`` and no
+    bootstrap the DHT runs passively (others may bootstrap from this node).
+    ``dht_restrict_ips`` keeps libtorrent's anti-Sybil rule of one DHT node
+    per IP; turn it off only where several nodes share an address (tests on
+    127.0.0.1).  Rate limits are bytes/s, 0 for none; libtorrent exempts
     loopback and private-range peers from them, so shape links with ``tc``.
     """
 
@@ -296,6 +299,7 @@ class SessionConfig:
     bootstrap: list[str] = field(default_factory=list)
     dht: bool = True
     lsd: bool = False
+    dht_restrict_ips: bool = True
     upload_rate_limit: int = 0
     download_rate_limit: int = 0
     # Tuning (see settings() for why each is set).
@@ -317,12 +321,13 @@ class SessionConfig:
         host, port = parse_address(self.listen)
         for peer in self.bootstrap:
             parse_address(peer)
-        dht = self.dht and bool(self.bootstrap)
         pack: lt.settings_pack = {
             "listen_interfaces": _format_address(host, port),
             # Only configured nodes: the default names public routers.
             "dht_bootstrap_nodes": ",".join(self.bootstrap),
-            "enable_dht": dht,
+            "enable_dht": self.dht,
+            "dht_restrict_routing_ips": self.dht_restrict_ips,
+            "dht_restrict_search_ips": self.dht_restrict_ips,
             "enable_lsd": self.lsd,
             "enable_upnp": False,
             "enable_natpmp": False,
@@ -833,6 +838,12 @@ class TorrentSession:
         self._ses.set_alert_fd(writer.fileno())
         self._loop.add_reader(reader.fileno(), self._pump)
         self._pump()  # alerts posted before the reader existed
+        if self.config.dht:
+            # Bootstrap nodes given as routers only seed lookups and are never
+            # kept in the routing table; as nodes they are, so a swarm whose
+            # members all name one node still finds each other.
+            for endpoint in self._peers.values():
+                self._ses.add_dht_node(endpoint)
         if not self._ses.is_listening():
             await self.close()
             raise TransferError(f"libtorrent cannot listen on {self.config.listen}")
@@ -951,7 +962,7 @@ class TorrentSession:
         statuses = [t.status() for t in self._transfers.values()]
         return {
             "listen_port": self.listen_port,
-            "dht": bool(self._settings["enable_dht"]),
+            "dht": self.config.dht,
             "dht_nodes": self._stats.get("dht.dht_nodes", 0),
             "torrents": len(statuses),
             "peers": sum(s.num_peers for s in statuses),
@@ -1075,6 +1086,12 @@ class TorrentSession:
                 for transfer in self._transfers.values():
                     for endpoint in self._peers.values():
                         self._connect(transfer, endpoint)
+                    # libtorrent announces to the DHT every 15 minutes; a
+                    # torrent nobody serves us should look for peers sooner.
+                    if self.config.dht and not transfer.complete:
+                        with contextlib.suppress(RuntimeError):
+                            if transfer._handle.status().num_peers == 0:
+                                transfer._handle.force_dht_announce()
 
     # -- alerts -------------------------------------------------------------
 

@@ -154,7 +154,7 @@ def pieces_bytes(offset: int, size: int) -> int:
 
 def test_sessions_use_only_configured_discovery_and_tcp(tmp_path: Path) -> None:
     async def scenario() -> None:
-        async with running(tmp_path / "a") as a:
+        async with running(tmp_path / "a", dht=False) as a:
             settings = a.libtorrent_settings()
             assert settings["enable_dht"] is False and settings["dht_bootstrap_nodes"] == ""
             assert settings["enable_upnp"] is False and settings["enable_natpmp"] is False
@@ -167,6 +167,9 @@ def test_sessions_use_only_configured_discovery_and_tcp(tmp_path: Path) -> None:
                 settings = b.libtorrent_settings()
                 assert settings["enable_dht"] is True
                 assert settings["dht_bootstrap_nodes"] == address(a)
+            async with running(tmp_path / "c") as c:  # a passive DHT node, no routers
+                settings = c.libtorrent_settings()
+                assert settings["enable_dht"] is True and settings["dht_bootstrap_nodes"] == ""
 
     asyncio.run(scenario())
     with pytest.raises(ConfigError):
@@ -491,5 +494,25 @@ def test_switching_prefetch_keeps_waiting_reads_and_then_fetches_all(tmp_path: P
             transfer.set_prefetch(True)
             await asyncio.wait_for(transfer.wait_complete(), 30)
             assert transfer.file_path(0).read_bytes() == data
+
+    asyncio.run(scenario())
+
+
+def test_the_dht_seeded_from_a_bootstrap_node_finds_other_peers(tmp_path: Path) -> None:
+    # A holds no torrent; B seeds; C knows only A. C can only find B through
+    # the DHT that A seeds (several nodes share 127.0.0.1: relax the one-per-IP rule).
+    meta, seed_dir, data = make_release(tmp_path, 1 * MiB)
+
+    async def scenario() -> None:
+        async with (
+            running(tmp_path / "a", dht_restrict_ips=False) as a,
+            running(tmp_path / "b", bootstrap=[address(a)], dht_restrict_ips=False) as b,
+            running(tmp_path / "c", bootstrap=[address(a)], dht_restrict_ips=False) as c,
+        ):
+            b.add(meta, seed_dir)
+            transfer = c.add(meta, tmp_path / "node")
+            assert await asyncio.wait_for(transfer.read(0, 0, 1000), 30) == data[:1000]
+            assert transfer.peers() and all(p.seed for p in transfer.peers())
+            assert a.status()["torrents"] == 0
 
     asyncio.run(scenario())
