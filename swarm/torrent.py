@@ -447,7 +447,7 @@ class TorrentTransfer:
         self._saves_outstanding = 0
         self._save_waiters: list[asyncio.Future[None]] = []
         self._save_snapshots: deque[bytes] = deque()  # _have when each save's flush began
-        self._flush_callbacks: deque[Callable[[], None]] = deque()
+        self._flush_callbacks: deque[Callable[[bool], None]] = deque()
         self._write_task: asyncio.Task[None] | None = None
 
     # -- Transfer protocol ----------------------------------------------
@@ -464,7 +464,7 @@ class TorrentTransfer:
         closed or storage failed; ``IndexError``/``ValueError`` for bad
         arguments.
         """
-        f = self.meta.files[file_index]
+        f = self._file(file_index)
         if offset < 0 or size < 0:
             raise ValueError(f"negative offset or size ({offset}, {size})")
         end = min(f.size, offset + size)
@@ -492,7 +492,7 @@ class TorrentTransfer:
         return data[start : start + (end - offset)]
 
     def have_file(self, file_index: int) -> bool:
-        f = self.meta.files[file_index]
+        f = self._file(file_index)
         return all(self._have[f.first_piece : f.first_piece + f.num_pieces])
 
     def file_path(self, file_index: int) -> Path:
@@ -500,7 +500,7 @@ class TorrentTransfer:
         :meth:`wait_complete` (or for pieces had before the session started):
         verified pieces may still be in flight to the file.  Use :meth:`read`.
         """
-        self.meta.files[file_index]  # IndexError for a bad index
+        self._file(file_index)
         return self.save_path / self._lt_paths[file_index]
 
     def set_prefetch(self, prefetch: bool) -> None:
@@ -588,7 +588,7 @@ class TorrentTransfer:
         # A piece is "had" once verified, possibly before libtorrent has
         # written all its blocks to the file: wait for those writes.
         flushed: asyncio.Future[None] = self._session.loop.create_future()
-        self._flush(lambda: _resolve(flushed))
+        self._flush(lambda _: _resolve(flushed))
         await flushed
         if self._failed is not None:
             raise self._failed
@@ -613,6 +613,11 @@ class TorrentTransfer:
         )
 
     # -- piece requests ---------------------------------------------------
+
+    def _file(self, file_index: int) -> TorrentFile:
+        if not 0 <= file_index < len(self.meta.files):
+            raise IndexError(f"{self.meta.name} has no file {file_index}")
+        return self.meta.files[file_index]
 
     def _piece(self, piece: int, deadline_ms: int) -> asyncio.Future[bytes]:
         fut = self._pending.get(piece)
@@ -740,14 +745,15 @@ class TorrentTransfer:
         self._errors.append(message)
         self._fail(TransferError(f"{self.meta.name}: {message}"))
 
-    def _flush(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once every block libtorrent has so far is written.
+    def _flush(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(True)`` once every block libtorrent has so far is
+        written, or ``callback(False)`` if the torrent fails first.
 
         flush_cache is a fence in libtorrent's disk I/O: its
         cache_flushed_alert comes after every write queued before it.
         """
         if self._failed is not None:
-            callback()
+            callback(False)
             return
         self._flush_callbacks.append(callback)
         try:
@@ -757,7 +763,7 @@ class TorrentTransfer:
 
     def _on_flushed(self) -> None:
         if self._flush_callbacks:
-            self._flush_callbacks.popleft()()
+            self._flush_callbacks.popleft()(True)
 
     def _fail(self, exc: TransferError) -> None:
         if self._failed is None:
@@ -768,7 +774,7 @@ class TorrentTransfer:
                 _set_error(fut, self._failed)
         callbacks, self._flush_callbacks = self._flush_callbacks, deque()
         for callback in callbacks:
-            callback()
+            callback(False)
         self._wake_complete()
 
     def _wake_complete(self) -> None:
@@ -875,6 +881,7 @@ class TorrentSession:
             t._fail(TransferError(f"{t.meta.name}: session closed"))
         if self._sockets is not None:
             loop.remove_reader(self._sockets[0].fileno())
+        self._transfers.clear()
         ses, self._ses = self._ses, None
         # Destroying a session waits for libtorrent's threads: not on the loop.
         await asyncio.to_thread(_drop, ses)
@@ -1040,7 +1047,10 @@ class TorrentSession:
         snapshot = bytes(transfer._have)
         flags = 0 if final else lt.torrent_handle.only_if_modified
 
-        def flushed() -> None:
+        def flushed(ok: bool) -> None:
+            if not ok:  # the torrent failed: nothing trustworthy to save
+                self._save_landed(transfer, None)
+                return
             try:
                 transfer._handle.save_resume_data(flags)
             except RuntimeError as exc:

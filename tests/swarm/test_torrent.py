@@ -516,3 +516,21 @@ def test_the_dht_seeded_from_a_bootstrap_node_finds_other_peers(tmp_path: Path) 
             assert a.status()["torrents"] == 0
 
     asyncio.run(scenario())
+
+
+def test_a_storage_error_fails_waiting_reads(tmp_path: Path) -> None:
+    meta, seed_dir, _ = make_release(tmp_path, 1 * MiB)
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_bytes(b"")  # the save path is a file: every write fails
+
+    async def scenario() -> None:
+        async with running(tmp_path / "s") as seeder:
+            seeder.add(meta, seed_dir)
+            async with running(tmp_path / "l", bootstrap=[address(seeder)]) as leecher:
+                transfer = leecher.add(meta, blocker)
+                with pytest.raises(TransferError):
+                    await asyncio.wait_for(transfer.read(0, 0, 1000), 30)
+                status = transfer.status()
+                assert status.errors and status.state.startswith("error: ")
+
+    asyncio.run(scenario())
