@@ -19,6 +19,7 @@ from typing import Any
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
 from swarm.exceptions import ConfigError, SwarmError
+from swarm.image_cli import add_image_commands
 from trust.exceptions import TrustError
 
 log = logging.getLogger("swarm")
@@ -75,8 +76,19 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
 
     show = _progress_printer(not a.quiet and sys.stderr.isatty())
+    store = OriginStore(a.store, a.repo)
+    extend = None
+    if not a.no_torrent:
+        from swarm.release_torrent import torrent_extension
+
+        extend = torrent_extension(store, progress=show is not None)
     result = publish(
-        a.src, OriginStore(a.store, a.repo), a.keys, progress=show, nest_threshold=a.catalog_entries
+        a.src,
+        store,
+        a.keys,
+        progress=show,
+        nest_threshold=a.catalog_entries,
+        extend_target=extend,
     )
     if show is not None:
         sys.stderr.write("\n")
@@ -232,6 +244,8 @@ def cmd_umount(a: argparse.Namespace) -> int:
 def cmd_status(a: argparse.Namespace) -> int:
     from swarm.mount_service import control, swarm_mounts
 
+    if a.config or a.api:
+        return _node_status(a)
     targets = [a.mountpoint] if a.mountpoint else [mp for _, mp in swarm_mounts()]
     if not targets:
         print("no swarm mounts")
@@ -274,6 +288,68 @@ def cmd_reload(a: argparse.Namespace) -> int:
         f"revision {r['revision']}"
         + (f" ({r['changed_paths']} paths changed)" if r["changed"] else " (unchanged)")
     )
+    return 0
+
+
+def cmd_node(a: argparse.Namespace) -> int:
+    from swarm.node import run_node
+
+    run_node(a.config)
+    return 0
+
+
+def _api_base(a: argparse.Namespace) -> str:
+    if a.api:
+        return str(a.api).rstrip("/") + "/"
+    from swarm.config import load_config
+
+    cfg = load_config(a.config)
+    state = cfg.data_dir / "node.json"
+    try:
+        return str(json.loads(state.read_text())["api"])
+    except (OSError, ValueError, KeyError):
+        host = "127.0.0.1" if cfg.api.host in ("0.0.0.0", "::") else cfg.api.host
+        return f"http://{host}:{cfg.api.port}/"
+
+
+def _node_status(a: argparse.Namespace) -> int:
+    import urllib3
+
+    base = _api_base(a)
+    try:
+        resp = urllib3.request("GET", base + "v1/status", timeout=10.0, retries=False)
+    except urllib3.exceptions.HTTPError as exc:
+        raise ConfigError(f"node API {base} unreachable: {exc}") from None
+    if resp.status != 200:
+        raise ConfigError(f"node API {base}: HTTP {resp.status}")
+    st = resp.json()
+    if a.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    sess = st.get("session", {})
+    print(
+        f"node pid {st['pid']}, up {st['uptime']:.0f} s; listen {st['listen']}, api {st['api']},"
+        f" peer exchange {st['peer']}"
+    )
+    print(
+        f"  mount {st['mount'] or '-'} ({'mounted' if st['mounted'] else 'not mounted'});"
+        f" {sess.get('num_peers', 0)} peers, {sess.get('dht_nodes', 0)} DHT nodes,"
+        f" banned: {', '.join(st['banned']) or 'none'}"
+    )
+    for name, r in st["repositories"].items():
+        cache = r["cache"]
+        print(
+            f"  {name}: revision {r['revision']} ({r['policy']}),"
+            f" objects {r['objects_from_swarm']} from swarm"
+            f" / {r['objects_from_origin']} from origin,"
+            f" cache {cache['used'] / 1e6:.1f} / {cache['quota'] / 1e6:.0f} MB"
+        )
+        for img in r["images"]:
+            print(f"    image {img}")
+        for img, why in r["refused_images"].items():
+            print(f"    image {img} REFUSED: {why}")
+        if r["last_error"]:
+            print(f"    last error: {r['last_error']}")
     return 0
 
 
@@ -326,6 +402,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a directory with N or more entries below it gets its own catalog (default 4096)",
     )
     s.add_argument("--json", action="store_true", help="print the result as JSON")
+    s.add_argument(
+        "--no-torrent",
+        action="store_true",
+        help="sign no BitTorrent v2 torrent for the revision (nodes then fetch from the origin)",
+    )
     s.set_defaults(func=cmd_publish)
 
     s = sub.add_parser("revisions", help="list a repository's revisions and tags")
@@ -373,8 +454,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint", type=Path)
     s.set_defaults(func=cmd_umount)
 
-    s = sub.add_parser("status", help="revision and cache of swarm mounts")
+    s = sub.add_parser("status", help="a node daemon's state, or revision and cache of mounts")
     s.add_argument("mountpoint", type=Path, nargs="?")
+    s.add_argument("--config", type=Path, help="the node's config: ask its daemon")
+    s.add_argument("--api", help="the node daemon's API URL (default: from --config)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
 
@@ -383,10 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=60.0)
     s.set_defaults(func=cmd_reload)
 
+    s = sub.add_parser("node", help="run the node daemon (swarm, mount, API)")
+    s.add_argument("--config", type=Path, required=True, help="node configuration (TOML)")
+    s.set_defaults(func=cmd_node)
+
     sub.add_parser(
         "trust-client", help="TUF conformance client (see tuf-conformance)", add_help=False
     )
     add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
+    add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
     return p
 
 

@@ -1,0 +1,806 @@
+"""The node daemon: one asyncio process per node (``swarm node --config FILE``).
+
+It follows repositories, gets their metadata and content from peers (the
+origin only as a fallback and web seed), seeds whatever it holds, and exposes
+releases and VM images in its FUSE mount, fetched on first read and verified.
+
+Threads and the loop: the event loop owns libtorrent (through
+:class:`swarm.transfer.TransferSession`), the HTTP API and the peer exchange.
+Blocking work (TUF refreshes, catalog loads, hashing) runs in worker threads;
+FUSE callbacks arrive on libfuse's threads and reach the loop with
+``run_coroutine_threadsafe``, waiting with a bounded timeout, never on the
+loop thread itself.
+
+Trust: a revision is used only through a verified TUF target; its torrent is
+fetched by the SHA-256 the target names and must have the signed info-hash;
+the object cache verifies every object's SHA-256 again before a reader sees
+it; an image's bytes come from pieces libtorrent checked against the signed
+merkle root, and an image appears in the mount only if the site policy
+accepts its publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exceptions
+
+from cvmfs_like.cache import ObjectCache
+from cvmfs_like.exceptions import ObjectUnavailable, ReleaseError
+from cvmfs_like.mounted import MountedRelease
+from cvmfs_like.namespace import ImageFile, Namespace
+from cvmfs_like.objects import ObjectSource
+from swarm.config import NodeConfig, RepositoryConfig
+from swarm.exceptions import ConfigError, SwarmError, TransferError
+from swarm.exchange import ExchangeFetcher, PeerExchange, logical_metadata_url
+from swarm.origin_client import OriginObjectSource
+from swarm.release_torrent import TorrentRef
+from swarm.transfer import TorrentMeta, Transfer, TransferSession
+from trust.client import TrustedRepository
+from trust.exceptions import TrustError, TrustTransportError
+from trust.targets import ReleaseTarget
+
+log = logging.getLogger(__name__)
+
+SessionFactory = Callable[[NodeConfig], TransferSession]
+TorrentParser = Callable[[bytes], TorrentMeta]
+
+
+class _NodeTrusted:
+    """A repository's trusted metadata as its MountedRelease sees it: the
+    node refreshes it itself before asking the mount to update."""
+
+    def __init__(self, trusted: TrustedRepository) -> None:
+        self._t = trusted
+
+    def refresh(self) -> None:
+        pass
+
+    def load_cached(self) -> None:
+        pass
+
+    def releases(self) -> list[ReleaseTarget]:
+        return self._t.releases()
+
+    def tags(self) -> dict[str, ReleaseTarget]:
+        return self._t.tags()
+
+
+@dataclass
+class _Holding:
+    """Where one object can be read from the swarm."""
+
+    transfer: Transfer
+    file_index: int
+
+
+class SwarmObjectSource:
+    """Objects of one repository: through the swarm when a torrent of this
+    node names them, else (or if the swarm cannot deliver in time) from the
+    origin.  Called from FUSE and worker threads only."""
+
+    def __init__(
+        self,
+        repo: str,
+        loop: asyncio.AbstractEventLoop,
+        origin: ObjectSource | None,
+        *,
+        timeout: float,
+    ) -> None:
+        self.repo = repo
+        self.loop = loop
+        self.origin = origin
+        self.timeout = timeout
+        self.index: dict[str, _Holding] = {}
+        self.from_swarm = 0
+        self.from_origin = 0
+
+    def fetch(self, digest: str, size: int) -> bytes:
+        held = self.index.get(digest)
+        swarm_error = "no torrent of this node names it"
+        if held is not None:
+            fut = asyncio.run_coroutine_threadsafe(
+                held.transfer.read(held.file_index, 0, size), self.loop
+            )
+            try:
+                data = fut.result(self.timeout)
+                self.from_swarm += 1
+                return data
+            except TimeoutError:
+                fut.cancel()
+                swarm_error = f"the swarm did not deliver within {self.timeout:g} s"
+            except TransferError as exc:
+                swarm_error = f"swarm: {exc}"
+        if self.origin is None:
+            raise ObjectUnavailable(digest, f"{swarm_error}, and no origin is configured")
+        data = self.origin.fetch(digest, size)
+        self.from_origin += 1
+        return data
+
+
+@dataclass
+class NodeImage:
+    """A VM image served by the mount, read through its torrent (ImageFile)."""
+
+    repo: str
+    name: str
+    version: str
+    size: int
+    published: int
+    sha256: str
+    transfer: Transfer
+    loop: asyncio.AbstractEventLoop
+    timeout: float
+
+    def read(self, offset: int, size: int) -> bytes:
+        fut = asyncio.run_coroutine_threadsafe(self.transfer.read(0, offset, size), self.loop)
+        try:
+            return fut.result(self.timeout)
+        except TimeoutError:
+            fut.cancel()
+            raise ObjectUnavailable(
+                self.transfer.meta.info_hash, f"image pieces not delivered in {self.timeout:g} s"
+            ) from None
+        except TransferError as exc:
+            raise ObjectUnavailable(self.transfer.meta.info_hash, str(exc)) from exc
+
+    def xattrs(self) -> dict[str, bytes]:
+        return {
+            "repository": self.repo.encode(),
+            "image": self.name.encode(),
+            "version": self.version.encode(),
+            "hash": self.sha256.encode(),
+            "info_hash": self.transfer.meta.info_hash.encode(),
+        }
+
+
+@dataclass
+class RepoState:
+    """One followed repository on this node."""
+
+    cfg: RepositoryConfig
+    dir: Path
+    trusted: TrustedRepository
+    fetcher: ExchangeFetcher
+    cache: ObjectCache
+    source: SwarmObjectSource
+    mounted: MountedRelease
+    started: bool = False
+    last_refresh: float | None = None
+    last_error: str | None = None
+    revision_torrents: dict[int, str] = field(default_factory=dict)  # revision -> info_hash
+    images: dict[tuple[str, str], NodeImage] = field(default_factory=dict)
+    refused_images: dict[str, str] = field(default_factory=dict)  # "name/version" -> why
+
+
+class Node:
+    """The daemon (see the module docstring).  ``start`` inside a running loop."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        session: TransferSession,
+        *,
+        parse_torrent: TorrentParser,
+        image_policy: Any = None,
+        job_service: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self._parse_torrent = parse_torrent
+        self.image_policy = image_policy
+        self.job_service = job_service
+        self.clock = clock
+        self.repos: dict[str, RepoState] = {}
+        self.namespace = Namespace()
+        self.ops: Any = None  # fs.ReleaseOperations once mounted
+        self._mount_thread: threading.Thread | None = None
+        self._runners: list[Any] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._refresh_lock = asyncio.Lock()
+        self.started_at = time.time()
+        self.api_port: int | None = None
+        self.peer_port: int | None = None
+        self._extra_peers: set[str] = set()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open state, start libtorrent, the API and peer exchange, load what
+        is cached, then mount.
+
+        Raises:
+            ConfigError: unusable paths or addresses.
+        """
+        cfg = self.config
+        loop = asyncio.get_running_loop()
+        try:
+            cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"data_dir {cfg.data_dir}: {exc.strerror}") from None
+        self._token = self._load_token()
+        for name, rc in cfg.repositories.items():
+            self.repos[name] = self._open_repo(rc, loop)
+        await self.session.start()
+        for b in cfg.bootstrap:
+            self.session.connect(str(b))
+        await self._start_http()
+        for name in self.repos:
+            await self.refresh(name)
+        if cfg.mount is not None:
+            await self._mount(cfg.mount)
+        if self.job_service is not None:
+            self.job_service.start()
+        self._tasks.append(asyncio.create_task(self._refresh_loop()))
+        self._write_state_file()
+        log.info("node ready: api %s, peer %s, listen %s", cfg.api, cfg.peer, cfg.listen)
+
+    def _load_token(self) -> str:
+        path = self.config.token_path
+        try:
+            token = path.read_text().strip()
+            if token:
+                return token
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"api token file {path}: {exc.strerror}") from None
+        token = secrets.token_urlsafe(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return token
+
+    def check_token(self, presented: str | None) -> bool:
+        return presented is not None and secrets.compare_digest(presented, self._token)
+
+    def _open_repo(self, rc: RepositoryConfig, loop: asyncio.AbstractEventLoop) -> RepoState:
+        rdir = self.config.repo_dir(rc.name)
+        for sub in ("metadata", "torrents", "swarm", "cache", "images"):
+            (rdir / sub).mkdir(parents=True, exist_ok=True)
+        try:
+            root_bytes = rc.trust.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f'repositories."{rc.name}".trust: cannot read {rc.trust}: {exc.strerror}'
+            ) from None
+        fetcher = ExchangeFetcher(
+            rc.name, rc.origin, self.peer_urls, timeout=self.config.fetch_timeout
+        )
+        trusted = TrustedRepository(
+            rdir / "metadata",
+            logical_metadata_url(rc.name),
+            fetcher=fetcher,
+            trusted_root=root_bytes,
+        )
+        origin = (
+            OriginObjectSource(rc.origin, rc.name, timeout=self.config.fetch_timeout)
+            if rc.origin is not None
+            else None
+        )
+        source = SwarmObjectSource(rc.name, loop, origin, timeout=self.config.fetch_timeout)
+        cache = ObjectCache(rdir / "cache", rc.cache_quota)
+        mounted = MountedRelease(rc.name, _NodeTrusted(trusted), source, cache, tag=rc.tag)
+        return RepoState(rc, rdir, trusted, fetcher, cache, source, mounted)
+
+    async def _start_http(self) -> None:
+        from aiohttp import web
+
+        from swarm.api import make_api_app
+
+        exchange = PeerExchange(lambda: {n: r.dir for n, r in self.repos.items()})
+        for app, addr, attr in (
+            (exchange.app(), self.config.peer, "peer_port"),
+            (make_api_app(self), self.config.api, "api_port"),
+        ):
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                raise ConfigError(f"cannot listen on {addr}: {exc.strerror}") from None
+            self._runners.append(runner)
+            server = site._server
+            sockets = getattr(server, "sockets", None) or []
+            setattr(self, attr, sockets[0].getsockname()[1] if sockets else addr.port)
+
+    def _write_state_file(self) -> None:
+        state = {
+            "pid": os.getpid(),
+            "api": f"http://{self.config.api.host}:{self.api_port}/",
+            "peer_port": self.peer_port,
+            "mount": None if self.config.mount is None else str(self.config.mount),
+        }
+        tmp = self.config.data_dir / "node.json.tmp"
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.config.data_dir / "node.json")
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT or :meth:`request_stop`."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stopping.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    async def stop(self) -> None:
+        """Unmount, save resume data, close listeners.  Safe to call twice."""
+        self._stopping.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self.job_service is not None:
+            await asyncio.to_thread(self.job_service.stop, 30.0)
+        await self._unmount()
+        for r in self._runners:
+            await r.cleanup()
+        self._runners.clear()
+        await self.session.close()
+        with contextlib.suppress(OSError):
+            (self.config.data_dir / "node.json").unlink()
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def peer_urls(self) -> list[str]:
+        """Peer exchange URLs: bootstrap hosts, then peers seen in transfers.
+
+        The site runs the peer exchange on one port (config ``peer``) on
+        every node, so a BitTorrent peer's address gives its exchange URL.
+        """
+        port = self.config.peer.port
+        mine = {self.config.listen.host, self.config.peer.host}
+        hosts: list[str] = []
+        for b in self.config.bootstrap:
+            if b.host not in hosts:
+                hosts.append(b.host)
+        for h in sorted(self._extra_peers):
+            if h not in hosts:
+                hosts.append(h)
+        return [f"http://{h}:{port}/" for h in hosts if h not in mine]
+
+    def _learn_peers(self) -> None:
+        for rs in self.repos.values():
+            for ih in list(rs.revision_torrents.values()) + [
+                i.transfer.meta.info_hash for i in rs.images.values()
+            ]:
+                t = self.session.get(ih)
+                if t is None:
+                    continue
+                for p in t.peers():
+                    host = p.address.rpartition(":")[0].strip("[]")
+                    if host:
+                        self._extra_peers.add(host)
+
+    # -- repositories --------------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=self.config.refresh_interval)
+            if self._stopping.is_set():
+                return
+            self._learn_peers()
+            for name in list(self.repos):
+                try:
+                    await self.refresh(name)
+                except Exception:  # one repository's failure must not stop the others
+                    log.exception("%s: refresh failed", name)
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        """Refresh one repository's metadata now and switch to a newer revision.
+
+        Never raises for transport or verification failures: the current
+        revision keeps being served and the error is reported.
+        """
+        rs = self.repos[name]
+        async with self._refresh_lock:
+            rs.last_refresh = time.time()
+            rs.last_error = None
+            try:
+                await asyncio.to_thread(rs.trusted.refresh)
+            except TrustTransportError as exc:
+                rs.last_error = f"metadata unreachable: {exc}"
+                log.warning("%s: %s", name, rs.last_error)
+                try:
+                    await asyncio.to_thread(rs.trusted.load_cached)
+                except TrustError as exc2:
+                    rs.last_error += f"; no cached metadata: {exc2}"
+                    return self.repo_status(name)
+            except TrustError as exc:
+                rs.last_error = f"metadata refused: {exc}"
+                log.error("%s: %s", name, rs.last_error)
+                if not rs.started:
+                    with contextlib.suppress(TrustError):
+                        await asyncio.to_thread(rs.trusted.load_cached)
+            try:
+                await self._follow_release(rs)
+            except (SwarmError, ReleaseError, TrustError) as exc:
+                rs.last_error = f"revision: {exc}"
+                log.error("%s: %s", name, rs.last_error)
+            if rs.cfg.images:
+                try:
+                    await self._follow_images(rs)
+                except (SwarmError, TrustError) as exc:
+                    rs.last_error = f"images: {exc}"
+                    log.error("%s: %s", name, rs.last_error)
+        return self.repo_status(name)
+
+    def _wanted_release(self, rs: RepoState) -> ReleaseTarget | None:
+        if rs.cfg.tag is not None:
+            return rs.trusted.tags().get(rs.cfg.tag)
+        return rs.trusted.latest_release()
+
+    async def _torrent_for(self, rs: RepoState, ref: TorrentRef, where: str) -> TorrentMeta:
+        """The verified torrent ``ref`` names: from this node's copy, the
+        origin or a peer."""
+        path = rs.dir / "torrents" / f"{ref.sha256}.torrent"
+        data = b""
+        with contextlib.suppress(OSError):
+            data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != ref.sha256:
+            try:
+                data, src = await asyncio.to_thread(
+                    rs.fetcher.fetch_torrent, ref.sha256, ref.length
+                )
+            except tuf_exceptions.DownloadError as exc:
+                raise TransferError(
+                    f"{where}: torrent {ref.sha256[:12]} unavailable: {exc}"
+                ) from exc
+            log.info("%s: torrent %s from %s", rs.cfg.name, ref.sha256[:12], src)
+        meta = self._parse_torrent(data)
+        ref.check(data, meta)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+        return meta
+
+    async def _follow_release(self, rs: RepoState) -> None:
+        release = self._wanted_release(rs)
+        if release is None:
+            raise ReleaseError("no published revision")
+        target = rs.trusted.targets().get(f"revisions/{release.revision}")
+        ref = TorrentRef.from_custom(
+            None if target is None else target.custom, f"revision {release.revision}"
+        )
+        if ref is not None and release.revision not in rs.revision_torrents:
+            meta = await self._torrent_for(rs, ref, f"revision {release.revision}")
+            origin = rs.cfg.origin
+            transfer = self.session.add(
+                meta,
+                rs.dir / "swarm",
+                prefetch=rs.cfg.policy == "prefetch",
+                web_seeds=(origin,) if origin else (),
+            )
+            index = dict(rs.source.index)
+            for i, f in enumerate(meta.files):
+                if f.path.startswith("data/"):
+                    index[f.path.rpartition("/")[2]] = _Holding(transfer, i)
+            rs.source.index = index
+            rs.revision_torrents[release.revision] = meta.info_hash
+        if not rs.started:
+            await asyncio.to_thread(rs.mounted.start)
+            rs.started = True
+            self.namespace.set_repository(rs.cfg.name, rs.mounted)
+            self._invalidate([b""])
+            return
+        result = await asyncio.to_thread(rs.mounted.update)
+        if result.error:
+            raise ReleaseError(result.error)
+        if result.changed:
+            top = rs.cfg.name.encode()
+            self._invalidate([top + (b"/" + p if p else b"") for p in result.changed_paths])
+
+    async def _follow_images(self, rs: RepoState) -> None:
+        targets = rs.trusted.images()
+        kept: dict[tuple[str, str], NodeImage] = {}
+        refused: dict[str, str] = {}
+        for t in targets:
+            key = (t.name, t.version)
+            if self.image_policy is not None:
+                verdict = self.image_policy.check(rs.cfg.name, t, rs.trusted)
+                if not verdict.accepted:
+                    refused[f"{t.name}/{t.version}"] = verdict.reason
+                    continue
+            if key in rs.images:
+                kept[key] = rs.images[key]
+                continue
+            ref = TorrentRef(t.torrent_sha256, t.torrent_length, t.info_hash)
+            meta = await self._torrent_for(rs, ref, f"image {t.name}/{t.version}")
+            if len(meta.files) != 1 or meta.files[0].pieces_root != t.pieces_root:
+                raise TransferError(f"image {t.name}/{t.version}: torrent does not match target")
+            from swarm.images import web_seed_url
+
+            seeds = (web_seed_url(rs.cfg.origin, rs.cfg.name, t),) if rs.cfg.origin else ()
+            transfer = self.session.add(
+                meta,
+                rs.dir / "images" / t.name / t.version,
+                prefetch=rs.cfg.policy == "prefetch",
+                web_seeds=seeds,
+            )
+            kept[key] = NodeImage(
+                rs.cfg.name,
+                t.name,
+                t.version,
+                t.size,
+                t.published,
+                t.sha256,
+                transfer,
+                asyncio.get_running_loop(),
+                self.config.fetch_timeout,
+            )
+        for key, img in rs.images.items():
+            if key not in kept:
+                self.session.remove(img.transfer.meta.info_hash)
+        rs.images = kept
+        rs.refused_images = refused
+        self._publish_images()
+
+    def _publish_images(self) -> None:
+        table: dict[tuple[str, str, str], ImageFile] = {}
+        for name, rs in self.repos.items():
+            for (image, version), img in rs.images.items():
+                table[(name, image, version)] = img
+        changed = self.namespace.set_images(table)
+        self._invalidate(changed)
+
+    # -- the mount ------------------------------------------------------------------------
+
+    async def _mount(self, mountpoint: Path) -> None:
+        from cvmfs_like import fs
+
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        ready = threading.Event()
+        ops = fs.ReleaseOperations(self.namespace, ttl=None, on_ready=ready.set)
+        errors: list[BaseException] = []
+
+        def serve() -> None:
+            try:
+                fs.mount(ops, mountpoint)
+            except BaseException as exc:  # reported to start()
+                errors.append(exc)
+                ready.set()
+
+        self.ops = ops
+        self._mount_thread = threading.Thread(target=serve, name="swarm-fuse", daemon=True)
+        self._mount_thread.start()
+        if not await asyncio.to_thread(ready.wait, 30.0) or errors:
+            why = errors[0] if errors else "no answer within 30 s"
+            raise ConfigError(f"cannot mount {mountpoint}: {why}")
+
+    def _invalidate(self, paths: list[bytes]) -> None:
+        if self.ops is not None and paths:
+            self.ops.invalidate(paths)
+
+    async def _unmount(self) -> None:
+        thread, self._mount_thread = self._mount_thread, None
+        if thread is None or self.config.mount is None:
+            return
+        from swarm.mount_service import unmount
+
+        try:
+            await asyncio.to_thread(unmount, self.config.mount)
+        except SwarmError as exc:
+            log.error("unmount of %s failed: %s", self.config.mount, exc)
+        await asyncio.to_thread(thread.join, 10.0)
+
+    # -- reports (the HTTP API and `swarm status`) -------------------------------------------
+
+    def repo_status(self, name: str) -> dict[str, Any]:
+        rs = self.repos[name]
+        mounted: dict[str, Any] = {}
+        if rs.started:
+            mounted = dict(rs.mounted.status())
+        return {
+            "name": name,
+            "origin": rs.cfg.origin,
+            "policy": rs.cfg.policy,
+            "revision": mounted.get("revision"),
+            "catalog": mounted.get("catalog"),
+            "published": mounted.get("published"),
+            "tag": rs.cfg.tag,
+            "last_refresh": rs.last_refresh,
+            "last_error": rs.last_error,
+            "metadata_from": dict(rs.fetcher.last_source),
+            "torrents": {str(k): v for k, v in rs.revision_torrents.items()},
+            "objects_from_swarm": rs.source.from_swarm,
+            "objects_from_origin": rs.source.from_origin,
+            "images": sorted(f"{n}/{v}" for n, v in rs.images),
+            "refused_images": rs.refused_images,
+            "cache": rs.cache.stats(),
+        }
+
+    def revisions(self, name: str) -> list[dict[str, Any]]:
+        rs = self.repos[name]
+        try:
+            releases = rs.trusted.releases()
+            tags = rs.trusted.tags()
+        except TrustError:
+            return []
+        by_rev: dict[int, list[str]] = {}
+        for tag, t in tags.items():
+            by_rev.setdefault(t.revision, []).append(tag)
+        return [
+            {
+                "revision": r.revision,
+                "catalog": r.catalog,
+                "published": r.published,
+                "files": r.files,
+                "bytes": r.total_bytes,
+                "tags": sorted(by_rev.get(r.revision, [])),
+                "current": rs.started and rs.mounted.current.release.revision == r.revision,
+            }
+            for r in releases
+        ]
+
+    def images(self) -> list[dict[str, Any]]:
+        out = []
+        for name, rs in self.repos.items():
+            for (image, version), img in sorted(rs.images.items()):
+                st = img.transfer.status()
+                out.append(
+                    {
+                        "repository": name,
+                        "name": image,
+                        "version": version,
+                        "size": img.size,
+                        "sha256": img.sha256,
+                        "info_hash": img.transfer.meta.info_hash,
+                        "path": f".images/{name}/{image}/{version}",
+                        "progress": st.progress,
+                        "accepted": True,
+                    }
+                )
+            for key, why in sorted(rs.refused_images.items()):
+                image, _, version = key.partition("/")
+                out.append(
+                    {
+                        "repository": name,
+                        "name": image,
+                        "version": version,
+                        "accepted": False,
+                        "reason": why,
+                    }
+                )
+        return out
+
+    def transfers(self) -> list[dict[str, Any]]:
+        out = []
+        for name, rs in self.repos.items():
+            hashes = [(f"revision {r}", ih) for r, ih in rs.revision_torrents.items()]
+            hashes += [
+                (f"image {n}/{v}", i.transfer.meta.info_hash) for (n, v), i in rs.images.items()
+            ]
+            for what, ih in hashes:
+                t = self.session.get(ih)
+                if t is None:
+                    continue
+                st = t.status()
+                d = dict(st.__dict__)
+                d.update(repository=name, what=what)
+                out.append(d)
+        return out
+
+    def peers(self) -> list[dict[str, Any]]:
+        seen: dict[str, dict[str, Any]] = {}
+        for rs in self.repos.values():
+            hashes = list(rs.revision_torrents.values()) + [
+                i.transfer.meta.info_hash for i in rs.images.values()
+            ]
+            for ih in hashes:
+                t = self.session.get(ih)
+                if t is None:
+                    continue
+                for p in t.peers():
+                    d = seen.setdefault(
+                        p.address,
+                        {
+                            "address": p.address,
+                            "client": p.client,
+                            "torrents": 0,
+                            "downloaded": 0,
+                            "uploaded": 0,
+                        },
+                    )
+                    d["torrents"] += 1
+                    d["downloaded"] += p.downloaded
+                    d["uploaded"] += p.uploaded
+        return list(seen.values())
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "uptime": time.time() - self.started_at,
+            "listen": str(self.config.listen),
+            "api": str(self.config.api),
+            "peer": str(self.config.peer),
+            "mount": None if self.config.mount is None else str(self.config.mount),
+            "mounted": self._mount_thread is not None and self._mount_thread.is_alive(),
+            "bootstrap": [str(b) for b in self.config.bootstrap],
+            "session": self.session.status(),
+            "banned": self.session.banned(),
+            "repositories": {n: self.repo_status(n) for n in self.repos},
+            "transfers": self.transfers(),
+        }
+
+    def cache(self) -> dict[str, Any]:
+        return {n: rs.cache.stats() for n, rs in self.repos.items()}
+
+
+def run_node(config_path: Path) -> None:
+    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
+
+    Raises:
+        ConfigError: a bad configuration or an unusable path or address.
+    """
+    import resource
+
+    from swarm.config import load_config
+    from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
+    from trust.policy import ImagePolicy
+
+    cfg = load_config(config_path)
+    try:
+        policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
+    except TrustError as exc:
+        raise ConfigError(str(exc)) from None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    session = TorrentSession(
+        SessionConfig(
+            listen=str(cfg.listen),
+            bootstrap=[str(b) for b in cfg.bootstrap],
+            dht=cfg.dht,
+            lsd=cfg.lsd,
+        ),
+        cfg.data_dir / "session",
+    )
+
+    runner_table = dict(cfg.runner)
+    jobs = None
+    if runner_table.pop("enabled", True):
+        from runner.exceptions import RunnerError
+        from runner.service import job_service_from_config
+
+        try:
+            jobs = job_service_from_config(runner_table, cfg.data_dir)
+        except RunnerError as exc:
+            raise ConfigError(f"{config_path} [runner]: {exc}") from None
+
+    async def main() -> None:
+        node = Node(
+            cfg, session, parse_torrent=parse_torrent, image_policy=policy, job_service=jobs
+        )
+        try:
+            await node.start()
+            await node.run()
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

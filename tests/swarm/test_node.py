@@ -1,0 +1,234 @@
+"""The node daemon on a simulated swarm (tests/fake_swarm.py): metadata and
+torrents exchanged between peers, objects through the swarm, image policy,
+the HTTP API.  No FUSE: reads go through the node's namespace."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from cvmfs_like.namespace import Namespace
+from cvmfs_like.publish import publish
+from cvmfs_like.store import OriginStore
+from swarm.config import parse_config
+from swarm.node import Node
+from swarm.release_torrent import torrent_extension
+from swarm.torrent import parse_torrent
+from tests.fake_swarm import FakeWorld
+from tests.harness import OriginServer
+from tests.trees import build_sample_tree
+from trust.keys import init_keys
+from trust.policy import ImagePolicy
+
+REPO = "sw.example.org"
+
+
+class Site:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.keys = tmp / "keys"
+        self.root_json = init_keys(self.keys, REPO)
+        self.store = OriginStore(tmp / "store", REPO)
+        self.src = build_sample_tree(tmp / "src", large_mib=2)
+        self.publish()
+        self.origin = OriginServer(tmp / "store").start()
+        self.world = FakeWorld(tmp / "store")
+        self.peer_port = _free_port()
+
+    def publish(self) -> None:
+        publish(
+            self.src,
+            self.store,
+            self.keys,
+            nest_threshold=8,
+            extend_target=torrent_extension(self.store),
+        )
+
+    def node(self, i: int, *, bootstrap: tuple[int, ...] = (), policy: str = "") -> Node:
+        host = f"127.0.0.{i + 2}"
+        boot = ", ".join(f'"127.0.0.{b + 2}:6881"' for b in bootstrap)
+        cfg = parse_config(
+            f"""
+data_dir = "{self.tmp}/node{i}"
+listen = "{host}:6881"
+api = "{host}:0"
+peer = "{host}:{self.peer_port}"
+bootstrap = [{boot}]
+refresh_interval = 3600
+fetch_timeout = 5
+[repositories."{REPO}"]
+origin = "{self.origin.url}"
+trust = "{self.root_json}"
+{policy}
+"""
+        )
+        return Node(
+            cfg,
+            self.world.session(f"{host}:6881"),  # type: ignore[arg-type]
+            parse_torrent=parse_torrent,
+            image_policy=ImagePolicy.from_table({}),
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    try:
+        yield s
+    finally:
+        s.origin.close()
+
+
+@contextlib.asynccontextmanager
+async def running(node: Node) -> AsyncIterator[Node]:
+    try:
+        await node.start()
+        yield node
+    finally:
+        await node.stop()
+
+
+def read_file(ns: Namespace, path: str) -> bytes:
+    entry = ns.lookup(path.encode())
+    assert entry is not None, path
+    fh = ns.open(entry)
+    try:
+        return ns.read(fh, 0, entry.size)
+    finally:
+        ns.release(fh)
+
+
+def test_node_reads_a_release_through_the_swarm_with_the_origin_as_web_seed(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            st = a.repo_status(REPO)
+            assert st["revision"] == 1 and st["torrents"]
+            got = await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
+            assert got == (site.src / "bin/hello").read_bytes()
+            st = a.repo_status(REPO)
+            assert st["objects_from_swarm"] >= 2  # catalog(s) and the file
+            assert st["objects_from_origin"] == 0
+
+    asyncio.run(main())
+
+
+def test_origin_down_a_new_node_gets_metadata_torrent_and_objects_from_a_peer(
+    site: Site,
+) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            # a learns of revision 2 while the origin is up ...
+            (site.src / "NEW").write_bytes(b"revision two\n" * 1000)
+            site.publish()
+            await a.refresh(REPO)
+            assert a.repo_status(REPO)["revision"] == 2
+            want = {p: (site.src / p).read_bytes() for p in ("NEW", "bin/hello", "large.bin")}
+            for p in want:
+                await asyncio.to_thread(read_file, a.namespace, f"{REPO}/{p}")
+            # ... then the origin goes away entirely.
+            site.origin.stop()
+            site.world.origin_up = False
+            async with running(site.node(1, bootstrap=(0,))) as b:
+                st = b.repo_status(REPO)
+                assert st["revision"] == 2, st["last_error"]
+                assert "127.0.0.2" in st["metadata_from"]["timestamp.json"]
+                for p, data in want.items():
+                    assert await asyncio.to_thread(read_file, b.namespace, f"{REPO}/{p}") == data
+                assert b.repo_status(REPO)["objects_from_origin"] == 0
+
+    asyncio.run(main())
+
+
+def test_corrupting_peer_is_banned_and_readers_get_correct_bytes(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            await asyncio.to_thread(read_file, a.namespace, f"{REPO}/large.bin")
+            a.session.corrupt = True  # type: ignore[attr-defined]
+            async with running(site.node(1, bootstrap=(0,))) as b:
+                got = await asyncio.to_thread(read_file, b.namespace, f"{REPO}/large.bin")
+                assert got == (site.src / "large.bin").read_bytes()
+                assert b.session.banned() == ["127.0.0.2:6881"]
+
+    asyncio.run(main())
+
+
+def test_api_reads_openly_and_changes_only_with_the_token(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            base = f"http://127.0.0.2:{a.api_port}"
+            token = (site.tmp / "node0" / "api.token").read_text().strip()
+            assert os.stat(site.tmp / "node0" / "api.token").st_mode & 0o077 == 0
+            async with aiohttp.ClientSession() as http:
+                async with http.get(base + "/v1/status") as r:
+                    st = await r.json()
+                    assert r.status == 200 and st["repositories"][REPO]["revision"] == 1
+                async with http.get(base + "/openapi.json") as r:
+                    doc = await r.json()
+                    assert "/v1/transfers" in doc["paths"]
+                async with http.get(base + "/v1/repositories/nope") as r:
+                    assert r.status == 404 and "nope" in (await r.json())["error"]
+                url = f"{base}/v1/repositories/{REPO}/refresh"
+                async with http.post(url) as r:
+                    assert r.status == 401
+                async with http.post(url, headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200 and (await r.json())["revision"] == 1
+                async with http.get(base + "/v1/transfers") as r:
+                    ts = await r.json()
+                    assert ts and ts[0]["what"] == "revision 1"
+
+    asyncio.run(main())
+
+
+SPEC = """
+name = "mc-sim"
+command = ["/bin/true", "{first}", "{count}", "{output}"]
+cpu_work_per_event = 50.0
+max_events = 1000
+min_events = 10
+safety = 0.8
+events_per_task = 10
+"""
+
+
+def test_jobs_are_submitted_through_the_daemon_api(site: Site) -> None:
+    from runner.service import job_service_from_config
+
+    async def main() -> None:
+        node = site.node(0)
+        # A lease too short for min_events: the job is accepted and queued,
+        # the pilot refuses to start it, nothing runs.
+        node.job_service = job_service_from_config(
+            {"cores": 1, "power_per_core": 10.0, "time_left": 1.0, "cgroup_parent": ""},
+            site.tmp / "node0",
+        )
+        async with running(node) as a:
+            base = f"http://127.0.0.2:{a.api_port}"
+            auth = {"Authorization": f"Bearer {a._token}"}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(base + "/v1/jobs", data=SPEC) as r:
+                    assert r.status == 401
+                async with http.post(base + "/v1/jobs", data="name = 3", headers=auth) as r:
+                    assert r.status == 400 and "name" in (await r.json())["error"]
+                async with http.post(base + "/v1/jobs", data=SPEC, headers=auth) as r:
+                    assert r.status == 201
+                    job = await r.json()
+                async with http.get(base + "/v1/jobs") as r:
+                    jobs = await r.json()
+                    assert [j["id"] for j in jobs] == [job["id"]]
+                async with http.get(base + "/openapi.json") as r:
+                    assert "/v1/jobs" in (await r.json())["paths"]
+
+    asyncio.run(main())
