@@ -48,6 +48,7 @@ def run_elastic_job(
     grace: float = 10.0,
     confinement: Confinement | None = None,
     clock: Callable[[], float] = time.monotonic,
+    whole_rounds: bool = False,
 ) -> ElasticResult:
     """Size ``spec`` to ``lease`` and run it on ``lease.cores`` workers.
 
@@ -56,6 +57,12 @@ def run_elastic_job(
     left, at most a minute) is the run's deadline, so the job stops itself
     with its committed events rather than being killed by the lease.
 
+    With ``whole_rounds`` (masonry, where the next job takes what is left), a
+    job bound by the lease rather than by ``max_events`` runs a whole number
+    of rounds (``cores x events_per_task`` events) when at least one fits, so
+    that its workers finish their last tasks together instead of one core
+    idling through another's last task.
+
     Raises:
         JobRefused: fewer than ``min_events`` fit; nothing was run or created.
         JournalError, TaskError, ConfinementError: see
@@ -63,10 +70,14 @@ def run_elastic_job(
     """
     measured = history.measured(spec.name) if history is not None else None
     sizing = size_job(spec, lease, measured)
+    events = sizing.events
+    round_ = lease.cores * spec.events_per_task
+    if whole_rounds and sizing.capacity < spec.max_events and events >= round_:
+        events = max(spec.min_events, events - events % round_)
     reserve = min(_RESERVE_MAX, _RESERVE * lease.time_left)
     report = run_job(
         spec,
-        sizing.events,
+        events,
         workdir,
         cores=lease.cores,
         stop=stop,

@@ -151,6 +151,7 @@ def run_pilot(
                     should_stop=_probes(should_stop, lease_at, clock, now + lease.time_left),
                     grace=grace,
                     confinement=confinement,
+                    whole_rounds=True,
                 )
             except JobRefused as exc:
                 os.replace(running, path)

@@ -120,9 +120,13 @@ class RunReport:
 
     ``cpu_seconds`` is the CPU time of every task run (from ``wait4``),
     ``cpu_seconds_committed`` that of the runs whose output was committed.
-    ``dispatch_seconds`` is the gather's own busy time (scatter, commit,
-    bookkeeping) outside waiting and outside starting commands, whose cost is
-    ``spawn_seconds``; both over ``task_runs`` started runs.
+    Costs of the gather itself, over ``task_runs`` started runs:
+    ``dispatch_seconds`` is its busy time on the critical path, from a wakeup
+    to the end of the dispatch it caused (reaping, taking outputs, scatter,
+    bookkeeping) without starting the commands, whose time is
+    ``spawn_seconds`` (``Popen``: fork, exec); ``commit_seconds`` is the
+    deferred fsyncs of outputs and journal, off the critical path;
+    ``gather_cpu_seconds`` is the CPU time of the gather's thread.
     """
 
     job: str
@@ -144,6 +148,8 @@ class RunReport:
     task_runs: int = 0
     dispatch_seconds: float = 0.0
     spawn_seconds: float = 0.0
+    commit_seconds: float = 0.0
+    gather_cpu_seconds: float = 0.0
     user: str = ""
     memory_limit: str = "none"
     memory_kills: int = 0
@@ -249,6 +255,8 @@ class _Gather:
         self.task_runs = 0
         self.busy = 0.0
         self.spawning = 0.0
+        self.committing = 0.0
+        self.unflushed: list[tuple[int, str]] = []  # (output fd, journal line)
         self.memory_kills = 0
         self.uid = os.geteuid()
         self.gid = os.getegid()
@@ -269,9 +277,10 @@ class _Gather:
         argv = self.spec.argv(a.events.first, a.events.count, str(part))
         self.env["SWARM_RUNNER_WORKER"] = str(a.worker)
         self.env["SWARM_RUNNER_TASK"] = str(a.task)
-        t0 = time.perf_counter()
+        t0 = 0.0
         try:
             with open(log, "wb") as logf:
+                t0 = time.perf_counter()
                 proc = subprocess.Popen(
                     argv,
                     stdin=subprocess.DEVNULL,
@@ -289,7 +298,8 @@ class _Gather:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             raise TaskError(f"cannot start {argv[0]!r}{who}: {why}") from exc
         finally:
-            self.spawning += time.perf_counter() - t0
+            if t0:
+                self.spawning += time.perf_counter() - t0
         self.task_runs += 1
         r = _Running(a, proc, part)
         try:
@@ -354,44 +364,71 @@ class _Gather:
         self.sg.failed(a, why)
 
     def commit(self, r: _Running) -> str | None:
-        """Commit a run that exited 0; None on success, else why it failed."""
+        """Take the output of a run that exited 0; None if it is good, else why not.
+
+        The task counts as done at once (its worker is free for the next
+        task); its output, the directory and the journal line are made
+        durable by :meth:`flush_commits` after the next dispatch, so fsync
+        latency never keeps a core idle. Until its line is durable the task
+        is not committed: a gather dying before reruns it.
+        """
         a = r.assignment
         dest = self.tasks_dir / f"{a.task:06d}.out"
         try:
             os.replace(r.part, dest)
         except FileNotFoundError:
             return "exit status 0 but no output file"
-        # dest is in a directory only the gather writes: it cannot change under us.
-        st = os.lstat(dest)
+        # dest is in a directory only the gather writes: the entry cannot change
+        # under us; O_NOFOLLOW + fstat check the very inode we will gather.
+        try:
+            fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:  # ELOOP: a symlink
+            fd = -1
         user = self.conf.user
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_nlink != 1
-            or (user is not None and st.st_uid != user.uid)
-        ):
+        if fd >= 0:
+            st = os.fstat(fd)
+            good = (
+                stat.S_ISREG(st.st_mode)
+                and st.st_nlink == 1
+                and (user is None or st.st_uid == user.uid)
+            )
+        if fd < 0 or not good:
+            if fd >= 0:
+                os.close(fd)
             dest.unlink()
             return "output is not a regular file of the job's own (symlink or hard link?)"
-        fd = os.open(dest, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            if user is not None:
-                os.fchown(fd, self.uid, self.gid)
-                os.fchmod(fd, 0o644)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.tasks_dir)
-        self.journal.write(self.sg.succeeded(a))
-        self.journal.flush()
-        os.fsync(self.journal.fileno())
+        if user is not None:
+            # The job user may no longer write what is committed.
+            os.fchown(fd, self.uid, self.gid)
+            os.fchmod(fd, 0o644)
+        self.unflushed.append((fd, self.sg.succeeded(a)))
         self.cpu_committed += r.cpu
-        took = self.clock() - a.started
-        per_event = took / a.events.count
+        per_event = (self.clock() - a.started) / a.events.count
         self.per_event = (
             per_event
             if self.per_event is None
             else (1 - _EWMA) * self.per_event + _EWMA * per_event
         )
         return None
+
+    def flush_commits(self) -> None:
+        """Make taken outputs durable, then their journal lines (group commit)."""
+        if not self.unflushed:
+            return
+        t0 = time.perf_counter()
+        lines = []
+        for fd, line in self.unflushed:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            lines.append(line)
+        self.unflushed.clear()
+        _fsync_dir(self.tasks_dir)
+        self.journal.write("".join(lines))
+        self.journal.flush()
+        os.fsync(self.journal.fileno())
+        self.committing += time.perf_counter() - t0
 
     # --- the loop
     def _next_fits(self, now: float) -> bool:
@@ -453,12 +490,11 @@ class _Gather:
                     self.running.clear()
                 for a in sg.dispatch(now):
                     self.spawn(a)
-                if sg.finished:
-                    self.busy += time.perf_counter() - t0 - (self.spawning - spawning0)
-                    return
-                timeout = self._timeout(now, next_probe)
                 self.busy += time.perf_counter() - t0 - (self.spawning - spawning0)
-                ready = self.sel.select(timeout)
+                self.flush_commits()
+                if sg.finished:
+                    return
+                ready = self.sel.select(self._timeout(now, next_probe))
         finally:
             self.stop.unsubscribe(self._wake)
 
@@ -479,6 +515,7 @@ class _Gather:
         for r in self.running.values():
             self.kill(r)
         self.running.clear()
+        self.flush_commits()
         self.sel.close()
         os.close(self.wake_fd)
         self.journal.close()
@@ -525,6 +562,7 @@ def run_job(
         work, Plan(spec.name, spec.first_event, events, spec.events_per_task)
     )
     t0 = clock()
+    cpu0 = time.thread_time()
     with JobConfinement(confinement or Confinement(), spec.name, memory, cores) as conf:
         conf.prepare_dir(work / "parts")
         conf.prepare_dir(work / "scratch")
@@ -573,7 +611,7 @@ def run_job(
         cut_runs=sg.cut_runs,
         abandoned=sg.abandoned,
         complete=sg.complete,
-        stopped=stop.reason or gather.stopped,
+        stopped=gather.stopped or stop.reason,
         resumed_tasks=len(committed),
         wall_seconds=clock() - t0,
         cpu_seconds=gather.cpu,
@@ -583,6 +621,8 @@ def run_job(
         task_runs=gather.task_runs,
         dispatch_seconds=gather.busy,
         spawn_seconds=gather.spawning,
+        commit_seconds=gather.committing,
+        gather_cpu_seconds=time.thread_time() - cpu0,
         user=str(conf.user) if conf.user is not None else f"uid {os.geteuid()} (the node's)",
         memory_limit=memory_limit,
         memory_kills=gather.memory_kills,

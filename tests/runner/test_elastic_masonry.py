@@ -115,3 +115,27 @@ def test_pilot_stops_when_lease_runs_out(tmp_path: Path) -> None:
     assert [j["spec"] for j in report.jobs_run] == ["a.toml", "b.toml"]
     assert report.stopped == "no queued job fits the lease"
     assert (queue / "c.toml").exists()
+
+
+def test_masonry_runs_whole_rounds_when_the_lease_binds(tmp_path: Path) -> None:
+    # 0.8 x 3.5625 s x 10 HS06 x 2 cores / 1 HS06.s = 57 events fit
+    spec = parse_spec(_data("j", max_events=10**6))
+    alone = run_elastic_job(spec, _lease(3.5625), tmp_path / "alone")
+    assert alone.sizing.events == alone.report.events_planned == 57  # the formula, exactly
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    _write(queue, "a.toml", _data("j", max_events=10**6))
+    t0 = time.monotonic()
+    report = run_pilot(
+        queue, tmp_path / "work", lambda now: _lease(3.5625, now=t0).at(now), time.monotonic
+    )
+    # rounds of 2 cores x 10 events: every worker ends its last task together
+    assert report.jobs_run[0]["events_planned"] == 40
+    # bound by max_events, a job is never cut down
+    queue2 = tmp_path / "queue2"
+    queue2.mkdir()
+    _write(queue2, "k.toml", _data("k", max_events=25))
+    report = run_pilot(
+        queue2, tmp_path / "work2", lambda now: _lease(100, now=t0).at(now), time.monotonic
+    )
+    assert report.jobs_run[0]["events_planned"] == 25
