@@ -333,7 +333,9 @@ def _node_status(a: argparse.Namespace) -> int:
     )
     print(
         f"  mount {st['mount'] or '-'} ({'mounted' if st['mounted'] else 'not mounted'});"
-        f" {sess.get('num_peers', 0)} peers, {sess.get('dht_nodes', 0)} DHT nodes,"
+        f" {sess.get('peers', 0)} peer connections, {sess.get('dht_nodes', 0)} DHT nodes;"
+        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in,"
+        f" {int(sess.get('uploaded', 0)) / 1e6:.1f} MB out;"
         f" banned: {', '.join(st['banned']) or 'none'}"
     )
     for name, r in st["repositories"].items():
@@ -350,6 +352,13 @@ def _node_status(a: argparse.Namespace) -> int:
             print(f"    image {img} REFUSED: {why}")
         if r["last_error"]:
             print(f"    last error: {r['last_error']}")
+    for t in st.get("transfers", []):
+        print(
+            f"  transfer {t['repository']} {t['what']}: {t['state']} {t['progress'] * 100:.0f} %"
+            f" of {t['total_wanted'] / 1e6:.1f} MB, {t['num_peers']} peers,"
+            f" in {t['downloaded'] / 1e6:.1f} MB / out {t['uploaded'] / 1e6:.1f} MB"
+            + (f", {t['hash_failures']} hash failures" if t["hash_failures"] else "")
+        )
     return 0
 
 

@@ -1,0 +1,136 @@
+"""Our system in the distribution benchmark (``bench.distribution``'s ``swarm``).
+
+The file is published as a signed VM image.  The source host runs the origin
+on its loopback (so it costs none of its shaped uplink) and a node daemon
+that pulls the image from it and seeds; once that node holds it, N client
+daemons start at once, each in its own namespace, with no origin: metadata
+and the ``.torrent`` come from the source node's peer exchange, data from the
+swarm.  The time is from the clients' launch until every client holds the
+whole image, daemon start-up included.
+
+Polling uses ``curl`` inside each namespace (a Python client per poll would
+cost the two cores more than the daemons do).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from swarm.images import publish_image
+from tests.netns import Host, Network
+from trust.keys import init_keys
+
+REPO = "bench.example.org"
+PY = sys.executable
+
+
+def _config(
+    d: Path, host: Host, root_json: Path, *, origin: str | None, bootstrap: list[str]
+) -> Path:
+    lines = [
+        f'data_dir = "{d}/data"',
+        f'listen = "{host.addr}:6881"',
+        'api = "127.0.0.1:7000"',
+        f'peer = "{host.addr}:6880"',
+        "bootstrap = [" + ", ".join(f'"{b}"' for b in bootstrap) + "]",
+        "refresh_interval = 3600",
+        f'[repositories."{REPO}"]',
+        f'trust = "{root_json}"',
+        'policy = "prefetch"',
+    ]
+    if origin is not None:
+        lines.append(f'origin = "{origin}"')
+    d.mkdir(parents=True, exist_ok=True)
+    cfg = d / "node.toml"
+    cfg.write_text("\n".join(lines) + "\n")
+    return cfg
+
+
+def _transfers(host: Host) -> list[dict[str, Any]] | None:
+    r = host.run(
+        ["curl", "-sf", "-m", "5", "http://127.0.0.1:7000/v1/transfers"],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        return None
+    got: list[dict[str, Any]] = json.loads(r.stdout)
+    return got
+
+
+def _image_done(host: Host) -> bool:
+    ts = _transfers(host)
+    return bool(ts) and any(
+        t["what"].startswith("image") and t["progress"] >= 1.0 for t in ts or []
+    )
+
+
+def _wait(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[Any]]) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{what}: a node daemon exited with {p.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not within {timeout:.0f} s")
+        time.sleep(0.25)
+
+
+def run_swarm(net: Network, source: Host, clients: list[Host], file: Path) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="swarm-", dir=file.parent))
+    keys = work / "keys"
+    root_json = init_keys(keys, REPO)
+    store = work / "store"
+    target = publish_image(file, name="bench", version="1", repo=REPO, keys=keys, store=store)
+    logs = []
+    try:
+        log = open(work / "origin.log", "ab")  # noqa: SIM115 - closed below
+        logs.append(log)
+        source.popen(
+            [PY, "-m", "swarm", "serve", store, "--listen", "127.0.0.1:8000"],
+            stdout=log,
+            stderr=log,
+        )
+        src_cfg = _config(
+            work / "source", source, root_json, origin="http://127.0.0.1:8000/", bootstrap=[]
+        )
+        log = open(work / "source.log", "ab")  # noqa: SIM115
+        logs.append(log)
+        src = source.popen([PY, "-m", "swarm", "node", "--config", src_cfg], stdout=log, stderr=log)
+        _wait("the source node holds the image", lambda: _image_done(source), 300, [src])
+
+        procs = []
+        t0 = time.monotonic()
+        for i, h in enumerate(clients):
+            cfg = _config(
+                work / f"client{i}", h, root_json, origin=None, bootstrap=[f"{source.addr}:6881"]
+            )
+            log = open(work / f"client{i}.log", "ab")  # noqa: SIM115
+            logs.append(log)
+            procs.append(
+                h.popen([PY, "-m", "swarm", "node", "--config", cfg], stdout=log, stderr=log)
+            )
+        done: dict[int, float] = {}
+
+        def all_done() -> bool:
+            for i, h in enumerate(clients):
+                if i not in done and _image_done(h):
+                    done[i] = time.monotonic() - t0
+            return len(done) == len(clients)
+
+        _wait("every client holds the image", all_done, 3600, [src, *procs])
+        seconds = max(done.values())
+        files = [
+            next((work / f"client{i}" / "data" / "repos" / REPO / "images").rglob(target.file))
+            for i in range(len(clients))
+        ]
+        return {"seconds": seconds, "files": files, "client_seconds": sorted(done.values())}
+    finally:
+        for log in logs:
+            log.close()
