@@ -241,6 +241,7 @@ _ALERT_MASK = (
     | lt.alert.category_t.status_notification
     | lt.alert.category_t.storage_notification
     | lt.alert.category_t.progress_notification
+    | lt.alert.category_t.ip_block_notification
 )
 
 _CHECKING_STATES = {
@@ -291,8 +292,13 @@ class SessionConfig:
     bootstrap the DHT runs passively (others may bootstrap from this node).
     ``dht_restrict_ips`` keeps libtorrent's anti-Sybil rule of one DHT node
     per IP; turn it off only where several nodes share an address (tests on
-    127.0.0.1).  Rate limits are bytes/s, 0 for none; libtorrent exempts
-    loopback and private-range peers from them, so shape links with ``tc``.
+    127.0.0.1).  ``ban_by_ip``: a peer banned for corrupt data is blocked by
+    IP for every torrent; libtorrent's own ban is per ``ip:port``, which a
+    peer dodges by reconnecting from another port since we allow several
+    connections per IP.  Turn it off only where honest peers share the
+    banned peer's IP (tests on 127.0.0.1).  Rate limits are bytes/s, 0 for
+    none; libtorrent exempts loopback and private-range peers from them, so
+    shape links with ``tc``.
     """
 
     listen: str = "0.0.0.0:6881"
@@ -300,6 +306,7 @@ class SessionConfig:
     dht: bool = True
     lsd: bool = False
     dht_restrict_ips: bool = True
+    ban_by_ip: bool = True
     upload_rate_limit: int = 0
     download_rate_limit: int = 0
     # Tuning (see settings() for why each is set).
@@ -323,6 +330,9 @@ class SessionConfig:
             parse_address(peer)
         pack: lt.settings_pack = {
             "listen_interfaces": _format_address(host, port),
+            # Connect out from the address we listen on, so peers know this
+            # node by one address (their bans and our logs agree).
+            "outgoing_interfaces": "" if host in ("0.0.0.0", "::") else host,
             # Only configured nodes: the default names public routers.
             "dht_bootstrap_nodes": ",".join(self.bootstrap),
             "enable_dht": self.dht,
@@ -365,6 +375,11 @@ class SessionConfig:
             # Download whole 4 MiB extents from one peer: fewer partial pieces,
             # better disk locality.
             "piece_extent_affinity": True,
+            # The web seed is the origin: every byte it sends is verified all
+            # the same, and libtorrent blames every source of a failed piece,
+            # so a corrupt peer would get the origin banned with it and leave
+            # readers with no good source.
+            "ban_web_seeds": False,
             # A LAN peer that restarted should be retried soon, not after 60 s.
             "min_reconnect_time": self.min_reconnect_time,
             "urlseed_wait_retry": self.web_seed_retry,
@@ -803,6 +818,8 @@ class TorrentSession:
         self._transfers: dict[str, TorrentTransfer] = {}
         self._peers: dict[str, tuple[str, int]] = {}
         self._banned: dict[str, None] = {}
+        self._banned_ips: set[str] = set()
+        self._blocked = 0
         self._stats: dict[str, int] = {}
         self._tick: asyncio.Task[None] | None = None
         self._closed = False
@@ -924,7 +941,11 @@ class TorrentSession:
         atp.flags = (atp.flags & ~_UNWANTED_FLAGS) | lt.torrent_flags.override_trackers
         atp.trackers = []
         atp.url_seeds = sorted(set(atp.url_seeds) | set(web_seeds))
-        atp.peers = list(self._peers.values())
+        atp.peers = [
+            e
+            for e in self._peers.values()
+            if _format_address(*e) not in self._banned and e[0] not in self._banned_ips
+        ]
         try:
             handle = self._ses.add_torrent(atp)
         except RuntimeError as exc:
@@ -979,6 +1000,7 @@ class TorrentSession:
             "upload_rate": sum(s.upload_rate for s in statuses),
             "hash_failures": sum(s.hash_failures for s in statuses),
             "banned": len(self._banned),
+            "blocked_connections": self._blocked,
         }
 
     def banned(self) -> list[str]:
@@ -1001,6 +1023,8 @@ class TorrentSession:
     def _connect(self, transfer: TorrentTransfer, endpoint: tuple[str, int]) -> None:
         if endpoint[1] == self.listen_port and endpoint[0] in ("127.0.0.1", "::1"):
             return  # ourselves
+        if _format_address(*endpoint) in self._banned or endpoint[0] in self._banned_ips:
+            return  # connect_peer would bring a banned peer back
         try:
             transfer._handle.connect_peer(endpoint)
         except RuntimeError as exc:
@@ -1157,9 +1181,20 @@ class TorrentSession:
             transfer._on_hash_failed(int(alert.piece_index))
 
     def _on_peer_ban(self, alert: Any) -> None:
-        address = _format_address(*alert.ip)
-        log.warning("%s: banned peer %s: %s", alert.torrent_name, address, alert.message())
+        host, port = alert.ip
+        address = _format_address(host, port)
+        if address not in self._banned:
+            log.warning("%s: banned peer %s: %s", alert.torrent_name, address, alert.message())
         self._banned[address] = None
+        if self.config.ban_by_ip and host not in self._banned_ips:
+            self._banned_ips.add(host)
+            ip_filter = self._ses.get_ip_filter()
+            ip_filter.add_rule(host, host, 1)  # 1: blocked
+            self._ses.set_ip_filter(ip_filter)
+
+    def _on_peer_blocked(self, alert: Any) -> None:
+        self._blocked += 1
+        log.info("libtorrent: %s", alert.message())
 
     def _on_checked(self, alert: Any) -> None:
         transfer = self._transfer_of(alert)
@@ -1240,6 +1275,7 @@ class TorrentSession:
         lt.piece_finished_alert: _on_piece_finished,
         lt.hash_failed_alert: _on_hash_failed,
         lt.peer_ban_alert: _on_peer_ban,
+        lt.peer_blocked_alert: _on_peer_blocked,
         lt.torrent_checked_alert: _on_checked,
         lt.state_changed_alert: _on_state_changed,
         lt.fastresume_rejected_alert: _on_fastresume_rejected,

@@ -83,10 +83,10 @@ def merkle_root(content: bytes) -> str:
 
 @contextlib.asynccontextmanager
 async def running(
-    state_dir: Path, *, bootstrap: Sequence[str] = (), **tuning: Any
+    state_dir: Path, *, bootstrap: Sequence[str] = (), host: str = "127.0.0.1", **tuning: Any
 ) -> AsyncIterator[TorrentSession]:
-    """A started session on 127.0.0.1 (any port), closed whatever happens."""
-    config = SessionConfig(listen="127.0.0.1:0", bootstrap=list(bootstrap), **tuning)
+    """A started session on ``host`` (any port), closed whatever happens."""
+    config = SessionConfig(listen=f"{host}:0", bootstrap=list(bootstrap), **tuning)
     session = TorrentSession(config, state_dir)
     await session.start()
     try:
@@ -96,7 +96,8 @@ async def running(
 
 
 def address(session: TorrentSession) -> str:
-    return f"127.0.0.1:{session.listen_port}"
+    host = session.config.listen.rpartition(":")[0]
+    return f"{host}:{session.listen_port}"
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
