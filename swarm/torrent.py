@@ -244,6 +244,8 @@ _ALERT_MASK = (
     | lt.alert.category_t.ip_block_notification
 )
 
+_WEB_SEED_TYPES = {int(lt.peer_info.web_seed), int(lt.peer_info.http_seed)}
+
 _CHECKING_STATES = {
     lt.torrent_status.checking_files,
     lt.torrent_status.checking_resume_data,
@@ -1183,6 +1185,16 @@ class TorrentSession:
     def _on_peer_ban(self, alert: Any) -> None:
         host, port = alert.ip
         address = _format_address(host, port)
+        # libtorrent posts the alert for every source of a failed piece, web
+        # seeds included, even though ban_web_seeds=False keeps them: a web
+        # seed still connected was not banned, and its host must not be.
+        with contextlib.suppress(RuntimeError):
+            for peer in alert.handle.get_peer_info():
+                if tuple(peer.ip) == (host, port) and peer.connection_type in _WEB_SEED_TYPES:
+                    log.info(
+                        "%s: web seed %s kept (shared a failed piece)", alert.torrent_name, address
+                    )
+                    return
         if address not in self._banned:
             log.warning("%s: banned peer %s: %s", alert.torrent_name, address, alert.message())
         self._banned[address] = None
@@ -1194,7 +1206,7 @@ class TorrentSession:
 
     def _on_peer_blocked(self, alert: Any) -> None:
         self._blocked += 1
-        log.info("libtorrent: %s", alert.message())
+        log.debug("libtorrent: %s", alert.message())
 
     def _on_checked(self, alert: Any) -> None:
         transfer = self._transfer_of(alert)
