@@ -25,18 +25,27 @@ creating the cgroup fails: not root, a read-only or undelegated hierarchy)
 the limit falls back to ``RLIMIT_DATA`` = limit / cores per task, with a log
 message saying why; a task over it sees allocation failures instead.
 
-Order in the child between fork and exec matters and is why this module, not
-``subprocess``'s ``user=``, drops privileges: join the cgroup first (writing
-to ``cgroup.procs`` needs the root credentials the child still has), set the
-rlimit, drop groups, gid and uid, and only then set ``PR_SET_PDEATHSIG``,
-because the kernel clears the parent-death signal on any credential change;
-the niceness comes last, so that the steps before exec (while the gather
-waits for the exec) are not slowed by the job's other tasks.
+How a task is started: the gather must not run Python between fork and exec
+(a ``preexec_fn`` makes ``subprocess`` fork instead of vfork, copy the page
+tables of a daemon of hundreds of MB and wait while the child runs Python's
+after-fork hooks: 2-5 ms of the gather per task, ten times that on a
+CPU-starved node). So the child is started with vfork and *execs* the
+confinement, in this order:
 
-Cost: a ``preexec_fn`` makes ``subprocess`` fork instead of vfork, and the
-gather waits ~1.5-3 ms per task for the child to exec (more on a CPU-starved
-node). That bounds one gather to a few hundred task starts per second, far
-above what real tasks (minutes each) need.
+1. ``/bin/sh -c`` (only when there is a cgroup to join or an rlimit to set):
+   ``echo 0 >&0`` with the job cgroup's ``cgroup.procs`` (opened by the gather
+   as root) as its stdin, so the process joins the cgroup while still root,
+   before anything of the job runs; ``ulimit -d`` for the rlimit fallback;
+   then ``exec ... </dev/null``, which closes that descriptor;
+2. ``setpriv`` (util-linux >= 2.33) drops groups, gid and uid and only then
+   sets ``PR_SET_PDEATHSIG`` (the kernel clears the parent-death signal on
+   any credential change) and execs the command.
+
+The task's niceness is raised by the gather right after the start (a
+priority, not a security boundary). Without a ``setpriv`` that knows
+``--pdeathsig``, the same steps run in a ``preexec_fn`` (the slow path). A
+gather that dies in the instant between the start and ``setpriv``'s prctl
+leaves that task running; with a cgroup, the next gather sweeps it.
 """
 
 from __future__ import annotations
@@ -44,19 +53,23 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import pwd
 import re
 import resource
+import shlex
+import shutil
 import signal
 import stat
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runner.exceptions import ConfinementError
+from runner.exceptions import ConfinementError, TaskError
 
 log = logging.getLogger("runner.confine")
 
@@ -305,6 +318,76 @@ def sweep_stale_cgroups(base: Path, version: int) -> list[Path]:
 # --- per-job confinement in the gather ---------------------------------------
 
 
+@dataclass(frozen=True)
+class TaskLaunch:
+    """What ``subprocess.Popen`` gets to start one confined task."""
+
+    argv: list[str]
+    stdin: int
+    preexec_fn: Callable[[], None] | None
+    nice: int
+
+
+@functools.cache
+def _setpriv() -> str | None:
+    """``setpriv`` if it can set the parent-death signal, else None (slow path)."""
+    path = shutil.which("setpriv")
+    if path is None:
+        return None
+    try:
+        out = subprocess.run(
+            [path, "--help"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if "--pdeathsig" not in out:
+        log.warning("%s has no --pdeathsig (util-linux < 2.33): tasks start the slow way", path)
+        return None
+    return path
+
+
+def command_path(argv0: str, env: Mapping[str, str], user: JobUser | None) -> Path:
+    """The file ``argv0`` names (searched in ``env``'s PATH without a slash).
+
+    Raises:
+        TaskError: it does not exist, is not a regular file, or the job user
+            cannot reach or execute it (the job cannot run here as it is).
+    """
+    if "/" in argv0:
+        found: str | None = argv0 if os.path.exists(argv0) else None
+    else:
+        found = shutil.which(argv0, path=env.get("PATH", os.defpath))
+    if found is None:
+        raise TaskError(f"cannot start {argv0!r}: no such file")
+    path = Path(found)
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise TaskError(f"cannot start {argv0!r}: not a regular file")
+    if user is None:
+        ok = os.access(path, os.X_OK)
+        who = "this node's user"
+    else:
+        try:
+            check_reachable(path.parent, user)
+        except ConfinementError as exc:
+            raise TaskError(f"cannot start {argv0!r}: {exc}") from None
+        bit = (
+            stat.S_IXUSR
+            if st.st_uid == user.uid
+            else stat.S_IXGRP
+            if st.st_gid == user.gid
+            else stat.S_IXOTH
+        )
+        ok = bool(st.st_mode & bit)
+        who = f"job user {user.name}"
+    if not ok:
+        raise TaskError(
+            f"cannot start {argv0!r}: {who} may not execute {path} "
+            f"(mode {stat.S_IMODE(st.st_mode):o}, uid {st.st_uid})"
+        )
+    return path
+
+
 class JobConfinement:
     """The confinement of one running job: what each task's child must do.
 
@@ -350,8 +433,29 @@ class JobConfinement:
             why,
         )
 
+    def launch(self, argv: list[str]) -> TaskLaunch:
+        """How to start one task running ``argv`` under this confinement."""
+        setpriv = _setpriv()
+        if setpriv is None:
+            return TaskLaunch(argv, subprocess.DEVNULL, self.child_setup(), self.nice)
+        drop = [setpriv]
+        if self.user is not None:
+            drop += [f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--clear-groups"]
+        drop += ["--pdeathsig=KILL", "--"]
+        steps = []
+        stdin: int = subprocess.DEVNULL
+        if self.cgroup is not None:
+            steps.append("echo 0 >&0 || exit 125")  # stdin is cgroup.procs: join it
+            stdin = self.cgroup.procs_fd
+        if self.rlimit is not None:
+            steps.append(f"ulimit -d {max(1, self.rlimit // 1024)} || exit 125")
+        if not steps:
+            return TaskLaunch([*drop, *argv], stdin, None, self.nice)
+        script = "; ".join([*steps, f'exec {shlex.join(drop)} "$@" </dev/null'])
+        return TaskLaunch(["/bin/sh", "-c", script, "swarm-task", *argv], stdin, None, self.nice)
+
     def child_setup(self) -> Callable[[], None]:
-        """The function run in each task's child between fork and exec.
+        """The slow path's ``preexec_fn``: run in the child between fork and exec.
 
         It must not import, log or take locks: only system calls.
         """
@@ -360,7 +464,6 @@ class JobConfinement:
         procs_fd = None if self.cgroup is None else self.cgroup.procs_fd
         rlimit = self.rlimit
         user = self.user
-        nice = self.nice
         parent = os.getpid()
 
         def setup() -> None:
@@ -376,8 +479,6 @@ class JobConfinement:
             prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
             if os.getppid() != parent:  # the gather died before prctl
                 os._exit(1)
-            if nice:  # last: the steps above run at the gather's priority
-                os.nice(nice)
 
         return setup
 

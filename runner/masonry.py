@@ -6,9 +6,11 @@ moves it to ``running/`` while it runs and to ``done/`` afterwards, beside its
 report. A spec that does not fit stays queued for a node with a longer lease;
 a malformed spec goes to ``rejected/`` with the reason. The pilot stops when
 no queued job fits (at least ``min_events``), when the queue is empty, when
-a job stopped itself at the lease's end (it goes back to the queue and
-resumes from its journal), when jobs cannot be confined (a node problem: the
-job stays queued), or when asked to stop.
+jobs cannot be confined (a node problem: the job stays queued), or when asked
+to stop. A job that stopped itself at the lease's end (its next task would
+not have finished in time) goes back to the queue, resumes from its journal
+on a later lease, and is not retried by this pilot, which goes on with jobs
+that still fit.
 
 The clock and the lease source are injected: ``lease_at(now)`` is called
 before each job, so a shutdowntime moved earlier in MJF is seen by the next
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.confine import Confinement
-from runner.elastic import run_elastic_job
+from runner.elastic import END_RESERVE, run_elastic_job
 from runner.exceptions import ConfinementError, JobRefused, JobSpecError, RunnerError
 from runner.lease import Lease
 from runner.node_run import StopRequest
@@ -104,13 +106,16 @@ def run_pilot(
     should_stop: Callable[[], str | None] | None = None,
     grace: float = 10.0,
     confinement: Confinement | None = None,
+    reserve_floor: float = END_RESERVE,
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
 
     Every job stops (and goes back to the queue) when ``should_stop`` gives a
     reason (e.g. a changed MJF shutdowntime) or when ``lease_at`` says the
     lease now ends earlier than when the job was sized; ``confinement`` says
-    how jobs' tasks are confined.
+    how jobs' tasks are confined. Jobs are sized to the time left less their
+    end reserve (:func:`runner.elastic.end_reserve`, at least
+    ``reserve_floor`` seconds), in whole rounds of tasks.
 
     Raises:
         LeaseError: ``lease_at`` could not establish the lease.
@@ -121,14 +126,18 @@ def run_pilot(
     stop = stop or StopRequest()
     report = PilotReport()
     t0 = clock()
+    deferred: set[str] = set()  # stopped at the lease end during this pilot
+    pace: dict[str, float] = {}  # job name -> measured wall seconds per event of a task
     while True:
         if stop.requested:
             report.stopped = f"stop requested ({stop.reason})"
             break
         now = clock()
         lease = lease_at(now)
-        candidates = sorted(p for p in qdir.glob("*.toml") if p.is_file())
-        if not candidates:
+        candidates = sorted(
+            p for p in qdir.glob("*.toml") if p.is_file() and p.name not in deferred
+        )
+        if not candidates and not deferred:
             report.stopped = "queue empty"
             break
         ran = False
@@ -151,7 +160,9 @@ def run_pilot(
                     should_stop=_probes(should_stop, lease_at, clock, now + lease.time_left),
                     grace=grace,
                     confinement=confinement,
-                    whole_rounds=True,
+                    masonry=True,
+                    reserve_floor=reserve_floor,
+                    seconds_per_event=pace.get(spec.name),
                 )
             except JobRefused as exc:
                 os.replace(running, path)
@@ -167,17 +178,17 @@ def run_pilot(
                 report.rejected[path.name] = str(exc)
                 continue
             report.refused.pop(path.name, None)
+            if result.report.seconds_per_event is not None:
+                pace[spec.name] = result.report.seconds_per_event
             report.events_done += result.report.events_done
             report.cpu_seconds += result.report.cpu_seconds
             if result.report.stopped and not result.report.complete:
-                # Cut by a shutdown or the lease's end: back to the queue; its
-                # journal resumes it later (on this node or the next lease).
+                # Cut by a shutdown or stopped at the lease's end: back to the
+                # queue; its journal resumes it later (on this node or the next
+                # lease). Not in this pilot: a smaller job may still fit.
                 os.replace(running, path)
                 report.jobs_run.append({"spec": path.name, **result.to_json()})
-                if not stop.requested:
-                    report.stopped = (
-                        f"{path.name} stopped at the lease end: {result.report.stopped}"
-                    )
+                deferred.add(path.name)
                 ran = True
                 break
             summary = {"spec": path.name, **result.to_json()}

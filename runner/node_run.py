@@ -53,7 +53,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from runner.confine import Confinement, JobConfinement
+from runner.confine import Confinement, JobConfinement, command_path
 from runner.exceptions import JournalError, TaskError
 from runner.scatter import Assignment, Plan, ScatterGather, header_line, replay_journal
 from runner.spec import JobSpec
@@ -61,6 +61,7 @@ from runner.spec import JobSpec
 # Estimated task duration x this must fit before the deadline for the task to start.
 _DEADLINE_MARGIN = 1.2
 _EWMA = 0.3
+_SETUP_FAILED = 125  # the launcher's exit status when joining the cgroup or ulimit fails
 
 
 class StopRequest:
@@ -124,7 +125,9 @@ class RunReport:
     ``dispatch_seconds`` is its busy time on the critical path, from a wakeup
     to the end of the dispatch it caused (reaping, taking outputs, scatter,
     bookkeeping) without starting the commands, whose time is
-    ``spawn_seconds`` (``Popen``: fork, exec); ``commit_seconds`` is the
+    ``spawn_seconds`` (``Popen``: vfork, exec); ``dispatch_cpu_seconds`` is
+    the CPU time of that critical path (its wall time also counts being
+    preempted by the tasks on a fully used node); ``commit_seconds`` is the
     deferred fsyncs of outputs and journal, off the critical path;
     ``gather_cpu_seconds`` is the CPU time of the gather's thread.
     """
@@ -147,12 +150,14 @@ class RunReport:
     cpu_seconds_committed: float = 0.0
     task_runs: int = 0
     dispatch_seconds: float = 0.0
+    dispatch_cpu_seconds: float = 0.0
     spawn_seconds: float = 0.0
     commit_seconds: float = 0.0
     gather_cpu_seconds: float = 0.0
     user: str = ""
     memory_limit: str = "none"
     memory_kills: int = 0
+    seconds_per_event: float | None = None  # wall time of a task / its events, smoothed
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
@@ -222,7 +227,7 @@ class _Gather:
         work: Path,
         sg: ScatterGather,
         conf: JobConfinement,
-        env: dict[str, str],
+        env: Mapping[str, str],
         stop: StopRequest,
         *,
         should_stop: Callable[[], str | None] | None,
@@ -238,7 +243,8 @@ class _Gather:
         self.scratch = work / "scratch"
         self.sg = sg
         self.conf = conf
-        self.env = env
+        # Encoded once: subprocess would encode every variable for every task.
+        self.env = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
         self.stop = stop
         self.should_stop = should_stop
         self.grace = grace
@@ -246,7 +252,7 @@ class _Gather:
         self.clock = clock
         self.poll_interval = poll_interval
         self.per_event = None if task_estimate is None else task_estimate / spec.events_per_task
-        self.setup = conf.child_setup()
+        self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.running: dict[int, _Running] = {}
         self.stopped: str | None = None
         self.cut_at: float | None = None
@@ -255,6 +261,8 @@ class _Gather:
         self.task_runs = 0
         self.busy = 0.0
         self.spawning = 0.0
+        self.spawn_cpu = 0.0
+        self.busy_cpu = 0.0
         self.committing = 0.0
         self.unflushed: list[tuple[int, str]] = []  # (output fd, journal line)
         self.memory_kills = 0
@@ -275,21 +283,23 @@ class _Gather:
         part = self.parts_dir / f"{a.task:06d}.{a.attempt}.{self.nonce}.part"
         log = self.tasks_dir / f"{a.task:06d}.{a.attempt}.log"
         argv = self.spec.argv(a.events.first, a.events.count, str(part))
-        self.env["SWARM_RUNNER_WORKER"] = str(a.worker)
-        self.env["SWARM_RUNNER_TASK"] = str(a.task)
-        t0 = 0.0
+        self.env[b"SWARM_RUNNER_WORKER"] = b"%d" % a.worker
+        self.env[b"SWARM_RUNNER_TASK"] = b"%d" % a.task
+        launch = self.conf.launch(argv)
+        t0 = c0 = 0.0
         try:
             with open(log, "wb") as logf:
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
+                    launch.argv,
+                    stdin=launch.stdin,
                     stdout=logf,
                     stderr=subprocess.STDOUT,
                     env=self.env,
                     cwd=self.scratch,
                     start_new_session=True,
-                    preexec_fn=self.setup,
+                    preexec_fn=launch.preexec_fn,
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             # A command that cannot be executed will not improve on retry.
@@ -300,7 +310,11 @@ class _Gather:
         finally:
             if t0:
                 self.spawning += time.perf_counter() - t0
+                self.spawn_cpu += time.thread_time() - c0
         self.task_runs += 1
+        if launch.nice:
+            with contextlib.suppress(OSError):  # it may have ended already
+                os.setpriority(os.PRIO_PROCESS, proc.pid, self.base_nice + launch.nice)
         r = _Running(a, proc, part)
         try:
             r.pidfd = os.pidfd_open(proc.pid)
@@ -355,6 +369,8 @@ class _Gather:
                 return
         else:
             why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
+            if rc == _SETUP_FAILED:
+                why += " (the task's confinement may have failed: see its log)"
             if rc == -signal.SIGKILL:
                 kills = self.conf.memory_kills()
                 if kills > self.memory_kills:
@@ -452,7 +468,9 @@ class _Gather:
         try:
             while True:
                 t0 = time.perf_counter()
+                c0 = time.thread_time()
                 spawning0 = self.spawning
+                spawn_cpu0 = self.spawn_cpu
                 for key, _ in ready:
                     if key.data is None:
                         with contextlib.suppress(BlockingIOError):
@@ -491,6 +509,7 @@ class _Gather:
                 for a in sg.dispatch(now):
                     self.spawn(a)
                 self.busy += time.perf_counter() - t0 - (self.spawning - spawning0)
+                self.busy_cpu += time.thread_time() - c0 - (self.spawn_cpu - spawn_cpu0)
                 self.flush_commits()
                 if sg.finished:
                     return
@@ -551,7 +570,8 @@ def run_job(
 
     Raises:
         JournalError: see :func:`open_journal`.
-        TaskError: the command cannot be started at all.
+        TaskError: the command cannot be started at all (missing, or not
+            executable by the job user).
         ConfinementError: the job user cannot reach the work directory.
     """
     work = Path(workdir)
@@ -576,6 +596,8 @@ def run_job(
             max_attempts=max_attempts,
         )
         child_env = dict(os.environ if env is None else env)
+        # A command that cannot run will not improve on retry: refuse at once.
+        command_path(spec.argv(0, 0, "-")[0], child_env, conf.user)
         if conf.user is not None:
             child_env.update(
                 HOME=str(work / "scratch"), USER=conf.user.name, LOGNAME=conf.user.name
@@ -620,12 +642,14 @@ def run_job(
         cpu_seconds_committed=gather.cpu_committed,
         task_runs=gather.task_runs,
         dispatch_seconds=gather.busy,
+        dispatch_cpu_seconds=gather.busy_cpu,
         spawn_seconds=gather.spawning,
         commit_seconds=gather.committing,
         gather_cpu_seconds=time.thread_time() - cpu0,
         user=str(conf.user) if conf.user is not None else f"uid {os.geteuid()} (the node's)",
         memory_limit=memory_limit,
         memory_kills=gather.memory_kills,
+        seconds_per_event=gather.per_event if gather.task_runs else None,
     )
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     return report

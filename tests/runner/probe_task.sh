@@ -5,6 +5,7 @@
 # variable (to exceed a memory limit).
 echo "uid=$(id -u) gid=$(id -g) groups=$(id -G) home=$HOME cwd=$(pwd)"
 cat /proc/self/cgroup
+for fd in /proc/$$/fd/*; do echo "fd $fd -> $(readlink "$fd")"; done
 if [ -n "$4" ]; then
     x=$(head -c "$(($4 * 1000000))" /dev/zero | tr '\0' a)
     echo "held ${#x} bytes"

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from runner import confine
 from runner.confine import (
     Confinement,
     JobUser,
@@ -24,7 +25,7 @@ from runner.confine import (
     find_memory_hierarchy,
     job_user_for_node,
 )
-from runner.exceptions import ConfinementError
+from runner.exceptions import ConfinementError, TaskError
 from runner.node_run import run_job
 from runner.spec import JobSpec, parse_spec
 
@@ -103,7 +104,7 @@ def test_symlinked_output_is_refused_not_gathered(tmp_path: Path) -> None:
     assert not list((tmp_path / "w" / "tasks").glob("*.out"))
 
 
-def test_memory_falls_back_to_rlimit_without_cgroups(open_dir: Path) -> None:
+def test_memory_falls_back_to_rlimit_without_cgroups(open_dir: Path, launcher: str) -> None:
     conf = Confinement(cgroup_parent=None)
     report = run_job(_spec(), 10, open_dir / "w", cores=2, memory=256 * MiB, confinement=conf)
     assert report.complete
@@ -124,7 +125,23 @@ def _log(work: Path, task: int = 0, attempt: int = 1) -> str:
     return (work / "tasks" / f"{task:06d}.{attempt}.log").read_text()
 
 
-def test_tasks_run_as_the_job_user(as_root: None, open_dir: Path) -> None:
+@pytest.fixture(params=["setpriv", "preexec"])
+def launcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of starting a task: exec'd sh + setpriv, and the preexec_fn fallback."""
+    if request.param == "preexec":
+        monkeypatch.setattr("runner.confine._setpriv", lambda: None)
+    elif confine._setpriv() is None:
+        _missing_setpriv()
+    return str(request.param)
+
+
+def _missing_setpriv() -> None:
+    if os.environ.get("SWARM_REQUIRE_ALL") == "1":
+        pytest.fail("setpriv with --pdeathsig (util-linux >= 2.33) is required")
+    pytest.skip("no setpriv with --pdeathsig")
+
+
+def test_tasks_run_as_the_job_user(as_root: None, open_dir: Path, launcher: str) -> None:
     nobody = _nobody()
     work = open_dir / "w"
     conf = Confinement(user=nobody, cgroup_parent=None)
@@ -143,6 +160,22 @@ def test_tasks_run_as_the_job_user(as_root: None, open_dir: Path) -> None:
     assert os.stat(work / "tasks").st_uid == 0
 
 
+def test_command_the_job_user_cannot_run_is_refused(as_root: None, open_dir: Path) -> None:
+    private = open_dir / "private"
+    private.mkdir(mode=0o700)
+    script = private / "simulate"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    conf = Confinement(user=_nobody(), cgroup_parent=None)
+    spec = _spec(command=[str(script), "{first}", "{count}", "{output}"])
+    with pytest.raises(TaskError, match=f"cannot start .*{private} is mode 700"):
+        run_job(spec, 5, open_dir / "w", cores=1, confinement=conf)
+    private.chmod(0o755)
+    script.chmod(0o700)
+    with pytest.raises(TaskError, match="job user nobody may not execute"):
+        run_job(spec, 5, open_dir / "w", cores=1, confinement=conf)
+
+
 def test_unreachable_work_directory_refuses_the_job(as_root: None, tmp_path: Path) -> None:
     # tmp_path's parents are mode 0700: nobody cannot reach it
     conf = Confinement(user=_nobody(), cgroup_parent=None)
@@ -151,7 +184,7 @@ def test_unreachable_work_directory_refuses_the_job(as_root: None, tmp_path: Pat
 
 
 def test_job_memory_cgroup_limits_and_is_removed(
-    cgroup_parent: tuple[str, Path], open_dir: Path
+    cgroup_parent: tuple[str, Path], open_dir: Path, launcher: str
 ) -> None:
     name, base = cgroup_parent
     conf = Confinement(user=_nobody(), cgroup_parent=name)
@@ -165,11 +198,13 @@ def test_job_memory_cgroup_limits_and_is_removed(
     m = re.search(rf"/{name}/(probe\.{os.getpid()}\.\d+)$", _log(work), re.M)
     assert m is not None, _log(work)
     assert not (base / m.group(1)).exists()
+    # the descriptor the task joined the cgroup through does not reach the job
+    assert "cgroup.procs" not in _log(work)
     assert [p for p in base.iterdir() if p.is_dir()] == []
 
 
 def test_task_over_the_memory_limit_is_killed_and_reported(
-    cgroup_parent: tuple[str, Path], open_dir: Path
+    cgroup_parent: tuple[str, Path], open_dir: Path, launcher: str
 ) -> None:
     name, base = cgroup_parent
     conf = Confinement(user=_nobody(), cgroup_parent=name)
@@ -223,6 +258,7 @@ run_job(spec, 10, sys.argv[1], cores=2, confinement=conf)
 
 
 def test_sigkilled_gather_takes_job_user_tasks_with_it(as_root: None, open_dir: Path) -> None:
+    # (the gather runs in its own interpreter: setpriv if present, else preexec)
     # The kernel clears PR_SET_PDEATHSIG on a credential change: it must be set after setuid.
     work = open_dir / "w"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
