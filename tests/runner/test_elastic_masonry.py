@@ -139,3 +139,41 @@ def test_masonry_runs_whole_rounds_when_the_lease_binds(tmp_path: Path) -> None:
         queue2, tmp_path / "work2", lambda now: _lease(100, now=t0).at(now), time.monotonic
     )
     assert report.jobs_run[0]["events_planned"] == 25
+
+
+def test_masonry_sizes_to_the_measured_pace(tmp_path: Path) -> None:
+    # CPU work alone would allow 0.8 x (10 - 1 s reserve) x 10 HS06 x 2 / 0.001 = 144000
+    spec = parse_spec(_data("j", cpu_work_per_event=0.001, max_events=10**6, min_events=20))
+    with pytest.raises(JobRefused, match="measured pace"):
+        # 0.8 x 9 s x 2 cores / 1 s per event = 14 events < 20
+        run_elastic_job(spec, _lease(10), tmp_path / "w", masonry=True, seconds_per_event=1.0)
+    assert not (tmp_path / "w").exists()
+    result = run_elastic_job(
+        replace(spec, min_events=1), _lease(10), tmp_path / "w", masonry=True, seconds_per_event=1.0
+    )
+    assert result.report.events_planned == 14
+
+
+def test_pilot_goes_on_after_a_job_stops_at_the_lease_end(tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    # "a" claims cheap events but each takes 0.2 s: its run stops itself at the
+    # lease end with committed tasks; "b" still fits what is left.
+    slow = [sys.executable, SYNTH, "{first}", "{count}", "{output}", "--sleep", "0.2"]
+    _write(queue, "a.toml", _data("a", command=slow, cpu_work_per_event=0.001, events_per_task=2))
+    _write(queue, "b.toml", _data("b", max_events=4, min_events=1, events_per_task=2))
+    t0 = time.monotonic()
+    report = run_pilot(
+        queue,
+        tmp_path / "work",
+        lambda now: _lease(3.0, now=t0).at(now),
+        time.monotonic,
+        reserve_floor=0.3,
+    )
+    first = report.jobs_run[0]
+    assert first["spec"] == "a.toml" and not first["complete"] and first["events_done"] > 0
+    assert "no time for another task" in str(first["stopped"])
+    assert (queue / "a.toml").exists()  # back in the queue, resumable from its journal
+    assert [j["spec"] for j in report.jobs_run[1:]] == ["b.toml"]
+    assert report.jobs_run[1]["complete"]
+    assert report.stopped == "no queued job fits the lease"
