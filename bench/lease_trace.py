@@ -536,7 +536,16 @@ def parse_args(argv: list[str] | None) -> Params:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def from_bench_run(quick: bool, only: list[str] | None) -> int:
+    """The hook ``python -m bench.run`` (``make bench``) calls: the lease trace,
+    unless ``--only`` names other sections."""
+    if only and "lease" not in only:
+        return 0
+    argv = ["--quick"] if quick else []
+    return main(argv, command="python -m bench.run " + shlex.join(sys.argv[1:]))
+
+
+def main(argv: list[str] | None = None, command: str | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     p = parse_args(argv)
     started = time.monotonic()
@@ -589,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
-        "command": "python -m bench.lease_trace " + shlex.join(argv or sys.argv[1:]),
+        "command": command
+        or "python -m bench.lease_trace " + shlex.join(sys.argv[1:] if argv is None else argv),
         "loadavg_start": loadavg,
         "job_user": str(user) if user else f"uid {os.geteuid()} (not root: no switch)",
         "memory_limit": f"{p.memory_per_core * p.cores} bytes per job (a cgroup per job,"

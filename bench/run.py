@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import lease_trace
 from bench.datasets import (
     IMPORT_STMT,
     TreeParams,
@@ -580,7 +581,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--publish-runs", type=int, help="full publishes timed (3; 2 if --quick)")
     p.add_argument("--origin-reps", type=int, help="cold-from-origin samples (2; 1 if --quick)")
     p.add_argument("--skip-python", action="store_true", help="no Python package tree")
-    p.add_argument("--only", nargs="*", choices=["find", "read", "import"], help="sections")
+    p.add_argument(
+        "--only", nargs="*", choices=["find", "read", "import", "lease"], help="sections"
+    )
     p.add_argument("--tag", help="results file name (default: quick or full)")
     a = p.parse_args(argv)
     quick = a.quick
@@ -596,7 +599,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return Bench(args).main()
+        lease = lease_trace.from_bench_run(args.quick, args.only)  # runner: bench/lease_trace.py
+        return Bench(args).main() or lease
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
