@@ -243,7 +243,10 @@ def _alive(pid: int) -> bool:
 
 GATHER_AS_NOBODY = """
 import sys
+import runner.confine
 from runner.confine import Confinement, JobUser
+if sys.argv[2] == "preexec":
+    runner.confine._setpriv = lambda: None
 from runner.node_run import run_job
 from runner.spec import parse_spec
 spec = parse_spec({
@@ -257,12 +260,14 @@ run_job(spec, 10, sys.argv[1], cores=2, confinement=conf)
 """
 
 
-def test_sigkilled_gather_takes_job_user_tasks_with_it(as_root: None, open_dir: Path) -> None:
-    # (the gather runs in its own interpreter: setpriv if present, else preexec)
+def test_sigkilled_gather_takes_job_user_tasks_with_it(
+    as_root: None, open_dir: Path, launcher: str
+) -> None:
     # The kernel clears PR_SET_PDEATHSIG on a credential change: it must be set after setuid.
     work = open_dir / "w"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    gather = subprocess.Popen([sys.executable, "-c", GATHER_AS_NOBODY, str(work)], env=env)
+    argv = [sys.executable, "-c", GATHER_AS_NOBODY, str(work), launcher]
+    gather = subprocess.Popen(argv, env=env)
     pids: list[int] = []
     try:
         deadline = time.monotonic() + 20
