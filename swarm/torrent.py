@@ -39,6 +39,7 @@ import logging
 import os
 import socket
 import tempfile
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -390,6 +391,12 @@ class SessionConfig:
             "user_agent": "swarm-grid libtorrent/" + lt.__version__,
         }
         return pack
+
+
+def _url_address(url: str) -> tuple[str, int]:
+    """(host, port) a web seed URL connects to."""
+    u = urllib.parse.urlsplit(url)
+    return u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
 
 
 def _error_text(ec: Any) -> str | None:
@@ -1188,13 +1195,18 @@ class TorrentSession:
         # libtorrent posts the alert for every source of a failed piece, web
         # seeds included, even though ban_web_seeds=False keeps them: a web
         # seed still connected was not banned, and its host must not be.
+        # The web seed may have disconnected before this alert is handled, so
+        # also compare with the torrent's web seed URLs.
         with contextlib.suppress(RuntimeError):
-            for peer in alert.handle.get_peer_info():
-                if tuple(peer.ip) == (host, port) and peer.connection_type in _WEB_SEED_TYPES:
-                    log.info(
-                        "%s: web seed %s kept (shared a failed piece)", alert.torrent_name, address
-                    )
-                    return
+            seeds = {_url_address(u) for u in alert.handle.url_seeds()}
+            if any(
+                tuple(peer.ip) == (host, port) and peer.connection_type in _WEB_SEED_TYPES
+                for peer in alert.handle.get_peer_info()
+            ) or (host, port) in seeds:
+                log.info(
+                    "%s: web seed %s kept (shared a failed piece)", alert.torrent_name, address
+                )
+                return
         if address not in self._banned:
             log.warning("%s: banned peer %s: %s", alert.torrent_name, address, alert.message())
         self._banned[address] = None
