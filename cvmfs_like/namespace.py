@@ -217,6 +217,14 @@ class Namespace:
         self._handles[fh] = (slot, inner)
         return fh
 
+    @staticmethod
+    def streams(entry: Entry) -> bool:
+        """An image: read without the kernel's page cache and read-ahead, so a
+        cold scattered read asks the swarm for what it reads, not for the
+        kernel's read-ahead window; the node does its own read-ahead for
+        sequential readers."""
+        return entry.ino >> _SLOT_SHIFT == _IMAGES_SLOT
+
     def open_file(self, fh: int) -> OpenFile:
         h = self._handles[fh]
         if isinstance(h, _OpenImage):

@@ -20,6 +20,7 @@ from swarm import image_cli
 from swarm import images as images_mod
 from swarm.exceptions import ImageError, TransferError
 from swarm.images import (
+    DEFAULT_PIECE_LENGTH,
     StderrProgress,
     detect_format,
     publish_image,
@@ -125,7 +126,7 @@ def test_publish_stores_image_and_torrent_tied_to_the_signed_target(
     assert len(torrent) == t.torrent_length
     meta = parse_torrent(torrent)
     assert meta.info_hash == t.info_hash == hashlib.sha256(info_span(torrent)).hexdigest()
-    assert meta.name == t.file and meta.piece_length == t.piece_length == 256 * 1024
+    assert meta.name == t.file and meta.piece_length == t.piece_length == DEFAULT_PIECE_LENGTH
     assert len(meta.files) == 1 and meta.files[0].size == SIZE
     assert meta.files[0].pieces_root == t.pieces_root == merkle_root(content)
     assert b"url-list" not in torrent  # the node adds the site's own web seed
