@@ -383,6 +383,11 @@ class SessionConfig:
             # so a corrupt peer would get the origin banned with it and leave
             # readers with no good source.
             "ban_web_seeds": False,
+            # Parole confines every source of a failed piece to downloading
+            # whole pieces alone; with an origin and one corrupt peer both on
+            # parole, a deadline read's piece sat unrequested for seconds.
+            # Bans still come from trust points (and v2 block hashes).
+            "use_parole_mode": False,
             # A LAN peer that restarted should be retried soon, not after 60 s.
             "min_reconnect_time": self.min_reconnect_time,
             "urlseed_wait_retry": self.web_seed_retry,
@@ -1199,10 +1204,13 @@ class TorrentSession:
         # also compare with the torrent's web seed URLs.
         with contextlib.suppress(RuntimeError):
             seeds = {_url_address(u) for u in alert.handle.url_seeds()}
-            if any(
-                tuple(peer.ip) == (host, port) and peer.connection_type in _WEB_SEED_TYPES
-                for peer in alert.handle.get_peer_info()
-            ) or (host, port) in seeds:
+            if (
+                any(
+                    tuple(peer.ip) == (host, port) and peer.connection_type in _WEB_SEED_TYPES
+                    for peer in alert.handle.get_peer_info()
+                )
+                or (host, port) in seeds
+            ):
                 log.info(
                     "%s: web seed %s kept (shared a failed piece)", alert.torrent_name, address
                 )
