@@ -582,7 +582,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--origin-reps", type=int, help="cold-from-origin samples (2; 1 if --quick)")
     p.add_argument("--skip-python", action="store_true", help="no Python package tree")
     p.add_argument(
-        "--only", nargs="*", choices=["find", "read", "import", "lease"], help="sections"
+        "--only",
+        nargs="*",
+        choices=["find", "read", "import", "lease", "distribution", "streaming"],
+        help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")
     a = p.parse_args(argv)
@@ -596,11 +599,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def _swarm_sections(args: argparse.Namespace) -> int:
+    """Distribution of one image to N namespaced nodes against http, squid and
+    aria2, then boot streaming through the mount (full: N=16, 256 MiB)."""
+    import signal
+
+    from bench import distribution, image_streaming
+
+    signal.signal(signal.SIGTERM, distribution._sigterm)  # tear the namespaces down on SIGTERM
+    rc = 0
+    if not args.only or "distribution" in args.only:
+        nodes, size = (4, 32) if args.quick else (16, 256)
+        say(f"distribution: {nodes} nodes, {size} MiB, 50 Mbit/s links")
+        record = distribution.run_distribution(
+            nodes,
+            size,
+            50.0,
+            command=f"python -m bench.distribution --nodes {nodes} --size-mib {size}",
+        )
+        sys.stdout.write(distribution.markdown(record))
+        rc |= 1 if any(r["error"] for r in record["systems"]) else 0
+    if not args.only or "streaming" in args.only:
+        size = 64 if args.quick else 256
+        rc |= image_streaming.main(["--size-mib", str(size)])
+    return rc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         lease = lease_trace.from_bench_run(args.quick, args.only)  # runner: bench/lease_trace.py
-        return Bench(args).main() or lease
+        swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
+        if args.only and not {"find", "read", "import"} & set(args.only):
+            return lease or swarm
+        return Bench(args).main() or lease or swarm
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
