@@ -33,13 +33,15 @@ from runner.spec import load_spec
 _STATE = Path(os.environ.get("SWARM_RUNNER_STATE", "/var/lib/swarm/runner"))
 
 
-def _lease(a: argparse.Namespace, wall_now: float) -> Lease:
+def _lease(a: argparse.Namespace, wall_now: float, elapsed: float = 0.0) -> Lease:
+    """The lease now; ``--time-left`` counts from ``elapsed`` seconds ago."""
     cache = PowerCache(_STATE / "power.json")
+    time_left = None if a.time_left is None else max(0.0, a.time_left - elapsed)
     return discover_lease(
         now=wall_now,
         environ=os.environ,
         options=LeaseOptions(
-            cores=a.cores, power_per_core=a.power, time_left=a.time_left, memory=None
+            cores=a.cores, power_per_core=a.power, time_left=time_left, memory=None
         ),
         detected_cores=os.cpu_count(),
         benchmark=lambda cores: benchmark_power(cache, cores, wall_now),
@@ -99,11 +101,14 @@ def cmd_job_run(a: argparse.Namespace) -> int:
 
 
 def cmd_pilot(a: argparse.Namespace) -> int:
-    lease = _lease(a, time.time())
     start_wall, start_mono = time.time(), time.monotonic()
+    _lease(a, start_wall)  # a lease error ends the pilot before it starts
 
     def lease_at(mono: float) -> Lease:
-        return lease.at(start_wall + (mono - start_mono))
+        # Re-read before each job (and once a second while one runs): a moved
+        # MJF shutdowntime stops the job and re-sizes the next.
+        elapsed = mono - start_mono
+        return _lease(a, start_wall + elapsed, elapsed)
 
     with stop_on_sigterm(StopRequest()) as stop:
         report = run_pilot(
@@ -113,7 +118,6 @@ def cmd_pilot(a: argparse.Namespace) -> int:
             time.monotonic,
             history=WorkHistory(_STATE / "work_per_event.json"),
             stop=stop,
-            should_stop=shutdown_probe(os.environ, lease.deadline, time.time),
             grace=a.grace,
             confinement=_confinement(a),
         )

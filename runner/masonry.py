@@ -111,8 +111,9 @@ def run_pilot(
     """Run queued jobs until none fits the lease; see the module docstring.
 
     Every job stops (and goes back to the queue) when ``should_stop`` gives a
-    reason (e.g. a changed MJF shutdowntime) or when ``lease_at`` says the
-    lease now ends earlier than when the job was sized; ``confinement`` says
+    reason or when ``lease_at`` says the lease now ends earlier than when the
+    job was sized (e.g. a moved MJF shutdowntime); the pilot then goes on with
+    jobs that fit the new lease. ``confinement`` says
     how jobs' tasks are confined. Jobs are sized to the time left less their
     end reserve (:func:`runner.elastic.end_reserve`, at least
     ``reserve_floor`` seconds), in whole rounds of tasks.

@@ -488,8 +488,8 @@ class _Gather:
                 if self.should_stop is not None and now >= next_probe:
                     next_probe = now + 1.0
                     reason = self.should_stop()
-                    if reason:
-                        self.stop.request(reason)
+                    if reason:  # this job stops; a pilot may go on with others
+                        self._halt(reason, now + self.grace)
                 if self.stop.requested and not stop_seen:
                     stop_seen = True
                     grace = self.grace if self.stop.grace is None else self.stop.grace
@@ -562,7 +562,8 @@ def run_job(
 
     Resumes from ``workdir/journal.jsonl`` if present. ``should_stop`` is
     polled about once a second (e.g. a changed MJF shutdowntime) and returns a
-    reason to stop or None. ``memory`` limits the whole job (bytes), applied
+    reason to stop this run or None (``stop`` is left alone: a pilot sharing
+    it goes on with jobs that fit the new lease). ``memory`` limits the whole job (bytes), applied
     as ``confinement`` says (see :mod:`runner.confine`). ``deadline`` (a
     ``clock`` time) is when tasks must be done; ``task_estimate`` (seconds)
     is the expected duration of one task before any has been measured.

@@ -67,3 +67,15 @@ def test_bad_spec_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     bad.write_text('name = "x"\n')
     assert main(["job", "run", str(bad), "--output", str(tmp_path / "o")]) == 1
     assert "'command'" in capsys.readouterr().err
+
+
+def test_pilot_runs_the_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    _spec(tmp_path).rename(queue / "a.toml")
+    args = ["pilot", str(queue), "--cores", "2", "--time-left", "100", "--power", "10"]
+    assert main([*args, "--job-user", "root"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [j["spec"] for j in out["jobs_run"]] == ["a.toml"]
+    assert out["events_done"] == 30 and out["stopped"] == "queue empty"
+    assert (queue / "done" / "a.report.json").exists()

@@ -158,18 +158,25 @@ def test_pilot_goes_on_after_a_job_stops_at_the_lease_end(tmp_path: Path) -> Non
     queue = tmp_path / "queue"
     queue.mkdir()
     # "a" claims cheap events but each takes 0.2 s: its run stops itself at the
-    # lease end with committed tasks; "b" still fits what is left.
+    # lease end with committed tasks; the pilot goes on with "b".
     slow = [sys.executable, SYNTH, "{first}", "{count}", "{output}", "--sleep", "0.2"]
     _write(queue, "a.toml", _data("a", command=slow, cpu_work_per_event=0.001, events_per_task=2))
-    _write(queue, "b.toml", _data("b", max_events=4, min_events=1, events_per_task=2))
-    t0 = time.monotonic()
-    report = run_pilot(
+    quick = ["/bin/sh", str(Path(__file__).with_name("probe_task.sh"))]
+    quick += ["{first}", "{count}", "{output}"]
+    _write(
         queue,
-        tmp_path / "work",
-        lambda now: _lease(3.0, now=t0).at(now),
-        time.monotonic,
-        reserve_floor=0.3,
+        "b.toml",
+        _data("b", command=quick, cpu_work_per_event=0.001, max_events=4, min_events=1),
     )
+    calls: list[float] = []
+
+    def lease_at(now: float) -> Lease:
+        # "a" is sized to a 3 s lease; afterwards the lease is renewed (a later
+        # end never stops a running job), so "b" has room whatever the load.
+        calls.append(now)
+        return _lease(3.0 if len(calls) == 1 else 60.0, now=now)
+
+    report = run_pilot(queue, tmp_path / "work", lease_at, time.monotonic, reserve_floor=0.3)
     first = report.jobs_run[0]
     assert first["spec"] == "a.toml" and not first["complete"] and first["events_done"] > 0
     assert "no time for another task" in str(first["stopped"])
