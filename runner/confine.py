@@ -398,6 +398,7 @@ class JobConfinement:
     def __init__(self, conf: Confinement, job: str, memory: int | None, cores: int) -> None:
         self.user = conf.user
         self.nice = conf.nice
+        self._setup: Callable[[], None] | None = None
         self.cgroup: JobCgroup | None = None
         self.rlimit: int | None = None
         self.memory_limit = "none"
@@ -437,7 +438,9 @@ class JobConfinement:
         """How to start one task running ``argv`` under this confinement."""
         setpriv = _setpriv()
         if setpriv is None:
-            return TaskLaunch(argv, subprocess.DEVNULL, self.child_setup(), self.nice)
+            if self._setup is None:
+                self._setup = self.child_setup()
+            return TaskLaunch(argv, subprocess.DEVNULL, self._setup, self.nice)
         drop = [setpriv]
         if self.user is not None:
             drop += [f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--clear-groups"]
