@@ -398,7 +398,7 @@ class JobConfinement:
     def __init__(self, conf: Confinement, job: str, memory: int | None, cores: int) -> None:
         self.user = conf.user
         self.nice = conf.nice
-        self._setup: Callable[[], None] | None = None
+        self._prefix: tuple[list[str], int, Callable[[], None] | None] | None = None
         self.cgroup: JobCgroup | None = None
         self.rlimit: int | None = None
         self.memory_limit = "none"
@@ -436,11 +436,16 @@ class JobConfinement:
 
     def launch(self, argv: list[str]) -> TaskLaunch:
         """How to start one task running ``argv`` under this confinement."""
+        if self._prefix is None:
+            self._prefix = self._launcher()
+        prefix, stdin, setup = self._prefix
+        return TaskLaunch([*prefix, *argv], stdin, setup, self.nice)
+
+    def _launcher(self) -> tuple[list[str], int, Callable[[], None] | None]:
+        """(argv prefix, stdin, preexec_fn): the same for every task of the job."""
         setpriv = _setpriv()
         if setpriv is None:
-            if self._setup is None:
-                self._setup = self.child_setup()
-            return TaskLaunch(argv, subprocess.DEVNULL, self._setup, self.nice)
+            return [], subprocess.DEVNULL, self.child_setup()
         drop = [setpriv]
         if self.user is not None:
             drop += [f"--reuid={self.user.uid}", f"--regid={self.user.gid}", "--clear-groups"]
@@ -453,9 +458,9 @@ class JobConfinement:
         if self.rlimit is not None:
             steps.append(f"ulimit -d {max(1, self.rlimit // 1024)} || exit 125")
         if not steps:
-            return TaskLaunch([*drop, *argv], stdin, None, self.nice)
+            return drop, stdin, None
         script = "; ".join([*steps, f'exec {shlex.join(drop)} "$@" </dev/null'])
-        return TaskLaunch(["/bin/sh", "-c", script, "swarm-task", *argv], stdin, None, self.nice)
+        return ["/bin/sh", "-c", script, "swarm-task"], stdin, None
 
     def child_setup(self) -> Callable[[], None]:
         """The slow path's ``preexec_fn``: run in the child between fork and exec.

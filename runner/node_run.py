@@ -165,6 +165,11 @@ class RunReport:
         return d
 
 
+def _unlink(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -174,7 +179,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 class _Running:
-    def __init__(self, a: Assignment, proc: subprocess.Popen[bytes], part: Path) -> None:
+    def __init__(self, a: Assignment, proc: subprocess.Popen[bytes], part: str) -> None:
         self.assignment = a
         self.proc = proc
         self.part = part
@@ -239,7 +244,9 @@ class _Gather:
     ) -> None:
         self.spec = spec
         self.tasks_dir = work / "tasks"
-        self.parts_dir = work / "parts"
+        # Plain strings on the per-task path: pathlib costs more than the syscalls.
+        self.tasks_prefix = f"{work / 'tasks'}/"
+        self.parts_prefix = f"{work / 'parts'}/"
         self.scratch = work / "scratch"
         self.sg = sg
         self.conf = conf
@@ -280,9 +287,9 @@ class _Gather:
 
     # --- one task's life
     def spawn(self, a: Assignment) -> None:
-        part = self.parts_dir / f"{a.task:06d}.{a.attempt}.{self.nonce}.part"
-        log = self.tasks_dir / f"{a.task:06d}.{a.attempt}.log"
-        argv = self.spec.argv(a.events.first, a.events.count, str(part))
+        part = f"{self.parts_prefix}{a.task:06d}.{a.attempt}.{self.nonce}.part"
+        log = f"{self.tasks_prefix}{a.task:06d}.{a.attempt}.log"
+        argv = self.spec.argv(a.events.first, a.events.count, part)
         self.env[b"SWARM_RUNNER_WORKER"] = b"%d" % a.worker
         self.env[b"SWARM_RUNNER_TASK"] = b"%d" % a.task
         launch = self.conf.launch(argv)
@@ -356,7 +363,7 @@ class _Gather:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(r.proc.pid, signal.SIGKILL)
         self._reaped(r, block=True)
-        r.part.unlink(missing_ok=True)
+        _unlink(r.part)
 
     def finished(self, r: _Running) -> None:
         del self.running[r.assignment.worker]
@@ -376,7 +383,7 @@ class _Gather:
                 if kills > self.memory_kills:
                     self.memory_kills = kills
                     why = f"killed by the memory limit ({self.conf.memory_limit})"
-            r.part.unlink(missing_ok=True)
+            _unlink(r.part)
         self.sg.failed(a, why)
 
     def commit(self, r: _Running) -> str | None:
@@ -389,7 +396,7 @@ class _Gather:
         is not committed: a gather dying before reruns it.
         """
         a = r.assignment
-        dest = self.tasks_dir / f"{a.task:06d}.out"
+        dest = f"{self.tasks_prefix}{a.task:06d}.out"
         try:
             os.replace(r.part, dest)
         except FileNotFoundError:
@@ -411,7 +418,7 @@ class _Gather:
         if fd < 0 or not good:
             if fd >= 0:
                 os.close(fd)
-            dest.unlink()
+            os.unlink(dest)
             return "output is not a regular file of the job's own (symlink or hard link?)"
         if user is not None:
             # The job user may no longer write what is committed.
