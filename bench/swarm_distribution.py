@@ -15,6 +15,7 @@ cost the two cores more than the daemons do).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cvmfs_like.publish import publish
+from cvmfs_like.store import OriginStore
 from swarm.images import publish_image
 from tests.netns import Host, Network
 from trust.keys import init_keys
@@ -46,6 +49,12 @@ def _config(
     ]
     if origin is not None:
         lines.append(f'origin = "{origin}"')
+    tuning = json.loads(os.environ.get("SWARM_BENCH_TUNING", "{}"))  # experiments
+    if origin is not None:  # the source
+        tuning.update(json.loads(os.environ.get("SWARM_BENCH_SOURCE_TUNING", "{}")))
+    if tuning:
+        lines.append("[tuning]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in tuning.items()]
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "node.toml"
     cfg.write_text("\n".join(lines) + "\n")
@@ -82,15 +91,49 @@ def _wait(what: str, check: Any, timeout: float, procs: list[subprocess.Popen[An
         time.sleep(0.25)
 
 
+def _refresh(host: Host, data_dir: Path) -> subprocess.Popen[Any]:
+    """POST a refresh to a node's API from inside its namespace (curl)."""
+    token = (data_dir / "api.token").read_text().strip()
+    return host.popen(
+        [
+            "curl",
+            "-sf",
+            "-m",
+            "120",
+            "-o",
+            "/dev/null",
+            "-X",
+            "POST",
+            "-H",
+            f"Authorization: Bearer {token}",
+            f"http://127.0.0.1:7000/v1/repositories/{REPO}/refresh",
+        ],
+    )
+
+
 def run_swarm(net: Network, source: Host, clients: list[Host], file: Path) -> dict[str, Any]:
+    """Node daemons are running (as on a site) when the image is published:
+    the clock runs from the publish until every client holds the image."""
     work = Path(tempfile.mkdtemp(prefix="swarm-", dir=file.parent))
     keys = work / "keys"
     root_json = init_keys(keys, REPO)
     store = work / "store"
-    target = publish_image(file, name="bench", version="1", repo=REPO, keys=keys, store=store)
+    tree = work / "tree"
+    tree.mkdir()
+    (tree / "README").write_text("the repository exists before the image\n")
+    publish(tree, OriginStore(store, REPO), keys)
     logs = []
+    procs: list[subprocess.Popen[Any]] = []
+
+    def start(host: Host, cfg: Path, name: str) -> None:
+        log = open(work / f"{name}.log", "ab")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(
+            host.popen([PY, "-m", "swarm", "node", "--config", cfg], stdout=log, stderr=log)
+        )
+
     try:
-        log = open(work / "origin.log", "ab")  # noqa: SIM115 - closed below
+        log = open(work / "origin.log", "ab")  # noqa: SIM115
         logs.append(log)
         source.popen(
             [PY, "-m", "swarm", "serve", store, "--listen", "127.0.0.1:8000"],
@@ -100,22 +143,27 @@ def run_swarm(net: Network, source: Host, clients: list[Host], file: Path) -> di
         src_cfg = _config(
             work / "source", source, root_json, origin="http://127.0.0.1:8000/", bootstrap=[]
         )
-        log = open(work / "source.log", "ab")  # noqa: SIM115
-        logs.append(log)
-        src = source.popen([PY, "-m", "swarm", "node", "--config", src_cfg], stdout=log, stderr=log)
-        _wait("the source node holds the image", lambda: _image_done(source), 300, [src])
-
-        procs = []
-        t0 = time.monotonic()
+        start(source, src_cfg, "source")
         for i, h in enumerate(clients):
             cfg = _config(
                 work / f"client{i}", h, root_json, origin=None, bootstrap=[f"{source.addr}:6881"]
             )
-            log = open(work / f"client{i}.log", "ab")  # noqa: SIM115
-            logs.append(log)
-            procs.append(
-                h.popen([PY, "-m", "swarm", "node", "--config", cfg], stdout=log, stderr=log)
-            )
+            start(h, cfg, f"client{i}")
+        dirs = [work / "source" / "data"] + [
+            work / f"client{i}" / "data" for i in range(len(clients))
+        ]
+        _wait(
+            "every node daemon up",
+            lambda: all((d / "node.json").exists() for d in dirs),
+            300,
+            procs,
+        )
+        target = publish_image(file, name="bench", version="1", repo=REPO, keys=keys, store=store)
+        t0 = time.monotonic()
+        if _refresh(source, dirs[0]).wait(120) != 0:
+            raise RuntimeError("the source node's refresh failed")
+        learned = time.monotonic() - t0
+        pokes = [_refresh(h, d) for h, d in zip(clients, dirs[1:], strict=True)]
         done: dict[int, float] = {}
 
         def all_done() -> bool:
@@ -124,12 +172,16 @@ def run_swarm(net: Network, source: Host, clients: list[Host], file: Path) -> di
                     done[i] = time.monotonic() - t0
             return len(done) == len(clients)
 
-        _wait("every client holds the image", all_done, 3600, [src, *procs])
+        _wait("every client holds the image", all_done, 3600, procs)
+        for p in pokes:
+            p.wait(10)
         seconds = max(done.values())
-        files = [
-            next((work / f"client{i}" / "data" / "repos" / REPO / "images").rglob(target.file))
-            for i in range(len(clients))
-        ]
+        files = [next((d / "repos" / REPO / "images").rglob(target.file)) for d in dirs[1:]]
+        print(
+            f"swarm: source learned of the image in {learned:.1f} s; clients done "
+            + ", ".join(f"{v:.1f}" for v in sorted(done.values())),
+            file=sys.stderr,
+        )
         return {"seconds": seconds, "files": files, "client_seconds": sorted(done.values())}
     finally:
         for log in logs:

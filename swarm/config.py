@@ -72,6 +72,7 @@ class NodeConfig:
     api_token_file: Path | None = None
     image_policy: dict[str, Any] = field(default_factory=dict)
     runner: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] = field(default_factory=dict)  # libtorrent session knobs
 
     @property
     def token_path(self) -> Path:
@@ -96,6 +97,7 @@ _TOP_KEYS = {
     "repositories",
     "image_policy",
     "runner",
+    "tuning",
 }
 _REPO_KEYS = {"origin", "trust", "policy", "images", "cache_quota", "tag"}
 
@@ -201,6 +203,9 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
     runner = raw.get("runner", {})
     if not isinstance(runner, dict):
         raise ConfigError("runner: expected a table")
+    tuning = raw.get("tuning", {})
+    if not isinstance(tuning, dict):
+        raise ConfigError("tuning: expected a table")
     refresh = _typed(raw.get("refresh_interval", 60.0), float, "refresh_interval")
     fetch_timeout = _typed(raw.get("fetch_timeout", 30.0), float, "fetch_timeout")
     if refresh <= 0 or fetch_timeout <= 0:
@@ -221,6 +226,7 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
         api_token_file=None if token_file is None else _path(token_file, "api_token_file", base),
         image_policy=image_policy,
         runner=runner,
+        tuning=tuning,
     )
 
 

@@ -752,6 +752,31 @@ class Node:
         return {n: rs.cache.stats() for n, rs in self.repos.items()}
 
 
+_NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
+
+
+def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The ``[tuning]`` table as keyword arguments of the session config.
+
+    Raises:
+        ConfigError: an unknown knob or a value of the wrong type.
+    """
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _NOT_TUNING}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in defaults:
+            raise ConfigError(f"tuning.{key}: unknown (known: {', '.join(sorted(defaults))})")
+        want = type(defaults[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise ConfigError(f"tuning.{key}: expected {want.__name__}, got {value!r}")
+        out[key] = value
+    return out
+
+
 def run_node(config_path: Path) -> None:
     """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
 
@@ -778,6 +803,7 @@ def run_node(config_path: Path) -> None:
             bootstrap=[str(b) for b in cfg.bootstrap],
             dht=cfg.dht,
             lsd=cfg.lsd,
+            **_tuning(cfg.tuning, SessionConfig),
         ),
         cfg.data_dir / "session",
     )

@@ -322,6 +322,11 @@ class SessionConfig:
     resume_interval: float = 2.0
     piece_cache: int = 8 * 1024 * 1024
     reconnect_interval: float = 10.0
+    piece_extent_affinity: bool = False
+    seed_choking: str = "anti_leech"  # or "round_robin", "fastest_upload"
+    tick_interval_ms: int = 500
+    initial_picker_threshold: int = 4
+    super_seeding: bool = False
 
     def settings(self) -> lt.settings_pack:
         """The libtorrent ``settings_pack`` for this configuration.
@@ -364,20 +369,27 @@ class SessionConfig:
             "close_redundant_connections": False,
             # Cooperating LAN nodes: no tit-for-tat.  A high fixed number of
             # unchoke slots serves every interested peer at once (rate-based
-            # choking starts from few slots and grows slowly); seeds favour
-            # the peers that take data fastest, so the seed's upload enters
-            # the swarm at full speed.
+            # choking starts from few slots and grows slowly).
             "choking_algorithm": int(lt.choking_algorithm_t.fixed_slots_choker),
             "unchoke_slots_limit": self.unchoke_slots,
-            "seed_choking_algorithm": int(lt.seed_choking_algorithm_t.fastest_upload),
+            # anti_leech favours peers that have little or almost all of the
+            # torrent: the seed's upload goes where it is rarest (measured
+            # slightly better than fastest_upload and round_robin).
+            "seed_choking_algorithm": int(
+                getattr(lt.seed_choking_algorithm_t, self.seed_choking)
+            ),
             # Deep request pipelines for fast links, but only ~1 s of queued
             # requests per peer, so a deadline read does not sit behind bulk.
             "max_out_request_queue": self.max_out_request_queue,
             "max_allowed_in_request_queue": max(2000, self.max_out_request_queue),
             "request_queue_time": self.request_queue_time,
-            # Download whole 4 MiB extents from one peer: fewer partial pieces,
-            # better disk locality.
-            "piece_extent_affinity": True,
+            # Extent affinity makes peers pick pieces in the 4 MiB extents
+            # others are downloading: in a flash crowd they then ask the one
+            # seed for the same pieces (16 nodes, 64 MiB: the seed sent 2.9
+            # copies with it, 1.7 without; 3.4x the Kumar-Ross bound -> 2.2x).
+            "piece_extent_affinity": self.piece_extent_affinity,
+            "tick_interval": self.tick_interval_ms,
+            "initial_picker_threshold": self.initial_picker_threshold,
             # The web seed is the origin: every byte it sends is verified all
             # the same, and libtorrent blames every source of a failed piece,
             # so a corrupt peer would get the origin banned with it and leave
@@ -1241,6 +1253,12 @@ class TorrentSession:
             transfer.rechecked = True
         elif alert.state not in _CHECKING_STATES and not transfer._ready:
             transfer._on_checked()
+        if alert.state == lt.torrent_status.seeding and self.config.super_seeding:
+            # A designated seed (e.g. the site's first node, fed by the
+            # origin) offers each peer a piece nobody else has yet, so its
+            # upload carries every piece into the swarm about once.
+            with contextlib.suppress(RuntimeError):
+                alert.handle.set_flags(lt.torrent_flags.super_seeding)
 
     def _on_fastresume_rejected(self, alert: Any) -> None:
         log.warning("%s: resume data rejected: %s", alert.torrent_name, alert.message())

@@ -72,3 +72,18 @@ def test_bad_values_name_the_key(text: str, names: str) -> None:
 def test_unreadable_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_config(tmp_path / "missing.toml")
+
+
+def test_tuning_knobs_are_checked_against_the_session_config() -> None:
+    from swarm.node import _tuning
+    from swarm.torrent import SessionConfig
+
+    cfg = parse_config('[tuning]\nunchoke_slots = 16\nseed_choking = "round_robin"\n')
+    kw = _tuning(cfg.tuning, SessionConfig)
+    assert SessionConfig(**kw).settings()["unchoke_slots_limit"] == 16
+    with pytest.raises(ConfigError, match=r"tuning\.unchoke: unknown"):
+        _tuning({"unchoke": 1}, SessionConfig)
+    with pytest.raises(ConfigError, match=r"tuning\.unchoke_slots: expected int"):
+        _tuning({"unchoke_slots": "many"}, SessionConfig)
+    with pytest.raises(ConfigError, match="listen"):
+        _tuning({"listen": "0.0.0.0:1"}, SessionConfig)  # not a tuning knob
