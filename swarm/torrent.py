@@ -375,9 +375,7 @@ class SessionConfig:
             # anti_leech favours peers that have little or almost all of the
             # torrent: the seed's upload goes where it is rarest (measured
             # slightly better than fastest_upload and round_robin).
-            "seed_choking_algorithm": int(
-                getattr(lt.seed_choking_algorithm_t, self.seed_choking)
-            ),
+            "seed_choking_algorithm": int(getattr(lt.seed_choking_algorithm_t, self.seed_choking)),
             # Deep request pipelines for fast links, but only ~1 s of queued
             # requests per peer, so a deadline read does not sit behind bulk.
             "max_out_request_queue": self.max_out_request_queue,
