@@ -90,7 +90,7 @@ def add_job_routes(
     app.router.add_get("/v1/jobs/{id}", get_job)
 
 
-_ERROR = {
+ERROR_RESPONSE = {  # an OpenAPI response: JSON {"error": "..."}
     "description": "error",
     "content": {
         "application/json": {
@@ -150,8 +150,8 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
             },
             "responses": {
                 "201": _json(_JOB, "queued; Location is the job's URL"),
-                "400": _ERROR,
-                "401": _ERROR,
+                "400": ERROR_RESPONSE,
+                "401": ERROR_RESPONSE,
             },
         },
     },
@@ -161,7 +161,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
             "parameters": [
                 {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
             ],
-            "responses": {"200": _json(_JOB), "404": _ERROR},
+            "responses": {"200": _json(_JOB), "404": ERROR_RESPONSE},
         }
     },
     "/v1/jobs/stop": {
@@ -180,8 +180,8 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
             ],
             "responses": {
                 "202": _json({"type": "object"}, "stopping"),
-                "400": _ERROR,
-                "401": _ERROR,
+                "400": ERROR_RESPONSE,
+                "401": ERROR_RESPONSE,
             },
         }
     },

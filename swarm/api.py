@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from runner.api import ERROR_RESPONSE
+
 if TYPE_CHECKING:
     from swarm.node import Node
 
@@ -21,18 +23,7 @@ _NODE: web.AppKey[Node] = web.AppKey("node")
 
 _OBJ = {"type": "object"}
 _ARR = {"type": "array", "items": {"type": "object"}}
-_ERR = {
-    "description": "error",
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {"error": {"type": "string"}},
-                "required": ["error"],
-            }
-        }
-    },
-}
+_ERR = ERROR_RESPONSE
 
 
 def _get(summary: str, schema: dict[str, Any], *, param: bool = False) -> dict[str, Any]:
