@@ -354,8 +354,9 @@ def _node_status(a: argparse.Namespace) -> int:
             print(f"    last error: {r['last_error']}")
     for t in st.get("transfers", []):
         print(
-            f"  transfer {t['repository']} {t['what']}: {t['state']} {t['progress'] * 100:.0f} %"
-            f" of {t['total_wanted'] / 1e6:.1f} MB, {t['num_peers']} peers,"
+            f"  transfer {t['repository']} {t['what']}: {t['state']}"
+            + (" (full prefetch)" if t["prefetch"] else " (on demand)")
+            + f", holds {t['total_done'] / 1e6:.1f} MB, {t['num_peers']} peers,"
             f" in {t['downloaded'] / 1e6:.1f} MB / out {t['uploaded'] / 1e6:.1f} MB"
             + (f", {t['hash_failures']} hash failures" if t["hash_failures"] else "")
         )
