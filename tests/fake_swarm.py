@@ -60,7 +60,12 @@ class FakeTransfer:
 
     def _truth(self, piece: int) -> bytes:
         i, off, n = self._locate(piece)
-        with open(self.session.world.origin_root / _rel(self.meta, i), "rb") as f:
+        root = self.session.world.origin_root
+        if len(self.meta.files) == 1:  # an image: STORE/NAME/images/I/V/FILE
+            path = next(root.rglob(self.meta.name))
+        else:
+            path = root / _rel(self.meta, i)
+        with open(path, "rb") as f:
             f.seek(off)
             return f.read(n)
 

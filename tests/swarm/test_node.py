@@ -232,3 +232,48 @@ def test_jobs_are_submitted_through_the_daemon_api(site: Site) -> None:
                     assert "/v1/jobs" in (await r.json())["paths"]
 
     asyncio.run(main())
+
+
+def test_a_read_asks_the_swarm_for_exactly_the_pieces_it_needs(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            session = a.session
+            asked_at_start = len(session.requests)  # type: ignore[attr-defined]
+            await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
+            asked = session.requests[asked_at_start:]  # type: ignore[attr-defined]
+            ih = a.repo_status(REPO)["torrents"]["1"]
+            meta = session.get(ih).meta
+            big = next(f for f in meta.files if f.size == 2 << 20)  # large.bin's object
+            big_pieces = set(range(big.first_piece, big.first_piece + big.num_pieces))
+            assert asked and not big_pieces & {p for _, p in asked}
+            assert len(asked) == len(set(asked))  # nothing asked twice
+            got = await asyncio.to_thread(read_file, a.namespace, f"{REPO}/large.bin")
+            assert got == (site.src / "large.bin").read_bytes()
+            assert big_pieces <= {p for _, p in session.requests}  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_images_are_shown_only_from_publishers_the_site_accepts(site: Site) -> None:
+    from swarm.images import publish_image
+
+    image = site.tmp / "vm.img"
+    image.write_bytes(os.urandom(300_000))
+    publish_image(
+        image, name="vm", version="1", repo=REPO, keys=site.keys, store=site.tmp / "store"
+    )
+
+    async def main() -> None:
+        accepted = site.node(0)
+        async with running(accepted) as a:
+            assert a.namespace.lookup(f".images/{REPO}/vm/1".encode()) is not None
+            got = await asyncio.to_thread(read_file, a.namespace, f".images/{REPO}/vm/1")
+            assert got == image.read_bytes()
+        refusing = site.node(1)
+        refusing.image_policy = ImagePolicy.from_table({"accept": []})
+        async with running(refusing) as b:
+            assert b.namespace.lookup(f".images/{REPO}/vm/1".encode()) is None
+            refused = [i for i in b.images() if not i["accepted"]]
+            assert refused and REPO in refused[0]["reason"]
+
+    asyncio.run(main())
