@@ -128,7 +128,7 @@ def run_pilot(
     report = PilotReport()
     t0 = clock()
     deferred: set[str] = set()  # stopped at the lease end during this pilot
-    pace: dict[str, float] = {}  # job name -> measured wall seconds per event of a task
+    pace: dict[str, float] = {}  # job name -> wall seconds per event, measured by this pilot
     while True:
         if stop.requested:
             report.stopped = f"stop requested ({stop.reason})"
@@ -163,7 +163,8 @@ def run_pilot(
                     confinement=confinement,
                     masonry=True,
                     reserve_floor=reserve_floor,
-                    seconds_per_event=pace.get(spec.name),
+                    seconds_per_event=pace.get(spec.name)
+                    or (history.pace(spec.name) if history is not None else None),
                 )
             except JobRefused as exc:
                 os.replace(running, path)
@@ -179,8 +180,11 @@ def run_pilot(
                 report.rejected[path.name] = str(exc)
                 continue
             report.refused.pop(path.name, None)
-            if result.report.seconds_per_event is not None:
-                pace[spec.name] = result.report.seconds_per_event
+            measured_pace = result.report.seconds_per_event
+            if measured_pace is not None:
+                pace[spec.name] = measured_pace
+                if history is not None:
+                    history.record_pace(spec.name, measured_pace)
             report.events_done += result.report.events_done
             report.cpu_seconds += result.report.cpu_seconds
             if result.report.stopped and not result.report.complete:

@@ -259,6 +259,7 @@ class _Gather:
         self.clock = clock
         self.poll_interval = poll_interval
         self.per_event = None if task_estimate is None else task_estimate / spec.events_per_task
+        self.paced = False  # per_event measured by a commit of this run, not estimated
         self.base_nice = os.getpriority(os.PRIO_PROCESS, 0)
         self.running: dict[int, _Running] = {}
         self.stopped: str | None = None
@@ -426,6 +427,7 @@ class _Gather:
             os.fchmod(fd, 0o644)
         self.unflushed.append((fd, self.sg.succeeded(a)))
         self.cpu_committed += r.cpu
+        self.paced = True
         per_event = (self.clock() - a.started) / a.events.count
         self.per_event = (
             per_event
@@ -657,7 +659,7 @@ def run_job(
         user=str(conf.user) if conf.user is not None else f"uid {os.geteuid()} (the node's)",
         memory_limit=memory_limit,
         memory_kills=gather.memory_kills,
-        seconds_per_event=gather.per_event if gather.task_runs else None,
+        seconds_per_event=gather.per_event if gather.paced else None,
     )
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     return report

@@ -57,7 +57,9 @@ def size_job(spec: JobSpec, lease: Lease, measured_work: float | None = None) ->
 
 
 class WorkHistory:
-    """Measured HS06.s per event, per job name, in a small JSON file.
+    """Measured HS06.s per event, per job name, in a small JSON file; beside it
+    (``<stem>.pace.json``) the measured pace of tasks on this node, wall
+    seconds per event per worker, which masonry uses to size jobs.
 
     Writes are atomic (temporary file + rename), so a crash leaves the old
     history. An unreadable history is treated as empty: it only tunes sizing.
@@ -65,10 +67,11 @@ class WorkHistory:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.pace_path = self.path.with_name(f"{self.path.stem}.pace.json")
 
-    def _load(self) -> dict[str, list[float]]:
+    def _load(self, path: Path | None = None) -> dict[str, list[float]]:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads((path or self.path).read_text())
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict):
@@ -93,17 +96,31 @@ class WorkHistory:
         work = cpu_seconds * power_per_core / events
         if work <= 0:
             return work
-        data = self._load()
-        data[name] = ([*data.get(name, []), work])[-_HISTORY_KEEP:]
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".history.")
+        self._append(self.path, name, work)
+        return work
+
+    def pace(self, name: str) -> float | None:
+        """Mean recent wall seconds per event per worker of ``name``'s tasks."""
+        values = self._load(self.pace_path).get(name)
+        if not values:
+            return None
+        return sum(values) / len(values)
+
+    def record_pace(self, name: str, seconds_per_event: float) -> None:
+        if seconds_per_event > 0:
+            self._append(self.pace_path, name, seconds_per_event)
+
+    def _append(self, path: Path, name: str, value: float) -> None:
+        data = self._load(path)
+        data[name] = ([*data.get(name, []), value])[-_HISTORY_KEEP:]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".history.")
         try:
             with os.fdopen(fd, "w") as f:
                 json.dump(data, f, indent=1, sort_keys=True)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, self.path)
+            os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return work

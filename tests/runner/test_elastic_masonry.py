@@ -184,3 +184,21 @@ def test_pilot_goes_on_after_a_job_stops_at_the_lease_end(tmp_path: Path) -> Non
     assert [j["spec"] for j in report.jobs_run[1:]] == ["b.toml"]
     assert report.jobs_run[1]["complete"]
     assert report.stopped == "no queued job fits the lease"
+
+
+def test_pace_measured_by_a_pilot_is_kept_for_the_next(tmp_path: Path) -> None:
+    history = WorkHistory(tmp_path / "history.json")
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    _write(queue, "a.toml", _data("a", max_events=20))
+    t0 = time.monotonic()
+    run_pilot(
+        queue,
+        tmp_path / "work",
+        lambda now: _lease(100, now=t0).at(now),
+        time.monotonic,
+        history=history,
+    )
+    pace = history.pace("a")
+    assert pace is not None and pace > 0  # wall seconds per event of a's tasks
+    assert history.measured("a") is not None and history.pace("b") is None
