@@ -134,7 +134,17 @@ class ExchangeFetcher(FetcherInterface):
             num_pools=64,
             maxsize=4,
             timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout),
-            retries=False,
+            # A peer's keep-alive connection may be closed under us: one
+            # quick retry of a GET beats waiting a refresh interval.
+            retries=urllib3.Retry(
+                total=2,
+                connect=2,
+                read=1,
+                redirect=0,
+                status=0,
+                backoff_factor=0.1,
+                raise_on_status=False,
+            ),
         )
         self.last_source: dict[str, str] = {}  # file -> where it came from
 

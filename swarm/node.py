@@ -213,6 +213,7 @@ class Node:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._refresh_lock = asyncio.Lock()
+        self._wake = asyncio.Event()  # a refresh failed: retry soon
         self.started_at = time.time()
         self.api_port: int | None = None
         self.peer_port: int | None = None
@@ -399,12 +400,34 @@ class Node:
 
     # -- repositories --------------------------------------------------------------------
 
+    def _metadata_failing(self) -> bool:
+        return any((r.last_error or "").startswith("metadata") for r in self.repos.values())
+
     async def _refresh_loop(self) -> None:
+        """Refresh every ``refresh_interval``.  While a repository's metadata
+        fetch is failing (a peer hiccuped, the origin is down), retry sooner:
+        2 s, doubling up to the interval; a failed refresh asked for through
+        the API wakes the loop, so a node never misses a publish for a whole
+        interval because one fetch failed."""
+        backoff: float | None = None
         while not self._stopping.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=self.config.refresh_interval)
+            if self._metadata_failing():
+                backoff = 2.0 if backoff is None else backoff * 2
+                delay = min(backoff, self.config.refresh_interval)
+            else:
+                backoff = None
+                delay = self.config.refresh_interval
+            self._wake.clear()
+            waits = {asyncio.ensure_future(self._stopping.wait())}
+            if backoff is None:
+                waits.add(asyncio.ensure_future(self._wake.wait()))
+            _, pending = await asyncio.wait(waits, timeout=delay, return_when="FIRST_COMPLETED")
+            for w in pending:
+                w.cancel()
             if self._stopping.is_set():
                 return
+            if self._wake.is_set():
+                continue  # a refresh failed: recompute the delay (2 s) first
             self._learn_peers()
             for name in list(self.repos):
                 try:
@@ -427,6 +450,7 @@ class Node:
             except TrustTransportError as exc:
                 rs.last_error = f"metadata unreachable: {exc}"
                 log.warning("%s: %s", name, rs.last_error)
+                self._wake.set()
                 try:
                     await asyncio.to_thread(rs.trusted.load_cached)
                 except TrustError as exc2:

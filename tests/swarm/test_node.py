@@ -277,3 +277,19 @@ def test_images_are_shown_only_from_publishers_the_site_accepts(site: Site) -> N
             assert refused and REPO in refused[0]["reason"]
 
     asyncio.run(main())
+
+
+def test_a_failed_metadata_fetch_is_retried_soon_not_after_the_interval(site: Site) -> None:
+    async def main() -> None:
+        site.origin.stop()
+        async with running(site.node(0)) as a:  # refresh_interval is an hour
+            assert a.repo_status(REPO)["last_error"].startswith("metadata")
+            site.origin.start_again()
+            for _ in range(100):
+                if a.repo_status(REPO)["revision"] == 1:
+                    break
+                await asyncio.sleep(0.1)
+            assert a.repo_status(REPO)["revision"] == 1
+            assert a.repo_status(REPO)["last_error"] is None
+
+    asyncio.run(main())
