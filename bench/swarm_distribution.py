@@ -121,6 +121,7 @@ def run_swarm(net: Network, source: Host, clients: list[Host], file: Path) -> di
     tree = work / "tree"
     tree.mkdir()
     (tree / "README").write_text("the repository exists before the image\n")
+    (tree / "VERSION").write_text("1\n")  # two objects: the revision has a torrent
     publish(tree, OriginStore(store, REPO), keys)
     logs = []
     procs: list[subprocess.Popen[Any]] = []
