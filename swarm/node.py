@@ -386,6 +386,15 @@ class Node:
         return [f"http://{h}:{port}/" for h in hosts if h not in mine]
 
     def _learn_peers(self) -> None:
+        """Remember the hosts of BitTorrent peers (not the origins, which are
+        web seeds without a peer exchange) as peer exchange hosts."""
+        import urllib.parse
+
+        origins = {
+            urllib.parse.urlsplit(r.cfg.origin).hostname
+            for r in self.repos.values()
+            if r.cfg.origin is not None
+        }
         for rs in self.repos.values():
             for ih in list(rs.revision_torrents.values()) + [
                 i.transfer.meta.info_hash for i in rs.images.values()
@@ -395,7 +404,7 @@ class Node:
                     continue
                 for p in t.peers():
                     host = p.address.rpartition(":")[0].strip("[]")
-                    if host:
+                    if host and host not in origins:
                         self._extra_peers.add(host)
 
     # -- repositories --------------------------------------------------------------------
