@@ -62,6 +62,7 @@ from typing import Any, BinaryIO
 from bench.report import machine
 from bench.util import ROOT, BenchError, say
 from tests.netns import Host, Network, cleanup_stale
+from tests.swarm.torrent_helpers import bencode
 
 MIB = 1 << 20
 SYSTEMS = ("http", "squid", "aria2", "swarm")
@@ -121,23 +122,6 @@ def kumar_ross_bound(size: int, nodes: int, rate_mbit: float) -> float:
 
 
 # -- bencode, v1 torrent, tracker --------------------------------------------------
-
-
-def bencode(x: object) -> bytes:
-    if isinstance(x, bool):
-        raise TypeError("bencode has no booleans")
-    if isinstance(x, int):
-        return b"i%de" % x
-    if isinstance(x, str):
-        x = x.encode()
-    if isinstance(x, bytes):
-        return b"%d:%s" % (len(x), x)
-    if isinstance(x, list):
-        return b"l" + b"".join(bencode(i) for i in x) + b"e"
-    if isinstance(x, dict):
-        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in x.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(f"cannot bencode {type(x).__name__}")
 
 
 def piece_length_for(size: int) -> int:

@@ -20,10 +20,18 @@ from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
 
 BLOCK = 16 * 1024
 
-Bencodable = int | bytes | str | list["Bencodable"] | dict[bytes, "Bencodable"]
+Bencodable = (
+    int | bytes | str | list["Bencodable"] | dict[bytes, "Bencodable"] | dict[str, "Bencodable"]
+)
 
 
 def bencode(value: Bencodable) -> bytes:
+    """BEP 3 encoding; dictionary keys (str or bytes) sorted as raw bytes.
+
+    Raises ``TypeError`` for what bencode cannot express (booleans included).
+    """
+    if isinstance(value, bool):
+        raise TypeError("bencode has no booleans")
     if isinstance(value, int):
         return b"i%de" % value
     if isinstance(value, str):
@@ -32,7 +40,10 @@ def bencode(value: Bencodable) -> bytes:
         return b"%d:%s" % (len(value), value)
     if isinstance(value, list):
         return b"l" + b"".join(bencode(v) for v in value) + b"e"
-    return b"d" + b"".join(bencode(k) + bencode(value[k]) for k in sorted(value)) + b"e"
+    if isinstance(value, dict):
+        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in value.items())
+        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
+    raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
 def skip_value(data: bytes, i: int) -> int:
