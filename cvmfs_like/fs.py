@@ -311,7 +311,7 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         content = e.object or (f"r{of.revision}:{e.ino}" if e.chunked else "empty")
         with self._lock:
             users = self._open_content.setdefault(p, Counter())
-            if isinstance(self.mounted, Namespace) and self.mounted.streams(e):
+            if self.mounted.streams(e):
                 fi.direct_io = 1
             elif any(c != content and n > 0 for c, n in users.items()):
                 fi.direct_io = 1  # another revision's copy is open: share no pages

@@ -393,6 +393,11 @@ class MountedRelease:
     def open_count(self) -> int:
         return len(self._files)
 
+    @staticmethod
+    def streams(entry: Entry) -> bool:
+        """Release files use the page cache (see Namespace.streams)."""
+        return False
+
     def statfs(self) -> tuple[int, int]:
         """(bytes, files) of the current revision."""
         rel = self.current.release

@@ -31,7 +31,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,6 +385,18 @@ class Node:
                 hosts.append(h)
         return [f"http://{h}:{port}/" for h in hosts if h not in mine]
 
+    def _transfers(self) -> Iterator[tuple[str, str, Transfer]]:
+        """(repository, what, transfer) for every torrent this node follows."""
+        for name, rs in self.repos.items():
+            hashes = [(f"revision {r}", ih) for r, ih in rs.revision_torrents.items()]
+            hashes += [
+                (f"image {n}/{v}", i.transfer.meta.info_hash) for (n, v), i in rs.images.items()
+            ]
+            for what, ih in hashes:
+                t = self.session.get(ih)
+                if t is not None:
+                    yield name, what, t
+
     def _learn_peers(self) -> None:
         """Remember the hosts of BitTorrent peers (not the origins, which are
         web seeds without a peer exchange) as peer exchange hosts."""
@@ -395,17 +407,11 @@ class Node:
             for r in self.repos.values()
             if r.cfg.origin is not None
         }
-        for rs in self.repos.values():
-            for ih in list(rs.revision_torrents.values()) + [
-                i.transfer.meta.info_hash for i in rs.images.values()
-            ]:
-                t = self.session.get(ih)
-                if t is None:
-                    continue
-                for p in t.peers():
-                    host = p.address.rpartition(":")[0].strip("[]")
-                    if host and host not in origins:
-                        self._extra_peers.add(host)
+        for _, _, t in self._transfers():
+            for p in t.peers():
+                host = p.address.rpartition(":")[0].strip("[]")
+                if host and host not in origins:
+                    self._extra_peers.add(host)
 
     # -- repositories --------------------------------------------------------------------
 
@@ -724,45 +730,29 @@ class Node:
 
     def transfers(self) -> list[dict[str, Any]]:
         out = []
-        for name, rs in self.repos.items():
-            hashes = [(f"revision {r}", ih) for r, ih in rs.revision_torrents.items()]
-            hashes += [
-                (f"image {n}/{v}", i.transfer.meta.info_hash) for (n, v), i in rs.images.items()
-            ]
-            for what, ih in hashes:
-                t = self.session.get(ih)
-                if t is None:
-                    continue
-                st = t.status()
-                d = dict(st.__dict__)
-                d.update(repository=name, what=what)
-                out.append(d)
+        for name, what, t in self._transfers():
+            d = dict(t.status().__dict__)
+            d.update(repository=name, what=what)
+            out.append(d)
         return out
 
     def peers(self) -> list[dict[str, Any]]:
         seen: dict[str, dict[str, Any]] = {}
-        for rs in self.repos.values():
-            hashes = list(rs.revision_torrents.values()) + [
-                i.transfer.meta.info_hash for i in rs.images.values()
-            ]
-            for ih in hashes:
-                t = self.session.get(ih)
-                if t is None:
-                    continue
-                for p in t.peers():
-                    d = seen.setdefault(
-                        p.address,
-                        {
-                            "address": p.address,
-                            "client": p.client,
-                            "torrents": 0,
-                            "downloaded": 0,
-                            "uploaded": 0,
-                        },
-                    )
-                    d["torrents"] += 1
-                    d["downloaded"] += p.downloaded
-                    d["uploaded"] += p.uploaded
+        for _, _, t in self._transfers():
+            for p in t.peers():
+                d = seen.setdefault(
+                    p.address,
+                    {
+                        "address": p.address,
+                        "client": p.client,
+                        "torrents": 0,
+                        "downloaded": 0,
+                        "uploaded": 0,
+                    },
+                )
+                d["torrents"] += 1
+                d["downloaded"] += p.downloaded
+                d["uploaded"] += p.uploaded
         return list(seen.values())
 
     def status(self) -> dict[str, Any]:
