@@ -151,14 +151,10 @@ class Namespace:
     def _tag(entry: Entry, slot: int) -> Entry:
         return dataclasses.replace(entry, ino=(slot << _SLOT_SHIFT) | (entry.ino & _INNER))
 
-    def _route(self, path: bytes) -> tuple[bytes, bytes]:
-        head, _, rest = path.partition(b"/")
-        return head, rest
-
     def lookup(self, path: bytes) -> Entry | None:
         if path == b"":
             return _dir_entry(b"", self._started_ns)
-        head, rest = self._route(path)
+        head, _, rest = path.partition(b"/")
         if head == IMAGES_DIR:
             return self._image_lookup(rest)
         found = self._repos.get(head)
@@ -192,7 +188,7 @@ class Namespace:
                 if root is not None:
                     out.append(dataclasses.replace(self._tag(root, slot), name=key, path=key))
             return out
-        head, rest = self._route(path)
+        head, _, rest = path.partition(b"/")
         if head == IMAGES_DIR:
             return list(self._image_dirs.get(rest, []))
         found = self._repos.get(head)
@@ -268,7 +264,7 @@ class Namespace:
             img = self._images.get(entry.path[len(IMAGES_DIR) + 1 :])
             return {} if img is None else img.xattrs()
         mounted = self._slots.get(slot)
-        if mounted is None or entry.ino == 1:
+        if mounted is None:  # the root (slot 0)
             return {}
         return mounted.xattrs(dataclasses.replace(entry, ino=entry.ino & _INNER))
 
