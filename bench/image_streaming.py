@@ -55,11 +55,17 @@ def _start(host: Host, cfg: Path, log: Path) -> subprocess.Popen[Any]:
 
 
 def _client(work: Path, name: str, host: Host, source: Host, root_json: Path) -> Path:
-    cfg = _config(work / name, host, root_json, origin=None, bootstrap=[f"{source.addr}:6881"])
-    text = cfg.read_text().replace('policy = "prefetch"', 'policy = "on-demand"')
     mnt = work / name / "mnt"
-    mnt.mkdir()
-    cfg.write_text(f'mount = "{mnt}"\n' + text)
+    mnt.mkdir(parents=True)
+    cfg = _config(
+        work / name,
+        host,
+        root_json,
+        origin=None,
+        bootstrap=[f"{source.addr}:6881"],
+        policy="on-demand",
+        mount=mnt,
+    )
     return cfg
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
+from swarm.config import render_config
 from swarm.images import publish_image
 from tests.netns import Host, Network
 from trust.keys import init_keys
@@ -34,30 +35,34 @@ PY = sys.executable
 
 
 def _config(
-    d: Path, host: Host, root_json: Path, *, origin: str | None, bootstrap: list[str]
+    d: Path,
+    host: Host,
+    root_json: Path,
+    *,
+    origin: str | None,
+    bootstrap: list[str],
+    policy: str = "prefetch",
+    mount: Path | None = None,
 ) -> Path:
-    lines = [
-        f'data_dir = "{d}/data"',
-        f'listen = "{host.addr}:6881"',
-        'api = "127.0.0.1:7000"',
-        f'peer = "{host.addr}:6880"',
-        "bootstrap = [" + ", ".join(f'"{b}"' for b in bootstrap) + "]",
-        "refresh_interval = 3600",
-        f'[repositories."{REPO}"]',
-        f'trust = "{root_json}"',
-        'policy = "prefetch"',
-    ]
+    settings: dict[str, object] = {
+        "data_dir": d / "data",
+        "listen": f"{host.addr}:6881",
+        "api": "127.0.0.1:7000",
+        "peer": f"{host.addr}:6880",
+        "bootstrap": bootstrap,
+        "refresh_interval": 3600,
+    }
+    if mount is not None:
+        settings["mount"] = mount
+    repo: dict[str, object] = {"trust": root_json, "policy": policy}
     if origin is not None:
-        lines.append(f'origin = "{origin}"')
+        repo["origin"] = origin
     tuning = json.loads(os.environ.get("SWARM_BENCH_TUNING", "{}"))  # experiments
     if origin is not None:  # the source
         tuning.update(json.loads(os.environ.get("SWARM_BENCH_SOURCE_TUNING", "{}")))
-    if tuning:
-        lines.append("[tuning]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in tuning.items()]
     d.mkdir(parents=True, exist_ok=True)
     cfg = d / "node.toml"
-    cfg.write_text("\n".join(lines) + "\n")
+    cfg.write_text(render_config(settings, {REPO: repo}, tuning=tuning))
     return cfg
 
 

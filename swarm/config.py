@@ -9,6 +9,7 @@ silently falls back to a default.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -241,3 +242,36 @@ def load_config(path: Path) -> NodeConfig:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     return parse_config(text, base=path.resolve().parent, source=str(path))
+
+
+def _toml_value(value: object, key: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))  # a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
+    raise ConfigError(f"{key}: cannot write {value!r} to a config file")
+
+
+def render_config(
+    settings: dict[str, object],
+    repositories: dict[str, dict[str, object]],
+    *,
+    tuning: dict[str, object] | None = None,
+) -> str:
+    """The TOML text of a node configuration (what :func:`parse_config` reads).
+
+    Raises:
+        ConfigError: a value that has no TOML form here.
+    """
+    lines = [f"{k} = {_toml_value(v, k)}" for k, v in settings.items()]
+    for name, table in repositories.items():
+        lines.append(f'\n[repositories."{name}"]')
+        lines += [f"{k} = {_toml_value(v, k)}" for k, v in table.items()]
+    if tuning:
+        lines.append("\n[tuning]")
+        lines += [f"{k} = {_toml_value(v, k)}" for k, v in tuning.items()]
+    return "\n".join(lines) + "\n"

@@ -27,6 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from swarm.config import render_config
+
 REPO = "sw.example.org"
 SIMULATE = """#!/bin/sh
 # A stand-in for experiment software: one record per event, using its data
@@ -92,25 +94,22 @@ def _node_config(
 ) -> Path:
     d = work / name
     (d / "mnt").mkdir(parents=True)
-    boot = ", ".join(f'"{b}"' for b in bootstrap)
+    settings: dict[str, object] = {
+        "data_dir": d / "data",
+        "listen": f"{host}:6881",
+        "api": f"{host}:{_free_port(host)}",
+        "peer": f"{host}:{peer_port}",
+        "bootstrap": bootstrap,
+        "mount": d / "mnt",
+        "dht": False,
+        "refresh_interval": 5,
+    }
+    repo: dict[str, object] = {"origin": origin, "trust": root_json, "policy": "prefetch"}
     cfg = d / "node.toml"
-    cfg.write_text(
-        f"""# node {name}: see docs/NODE.md for every key
-data_dir = "{d}/data"
-listen = "{host}:6881"
-api = "{host}:{_free_port(host)}"
-peer = "{host}:{peer_port}"
-bootstrap = [{boot}]
-mount = "{d}/mnt"
-dht = false
-refresh_interval = 5
-
-[repositories."{REPO}"]
-origin = "{origin}"
-trust = "{root_json}"
-policy = "prefetch"
-"""
+    text = f"# node {name}: see docs/NODE.md for every key\n" + render_config(
+        settings, {REPO: repo}
     )
+    cfg.write_text(text)
     return cfg
 
 

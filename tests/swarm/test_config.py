@@ -87,3 +87,26 @@ def test_tuning_knobs_are_checked_against_the_session_config() -> None:
         _tuning({"unchoke_slots": "many"}, SessionConfig)
     with pytest.raises(ConfigError, match="listen"):
         _tuning({"listen": "0.0.0.0:1"}, SessionConfig)  # not a tuning knob
+
+
+def test_render_config_is_read_back_as_written(tmp_path: Path) -> None:
+    from swarm.config import render_config
+
+    text = render_config(
+        {
+            "data_dir": tmp_path / "d",
+            "listen": "10.0.0.2:6881",
+            "bootstrap": ["10.0.0.1:6881"],
+            "lsd": True,
+            "refresh_interval": 5,
+        },
+        {"r.example.org": {"trust": "/etc/r.json", "policy": "prefetch"}},
+        tuning={"unchoke_slots": 8},
+    )
+    cfg = parse_config(text)
+    assert cfg.data_dir == tmp_path / "d" and cfg.lsd and cfg.refresh_interval == 5.0
+    assert [str(b) for b in cfg.bootstrap] == ["10.0.0.1:6881"]
+    assert cfg.repositories["r.example.org"].policy == "prefetch"
+    assert cfg.tuning == {"unchoke_slots": 8}
+    with pytest.raises(ConfigError, match="bad"):
+        render_config({"bad": object()}, {})

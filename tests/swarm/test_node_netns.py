@@ -25,6 +25,7 @@ import pytest
 
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
+from swarm.config import render_config
 from swarm.images import publish_image
 from swarm.release_torrent import torrent_extension
 from tests.netns import Host, Network
@@ -114,29 +115,27 @@ class Site:
         host = self.net.hosts[i]
         d = self.tmp / f"node{i}"
         d.mkdir(exist_ok=True)
-        boot = ", ".join(f'"{self.net.hosts[b].addr}:6881"' for b in bootstrap)
-        lines = [
-            f'data_dir = "{d}/data"',
-            f'listen = "{host.addr}:6881"',
-            'api = "127.0.0.1:7000"',
-            f'peer = "{host.addr}:6880"',
-            f"bootstrap = [{boot}]",
-            "fetch_timeout = 20",
-            "refresh_interval = 2",
-        ]
+        settings: dict[str, object] = {
+            "data_dir": d / "data",
+            "listen": f"{host.addr}:6881",
+            "api": "127.0.0.1:7000",
+            "peer": f"{host.addr}:6880",
+            "bootstrap": [f"{self.net.hosts[b].addr}:6881" for b in bootstrap],
+            "fetch_timeout": 20,
+            "refresh_interval": 2,
+        }
         if mount:
             mp = d / "mnt"
             mp.mkdir(exist_ok=True)
-            lines.append(f'mount = "{mp}"')
+            settings["mount"] = mp
             self.mounts.append(mp)
-        lines += [
-            f'[repositories."{REPO}"]',
-            f'origin = "http://{self.origin_host.addr}:8000/"',
-            f'trust = "{self.root_json}"',
-            f'policy = "{policy}"',
-        ]
+        repo: dict[str, object] = {
+            "origin": f"http://{self.origin_host.addr}:8000/",
+            "trust": self.root_json,
+            "policy": policy,
+        }
         cfg = d / "node.toml"
-        cfg.write_text("\n".join(lines) + "\n")
+        cfg.write_text(render_config(settings, {REPO: repo}))
         return cfg
 
     def start_node(self, i: int, **kw: Any) -> Path:
