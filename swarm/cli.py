@@ -18,6 +18,7 @@ from typing import Any
 
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
+from runner.sizes import size_argument
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.image_cli import add_image_commands
 from trust.exceptions import TrustError
@@ -186,7 +187,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _mount_config(a: argparse.Namespace) -> Any:
-    from swarm.mount_service import MountConfig, parse_size
+    from swarm.mount_service import MountConfig
 
     return MountConfig(
         name=a.name,
@@ -194,7 +195,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
         origin=a.origin,
         trust_root=a.trust.resolve(),
         cache=a.cache.resolve(),
-        quota=parse_size(a.quota),
+        quota=a.quota,
         ttl=a.ttl,
         fetch_timeout=a.fetch_timeout,
         tag=a.tag,
@@ -219,7 +220,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         "--cache",
         str(cfg.cache),
         "--quota",
-        a.quota,
+        str(a.quota),
         "--ttl",
         str(a.ttl),
         "--fetch-timeout",
@@ -452,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--origin", required=True, help="origin base URL, e.g. http://127.0.0.1:8080/")
     s.add_argument("--trust", required=True, type=Path, help="the repository's trusted root.json")
     s.add_argument("--cache", required=True, type=Path)
-    s.add_argument("--quota", default="10G", help="cache quota (default 10G)")
+    s.add_argument("--quota", type=size_argument, default="10G", help="cache quota (default 10G)")
     s.add_argument("--ttl", type=float, default=60.0, help="seconds between revision checks")
     s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per object fetch")
     s.add_argument("--tag", help="follow a tag instead of the newest revision")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runner.sizes import SizeError, parse_size
 from swarm.exceptions import ConfigError
 
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -112,16 +113,10 @@ def _typed(value: object, kind: type, key: str) -> Any:
 
 
 def _size(value: object, key: str) -> int:
-    from swarm.mount_service import parse_size
-
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str):
-        try:
-            return parse_size(value)
-        except ConfigError as exc:
-            raise ConfigError(f"{key}: {exc}") from None
-    raise ConfigError(f'{key}: expected a size such as "10G", got {value!r}')
+    try:
+        return parse_size(value)
+    except SizeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def _path(value: object, key: str, base: Path) -> Path:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from cvmfs_like.exceptions import ReleaseError
+from runner.sizes import size_argument
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.images import (
     DEFAULT_PIECE_LENGTH,
@@ -66,15 +67,6 @@ def _warn(text: str) -> None:
 
 
 # -- publish -------------------------------------------------------------------------------
-
-
-def _piece_length(text: str) -> int:
-    from swarm.mount_service import parse_size
-
-    try:
-        return parse_size(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _summary(repo: str, t: ImageTarget) -> dict[str, Any]:
@@ -374,7 +366,7 @@ def add_image_commands(sub: Any) -> None:
     )
     s.add_argument(
         "--piece-length",
-        type=_piece_length,
+        type=size_argument,
         default=DEFAULT_PIECE_LENGTH,
         help="BitTorrent piece length, a power of two >= 16K (default 256K)",
     )

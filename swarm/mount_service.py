@@ -47,25 +47,6 @@ class MountConfig:
     negative_timeout: float = 30.0
 
 
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``4096`` -> bytes.
-
-    Raises:
-        ConfigError: not a positive size.
-    """
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    unit = t[-1:] if t[-1:] in units and t[-1:] != "" else ""
-    number = t[: len(t) - len(unit)] if unit else t
-    try:
-        value = int(float(number) * units[unit])
-    except ValueError:
-        raise ConfigError(f"bad size {text!r}: use e.g. 512M, 10G") from None
-    if value <= 0:
-        raise ConfigError(f"bad size {text!r}: must be positive")
-    return value
-
-
 def _lock_cache(cache: Path) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     fd = os.open(cache / "lock", os.O_RDWR | os.O_CREAT, 0o600)
