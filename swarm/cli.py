@@ -353,6 +353,9 @@ def _node_status(a: argparse.Namespace) -> int:
             print(f"    image {img} REFUSED: {why}")
         if r["last_error"]:
             print(f"    last error: {r['last_error']}")
+        for source, p in r.get("source_problems", {}).items():
+            lied = f", {p['bad_data']} bad answers" if p["bad_data"] else ""
+            print(f"    source {source} asked last ({p['strikes']} strikes{lied}): {p['problem']}")
     for t in st.get("transfers", []):
         print(
             f"  transfer {t['repository']} {t['what']}: {t['state']}"

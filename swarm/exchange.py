@@ -24,11 +24,16 @@ the node's origin mirror spreads it.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import logging
 import re
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import urllib3
 from aiohttp import web
@@ -36,6 +41,7 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from cvmfs_like.objects import relative_path
+from trust.exceptions import TrustError
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,7 @@ _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_METADATA = 64 << 20
 _MAX_TORRENT = 256 << 20
+_SLACK = 1.0  # seconds past a source's own deadline before it is left behind
 
 
 def logical_metadata_url(repo: str) -> str:
@@ -110,6 +117,70 @@ class PeerExchange:
         return web.FileResponse(path, headers={"Content-Type": "application/x-bittorrent"})
 
 
+@dataclass
+class SourceRecord:
+    """What one source (the origin or a peer's exchange) did lately."""
+
+    strikes: int = 0  # failures since its last good answer: the lower, the sooner asked
+    bad_data: int = 0  # answers that failed verification, ever
+    problem: str | None = None  # the last failure, for status
+    at: float = 0.0  # when (epoch seconds)
+
+
+class SourceScores:
+    """Which sources to ask first: a source that sent data failing
+    verification, or did not answer in time, is asked after the others until
+    it gives a good answer again.  Nothing is ever dropped for good: an
+    honest peer that hiccuped comes back, and a lying one costs at most one
+    request per file.  Thread-safe (fetches run in worker threads)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[str, SourceRecord] = {}
+
+    def ordered(self, sources: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """``sources`` (source, URL), fewest strikes first, else as given."""
+        with self._lock:
+            strikes = {s: r.strikes for s, r in self._records.items()}
+        return sorted(sources, key=lambda su: strikes.get(su[0], 0))
+
+    def good(self, source: str) -> None:
+        with self._lock:
+            record = self._records.get(source)
+            if record is not None:
+                record.strikes = 0
+
+    def bad_data(self, source: str, text: str) -> None:
+        with self._lock:
+            record = self._records.setdefault(source, SourceRecord())
+            repeated = record.problem == text
+            record.strikes += 1
+            record.bad_data += 1
+            record.problem, record.at = text, time.time()
+        if not repeated:
+            log.warning("%s sent bad data, asked last from now on: %s", source, text)
+
+    def unreachable(self, source: str, why: str) -> None:
+        with self._lock:
+            record = self._records.setdefault(source, SourceRecord())
+            record.strikes += 1
+            record.problem, record.at = why, time.time()
+
+    def problem(self, source: str) -> str | None:
+        with self._lock:
+            record = self._records.get(source)
+            return None if record is None else record.problem
+
+    def report(self) -> dict[str, dict[str, object]]:
+        """Sources with a recorded problem, for the node's status."""
+        with self._lock:
+            return {
+                s: {"strikes": r.strikes, "bad_data": r.bad_data, "problem": r.problem, "at": r.at}
+                for s, r in self._records.items()
+                if r.problem is not None
+            }
+
+
 class ExchangeFetcher(FetcherInterface):
     """Metadata from the origin, else from peers (see the module docstring).
 
@@ -125,6 +196,7 @@ class ExchangeFetcher(FetcherInterface):
         peers: Callable[[], list[str]],
         *,
         timeout: float = 10.0,
+        screen: Callable[[str, bytes], int] | None = None,
     ) -> None:
         self.repo = repo
         self.origin = origin
@@ -147,13 +219,18 @@ class ExchangeFetcher(FetcherInterface):
             ),
         )
         self.last_source: dict[str, str] = {}  # file -> where it came from
+        self.scores = SourceScores()
+        # Checks a candidate before it is chosen (TrustedRepository.screen):
+        # set by the node once the repository's TrustedRepository exists.
+        self.screen: Callable[[str, bytes], int] | None = screen
 
-    def _sources(self, name: str) -> list[str]:
+    def _sources(self, name: str) -> list[tuple[str, str]]:
+        """(source, URL) pairs for metadata file ``name``, best first."""
         out = []
         if self.origin is not None:
-            out.append(f"{self.origin}{self.repo}/metadata/{name}")
-        out += [f"{p}v1/peer/repos/{self.repo}/metadata/{name}" for p in self.peers()]
-        return out
+            out.append((self.origin, f"{self.origin}{self.repo}/metadata/{name}"))
+        out += [(p, f"{p}v1/peer/repos/{self.repo}/metadata/{name}") for p in self.peers()]
+        return self.scores.ordered(out)
 
     def _get(self, url: str, limit: int) -> bytes:
         try:
@@ -178,66 +255,134 @@ class ExchangeFetcher(FetcherInterface):
         if not sources:
             raise tuf_exceptions.DownloadError(f"{name}: no origin and no peers known")
         if name == "timestamp.json":
-            data, where = self._newest(sources)
+            data, where = self._newest(name, sources)
         else:
-            data, where = self._first(sources)
+            data, where = self._first(name, sources)
         self.last_source[name] = where
         return iter([data])
 
-    def _first(self, sources: list[str]) -> tuple[bytes, str]:
-        errors = []
-        not_found = False
-        for src in sources:
+    def _screened(self, name: str, source: str, data: bytes) -> int | None:
+        """The version of ``data`` if it passes the screen, else None (the
+        source is reported and scored down)."""
+        if self.screen is None:
             try:
-                return self._get(src, _MAX_METADATA), src
-            except tuf_exceptions.DownloadHTTPError as exc:
-                not_found |= exc.status_code in (403, 404)
-                errors.append(str(exc))
-            except tuf_exceptions.DownloadError as exc:
-                errors.append(str(exc))
-        if not_found:
+                version = json.loads(data)["signed"]["version"]
+            except (ValueError, KeyError, TypeError):
+                version = None
+            if isinstance(version, int):
+                return version
+            self.scores.bad_data(source, f"{name}: not TUF metadata")
+            return None
+        try:
+            version = self.screen(name, data)
+        except TrustError as exc:
+            self.scores.bad_data(source, str(exc))  # the screen's message names the file
+            return None
+        self.scores.good(source)
+        return version
+
+    def _refuse(self, name: str, errors: list[str], bad: list[str], not_found: bool) -> NoReturn:
+        detail = "; ".join(bad + errors) or "no source answered"
+        if bad and not errors:
+            # Every source that answered sent data that fails verification:
+            # that is a verdict on the data, not a transport failure.
+            raise tuf_exceptions.RepositoryError(f"{name}: every source sent bad data: {detail}")
+        if not_found and not bad:
             # "Nobody has it" (e.g. the next root version): python-tuf stops
             # looking on 403/404, so say so rather than a transport failure.
-            raise tuf_exceptions.DownloadHTTPError("; ".join(errors), 404)
-        raise tuf_exceptions.DownloadError("; ".join(errors))
+            raise tuf_exceptions.DownloadHTTPError(detail, 404)
+        raise tuf_exceptions.DownloadError(detail)
 
-    def _newest(self, sources: list[str]) -> tuple[bytes, str]:
+    def _first(self, name: str, sources: list[tuple[str, str]]) -> tuple[bytes, str]:
+        """The first source, in score order, whose file passes the screen."""
+        errors: list[str] = []
+        bad: list[str] = []
+        not_found = False
+        for source, url in sources:
+            try:
+                data = self._get(url, _MAX_METADATA)
+            except tuf_exceptions.DownloadHTTPError as exc:
+                if exc.status_code in (403, 404):
+                    not_found = True
+                else:
+                    self.scores.unreachable(source, str(exc))
+                errors.append(str(exc))
+                continue
+            except tuf_exceptions.DownloadError as exc:
+                self.scores.unreachable(source, str(exc))
+                errors.append(str(exc))
+                continue
+            if self._screened(name, source, data) is None:
+                bad.append(f"{url}: {self.scores.problem(source)}")
+                continue
+            return data, url
+        self._refuse(name, errors, bad, not_found)
+
+    def _newest(self, name: str, sources: list[tuple[str, str]]) -> tuple[bytes, str]:
+        """Ask every source at once; of the answers that pass the screen keep
+        the highest version.  A source that has not answered when the
+        deadline passes is left behind (its thread ends at its own transfer
+        deadline): one trickling peer cannot stall the refresh."""
         best: tuple[int, bytes, str] | None = None
-        errors = []
-        with concurrent.futures.ThreadPoolExecutor(min(len(sources), 16)) as pool:
-            futures = {pool.submit(self._get, s, 1 << 20): s for s in sources}
-            for fut in concurrent.futures.as_completed(futures):
-                src = futures[fut]
+        errors: list[str] = []
+        bad: list[str] = []
+        not_found = False
+        pool = concurrent.futures.ThreadPoolExecutor(min(len(sources), 16))
+        try:
+            futures = {pool.submit(self._get, url, 1 << 20): (s, url) for s, url in sources}
+            done, late = concurrent.futures.wait(futures, timeout=self.timeout + _SLACK)
+            for fut in late:
+                source, url = futures[fut]
+                self.scores.unreachable(source, f"no answer within {self.timeout:g} s")
+                errors.append(f"{url}: no answer within {self.timeout:g} s")
+            for fut in done:
+                source, url = futures[fut]
                 try:
                     data = fut.result()
-                    version = json.loads(data)["signed"]["version"]
-                except (tuf_exceptions.DownloadError, ValueError, KeyError, TypeError) as exc:
-                    errors.append(f"{src}: {exc}")
+                except tuf_exceptions.DownloadHTTPError as exc:
+                    not_found |= exc.status_code in (403, 404)
+                    errors.append(str(exc))
                     continue
-                if isinstance(version, int) and (best is None or version > best[0]):
-                    best = (version, data, src)
+                except tuf_exceptions.DownloadError as exc:
+                    self.scores.unreachable(source, str(exc))
+                    errors.append(str(exc))
+                    continue
+                version = self._screened(name, source, data)
+                if version is None:
+                    bad.append(f"{url}: {self.scores.problem(source)}")
+                elif best is None or version > best[0]:
+                    best = (version, data, url)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
         if best is None:
-            raise tuf_exceptions.DownloadError("; ".join(errors) or "no source answered")
+            self._refuse(name, errors, bad, not_found)
         return best[1], best[2]
 
     def fetch_torrent(self, sha256: str, length: int) -> tuple[bytes, str]:
         """A ``.torrent`` by hash from the origin (as a store object) or a peer.
 
-        The caller checks it against the signed reference.
+        Each answer is checked against ``sha256`` and ``length`` (from a
+        verified target) before anything parses it; a source that sends other
+        bytes is reported and scored down, and the next one is tried.
 
         Raises:
-            tuf.api.exceptions.DownloadError: nobody could deliver it.
+            tuf.api.exceptions.DownloadError: nobody delivered the right bytes.
         """
         sources = []
         if self.origin is not None:
-            sources.append(f"{self.origin}{self.repo}/data/{relative_path(sha256)}")
-        sources += [f"{p}v1/peer/repos/{self.repo}/torrents/{sha256}" for p in self.peers()]
+            sources.append((self.origin, f"{self.origin}{self.repo}/data/{relative_path(sha256)}"))
+        sources += [(p, f"{p}v1/peer/repos/{self.repo}/torrents/{sha256}") for p in self.peers()]
         errors = []
-        for src in sources:
+        for source, url in self.scores.ordered(sources):
             try:
-                data = self._get(src, min(length, _MAX_TORRENT))
+                data = self._get(url, min(length, _MAX_TORRENT))
             except tuf_exceptions.DownloadError as exc:
                 errors.append(str(exc))
                 continue
-            return data, src
+            if len(data) != length or hashlib.sha256(data).hexdigest() != sha256:
+                self.scores.bad_data(source, f"torrent {sha256[:12]}: not the signed torrent")
+                errors.append(f"{url}: not the signed torrent (SHA-256 or length differ)")
+                continue
+            self.scores.good(source)
+            return data, url
         raise tuf_exceptions.DownloadError("; ".join(errors) or "no origin and no peers known")

@@ -289,6 +289,7 @@ class Node:
             fetcher=fetcher,
             trusted_root=root_bytes,
         )
+        fetcher.screen = trusted.screen  # candidates are verified before one is chosen
         origin = (
             OriginObjectSource(rc.origin, rc.name, timeout=self.config.fetch_timeout)
             if rc.origin is not None
@@ -666,6 +667,7 @@ class Node:
             "last_refresh": rs.last_refresh,
             "last_error": rs.last_error,
             "metadata_from": dict(rs.fetcher.last_source),
+            "source_problems": rs.fetcher.scores.report(),
             "torrents": {str(k): v for k, v in rs.revision_torrents.items()},
             "objects_from_swarm": rs.source.from_swarm,
             "objects_from_origin": rs.source.from_origin,

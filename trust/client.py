@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,9 +44,9 @@ from urllib import parse
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile
-from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig, Urllib3Fetcher
 
-from trust.exceptions import TrustConfigError, VerificationError
+from trust.exceptions import MetadataFormatError, TrustConfigError, VerificationError
 from trust.keys import write_file_atomic
 from trust.targets import (
     ImageTarget,
@@ -59,6 +60,7 @@ from trust.verify import (
     VerifiedState,
     map_download_error,
     map_repository_error,
+    screen_metadata,
     verify_root_chain,
     verify_top_level,
 )
@@ -67,6 +69,21 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "verified.state"
 _ROLES = ("timestamp", "snapshot", "targets")
+_METADATA_NAME = re.compile(r"^(?:([1-9][0-9]{0,9})\.)?(root|timestamp|snapshot|targets)\.json$")
+
+
+class _NamingFetcher(FetcherInterface):
+    """Remembers which metadata file python-tuf asked for last, so that an
+    error about bad data names the file (python-tuf's own messages, such as
+    "Failed to deserialize JSON", do not)."""
+
+    def __init__(self, inner: FetcherInterface) -> None:
+        self._inner = inner
+        self.last: str | None = None
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        self.last = url.rpartition("/")[2]
+        return self._inner._fetch(url)
 
 
 class UnknownTargetError(TrustConfigError):
@@ -123,7 +140,7 @@ class TrustedRepository:
     ) -> None:
         self._dir = metadata_dir
         self._url = metadata_url if metadata_url.endswith("/") else metadata_url + "/"
-        self._fetcher = fetcher
+        self._fetcher = fetcher or Urllib3Fetcher()
         self._config = config or UpdaterConfig()
         self._lock = threading.Lock()
         self._state: VerifiedState | None = None
@@ -228,6 +245,44 @@ class TrustedRepository:
             self._run(fetch)
             self._state = self._adopt_cache()
             return path
+
+    def screen(self, name: str, data: bytes) -> int:
+        """Check a candidate metadata file from an untrusted source before it
+        is chosen: ``data`` must be the role ``name`` names, signed by a
+        threshold of the trusted keys for it (a ``K.root.json`` by root
+        ``K-1``'s root keys), and a versioned name must match its version.
+        Returns the version.
+
+        For fetchers that ask several mirrors (the peer exchange): a forged
+        candidate is dropped here and the next one tried, instead of failing
+        the whole refresh.  Safe to call from the fetcher during
+        :meth:`refresh` (it takes no lock; roots python-tuf has accepted so
+        far are read from ``root_history``).  A ``K.root.json`` whose
+        predecessor is not known yet is only parsed; python-tuf verifies it.
+
+        Raises:
+            MetadataFormatError: not metadata of that role, or the wrong version.
+            SignatureError: not signed by a threshold of the trusted keys.
+            TrustConfigError: ``name`` is not a top-level metadata file name.
+        """
+        m = _METADATA_NAME.match(name)
+        if m is None:
+            raise TrustConfigError(f"{name!r} is not a top-level metadata file name")
+        role, number = m.group(2), m.group(1)
+        try:
+            delegator = self._root()
+            if role == "root" and number is not None and delegator.version != int(number) - 1:
+                prior = self._dir / "root_history" / f"{int(number) - 1}.root.json"
+                try:
+                    delegator = verify_root_chain(prior.read_bytes(), ())
+                except OSError:  # python-tuf has not reached its predecessor yet
+                    delegator = verify_root_chain(data, ())
+            version = screen_metadata(delegator, role, data)
+            if number is not None and version != int(number):
+                raise MetadataFormatError(f"holds version {version}")
+        except VerificationError as exc:
+            raise type(exc)(f"{name}: {exc}") from exc
+        return version
 
     # -- reading -------------------------------------------------------------
 
@@ -356,17 +411,18 @@ class TrustedRepository:
     def _run(self, action: Callable[[Updater], None]) -> None:
         """Run ``action`` on a fresh Updater (python-tuf allows one refresh per
         Updater), mapping python-tuf's errors at this boundary."""
+        fetcher = _NamingFetcher(self._fetcher)
         try:
             updater = Updater(
                 str(self._dir),
                 self._url,
-                fetcher=self._fetcher,
+                fetcher=fetcher,
                 config=self._config,
                 bootstrap=self._trusted_root,
             )
             action(updater)
         except tuf_exc.RepositoryError as exc:
-            raise map_repository_error(exc) from exc
+            raise map_repository_error(exc, fetcher.last) from exc
         except tuf_exc.DownloadError as exc:
             raise map_download_error(exc) from exc
         except OSError as exc:

@@ -46,19 +46,28 @@ class VerifiedState:
     expired: tuple[str, ...]  # roles expired at the reference time, root first
 
 
-def map_repository_error(exc: tuf_exc.RepositoryError) -> VerificationError:
-    """Translate a python-tuf verification error into ours (caller chains it)."""
+def map_repository_error(
+    exc: tuf_exc.RepositoryError, file: str | None = None
+) -> VerificationError:
+    """Translate a python-tuf verification error into ours (caller chains it).
+
+    ``file``, the metadata file being checked, prefixes the message when
+    python-tuf's does not name it ("Failed to deserialize JSON").
+    """
+    text = str(exc) or type(exc).__name__
+    if file is not None and file not in text:
+        text = f"{file}: {text}"
     if isinstance(exc, tuf_exc.UnsignedMetadataError):
-        return SignatureError(str(exc))
+        return SignatureError(text)
     if isinstance(exc, tuf_exc.BadVersionNumberError):
-        return RollbackError(str(exc) or type(exc).__name__)
+        return RollbackError(text)
     if isinstance(exc, tuf_exc.ExpiredMetadataError):
-        return ExpiredMetadataError(str(exc))
+        return ExpiredMetadataError(text)
     if isinstance(exc, tuf_exc.LengthOrHashMismatchError):
-        return HashMismatchError(str(exc))
+        return HashMismatchError(text)
     if isinstance(exc, DeserializationError):
-        return MetadataFormatError(str(exc))
-    return VerificationError(str(exc) or type(exc).__name__)
+        return MetadataFormatError(text)
+    return VerificationError(text)
 
 
 def map_download_error(exc: tuf_exc.DownloadError) -> OversizedDataError | TrustTransportError:
@@ -150,3 +159,29 @@ def verify_top_level(
         signed.type for signed in (root, ts, snap, tgt) if signed.is_expired(now)
     )  # 5.3.10, 5.4.4, 5.5.6, 5.6.5: reported, the caller decides
     return VerifiedState(root, ts, snap, tgt, expired)
+
+
+def screen_metadata(delegator: Root, role: str, data: bytes) -> int:
+    """Check that ``data`` is ``role`` metadata signed by a threshold of the
+    keys ``delegator`` names for that role, and return its version.
+
+    The first step of TUF spec 5.3.4 (a new root, with the previous root as
+    ``delegator``), 5.4.2, 5.5.3 and 5.6.3, done *before* a candidate from an
+    untrusted mirror is chosen: a forged file with a huge version must lose to
+    the honest one instead of winning the comparison and then failing the
+    refresh (the freeze attack through the mirror choice).  Versions,
+    hashes, expiry and the rest of the workflow stay python-tuf's.
+
+    Raises:
+        MetadataFormatError: ``data`` cannot be parsed or is not ``role``.
+        SignatureError: not signed by a threshold of ``delegator``'s keys for ``role``.
+    """
+    if role == Root.type:
+        return _load(Root, data, delegator)[0].version
+    if role == Timestamp.type:
+        return _load(Timestamp, data, delegator)[0].version
+    if role == Snapshot.type:
+        return _load(Snapshot, data, delegator)[0].version
+    if role == Targets.type:
+        return _load(Targets, data, delegator)[0].version
+    raise MetadataFormatError(f"no top-level role {role!r}")

@@ -51,7 +51,14 @@ class Site:
             extend_target=torrent_extension(self.store),
         )
 
-    def node(self, i: int, *, bootstrap: tuple[int, ...] = (), policy: str = "") -> Node:
+    def node(
+        self,
+        i: int,
+        *,
+        bootstrap: tuple[int, ...] = (),
+        policy: str = "",
+        fetch_timeout: float = 5,
+    ) -> Node:
         host = f"127.0.0.{i + 2}"
         boot = ", ".join(f'"127.0.0.{b + 2}:6881"' for b in bootstrap)
         cfg = parse_config(
@@ -62,7 +69,7 @@ api = "{host}:0"
 peer = "{host}:{self.peer_port}"
 bootstrap = [{boot}]
 refresh_interval = 3600
-fetch_timeout = 5
+fetch_timeout = {fetch_timeout}
 [repositories."{REPO}"]
 origin = "{self.origin.url}"
 trust = "{self.root_json}"
