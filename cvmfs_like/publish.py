@@ -37,7 +37,7 @@ from typing import Any
 from cvmfs_like.catalog import CatalogWriter, Chunk, Entry, parent_of
 from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
 from cvmfs_like.exceptions import PublishError
-from cvmfs_like.store import ObjectWriter, OriginStore
+from cvmfs_like.store import ObjectWriter, OriginStore, sync_filesystem
 from trust.repository import RepositoryWriter
 from trust.targets import ReleaseTarget, releases_of
 
@@ -593,18 +593,12 @@ def _write_catalogs(
 
 
 def _sync(path: Path) -> None:
-    """Flush the file system holding ``path`` (syncfs, not the whole machine)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush the store to disk.
+
+    Raises:
+        PublishError: the flush failed.
+    """
     try:
-        _libc_syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _libc_syncfs(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise PublishError(f"syncfs failed: {os.strerror(err)}")
+        sync_filesystem(path)
+    except OSError as exc:
+        raise PublishError(f"syncfs failed: {exc.strerror}") from exc
