@@ -4,16 +4,53 @@ Invariants:
 
 * an object is visible under its final name only after its bytes were
   verified against its name (SHA-256) and expected size;
+* an object found on disk when the cache is opened is handed to a reader only
+  after a check on its first use: its size always, its SHA-256 too when the
+  cache was not closed cleanly (and always for a catalog).  One that fails is
+  deleted and fetched again, never served;
 * the total size of unpinned objects is kept at or under the quota, evicting
   the least recently used first; pinned objects (the current catalogs) and
-  objects a reader is fetching right now are never evicted;
+  objects a reader is fetching or checking right now are never evicted;
 * eviction unlinks files: a reader that already holds a descriptor keeps
   reading it, so a full cache never turns into errors for readers of cached
   files.  Over-quota by pinned objects is allowed (and reported), never an
   error.
 
-Fetching is single-flight: concurrent readers of the same missing object wait
-for one fetch.
+Fetching is single-flight: concurrent readers of the same missing (or not yet
+checked) object wait for one fetch (or check).
+
+Durability.  Objects are written without ``fsync``: a cold start stores
+thousands of small objects on the FUSE read path, and an ``fsync`` of each
+object and of its directory made storing 2,000 small objects (0.2-4 KB)
+take 1.0-2.3 s instead of 0.1-1.0 s on this project's test machine (ten
+times slower on an idle disk, two to three times when other work keeps it
+busy; a disk that honours flushes slowly would be worse).  A crash or a
+power loss can therefore leave an object cut short, or of the right size
+with other bytes (zeros of an unwritten extent), under its final name.
+Instead:
+
+* ``CACHE/closed-cleanly`` is the clean-close marker.  Opening the cache
+  removes it (and syncs the directory, so the removal survives a crash);
+  :meth:`ObjectCache.close` flushes the file system (``syncfs``) and only then
+  writes it again.  Its lines name objects that still owe a hash check from
+  an earlier unclean close (they were not used since), so a clean close never
+  launders a suspect object;
+* on its first use after the open, an object is checked by size (an
+  ``fstat``), and by SHA-256 if the marker was missing or names it.  Catalogs
+  are always hashed on first use: a damaged SQLite page would otherwise make
+  a mount refuse to start or, worse, serve wrong rows;
+* a damaged object is deleted, logged (``cached object <hash>: <why>``) and
+  fetched again; the reader gets the right bytes, or EIO if no source can
+  deliver them.
+
+Measured cost on the same machine: a clean close (one ``syncfs`` and the
+marker) 10-40 ms; the first use of each of 2,000 small objects after an open
+about 8 us more than a hot open when checked by size and 15 us more when
+hashed (SHA-256 costs about 0.8 ms per MiB); every later use nothing.
+
+An object whose bytes change on disk after a clean close while keeping its
+size is outside this: the local disk is trusted while the cache is closed
+cleanly, as it is while the cache is open.
 """
 
 from __future__ import annotations
@@ -25,16 +62,39 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from cvmfs_like.exceptions import ObjectUnavailable, StoreError
+from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
 from cvmfs_like.objects import ObjectSource, is_digest, object_path, verify
+from cvmfs_like.store import sync_filesystem
 
 log = logging.getLogger(__name__)
+
+CLEAN_MARKER = "closed-cleanly"
 
 
 class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_object(fd: int, size: int) -> bytes:
+    parts = []
+    pos = 0
+    while pos < size:
+        part = os.pread(fd, size - pos, pos)
+        if not part:
+            break
+        parts.append(part)
+        pos += len(part)
+    return b"".join(parts)
 
 
 class ObjectCache:
@@ -55,19 +115,42 @@ class ObjectCache:
         self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
         self._pinned: dict[str, int] = {}  # digest -> pin count
         self._flights: dict[str, _Flight] = {}
+        # Objects found on disk at open and not used since: digest -> whether
+        # the check on first use includes the hash (see the module docstring).
+        self._unchecked: dict[str, bool] = {}
+        self._writing = 0  # inserts between their first write and their index entry
+        self._marked_clean = False  # close() ran and no insert came after it
         self.used = 0
         self.hits = 0
         self.misses = 0
         self.evictions = 0
         self.failures = 0
+        self.dropped = 0
         try:
             for i in range(256):
                 (self._objects_dir / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+            self.closed_cleanly, suspects = self._take_marker()
         except OSError as exc:
             raise StoreError(f"cannot create cache at {root}: {exc.strerror}") from exc
-        self._load_index()
+        self._load_index(suspects)
 
-    def _load_index(self) -> None:
+    def _take_marker(self) -> tuple[bool, set[str]]:
+        """Remove the clean-close marker, durably; return (was it there, the
+        objects it says still owe a hash check)."""
+        marker = self.root / CLEAN_MARKER
+        try:
+            lines = marker.read_bytes().decode("ascii", "replace").split()
+        except FileNotFoundError:
+            return False, set()
+        clean = all(is_digest(line) for line in lines)
+        if not clean:
+            log.warning("cache %s: clean-close marker unreadable; treating as a crash", self.root)
+        marker.unlink()
+        # Before any new object is written: a crash must not bring it back.
+        _fsync_dir(self.root)
+        return clean, set(lines)
+
+    def _load_index(self, suspects: set[str]) -> None:
         found: list[tuple[float, str, int]] = []
         for sub in self._objects_dir.iterdir():
             for entry in os.scandir(sub):
@@ -82,6 +165,13 @@ class ObjectCache:
         for _, digest, size in found:
             self._lru[digest] = size
             self.used += size
+            self._unchecked[digest] = not self.closed_cleanly or digest in suspects
+        if found and not self.closed_cleanly:
+            log.warning(
+                "cache %s was not closed cleanly: its %d objects are checked by hash on first use",
+                self.root,
+                len(found),
+            )
 
     def path_of(self, digest: str) -> Path:
         return object_path(self._objects_dir, digest)
@@ -103,8 +193,11 @@ class ObjectCache:
         with self._lock:
             return digest in self._lru
 
-    def open(self, digest: str, size: int, source: ObjectSource) -> int:
-        """A read-only descriptor of the verified object, fetching it if missing.
+    def open(self, digest: str, size: int, source: ObjectSource, *, catalog: bool = False) -> int:
+        """A read-only descriptor of the verified object, fetching it if missing
+        (or found damaged on its first use since the cache was opened).
+
+        ``catalog``: the object is a catalog, hashed on its first use.
 
         Raises:
             ObjectVerificationError: the source delivered wrong bytes.
@@ -112,7 +205,7 @@ class ObjectCache:
         """
         while True:
             with self._lock:
-                if digest in self._lru:
+                if digest in self._lru and digest not in self._unchecked:
                     try:
                         fd = os.open(self.path_of(digest), os.O_RDONLY)
                     except FileNotFoundError:
@@ -126,10 +219,10 @@ class ObjectCache:
                 leader = flight is None
                 if flight is None:
                     flight = self._flights[digest] = _Flight()
-                    self.misses += 1
             if leader:
                 try:
-                    fd = self._fetch(digest, size, source)
+                    found = self._open_checked(digest, size, catalog)
+                    fd = found if found is not None else self._fetch(digest, size, source)
                 except BaseException as exc:
                     flight.error = exc
                     raise
@@ -142,6 +235,55 @@ class ObjectCache:
             if flight.error is not None:
                 raise flight.error
 
+    def _open_checked(self, digest: str, size: int, catalog: bool) -> int | None:
+        """The cached object's descriptor once it passed its first-use check;
+        None (counted as a miss) if it is absent or was damaged and dropped.
+
+        Called by the flight's leader only: nobody else opens or evicts it now.
+        """
+        with self._lock:
+            present = digest in self._lru
+            with_hash = self._unchecked.get(digest)  # None: not found at open, or checked
+        fd = None
+        damage = None
+        if present:
+            path = self.path_of(digest)
+            with contextlib.suppress(FileNotFoundError):  # removed behind our back
+                fd = os.open(path, os.O_RDONLY)
+            if fd is not None and with_hash is not None:
+                damage = self._damage(fd, digest, size, with_hash or catalog)
+                if damage is not None:
+                    os.close(fd)
+                    fd = None
+                    log.warning("cached object %s: %s; dropped, fetching it again", digest, damage)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+        with self._lock:
+            self._unchecked.pop(digest, None)
+            if fd is None:
+                self.misses += 1
+                if present:
+                    self.used -= self._lru.pop(digest)
+                if damage is not None:
+                    self.dropped += 1
+            else:
+                self._lru.move_to_end(digest)
+                self.hits += 1
+        return fd
+
+    @staticmethod
+    def _damage(fd: int, digest: str, size: int, with_hash: bool) -> str | None:
+        """Why the object open on ``fd`` is not ``digest`` of ``size`` bytes, if it is not."""
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            return f"size {actual} != expected {size}"
+        if with_hash:
+            try:
+                verify(digest, size, _read_object(fd, size))
+            except ObjectVerificationError as exc:
+                return exc.reason
+        return None
+
     def _fetch(self, digest: str, size: int, source: ObjectSource) -> int:
         try:
             data = source.fetch(digest, size)
@@ -153,9 +295,17 @@ class ObjectCache:
         return self.insert_verified(digest, data)
 
     def insert_verified(self, digest: str, data: bytes) -> int:
-        """Store bytes already verified as ``digest``; return an open descriptor."""
+        """Store bytes already verified as ``digest``; return an open descriptor.
+
+        Raises:
+            ObjectUnavailable: the object cannot be written to the cache.
+        """
         final = self.path_of(digest)
         tmp = final.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            self._begin_write()
+        except OSError as exc:
+            raise ObjectUnavailable(digest, f"cannot store in cache: {exc.strerror}") from exc
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
@@ -163,16 +313,71 @@ class ObjectCache:
             fd = os.open(final, os.O_RDONLY)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._writing -= 1
             raise ObjectUnavailable(digest, f"cannot store in cache: {exc.strerror}") from exc
         with self._lock:
+            self._writing -= 1
+            self._unchecked.pop(digest, None)
             if digest not in self._lru:
                 self.used += len(data)
+            else:
+                self.used += len(data) - self._lru[digest]
             self._lru[digest] = len(data)
             self._lru.move_to_end(digest)
             # Evict while this object is held by the caller's descriptor: even
             # if the cache is tiny, the reader keeps its bytes.
             self._evict_locked(keep=digest)
         return fd
+
+    def _begin_write(self) -> None:
+        """Count a write in progress; after a clean close, first take the
+        marker away again (durably), since this object will not be flushed."""
+        with self._lock:
+            if self._marked_clean:
+                (self.root / CLEAN_MARKER).unlink(missing_ok=True)
+                _fsync_dir(self.root)
+                self._marked_clean = False
+            self._writing += 1
+
+    def close(self) -> None:
+        """Record a clean close: flush every object to disk, then write the
+        marker that spares the next open the hash checks.
+
+        Call it after the last read.  An object stored after it takes the
+        marker away again, and one being stored while it runs keeps it from
+        being written, so the marker never vouches for an unflushed object.
+        Never raises: when anything fails, the marker is simply not written
+        (the next open checks every object by hash) and the reason is logged.
+        """
+        with self._lock:
+            if self._marked_clean:
+                return
+            if self._writing:
+                log.warning("cache %s: closed while storing; not marked clean", self.root)
+                return
+            self._marked_clean = True
+        try:
+            sync_filesystem(self.root)
+            with self._lock:
+                if not self._marked_clean or self._writing:
+                    return  # an insert came in meanwhile
+                owing = sorted(d for d, with_hash in self._unchecked.items() if with_hash)
+                tmp = self.root / f".{CLEAN_MARKER}.tmp"
+                with open(tmp, "w", encoding="ascii") as f:
+                    f.writelines(f"{d}\n" for d in owing)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.root / CLEAN_MARKER)
+                _fsync_dir(self.root)
+        except OSError as exc:
+            with self._lock:
+                self._marked_clean = False
+            log.warning(
+                "cache %s: cannot record a clean close (%s); the next start hashes its objects",
+                self.root,
+                exc,
+            )
 
     def _evict_locked(self, keep: str | None = None) -> None:
         if self.used <= self.quota:
@@ -183,6 +388,7 @@ class ObjectCache:
             if digest == keep or digest in self._pinned or digest in self._flights:
                 continue
             size = self._lru.pop(digest)
+            self._unchecked.pop(digest, None)
             self.used -= size
             self.evictions += 1
             with contextlib.suppress(FileNotFoundError):
@@ -200,4 +406,5 @@ class ObjectCache:
                 "misses": self.misses,
                 "evictions": self.evictions,
                 "failures": self.failures,
+                "dropped": self.dropped,
             }

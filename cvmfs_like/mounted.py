@@ -240,7 +240,7 @@ class MountedRelease:
         return releases[-1] if releases else None
 
     def _load_catalog(self, digest: str, size: int) -> Catalog:
-        fd = self._cache.open(digest, size, self._source)
+        fd = self._cache.open(digest, size, self._source, catalog=True)
         os.close(fd)
         self._cache.pin(digest)
         try:

@@ -11,8 +11,12 @@ Order of work, which makes a publish atomic:
 A publish killed before step 3 finishes leaves the previous revision served;
 the objects it wrote are unreferenced until a later publish uses them or
 ``gc`` removes them.  The publisher's private state (``.publish/state.sqlite``)
-remembers each file's (inode, size, mtime) and content so an unchanged file is
-neither re-read nor re-hashed.
+remembers each file's (device and inode, size, mtime, ctime) and content so an
+unchanged file is neither re-read nor re-hashed.  The inode change time is in
+the check, as in rsync and git, because the modification time can be set back
+(``cp -p`` or ``touch -r`` onto an existing file) while ctime cannot: an edit
+that keeps size and mtime still changes ctime.  A state written before ctime
+was recorded has none, so each file is re-hashed once (no object is rewritten).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from typing import Any
 from cvmfs_like.catalog import CatalogWriter, Chunk, Entry, parent_of
 from cvmfs_like.chunking import CHUNK_THRESHOLD, cut_stream
 from cvmfs_like.exceptions import PublishError
-from cvmfs_like.store import ObjectWriter, OriginStore
+from cvmfs_like.store import ObjectWriter, OriginStore, sync_filesystem
 from trust.repository import RepositoryWriter
 from trust.targets import ReleaseTarget, releases_of
 
@@ -64,10 +68,10 @@ class PublishResult:
     seconds: float
 
 
-# What the publisher knew of a file: (ident, size, mtime_ns, object, chunks
-# as JSON [[offset, size, digest], ...]).  Plain tuples: 100k of them are
-# loaded on every publish.
-_Known = tuple[int, int, int, str | None, str | None]
+# What the publisher knew of a file: (ident, size, mtime_ns, ctime_ns, object,
+# chunks as JSON [[offset, size, digest], ...]).  Plain tuples: 100k of them
+# are loaded on every publish.  The first four are the change check.
+_Known = tuple[int, int, int, int | None, str | None, str | None]
 
 
 class _PublishState:
@@ -77,8 +81,12 @@ class _PublishState:
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS files (path BLOB PRIMARY KEY, ident INTEGER,"
-            " size INTEGER, mtime_ns INTEGER, object TEXT, chunks TEXT) WITHOUT ROWID"
+            " size INTEGER, mtime_ns INTEGER, object TEXT, chunks TEXT,"
+            " ctime_ns INTEGER) WITHOUT ROWID"
         )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(files)")}
+        if "ctime_ns" not in columns:  # a state from before ctime was checked
+            self._db.execute("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
 
     def catalogs(self) -> dict[bytes, tuple[str, int]]:
         """Catalogs built before: content key -> (digest, size)."""
@@ -97,14 +105,17 @@ class _PublishState:
         self._db.execute("COMMIT")
 
     def load(self) -> dict[bytes, _Known]:
-        rows = self._db.execute("SELECT path, ident, size, mtime_ns, object, chunks FROM files")
+        rows = self._db.execute(
+            "SELECT path, ident, size, mtime_ns, ctime_ns, object, chunks FROM files"
+        )
         return {row[0]: row[1:] for row in rows}
 
     def save(self, changed: dict[bytes, _Known], removed: set[bytes]) -> None:
         self._db.execute("BEGIN")
         self._db.executemany("DELETE FROM files WHERE path = ?", ((p,) for p in removed))
         self._db.executemany(
-            "INSERT OR REPLACE INTO files VALUES (?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO files (path, ident, size, mtime_ns, ctime_ns, object, chunks)"
+            " VALUES (?,?,?,?,?,?,?)",
             ((p, *k) for p, k in changed.items()),
         )
         self._db.execute("COMMIT")
@@ -130,6 +141,11 @@ def _ident(st: os.stat_result) -> int:
     return (st.st_dev * 0x9E3779B97F4A7C15 + st.st_ino) & ((1 << 63) - 1)
 
 
+def _change_key(st: os.stat_result, ident: int) -> tuple[int, int, int, int]:
+    """What must be equal for a file to count as unchanged since the last publish."""
+    return (ident, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 def _inode_of(rel: bytes) -> int:
     """A stable inode number from the path (of a hard link group's first name).
 
@@ -144,7 +160,11 @@ def _display(path: bytes) -> str:
     return os.fsdecode(path) or "."
 
 
-def _read_whole(abs_path: bytes, size: int, mtime_ns: int, rel: bytes) -> bytes:
+def _changed_since(st: os.stat_result, mtime_ns: int, ctime_ns: int) -> bool:
+    return st.st_mtime_ns != mtime_ns or st.st_ctime_ns != ctime_ns
+
+
+def _read_whole(abs_path: bytes, size: int, mtime_ns: int, ctime_ns: int, rel: bytes) -> bytes:
     """Read a small file, refusing one that changes while it is read."""
     try:
         fd = os.open(abs_path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -159,13 +179,13 @@ def _read_whole(abs_path: bytes, size: int, mtime_ns: int, rel: bytes) -> bytes:
         raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
     finally:
         os.close(fd)
-    if len(data) != size or after.st_mtime_ns != mtime_ns:
+    if len(data) != size or _changed_since(after, mtime_ns, ctime_ns):
         raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
     return data
 
 
 def _store_chunked(
-    abs_path: bytes, size: int, mtime_ns: int, rel: bytes, writer: ObjectWriter
+    abs_path: bytes, size: int, mtime_ns: int, ctime_ns: int, rel: bytes, writer: ObjectWriter
 ) -> list[Chunk]:
     chunks: list[Chunk] = []
     try:
@@ -178,25 +198,25 @@ def _store_chunked(
     except OSError as exc:
         raise PublishError(f"cannot read {_display(rel)!r}: {exc.strerror}") from exc
     total = sum(c.size for c in chunks)
-    if total != size or after.st_mtime_ns != mtime_ns:
+    if total != size or _changed_since(after, mtime_ns, ctime_ns):
         raise PublishError(f"{_display(rel)!r} changed while it was published; publish again")
     return chunks
 
 
 _Content = tuple[str | None, list[Chunk] | None]
-_Todo = tuple[bytes, int, int]  # relative path, size, mtime_ns
+_Todo = tuple[bytes, int, int, int]  # relative path, size, mtime_ns, ctime_ns
 
 
 def _store_files(src: bytes, data_dir: Path, todo: list[_Todo]) -> tuple[list[_Content], int, int]:
     """Hash and store files; also the body of each worker process."""
     writer = ObjectWriter(data_dir)
     out: list[_Content] = []
-    for rel, size, mtime_ns in todo:
+    for rel, size, mtime_ns, ctime_ns in todo:
         abs_path = src + b"/" + rel
         if size > CHUNK_THRESHOLD:
-            out.append((None, _store_chunked(abs_path, size, mtime_ns, rel, writer)))
+            out.append((None, _store_chunked(abs_path, size, mtime_ns, ctime_ns, rel, writer)))
         else:
-            out.append((writer.put(_read_whole(abs_path, size, mtime_ns, rel)), None))
+            out.append((writer.put(_read_whole(abs_path, size, mtime_ns, ctime_ns, rel)), None))
     return out, writer.written_objects, writer.written_bytes
 
 
@@ -375,15 +395,15 @@ def _publish_locked(
                 continue
             first_link[ident] = i
         prev = known.get(rel)
-        if prev is not None and prev[:3] == (ident, st.st_size, st.st_mtime_ns):
+        if prev is not None and prev[:4] == _change_key(st, ident):
             chunks = None
-            if prev[4] is not None:
-                chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev[4])]
-            content[i] = (prev[3], chunks)
+            if prev[5] is not None:
+                chunks = [Chunk(o, s, h) for o, s, h in json.loads(prev[5])]
+            content[i] = (prev[4], chunks)
         elif st.st_size == 0:
             content[i] = (None, None)
         else:
-            todo.append((rel, st.st_size, st.st_mtime_ns))
+            todo.append((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
             todo_index.append(i)
 
     # Pass 2: hash and store what is new, in parallel.
@@ -420,15 +440,12 @@ def _publish_locked(
                 ino = _inode_of(scanned[first][0])
             obj, chunks_ = content[first]
             prev = known.get(rel)
-            if prev is None or prev[:3] != (
-                ident,
-                size,
-                st.st_mtime_ns,
-            ):
+            now = _change_key(st, ident)
+            if prev is None or prev[:4] != now:
                 chunk_json = None
                 if chunks_ is not None:
                     chunk_json = json.dumps([[c.offset, c.size, c.object] for c in chunks_])
-                changed[rel] = (ident, size, st.st_mtime_ns, obj, chunk_json)
+                changed[rel] = (*now, obj, chunk_json)
             stats.files += 1
             stats.bytes += size
             if chunks_ is not None and first == n:
@@ -576,18 +593,12 @@ def _write_catalogs(
 
 
 def _sync(path: Path) -> None:
-    """Flush the file system holding ``path`` (syncfs, not the whole machine)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush the store to disk.
+
+    Raises:
+        PublishError: the flush failed.
+    """
     try:
-        _libc_syncfs(fd)
-    finally:
-        os.close(fd)
-
-
-def _libc_syncfs(fd: int) -> None:
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syncfs(fd) != 0:
-        err = ctypes.get_errno()
-        raise PublishError(f"syncfs failed: {os.strerror(err)}")
+        sync_filesystem(path)
+    except OSError as exc:
+        raise PublishError(f"syncfs failed: {exc.strerror}") from exc

@@ -9,6 +9,8 @@ Layout (every path below ``STORE/NAME/`` is served as is over HTTP)::
 
 Objects are written to a temporary name and renamed, so a reader (or a
 publish killed half way) never sees a partial object under its final name.
+:func:`sync_filesystem` makes what was written durable at once (the publisher
+before its commit, a node's object cache at a clean close).
 """
 
 from __future__ import annotations
@@ -124,3 +126,22 @@ class ObjectWriter:
     def put_file(self, path: Path) -> str:
         """Store the content of a local file (a catalog) as an object."""
         return self.put(path.read_bytes())
+
+
+def sync_filesystem(path: Path) -> None:
+    """Flush the file system holding ``path`` to disk (``syncfs``: that file
+    system only, not the whole machine as ``sync`` would).
+
+    Raises:
+        OSError: ``path`` cannot be opened, or the flush failed (EIO, ...).
+    """
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)

@@ -5,8 +5,9 @@ until the mount is ready (or failed) so the command's exit status is honest.
 
 Cache directory layout::
 
-    CACHE/objects/   verified objects (cvmfs_like.cache)
-    CACHE/metadata/  the node's trusted TUF metadata (trust.client)
+    CACHE/objects/         verified objects (cvmfs_like.cache)
+    CACHE/closed-cleanly   the cache's clean-close marker (cvmfs_like.cache)
+    CACHE/metadata/        the node's trusted TUF metadata (trust.client)
     CACHE/control.sock, CACHE/mount.log
 """
 
@@ -76,6 +77,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lock_fd = _lock_cache(cfg.cache)
+    cache: ObjectCache | None = None
     try:
         cache = ObjectCache(cfg.cache, cfg.quota)
         metadata_dir = cfg.cache / "metadata"
@@ -102,6 +104,8 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         )
         mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout)
     finally:
+        if cache is not None:
+            cache.close()  # unmounted: flush, so the next start need not hash objects
         os.close(lock_fd)
 
 

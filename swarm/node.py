@@ -349,7 +349,10 @@ class Node:
         self._stopping.set()
 
     async def stop(self) -> None:
-        """Unmount, save resume data, close listeners.  Safe to call twice."""
+        """Unmount, close the object caches, save resume data, close listeners.
+
+        Safe to call twice.
+        """
         self._stopping.set()
         for t in self._tasks:
             t.cancel()
@@ -360,6 +363,9 @@ class Node:
         if self.job_service is not None:
             await asyncio.to_thread(self.job_service.stop, 30.0)
         await self._unmount()
+        for rs in self.repos.values():
+            # Unmounted: flush, so the next start need not hash cached objects.
+            await asyncio.to_thread(rs.cache.close)
         for r in self._runners:
             await r.cleanup()
         self._runners.clear()

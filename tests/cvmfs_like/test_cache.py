@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_like.cache import ObjectCache
+from cvmfs_like.cache import CLEAN_MARKER, ObjectCache
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
 from tests.fakes import InMemoryObjectSource
 
@@ -124,3 +124,90 @@ def test_index_survives_restart_and_leftover_temp_files_are_removed(tmp_path: Pa
 def test_bad_quota_is_refused(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="quota"):
         ObjectCache(tmp_path, 0)
+
+
+def test_a_cached_object_cut_short_is_fetched_again_not_served(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"x" * 3370)
+    cache = ObjectCache(tmp_path, 1 << 20)
+    os.close(cache.open(d, 3370, src))
+    cache.close()
+    assert (tmp_path / CLEAN_MARKER).read_bytes() == b""
+    os.truncate(cache.path_of(d), 0)  # what a power loss after the write left
+    again = ObjectCache(tmp_path, 1 << 20)
+    assert again.closed_cleanly and not (tmp_path / CLEAN_MARKER).exists()
+    assert again.used == 0 and again.contains(d)
+    assert read_fd(again.open(d, 3370, src)) == b"x" * 3370
+    assert src.calls == [d, d]
+    assert again.stats()["dropped"] == 1 and again.used == 3370
+    assert read_fd(again.open(d, 3370, src)) == b"x" * 3370  # checked once, then a hit
+    assert src.calls == [d, d]
+
+
+def test_after_a_crash_a_cached_object_changed_at_its_size_is_fetched_again(
+    tmp_path: Path,
+) -> None:
+    src = InMemoryObjectSource()
+    a, b = src.add(b"A" * 500), src.add(b"B" * 500)
+    cache = ObjectCache(tmp_path, 1 << 20)
+    os.close(cache.open(a, 500, src))
+    os.close(cache.open(b, 500, src))
+    # no close(): a crash.  Both objects come back as zeros of the right size.
+    cache.path_of(a).write_bytes(bytes(500))
+    cache.path_of(b).write_bytes(bytes(500))
+    after_crash = ObjectCache(tmp_path, 1 << 20)
+    assert not after_crash.closed_cleanly
+    assert read_fd(after_crash.open(a, 500, src)) == b"A" * 500
+    # b is not used before a clean close: the marker keeps its debt of a hash check.
+    after_crash.close()
+    assert (tmp_path / CLEAN_MARKER).read_text() == b + "\n"
+    later = ObjectCache(tmp_path, 1 << 20)
+    assert later.closed_cleanly
+    assert read_fd(later.open(b, 500, src)) == b"B" * 500
+    assert read_fd(later.open(a, 500, src)) == b"A" * 500
+    assert src.calls == [a, b, a, b]
+    assert later.stats()["dropped"] == 1
+
+
+def test_a_catalog_is_hashed_on_first_use_even_after_a_clean_close(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    d = src.add(b"catalog" * 100)
+    cache = ObjectCache(tmp_path, 1 << 20)
+    os.close(cache.open(d, 700, src, catalog=True))
+    cache.close()
+    cache.path_of(d).write_bytes(b"x" * 700)
+    again = ObjectCache(tmp_path, 1 << 20)
+    assert read_fd(again.open(d, 700, src, catalog=True)) == b"catalog" * 100
+    assert src.calls == [d, d]
+
+
+def test_an_object_stored_after_close_takes_the_clean_marker_away(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    a, b = src.add(b"a"), src.add(b"b")
+    cache = ObjectCache(tmp_path, 1 << 20)
+    os.close(cache.open(a, 1, src))
+    cache.close()
+    assert (tmp_path / CLEAN_MARKER).exists()
+    os.close(cache.open(b, 1, src))  # not flushed: the cache is no longer clean
+    assert not (tmp_path / CLEAN_MARKER).exists()
+    cache.close()
+    assert (tmp_path / CLEAN_MARKER).exists()
+    assert ObjectCache(tmp_path, 1 << 20).closed_cleanly
+
+
+def test_dropping_a_damaged_object_keeps_the_quota_accounting(tmp_path: Path) -> None:
+    src = InMemoryObjectSource()
+    ds = [src.add(bytes([i]) * 400) for i in range(3)]
+    cache = ObjectCache(tmp_path, 1000)
+    for d in ds[:2]:
+        os.close(cache.open(d, 400, src))
+    cache.close()
+    os.truncate(cache.path_of(ds[0]), 100)
+    again = ObjectCache(tmp_path, 1000)
+    assert again.used == 500
+    os.close(again.open(ds[0], 400, src))  # dropped (100) and stored again (400)
+    assert again.used == 800
+    os.close(again.open(ds[2], 400, src))  # over quota: evicts ds[1], unchecked so far
+    assert again.used == 800 and not again.contains(ds[1])
+    on_disk = [f.stat().st_size for f in (tmp_path / "objects").rglob("*") if f.is_file()]
+    assert sum(on_disk) == 800

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,34 @@ def test_unchanged_publish_rehashes_nothing_and_one_change_rehashes_one(
     third = publish(src, store, keys)
     assert third.stats.hashed_files == 1
     assert third.stats.files == first.stats.files
+
+
+def test_an_in_place_edit_with_the_old_mtime_is_published(
+    tmp_path: Path, repo: tuple[OriginStore, Path]
+) -> None:
+    store, keys = repo
+    src = build_sample_tree(tmp_path / "src")
+    f = src / "lib" / "data.bin"
+    before = os.stat(f)
+    publish(src, store, keys)
+    new = bytes(reversed(f.read_bytes()))
+    with open(f, "r+b") as out:  # what `cp -p` onto an existing file does
+        out.write(new)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(f)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    # Only the inode change time tells (the kernel's multigrain timestamps
+    # make it differ even within one clock tick of the publish's stat).
+    assert after.st_ctime_ns != before.st_ctime_ns
+    r = publish(src, store, keys)
+    assert r.stats.hashed_files == 1
+    entry = catalog_of(store).lookup(b"lib/data.bin")
+    assert entry is not None and store.path_of(entry.object or "").read_bytes() == new
+    assert publish(src, store, keys).stats.hashed_files == 0  # and the state remembers it
 
 
 def test_one_byte_change_in_a_large_file_reships_few_chunks(
@@ -223,3 +252,19 @@ def test_large_subtrees_get_nested_catalogs_and_unchanged_ones_are_reused(
     publish(src, store, keys, nest_threshold=10)
     assert catalog_of(store).nested[b"b"] == new_root.nested[b"b"]
     assert catalog_of(store).nested[b"a"] != new_root.nested[b"a"]
+
+
+def test_a_state_from_before_ctime_was_recorded_rehashes_once(
+    tmp_path: Path, repo: tuple[OriginStore, Path]
+) -> None:
+    store, keys = repo
+    src = build_sample_tree(tmp_path / "src")
+    first = publish(src, store, keys)
+    db = sqlite3.connect(store.private_dir / "state.sqlite")
+    db.execute("ALTER TABLE files DROP COLUMN ctime_ns")  # the old layout
+    db.commit()
+    db.close()
+    again = publish(src, store, keys)
+    assert again.stats.hashed_files == first.stats.hashed_files
+    assert again.stats.new_objects <= 1  # the same content: no object rewritten
+    assert publish(src, store, keys).stats.hashed_files == 0

@@ -132,6 +132,25 @@ def test_node_reads_a_release_through_the_swarm_with_the_origin_as_web_seed(site
     asyncio.run(main())
 
 
+def test_a_cached_object_cut_short_is_fetched_again_not_served_by_the_node(site: Site) -> None:
+    want = (site.src / "lib/data.bin").read_bytes()
+    path = f"{REPO}/lib/data.bin"
+
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            assert await asyncio.to_thread(read_file, a.namespace, path) == want
+            entry = a.namespace.lookup(path.encode())
+            assert entry is not None and entry.object is not None
+            cache = a.repos[REPO].cache
+        assert (cache.root / "closed-cleanly").exists()  # stopped: a clean close
+        os.truncate(cache.path_of(entry.object), 100)
+        async with running(site.node(0)) as b:
+            assert await asyncio.to_thread(read_file, b.namespace, path) == want
+            assert b.repos[REPO].cache.stats()["dropped"] == 1
+
+    asyncio.run(main())
+
+
 def test_origin_down_a_new_node_gets_metadata_torrent_and_objects_from_a_peer(
     site: Site,
 ) -> None:
