@@ -29,6 +29,8 @@ import logging
 import os
 import secrets
 import signal
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -254,19 +256,38 @@ class Node:
         log.info("node ready: api %s, peer %s, listen %s", cfg.api, cfg.peer, cfg.listen)
 
     def _load_token(self) -> str:
+        """The API token from its file, made (0600) if missing or empty.  A
+        file others may read or change is used, with a warning: they could
+        act as the node's operator.
+
+        Raises:
+            ConfigError: the file cannot be read or written.
+        """
         path = self.config.token_path
+        token = ""
         try:
-            token = path.read_text().strip()
-            if token:
-                return token
+            with open(path) as f:
+                mode = os.fstat(f.fileno()).st_mode
+                token = f.read().strip()
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise ConfigError(f"api token file {path}: {exc.strerror}") from None
+            raise ConfigError(f"api_token_file: {path}: {exc.strerror}") from None
+        if token:
+            if mode & 0o066:
+                log.warning(
+                    "api token file %s has mode %04o: group or others can read or change it;"
+                    " chmod 600 %s",
+                    path,
+                    stat.S_IMODE(mode),
+                    path,
+                )
+            return token
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        try:
+            _write_private(path, (token + "\n").encode())
+        except OSError as exc:
+            raise ConfigError(f"api_token_file: cannot write {path}: {exc.strerror}") from None
         return token
 
     def check_token(self, presented: str | None) -> bool:
@@ -800,6 +821,28 @@ def check_paths(config: NodeConfig) -> None:
         raise ConfigError(f"api_token_file: {token} is a directory")
     if config.mount is not None:
         prepare_mount_point(config.mount, create=True, what="mount")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new 0600 file, atomically: a temporary file made
+    0600 from its creation (whatever the umask) is renamed over ``path``, so
+    no reader ever sees it partly written or more open than 0600."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
