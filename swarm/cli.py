@@ -1,8 +1,11 @@
 """The ``swarm`` command line.
 
 Every subcommand maps errors to a one-line message naming what was wrong and
-exit status 1 (2 for usage errors, from argparse); tracebacks only with
-``--debug``.
+exit status 1; usage errors (a bad option or config value, an unusable path:
+:class:`ConfigError` and argparse's) are one line too, naming the option or
+key, with exit status 2.  Tracebacks only with ``--debug``.  Every numeric
+option has a checked type (``swarm/options.py``, ``runner/sizes.py``) and
+every path is checked before anything is created.
 """
 
 from __future__ import annotations
@@ -19,18 +22,40 @@ from typing import Any
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
 from runner.sizes import size_argument
+from swarm.config import parse_address, parse_origin
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.image_cli import add_image_commands
+from swarm.options import (
+    OneLineParser,
+    check_directory,
+    count_argument,
+    existing_directory,
+    seconds_argument,
+)
 from trust.exceptions import TrustError
 
 log = logging.getLogger("swarm")
+MAX_ROOT_KEYS = 64  # a root signed by more keys than this is a typo, not a policy
 
 
-def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bad address {text!r}: use HOST:PORT, e.g. 127.0.0.1:8080")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def _listen_argument(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` to listen on (argparse ``type=``; the port cannot be 0)."""
+    try:
+        addr = parse_address(text, "--listen")
+    except ConfigError:
+        addr = None
+    if addr is None or addr.port == 0:
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8080, got {text!r}"
+        )
+    return addr.host, addr.port
+
+
+def _store(a: argparse.Namespace, *, create: bool = False) -> Path:
+    """``--store``: an existing directory (``create``: one that can be made)."""
+    if create:
+        return check_directory(a.store, "--store")
+    return check_directory(existing_directory(a.store, "--store"), "--store")
 
 
 def _progress_printer(enabled: bool) -> Callable[[Any], None] | None:
@@ -56,6 +81,7 @@ def _progress_printer(enabled: bool) -> Callable[[Any], None] | None:
 def cmd_keys_init(a: argparse.Namespace) -> int:
     from trust.keys import init_keys
 
+    check_directory(a.keydir, "keydir")
     root = init_keys(a.keydir, a.repo, root_keys=a.root_keys, root_threshold=a.threshold)
     print(f"created keys for {a.repo} in {a.keydir}")
     print(f"trusted root (install it on nodes out of band): {root}")
@@ -66,7 +92,8 @@ def cmd_keys_rotate(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
     from trust.keys import rotate_key
 
-    store = OriginStore(a.store, a.repo)
+    existing_directory(a.keydir, "keydir")
+    store = OriginStore(_store(a), a.repo)
     rotate_key(a.keydir, store.metadata_dir, a.role)
     print(f"rotated the {a.role} key of {a.repo}; new root: {a.keydir / 'root.json'}")
     return 0
@@ -76,8 +103,10 @@ def cmd_publish(a: argparse.Namespace) -> int:
     from cvmfs_like.publish import publish
     from cvmfs_like.store import OriginStore
 
+    existing_directory(a.src, "src")
+    existing_directory(a.keys, "--keys")
+    store = OriginStore(_store(a, create=True), a.repo)
     show = _progress_printer(not a.quiet and sys.stderr.isatty())
-    store = OriginStore(a.store, a.repo)
     extend = None
     if not a.no_torrent:
         from swarm.release_torrent import torrent_extension
@@ -127,7 +156,7 @@ def cmd_revisions(a: argparse.Namespace) -> int:
     from cvmfs_like.retention import list_revisions
     from cvmfs_like.store import OriginStore
 
-    releases, tags = list_revisions(OriginStore(a.store, a.repo))
+    releases, tags = list_revisions(OriginStore(existing_directory(a.store, "--store"), a.repo))
     by_rev: dict[int, list[str]] = {}
     for name, t in tags.items():
         by_rev.setdefault(t.revision, []).append(name)
@@ -143,7 +172,8 @@ def cmd_tag(a: argparse.Namespace) -> int:
     from cvmfs_like.retention import tag
     from cvmfs_like.store import OriginStore
 
-    t = tag(OriginStore(a.store, a.repo), a.keys, a.name, a.revision, delete=a.delete)
+    existing_directory(a.keys, "--keys")
+    t = tag(OriginStore(_store(a), a.repo), a.keys, a.name, a.revision, delete=a.delete)
     print(f"deleted tag {a.name}" if t is None else f"tag {a.name} -> revision {t.revision}")
     return 0
 
@@ -152,7 +182,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
     from cvmfs_like.retention import gc
     from cvmfs_like.store import OriginStore
 
-    r = gc(OriginStore(a.store, a.repo), a.keys, keep=a.keep, dry_run=a.dry_run)
+    existing_directory(a.keys, "--keys")
+    r = gc(OriginStore(_store(a), a.repo), a.keys, keep=a.keep, dry_run=a.dry_run)
     verb = "would remove" if a.dry_run else "removed"
     print(
         f"{verb} revisions {r.removed_revisions or 'none'}; kept {r.kept_revisions};"
@@ -165,7 +196,8 @@ def cmd_resign(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
     from trust.repository import RepositoryWriter
 
-    store = OriginStore(a.store, a.repo)
+    existing_directory(a.keys, "--keys")
+    store = OriginStore(_store(a), a.repo)
     with RepositoryWriter.open(store.metadata_dir, a.keys) as repo:
         if a.all:
             repo.refresh_all()
@@ -178,9 +210,8 @@ def cmd_resign(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from swarm.origin import serve
 
-    host, port = _host_port(a.listen)
-    if not a.store.is_dir():
-        raise ConfigError(f"store {a.store} is not a directory")
+    host, port = a.listen
+    existing_directory(a.store, "store")
     print(f"serving {a.store} on http://{host}:{port}/", flush=True)
     serve(a.store, host, port)
     return 0
@@ -192,7 +223,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
     return MountConfig(
         name=a.name,
         mountpoint=a.mountpoint.resolve(),
-        origin=a.origin,
+        origin=parse_origin(a.origin, "--origin"),
         trust_root=a.trust.resolve(),
         cache=a.cache.resolve(),
         quota=a.quota,
@@ -203,7 +234,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
 
 
 def cmd_mount(a: argparse.Namespace) -> int:
-    from swarm.mount_service import run_mount, start_detached
+    from swarm.mount_service import check_mount_config, run_mount, start_detached
 
     cfg = _mount_config(a)
     if a.foreground:
@@ -230,6 +261,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
         argv += ["--tag", a.tag]
     if a.debug:
         argv.insert(0, "--debug")
+    check_mount_config(cfg)  # a bad option is reported here, not in the child's log
     msg = start_detached(argv, cfg.cache)
     print(f"mounted {a.name} revision {msg.split()[1]} at {cfg.mountpoint}")
     return 0
@@ -243,23 +275,25 @@ def cmd_umount(a: argparse.Namespace) -> int:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from swarm.mount_service import control, swarm_mounts
+    """Exit status 1 when a mount is dead or does not answer (each is reported)."""
+    from swarm.mount_service import MountState, is_swarm_mountpoint, mount_state, swarm_mounts
 
     if a.config or a.api:
         return _node_status(a)
+    if a.mountpoint and not is_swarm_mountpoint(a.mountpoint):
+        raise ConfigError(f"{a.mountpoint} is not a swarm mount")
     targets = [a.mountpoint] if a.mountpoint else [mp for _, mp in swarm_mounts()]
-    if not targets:
-        print("no swarm mounts")
-        return 0
-    reports = []
-    for mp in targets:
-        st = control(mp, "status")
-        st["mountpoint"] = str(mp)
-        reports.append(st)
+    reports = [{"mountpoint": str(mp), **mount_state(mp)} for mp in targets]
+    trouble = any(st["state"] in (MountState.DEAD, MountState.UNKNOWN) for st in reports)
     if a.json:
         print(json.dumps(reports if not a.mountpoint else reports[0], indent=2))
-        return 0
+        return 1 if trouble else 0
+    if not reports:
+        print("no swarm mounts")
     for st in reports:
+        if st["state"] != MountState.MOUNTED:
+            print(f"{st['mountpoint']}: {st['error']}")
+            continue
         cache: dict[str, int] = st["cache"]  # type: ignore[assignment]
         print(
             f"{st['mountpoint']}: {st['repository']} revision {st['revision']}"
@@ -275,7 +309,7 @@ def cmd_status(a: argparse.Namespace) -> int:
             print("  OFFLINE: serving cached metadata")
         if st.get("last_error"):
             print(f"  last error: {st['last_error']}")
-    return 0
+    return 1 if trouble else 0
 
 
 def cmd_reload(a: argparse.Namespace) -> int:
@@ -377,9 +411,7 @@ def cmd_trust_client(a: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="swarm", description="Signed software releases, shared and mounted."
-    )
+    p = OneLineParser(prog="swarm", description="Signed software releases, shared and mounted.")
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -388,8 +420,18 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("init", help="create a repository's keys and trusted root")
     k.add_argument("keydir", type=Path)
     k.add_argument("--repo", required=True)
-    k.add_argument("--root-keys", type=int, default=1, help="number of root keys (default 1)")
-    k.add_argument("--threshold", type=int, default=1, help="root signatures needed (default 1)")
+    k.add_argument(
+        "--root-keys",
+        type=count_argument(1, MAX_ROOT_KEYS),
+        default=1,
+        help="number of root keys (default 1)",
+    )
+    k.add_argument(
+        "--threshold",
+        type=count_argument(1, MAX_ROOT_KEYS),
+        default=1,
+        help="root signatures needed (default 1)",
+    )
     k.set_defaults(func=cmd_keys_init)
     k = ksub.add_parser("rotate", help="replace a role's key (writes a new root version)")
     k.add_argument("keydir", type=Path)
@@ -410,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.add_argument(
         "--catalog-entries",
-        type=int,
+        type=count_argument(1),
         default=4096,
         metavar="N",
         help="a directory with N or more entries below it gets its own catalog (default 4096)",
@@ -430,13 +472,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tag", help="name a revision (default: the newest)")
     s.add_argument("name")
     repo_args(s)
-    s.add_argument("--revision", type=int)
+    s.add_argument("--revision", type=count_argument(1))
     s.add_argument("--delete", action="store_true")
     s.set_defaults(func=cmd_tag)
 
     s = sub.add_parser("gc", help="drop old revisions and unreferenced objects from a store")
     repo_args(s)
-    s.add_argument("--keep", type=int, default=3, help="newest revisions to keep (default 3)")
+    s.add_argument(
+        "--keep", type=count_argument(1), default=3, help="newest revisions to keep (default 3)"
+    )
     s.add_argument("--dry-run", action="store_true")
     s.set_defaults(func=cmd_gc)
 
@@ -447,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a store over HTTP (the origin)")
     s.add_argument("store", type=Path)
-    s.add_argument("--listen", default="127.0.0.1:8080")
+    s.add_argument("--listen", type=_listen_argument, default="127.0.0.1:8080")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("mount", help="mount a repository read-only (FUSE)")
@@ -457,11 +501,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust", required=True, type=Path, help="the repository's trusted root.json")
     s.add_argument("--cache", required=True, type=Path)
     s.add_argument("--quota", type=size_argument, default="10G", help="cache quota (default 10G)")
-    s.add_argument("--ttl", type=float, default=60.0, help="seconds between revision checks")
-    s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per object fetch")
+    s.add_argument(
+        "--ttl", type=seconds_argument(), default=60.0, help="seconds between revision checks"
+    )
+    s.add_argument(
+        "--fetch-timeout", type=seconds_argument(), default=10.0, help="seconds per object fetch"
+    )
     s.add_argument("--tag", help="follow a tag instead of the newest revision")
     s.add_argument("--foreground", action="store_true")
-    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--ready-fd", type=count_argument(0), help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
 
     s = sub.add_parser("umount", help="unmount a swarm mount")
@@ -477,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("reload", help="check for a new revision now")
     s.add_argument("mountpoint", type=Path)
-    s.add_argument("--timeout", type=float, default=60.0)
+    s.add_argument("--timeout", type=seconds_argument(), default=60.0)
     s.set_defaults(func=cmd_reload)
 
     s = sub.add_parser("node", help="run the node daemon (swarm, mount, API)")
@@ -512,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.debug:
             raise
         print(f"swarm: {exc}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(exc, ConfigError) else 1
     except KeyboardInterrupt:
         print("swarm: interrupted", file=sys.stderr)
         return 130

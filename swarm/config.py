@@ -18,6 +18,7 @@ from typing import Any
 
 from runner.sizes import SizeError, parse_size
 from swarm.exceptions import ConfigError
+from swarm.options import ValueRangeError, parse_seconds
 
 _REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POLICIES = ("on-demand", "prefetch")
@@ -119,6 +120,15 @@ def _size(value: object, key: str) -> int:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def _seconds(value: object, key: str) -> float:
+    if isinstance(value, str):  # TOML has numbers: "30" is a typo for 30
+        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
+    try:
+        return parse_seconds(value)
+    except ValueRangeError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
 def _path(value: object, key: str, base: Path) -> Path:
     text = _typed(value, str, key)
     if not text:
@@ -127,7 +137,12 @@ def _path(value: object, key: str, base: Path) -> Path:
     return p if p.is_absolute() else (base / p)
 
 
-def _origin(value: object, key: str) -> str:
+def parse_origin(value: object, key: str) -> str:
+    """An origin's base URL (``http(s)://HOST[...]``), ending in ``/``.
+
+    Raises:
+        ConfigError: naming ``key``: not an http(s) URL.
+    """
     url: str = _typed(value, str, key)
     if not re.match(r"^https?://[^/\s]+", url):
         raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
@@ -186,7 +201,7 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
             raise ConfigError(f"{key}.policy: {policy!r} is not one of {', '.join(POLICIES)}")
         repos[name] = RepositoryConfig(
             name=name,
-            origin=_origin(r["origin"], f"{key}.origin") if "origin" in r else None,
+            origin=parse_origin(r["origin"], f"{key}.origin") if "origin" in r else None,
             trust=_path(r["trust"], f"{key}.trust", base),
             policy=policy,
             images=_typed(r.get("images", True), bool, f"{key}.images"),
@@ -202,10 +217,8 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
     tuning = raw.get("tuning", {})
     if not isinstance(tuning, dict):
         raise ConfigError("tuning: expected a table")
-    refresh = _typed(raw.get("refresh_interval", 60.0), float, "refresh_interval")
-    fetch_timeout = _typed(raw.get("fetch_timeout", 30.0), float, "fetch_timeout")
-    if refresh <= 0 or fetch_timeout <= 0:
-        raise ConfigError("refresh_interval and fetch_timeout must be positive")
+    refresh = _seconds(raw.get("refresh_interval", 60.0), "refresh_interval")
+    fetch_timeout = _seconds(raw.get("fetch_timeout", 30.0), "fetch_timeout")
     token_file = raw.get("api_token_file")
     return NodeConfig(
         data_dir=data_dir,

@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from cvmfs_like.exceptions import ReleaseError
 from runner.sizes import size_argument
+from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.images import (
     DEFAULT_PIECE_LENGTH,
@@ -38,6 +39,7 @@ from swarm.images import (
     publish_image,
     verify_image,
 )
+from swarm.options import OneLineParser, check_directory, existing_directory, seconds_argument
 from trust.client import RoleSigners, TrustedRepository
 from trust.exceptions import TrustConfigError, TrustError, TrustTransportError
 from trust.policy import ImagePolicy
@@ -80,6 +82,8 @@ def _summary(repo: str, t: ImageTarget) -> dict[str, Any]:
 
 
 def cmd_publish(a: argparse.Namespace) -> int:
+    existing_directory(a.keys, "--keys")
+    check_directory(a.store, "--store")
     target = publish_image(
         a.image,
         name=a.name,
@@ -162,6 +166,9 @@ def _sources(a: argparse.Namespace) -> Iterator[tuple[list[RepositorySource], Im
         _usage("give --config NODE.toml, or --repo NAME --trust ROOT.json --origin URL")
     if a.origin is None and (a.metadata_dir is None or not a.offline):
         _usage("--origin URL is needed unless --offline reads an existing --metadata-dir")
+    origin = None if a.origin is None else parse_origin(a.origin, "--origin")
+    if a.metadata_dir is not None:
+        check_directory(a.metadata_dir, "--metadata-dir")
     policy = ImagePolicy()
     if a.policy is not None:
         try:
@@ -176,7 +183,7 @@ def _sources(a: argparse.Namespace) -> Iterator[tuple[list[RepositorySource], Im
         metadata_dir = a.metadata_dir
         if metadata_dir is None:
             metadata_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="swarm-")))
-        yield [RepositorySource(a.repo, a.origin, a.trust, metadata_dir)], policy
+        yield [RepositorySource(a.repo, origin, a.trust, metadata_dir)], policy
 
 
 def open_repository(
@@ -343,7 +350,10 @@ def _source_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--policy", type=Path, help="a policy file ([image_policy]; default: accept)")
     s.add_argument("--offline", action="store_true", help="use cached metadata only")
     s.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds per origin request (default 10)"
+        "--timeout",
+        type=seconds_argument(),
+        default=10.0,
+        help="seconds per origin request (default 10)",
     )
     s.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -389,7 +399,7 @@ def add_image_commands(sub: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """``swarm image ...`` on its own (tests; ``swarm.cli`` wires the same commands)."""
-    p = argparse.ArgumentParser(prog="swarm")
+    p = OneLineParser(prog="swarm")
     add_image_commands(p.add_subparsers(dest="command", required=True))
     a = p.parse_args(argv)
     code: int = a.func(a)

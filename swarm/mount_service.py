@@ -3,6 +3,14 @@
 ``swarm mount`` runs this in the foreground, or starts it detached and waits
 until the mount is ready (or failed) so the command's exit status is honest.
 
+Mount points (here and for the node daemon's mount): a swarm mount whose
+process died stays behind, dead (every access gives ENOTCONN); it is cleared
+(lazy unmount, logged) before mounting again, so mounts never stack over dead
+ones.  A live mount is never cleared: mounting over it is an error.  Only
+mounts of type ``fuse.swarm`` are ever unmounted; ``unmount`` removes every
+one stacked at the point.  No check of a mount point waits on the file
+system behind it for longer than :data:`PROBE_TIMEOUT`.
+
 Cache directory layout::
 
     CACHE/objects/         verified objects (cvmfs_like.cache)
@@ -13,21 +21,27 @@ Cache directory layout::
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
+import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from cvmfs_like.cache import ObjectCache
-from cvmfs_like.fs import ReleaseOperations, mount
+from cvmfs_like.exceptions import StoreError
+from cvmfs_like.fs import ReleaseOperations, is_swarm_mount, mount
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.store import check_repo_name
 from swarm.exceptions import ConfigError
+from swarm.options import check_directory
 from swarm.origin_client import OriginMetadataFetcher, OriginObjectSource
 from trust.client import TrustedRepository
 
@@ -59,6 +73,27 @@ def _lock_cache(cache: Path) -> int:
     return fd
 
 
+def check_mount_config(cfg: MountConfig) -> bytes:
+    """Check a mount's options and paths without creating anything (a dead
+    swarm mount at the mount point is cleared).  Returns the trusted root.
+
+    Raises:
+        ConfigError: naming the option: a bad name, an unreadable trusted
+            root, an unusable mount point or cache directory.
+    """
+    try:
+        check_repo_name(cfg.name)
+    except StoreError as exc:
+        raise ConfigError(f"name: {exc}") from None
+    try:
+        root_bytes = cfg.trust_root.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--trust: cannot read {cfg.trust_root}: {exc.strerror}") from None
+    check_directory(cfg.cache, "--cache")
+    prepare_mount_point(cfg.mountpoint)
+    return root_bytes
+
+
 def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     """Mount and serve in this process until unmounted.
 
@@ -67,13 +102,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         trust.exceptions.TrustError, cvmfs_like.exceptions.ReleaseError: no
             trusted revision could be loaded.
     """
-    check_repo_name(cfg.name)
-    try:
-        root_bytes = cfg.trust_root.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read trusted root {cfg.trust_root}: {exc.strerror}") from exc
-    if not cfg.mountpoint.is_dir():
-        raise ConfigError(f"mount point {cfg.mountpoint} is not a directory")
+    root_bytes = check_mount_config(cfg)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lock_fd = _lock_cache(cfg.cache)
@@ -115,12 +144,12 @@ def start_detached(argv: list[str], cache: Path, timeout: float = 60.0) -> str:
     Returns the ready message.
 
     Raises:
-        ConfigError: the mount process failed (its log's tail is included).
+        ConfigError: the mount process failed (its last log line is included).
     """
     try:
         cache.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create cache {cache}: {exc.strerror}") from exc
+        raise ConfigError(f"--cache: cannot create {cache}: {exc.strerror}") from exc
     read_fd, write_fd = os.pipe()
     log_path = cache / "mount.log"
     with open(log_path, "ab") as logf:
@@ -140,19 +169,149 @@ def start_detached(argv: list[str], cache: Path, timeout: float = 60.0) -> str:
         # Give the kernel a moment: the mount is live once init ran.
         return msg
     code = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-    raise ConfigError(f"mount failed (exit {code}):\n  " + "\n  ".join(tail))
+    lines = log_path.read_text(errors="replace").strip().splitlines()
+    # The child's own one-line error ("swarm: ...") says why; else its last line.
+    why = next((ln for ln in reversed(lines) if ln.startswith("swarm: ")), None)
+    why = why[len("swarm: ") :] if why else (lines[-1].strip() if lines else "no output")
+    raise ConfigError(f"mount failed (exit {code}): {why} (log: {log_path})")
+
+
+# -- mount points ----------------------------------------------------------------------
+
+PROBE_TIMEOUT = 10.0  # a mount that does not answer statfs in this time is hung, not dead
+_MAX_STACK = 16  # more swarm mounts at one point than any crash loop leaves
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mountpoint: Path
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount of this mount namespace, in mount order (a mount stacked
+    on another comes after it)."""
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-", 6)  # optional fields end at "-"
+            out.append(
+                MountEntry(Path(_unescape(fields[4])), fields[sep + 1], _unescape(fields[sep + 2]))
+            )
+    return out
 
 
 def swarm_mounts() -> list[tuple[str, Path]]:
     """(fsname, mountpoint) of every swarm mount on this machine."""
-    out = []
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            fsname, mp, fstype = line.split()[:3]
-            if fstype == "fuse.swarm":
-                out.append((fsname, Path(mp.replace("\\040", " "))))
-    return out
+    return [(m.source, m.mountpoint) for m in mount_table() if is_swarm_mount(m.fstype)]
+
+
+def _top_mount(mountpoint: Path) -> MountEntry | None:
+    """The mount visible at ``mountpoint`` (the last one stacked there)."""
+    return next((m for m in reversed(mount_table()) if m.mountpoint == mountpoint), None)
+
+
+def is_swarm_mountpoint(path: Path) -> bool:
+    """Is the mount visible at ``path`` a swarm mount (dead or alive)?"""
+    top = _top_mount(Path(os.path.realpath(path)))
+    return top is not None and is_swarm_mount(top.fstype)
+
+
+def probe(path: Path, timeout: float = PROBE_TIMEOUT) -> int | None:
+    """The errno of ``statvfs(path)`` (None: it answered), asked in a thread
+    so a hung file system costs at most ``timeout`` (then ETIMEDOUT).
+
+    statvfs, not stat: the kernel answers a stat of a FUSE mount's root from
+    its attribute cache even when the mount's process is gone, while statfs
+    always asks the file system, so a dead mount gives ENOTCONN."""
+    result: list[int | None] = []
+
+    def stat() -> None:
+        try:
+            os.statvfs(path)
+            result.append(None)
+        except OSError as exc:
+            result.append(exc.errno)
+
+    t = threading.Thread(target=stat, name="swarm-probe", daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else errno.ETIMEDOUT
+
+
+def _fusermount_u(mountpoint: Path, *, lazy: bool) -> str | None:
+    """Unmount the top mount at ``mountpoint``; the error text, or None."""
+    argv = ["fusermount3", "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "fusermount3 did not finish within 30 s"
+    return None if r.returncode == 0 else r.stderr.strip() or f"exit {r.returncode}"
+
+
+def prepare_mount_point(
+    mountpoint: Path, *, create: bool = False, what: str = "mountpoint"
+) -> None:
+    """Make ``mountpoint`` ready to be mounted on: clear the dead swarm
+    mounts there (logged), refuse a live one, check it is a directory
+    (``create``: make it and its parents if missing).
+
+    Raises:
+        ConfigError: naming ``what``: a live swarm mount, a dead mount of
+            another file system, a hung mount, not a directory, or not creatable.
+    """
+    mountpoint = Path(os.path.realpath(mountpoint))
+    for _ in range(_MAX_STACK):
+        top = _top_mount(mountpoint)
+        err = probe(mountpoint)
+        if top is None or not is_swarm_mount(top.fstype):
+            break  # not mounted, or another file system: mounting over it is the user's call
+        if err is None:
+            raise ConfigError(
+                f"{what}: {mountpoint} is already a live swarm mount"
+                f" (swarm umount {mountpoint} first)"
+            )
+        if err != errno.ENOTCONN:
+            raise ConfigError(
+                f"{what}: swarm mount {mountpoint} does not answer: {os.strerror(err)}"
+            )
+        failed = _fusermount_u(mountpoint, lazy=True)
+        if failed is not None:
+            raise ConfigError(f"{what}: cannot clear the dead swarm mount {mountpoint}: {failed}")
+        log.warning(
+            "cleared a dead swarm mount at %s (%s: its process died)", mountpoint, top.source
+        )
+    else:
+        raise ConfigError(f"{what}: more than {_MAX_STACK} swarm mounts stacked at {mountpoint}")
+    if err is not None and err != errno.ENOENT:
+        raise ConfigError(f"{what}: {mountpoint}: {os.strerror(err)}")
+    if err == errno.ENOENT and create:
+        check_directory(mountpoint, what)
+        try:
+            mountpoint.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot create {mountpoint}: {exc.strerror}") from None
+    elif err == errno.ENOENT:
+        raise ConfigError(f"{what}: {mountpoint} does not exist")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"{what}: {mountpoint} is not a directory")
+
+
+class MountState(StrEnum):
+    """What ``swarm status`` makes of a swarm mount (see :func:`mount_state`)."""
+
+    MOUNTED = "mounted"  # a `swarm mount`, answering on its control socket
+    NODE = "node"  # a node daemon's mount: its API reports on it
+    DEAD = "dead"  # its process died: ENOTCONN
+    UNKNOWN = "unknown"  # a fuse.swarm mount that does not answer as ours
 
 
 def control(mountpoint: Path, command: str, timeout: float = 30.0) -> dict[str, object]:
@@ -180,14 +339,52 @@ def control(mountpoint: Path, command: str, timeout: float = 30.0) -> dict[str, 
     return result
 
 
+def mount_state(mountpoint: Path) -> dict[str, object]:
+    """A swarm mount's status report: its control socket's answer with
+    ``state`` "mounted", or ``state`` and ``error`` saying why there is none.
+    Never raises for a mount that does not answer."""
+    try:
+        os.getxattr(mountpoint, "user.swarm.control")
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            return {
+                "state": MountState.DEAD,
+                "error": f"dead (transport endpoint not connected): swarm umount {mountpoint}",
+            }
+        if exc.errno == errno.ENODATA:
+            # A swarm file system without a control socket: the node's mount.
+            return {
+                "state": MountState.NODE,
+                "error": "a node daemon's mount (swarm status --config NODE.toml)",
+            }
+        return {
+            "state": MountState.UNKNOWN,
+            "error": f"not answering as a swarm mount: {exc.strerror}",
+        }
+    try:
+        return {"state": MountState.MOUNTED, **control(mountpoint, "status", timeout=10.0)}
+    except (ConfigError, ValueError) as exc:
+        return {"state": MountState.UNKNOWN, "error": f"not answering as a swarm mount: {exc}"}
+
+
 def unmount(mountpoint: Path) -> None:
-    """Unmount a swarm mount (``fusermount3 -u``).
+    """Unmount every swarm mount stacked at ``mountpoint`` (``fusermount3
+    -u``; lazily for a dead one, which serves nothing).  A mount of another
+    type is left alone, and stops the unmounting.
 
     Raises:
-        ConfigError: unmount failed (busy, not mounted).
+        ConfigError: no swarm mount there, or an unmount failed (busy).
     """
-    r = subprocess.run(
-        ["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True, check=False
-    )
-    if r.returncode != 0:
-        raise ConfigError(f"cannot unmount {mountpoint}: {r.stderr.strip()}")
+    mountpoint = Path(os.path.realpath(mountpoint))
+    removed = 0
+    for _ in range(_MAX_STACK):
+        top = _top_mount(mountpoint)
+        if top is None or not is_swarm_mount(top.fstype):
+            break
+        dead = probe(mountpoint) == errno.ENOTCONN
+        failed = _fusermount_u(mountpoint, lazy=dead)
+        if failed is not None:
+            raise ConfigError(f"cannot unmount {mountpoint}: {failed}")
+        removed += 1
+    if removed == 0:
+        raise ConfigError(f"{mountpoint} is not a swarm mount")

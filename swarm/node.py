@@ -29,6 +29,8 @@ import logging
 import os
 import secrets
 import signal
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +48,7 @@ from cvmfs_like.objects import ObjectSource
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError, TransferError
 from swarm.exchange import ExchangeFetcher, PeerExchange, logical_metadata_url
+from swarm.options import ValueRangeError, parse_count, parse_seconds
 from swarm.origin_client import OriginObjectSource
 from swarm.release_torrent import TorrentRef
 from swarm.transfer import TorrentMeta, Transfer, TransferSession
@@ -230,10 +233,11 @@ class Node:
         """
         cfg = self.config
         loop = asyncio.get_running_loop()
+        await asyncio.to_thread(check_paths, cfg)
         try:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"data_dir {cfg.data_dir}: {exc.strerror}") from None
+            raise ConfigError(f"data_dir: {cfg.data_dir}: {exc.strerror}") from None
         self._token = self._load_token()
         for name, rc in cfg.repositories.items():
             self.repos[name] = self._open_repo(rc, loop)
@@ -252,19 +256,38 @@ class Node:
         log.info("node ready: api %s, peer %s, listen %s", cfg.api, cfg.peer, cfg.listen)
 
     def _load_token(self) -> str:
+        """The API token from its file, made (0600) if missing or empty.  A
+        file others may read or change is used, with a warning: they could
+        act as the node's operator.
+
+        Raises:
+            ConfigError: the file cannot be read or written.
+        """
         path = self.config.token_path
+        token = ""
         try:
-            token = path.read_text().strip()
-            if token:
-                return token
+            with open(path) as f:
+                mode = os.fstat(f.fileno()).st_mode
+                token = f.read().strip()
         except FileNotFoundError:
             pass
         except OSError as exc:
-            raise ConfigError(f"api token file {path}: {exc.strerror}") from None
+            raise ConfigError(f"api_token_file: {path}: {exc.strerror}") from None
+        if token:
+            if mode & 0o066:
+                log.warning(
+                    "api token file %s has mode %04o: group or others can read or change it;"
+                    " chmod 600 %s",
+                    path,
+                    stat.S_IMODE(mode),
+                    path,
+                )
+            return token
         token = secrets.token_urlsafe(32)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
+        try:
+            _write_private(path, (token + "\n").encode())
+        except OSError as exc:
+            raise ConfigError(f"api_token_file: cannot write {path}: {exc.strerror}") from None
         return token
 
     def check_token(self, presented: str | None) -> bool:
@@ -619,8 +642,10 @@ class Node:
 
     async def _mount(self, mountpoint: Path) -> None:
         from cvmfs_like import fs
+        from swarm.mount_service import prepare_mount_point
 
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        # A dead mount left by a node killed earlier is cleared; a live one is an error.
+        await asyncio.to_thread(prepare_mount_point, mountpoint, create=True, what="mount")
         ready = threading.Event()
         ops = fs.ReleaseOperations(self.namespace, ttl=None, on_ready=ready.set)
         errors: list[BaseException] = []
@@ -783,6 +808,51 @@ class Node:
         return {n: rs.cache.stats() for n, rs in self.repos.items()}
 
 
+def check_paths(config: NodeConfig) -> None:
+    """Check the node's paths before anything is created: ``data_dir`` a
+    directory it can write in (or can create), the API token file's
+    directory, the mount point (a dead swarm mount there is cleared, a
+    live one refused; a missing one is created, last).
+
+    Raises:
+        ConfigError: naming the key: a file where a directory is needed, a
+            read-only file system, a missing or unwritable directory.
+    """
+    from swarm.mount_service import prepare_mount_point
+    from swarm.options import check_directory, existing_directory
+
+    check_directory(config.data_dir, "data_dir")
+    token = config.token_path
+    if token.parent != config.data_dir:  # the node creates data_dir, not the token's directory
+        check_directory(existing_directory(token.parent, "api_token_file"), "api_token_file")
+    if token.is_dir():
+        raise ConfigError(f"api_token_file: {token} is a directory")
+    if config.mount is not None:
+        prepare_mount_point(config.mount, create=True, what="mount")
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``path`` as a new 0600 file, atomically: a temporary file made
+    0600 from its creation (whatever the umask) is renamed over ``path``, so
+    no reader ever sees it partly written or more open than 0600."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(name)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 _NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
 
 
@@ -804,6 +874,13 @@ def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
             value = float(value)
         if type(value) is not want:
             raise ConfigError(f"tuning.{key}: expected {want.__name__}, got {value!r}")
+        try:  # libtorrent settings are 32-bit; the float knobs are intervals
+            if want is int:
+                value = parse_count(value, minimum=0, maximum=2**31 - 1)
+            elif want is float:
+                value = parse_seconds(value)
+        except ValueRangeError as exc:
+            raise ConfigError(f"tuning.{key}: {exc}") from None
         out[key] = value
     return out
 
@@ -825,9 +902,9 @@ def run_node(config_path: Path) -> None:
         policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
     except TrustError as exc:
         raise ConfigError(str(exc)) from None
+    check_paths(cfg)  # before the job service or the node create anything
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
     session = TorrentSession(
         SessionConfig(
             listen=str(cfg.listen),

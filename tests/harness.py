@@ -1,14 +1,18 @@
 """Real servers and mounts for end-to-end tests, always cleaned up.
 
 ``OriginServer`` runs the aiohttp origin in a thread on an ephemeral loopback
-port; ``MountProcess`` runs ``swarm mount --foreground`` as a child process
-(we know and end only its PID) and unmounts in ``close`` whatever happened.
+port; ``MountProcess`` runs ``swarm mount --foreground`` and ``NodeProcess``
+runs ``swarm node`` as a child process (we know and end only its PID); both
+unmount in ``close`` whatever happened, however many mounts were left there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -80,10 +84,27 @@ class OriginServer:
         self.close()
 
 
+def mounts_at(mountpoint: Path) -> int:
+    """How many mounts are stacked at ``mountpoint`` (/proc/self/mountinfo)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if _unescape(line.split()[4]) == target)
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def is_mounted(mountpoint: Path) -> bool:
-    target = str(mountpoint.resolve())
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == target for line in f)
+    return mounts_at(mountpoint) > 0
+
+
+def unmount_all(mountpoint: Path) -> None:
+    """Lazily unmount every mount stacked at ``mountpoint`` (test cleanup)."""
+    for _ in range(16):
+        if not is_mounted(mountpoint):
+            return
+        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 class MountProcess:
@@ -97,17 +118,18 @@ class MountProcess:
         trust: Path,
         cache: Path,
         *extra: str,
+        launcher: tuple[str, ...] = ("-m", "swarm.cli"),
     ) -> None:
         self.mountpoint = mountpoint
         self.log_path = cache.parent / f"{cache.name}.mount.log"
-        mountpoint.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # exist_ok would stat a dead mount
+            mountpoint.mkdir(parents=True)
         read_fd, write_fd = os.pipe()
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "swarm.cli",
+                *launcher,
                 "mount",
                 name,
                 str(mountpoint),
@@ -146,11 +168,16 @@ class MountProcess:
         self._log.flush()
         return self.log_path.read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the mount process: its mount stays, dead (ENOTCONN)."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
     def close(self) -> None:
         if is_mounted(self.mountpoint):
             r = subprocess.run(["fusermount3", "-u", str(self.mountpoint)], capture_output=True)
             if r.returncode != 0:
-                subprocess.run(["fusermount3", "-uz", str(self.mountpoint)], capture_output=True)
+                unmount_all(self.mountpoint)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
@@ -159,6 +186,63 @@ class MountProcess:
         self._log.close()
 
     def __enter__(self) -> MountProcess:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class NodeProcess:
+    """``swarm node --config FILE`` as a child, ready once it wrote
+    ``DATA_DIR/node.json``; ``close`` stops it (SIGTERM, then SIGKILL) and
+    unmounts whatever it left at its mount point."""
+
+    def __init__(self, config: Path, data_dir: Path, mount: Path | None, log: Path) -> None:
+        self.data_dir = data_dir
+        self.mount = mount
+        self.log_path = log
+        # A node killed with SIGKILL leaves its node.json: wait for the new one.
+        (data_dir / "node.json").unlink(missing_ok=True)
+        self._log = open(log, "ab")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarm", "node", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=self._log,
+        )
+        deadline = time.monotonic() + 60
+        while not (data_dir / "node.json").exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log_text = self.log()
+                self.close()
+                raise RuntimeError(f"node did not become ready: {log_text[-3000:]}")
+            time.sleep(0.05)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the daemon: its mount stays, dead (ENOTCONN), until ``close``."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self._log.close()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.mount is not None:
+            unmount_all(self.mount)
+        self._log.close()
+
+    def __enter__(self) -> NodeProcess:
         return self
 
     def __exit__(

@@ -319,3 +319,55 @@ def test_a_failed_metadata_fetch_is_retried_soon_not_after_the_interval(site: Si
             assert a.repo_status(REPO)["last_error"] is None
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"),
+    [(0o644, True), (0o620, True), (0o600, False)],
+    ids=["0644", "0620", "0600"],
+)
+def test_an_api_token_file_readable_by_others_is_warned_about(
+    site: Site, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    token = site.tmp / "node0" / "api.token"
+    token.parent.mkdir()
+    token.write_text("the-operators-token\n")
+    os.chmod(token, mode)
+
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            assert a.check_token("the-operators-token")  # still used
+
+    with caplog.at_level("WARNING", logger="swarm.node"):
+        asyncio.run(main())
+    about = [r.getMessage() for r in caplog.records if str(token) in r.getMessage()]
+    if not warned:
+        assert about == []
+        return
+    assert len(about) == 1
+    assert f"mode {mode:04o}" in about[0] and f"chmod 600 {token}" in about[0]
+    assert os.stat(token).st_mode & 0o777 == mode  # the operator's file is not changed
+
+
+def test_the_api_token_file_is_created_0600_atomically(site: Site) -> None:
+    # An empty token file left world-readable and -writable, and no umask:
+    # the node's new token must never be readable by others, not even briefly.
+    token = site.tmp / "node0" / "api.token"
+    token.parent.mkdir()
+    token.touch()
+    os.chmod(token, 0o666)
+    old_inode = os.stat(token).st_ino
+    old_umask = os.umask(0)
+    try:
+
+        async def main() -> None:
+            async with running(site.node(0)) as a:
+                st = os.stat(token)
+                assert st.st_mode & 0o777 == 0o600
+                assert st.st_ino != old_inode  # a new file renamed into place, not rewritten
+                assert a.check_token(token.read_text().strip())
+
+        asyncio.run(main())
+    finally:
+        os.umask(old_umask)
+    assert [p.name for p in token.parent.iterdir() if p.name.endswith(".tmp")] == []
