@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import resource
+import select
 import subprocess
 import sys
 import threading
@@ -164,7 +165,14 @@ def start_detached(argv: list[str], cache: Path, timeout: float = 60.0) -> str:
     os.close(write_fd)
     deadline = time.monotonic() + timeout
     with os.fdopen(read_fd, "rb") as pipe:
-        msg = pipe.readline().decode().strip()
+        ready, _, _ = select.select([pipe], [], [], timeout)
+        msg = pipe.readline().decode().strip() if ready else ""
+    if not ready:
+        # Ours to end: a mount that is not ready in time is not left behind
+        # half-started (it may be waiting on a hung origin).
+        proc.kill()
+        proc.wait()
+        raise ConfigError(f"mount not ready within {timeout:g} s; stopped it (log: {log_path})")
     if msg.startswith("ok"):
         # Give the kernel a moment: the mount is live once init ran.
         return msg

@@ -235,3 +235,25 @@ def test_status_goes_on_past_a_mount_it_does_not_understand(site: Site) -> None:
                 assert states[str(live.mountpoint)]["revision"] == 1
         finally:
             unmount_all(foreign_mp)
+
+
+def test_a_detached_mount_that_never_gets_ready_is_stopped_at_the_deadline(
+    site: Site,
+) -> None:
+    """`swarm mount` waits for its child with a deadline: a child stuck on an
+    origin that trickles its metadata is ended, and the command says so."""
+    from swarm.exceptions import ConfigError
+    from swarm.mount_service import start_detached
+    from tests.hostile_http import Answer, HostileServer
+
+    trickle = Answer(b"{" + b" " * 4096 + b"}", trickle_body=True, interval=0.5)
+    with HostileServer({f"/{REPO}/metadata/timestamp.json": trickle}) as slow:
+        mp = site.tmp / "mnt"
+        mp.mkdir()
+        site.mountpoints.append(mp)
+        argv = ["mount", REPO, str(mp), "--origin", slow.url, "--trust", str(site.root_json)]
+        argv += ["--cache", str(site.tmp / "cache"), "--fetch-timeout", "3600"]
+        with pytest.raises(ConfigError, match="not ready within 2 s"):
+            start_detached(argv, site.tmp / "cache", timeout=2)
+        assert slow.requests  # the child did reach the origin, and was stuck on it
+    assert not mounts_at(mp)
