@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from runner.exceptions import JobSpecError, UnknownJob
+from runner.node_run import MAX_GRACE, grace_problem
 from runner.service import JobService
 
 _SERVICE: web.AppKey[JobService] = web.AppKey("runner.job_service", JobService)
@@ -79,8 +80,9 @@ def add_job_routes(
                 grace = float(request.query["grace"])
             except ValueError:
                 grace = math.nan
-            if not math.isfinite(grace) or grace < 0:
-                return _error(400, f"grace must be seconds >= 0, got {request.query['grace']!r}")
+            if grace_problem(grace) is not None:
+                shown = request.query["grace"][:40]
+                return _error(400, f"grace must be seconds from 0 to {MAX_GRACE:g}, got {shown!r}")
         service.stop(grace, wait=False)
         return web.json_response({"stopping": True, **service.status()}, status=202)
 
@@ -174,7 +176,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
                     "name": "grace",
                     "in": "query",
                     "required": False,
-                    "schema": {"type": "number", "minimum": 0},
+                    "schema": {"type": "number", "minimum": 0, "maximum": MAX_GRACE},
                     "description": "seconds for running tasks (default: the service's)",
                 }
             ],

@@ -19,13 +19,14 @@ from runner.confine import (
     DEFAULT_CGROUP_PARENT,
     DEFAULT_JOB_USER,
     Confinement,
+    cgroup_parent_problem,
     job_user_for_node,
 )
 from runner.elastic import run_elastic_job
 from runner.exceptions import JobRefused, RunnerError
-from runner.lease import Lease, LeaseOptions, discover_lease, shutdown_probe
+from runner.lease import Lease, LeaseOptions, discover_lease, lease_option, shutdown_probe
 from runner.masonry import run_pilot
-from runner.node_run import StopRequest, stop_on_sigterm
+from runner.node_run import StopRequest, grace_problem, stop_on_sigterm
 from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
@@ -125,10 +126,39 @@ def cmd_pilot(a: argparse.Namespace) -> int:
     return 0
 
 
+def _grace(text: str) -> float:
+    """argparse ``type=`` for ``--grace``: seconds from 0 to ``MAX_GRACE``."""
+    try:
+        value: object = float(text)
+    except ValueError:
+        value = text
+    problem = grace_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    assert isinstance(value, float)
+    return value
+
+
+def _cgroup_parent(text: str) -> str:
+    problem = cgroup_parent_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 def _lease_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cores", type=int, help="cores of the lease (default: discovered)")
-    p.add_argument("--time-left", type=float, metavar="SECONDS", help="seconds left")
-    p.add_argument("--power", type=float, metavar="HS06_PER_CORE", help="HS06 per core")
+    p.add_argument(
+        "--cores", type=lease_option("cores"), help="cores of the lease (default: discovered)"
+    )
+    p.add_argument(
+        "--time-left", type=lease_option("time_left"), metavar="SECONDS", help="seconds left"
+    )
+    p.add_argument(
+        "--power",
+        type=lease_option("power_per_core"),
+        metavar="HS06_PER_CORE",
+        help="HS06 per core",
+    )
 
 
 def _confinement_options(p: argparse.ArgumentParser) -> None:
@@ -140,6 +170,7 @@ def _confinement_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--cgroup-parent",
+        type=_cgroup_parent,
         default=DEFAULT_CGROUP_PARENT,
         metavar="NAME",
         help=f"swarm-owned parent of the jobs' memory cgroups (default {DEFAULT_CGROUP_PARENT})",
@@ -174,7 +205,7 @@ def add_runner_commands(sub: Any) -> None:
     s.add_argument("spec", type=Path)
     _lease_options(s)
     s.add_argument("--output", required=True, type=Path, help="the job's work directory")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds for tasks on SIGTERM")
+    s.add_argument("--grace", type=_grace, default=10.0, help="seconds for tasks on SIGTERM")
     s.add_argument("--no-history", action="store_true", help="ignore measured work per event")
     s.add_argument("--json", action="store_true")
     _confinement_options(s)
@@ -183,7 +214,7 @@ def add_runner_commands(sub: Any) -> None:
     s = sub.add_parser("pilot", help="fill the lease with jobs from a queue directory")
     s.add_argument("queue", type=Path)
     s.add_argument("--work", type=Path, help="work directories (default QUEUE/work)")
-    s.add_argument("--grace", type=float, default=10.0)
+    s.add_argument("--grace", type=_grace, default=10.0, help="seconds for tasks on SIGTERM")
     _lease_options(s)
     _confinement_options(s)
     s.set_defaults(func=_guard(cmd_pilot))

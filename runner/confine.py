@@ -46,6 +46,29 @@ priority, not a security boundary). Without a ``setpriv`` that knows
 ``--pdeathsig``, the same steps run in a ``preexec_fn`` (the slow path). A
 gather that dies in the instant between the start and ``setpriv``'s prctl
 leaves that task running; with a cgroup, the next gather sweeps it.
+
+Invariant: every process a job started is gone when the job ends, also one
+that left its task's process group (``setsid``), whose kill the gather's
+``killpg`` at the task's end misses. :meth:`JobConfinement.close` sweeps:
+
+* with a cgroup: every process in it is killed (``cgroup.kill`` on v2, else
+  SIGKILL to each pid in ``cgroup.procs`` until it is empty) and the cgroup
+  removed: nothing can leave a cgroup on its own;
+* without one, when tasks run as a job user (a root node): the gather's
+  process is a child subreaper (``PR_SET_CHILD_SUBREAPER``) while the job
+  runs, so every orphaned descendant of a task is re-parented to it instead
+  of init, whatever it does (``setsid``, double fork, a cleared
+  environment); at the end every child of the gather whose real uid is the
+  job user's is killed and reaped, round after round until none is left (a
+  child that is not reaped keeps its pid, so there is no pid-reuse race);
+* without either (tasks keep the node's own user: no boundary between them
+  and the node anyway; or the kernel refused the subreaper): every process
+  of the tasks' uid whose environment carries this job's
+  ``SWARM_RUNNER_JOB`` token (set for every task, random per job) is killed
+  through a pidfd (the token is checked again on the pidfd's process, so a
+  reused pid is never hit). Orphans then belong to init, which reaps them.
+  A process that clears its environment escapes this sweep: accidents
+  (``setsid daemon &``) are caught, not malice.
 """
 
 from __future__ import annotations
@@ -59,11 +82,13 @@ import os
 import pwd
 import re
 import resource
+import secrets
 import shlex
 import shutil
 import signal
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -77,7 +102,11 @@ DEFAULT_JOB_USER = "nobody"
 DEFAULT_CGROUP_PARENT = "swarm-jobs"
 DEFAULT_NICE = 5
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
 _STALE = re.compile(r"\.(\d+)\.(\d+)$")
+JOB_MARKER = "SWARM_RUNNER_JOB"  # environment variable carrying the job's token
+_SWEEP_SECONDS = 5.0  # how long a sweep keeps killing before it gives up (and logs)
 
 
 @dataclass(frozen=True)
@@ -117,6 +146,18 @@ def job_user_for_node(
     if (os.geteuid() if euid is None else euid) != 0 or not name:
         return None
     return JobUser.lookup(name)
+
+
+_CGROUP_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
+
+
+def cgroup_parent_problem(name: str) -> str | None:
+    """What is wrong with ``name`` as the jobs' parent cgroup, None if usable
+    (one directory name under the hierarchy's root, or "" for none)."""
+    if name == "" or _CGROUP_NAME.fullmatch(name):
+        return None
+    shown = repr(name) if len(name) <= 40 else repr(name[:37]) + "..."
+    return f'expected a directory name of A-Z a-z 0-9 . _ - (or "" for none), got {shown}'
 
 
 @dataclass(frozen=True)
@@ -315,6 +356,168 @@ def sweep_stale_cgroups(base: Path, version: int) -> list[Path]:
     return swept
 
 
+# --- sweeping a job's processes without a cgroup ------------------------------
+
+
+def _prctl() -> Callable[..., int]:
+    fn: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
+    return fn
+
+
+class _Subreaper:
+    """``PR_SET_CHILD_SUBREAPER`` on this process while at least one job needs it.
+
+    A process-wide attribute: held with a count so that two gathers in one
+    process (threads) do not turn it off under each other; the value found
+    before the first hold is restored after the last release.
+    """
+
+    _lock = threading.Lock()
+    _holders = 0
+    _before = 0
+
+    @classmethod
+    def hold(cls) -> bool:
+        """Turn it on; False if the kernel refuses (the sweep then finds nothing)."""
+        with cls._lock:
+            if cls._holders == 0:
+                was = ctypes.c_int(0)
+                prctl = _prctl()
+                prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(was), 0, 0, 0)
+                if prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+                    err = ctypes.get_errno()
+                    log.warning("cannot become a child subreaper: %s", os.strerror(err))
+                    return False
+                cls._before = was.value
+            cls._holders += 1
+            return True
+
+    @classmethod
+    def release(cls) -> None:
+        with cls._lock:
+            cls._holders -= 1
+            if cls._holders == 0 and not cls._before:
+                _prctl()(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of ``pid`` from ``/proc/PID/stat`` (None: gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    # The command name may hold anything, ")" included: fields follow the last ")".
+    fields = text[text.rfind(b")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _real_uid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _environ(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+# Tasks the gathers of this process are running (their own children, reaped by
+# them): a sweep at the end of one job never touches another job's tasks.
+_tasks_lock = threading.Lock()
+_running_tasks: set[int] = set()
+
+
+def sweep_children(uid: int, timeout: float = _SWEEP_SECONDS) -> int:
+    """Kill and reap every child of this process whose real uid is ``uid``,
+    except running tasks (of any gather of this process).
+
+    With this process a child subreaper, the orphaned descendants of its
+    tasks are its children: each round kills those found, reaps them (their
+    own children are re-parented here in turn) and looks again, until none
+    is left or ``timeout`` passes. Returns how many were killed.
+    """
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    killed = 0
+    while True:
+        with _tasks_lock:
+            spare = set(_running_tasks)
+        found = [p for p in _pids() if p not in spare and _parent(p) == me and _real_uid(p) == uid]
+        if not found:
+            return killed
+        for pid in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # unreaped: the pid cannot have been reused
+        killed += len(found)
+        waiting = set(found)
+        while waiting:
+            for pid in list(waiting):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                        waiting.discard(pid)
+                except ChildProcessError:
+                    waiting.discard(pid)
+            if waiting and time.monotonic() > deadline:
+                log.warning("job processes %s do not die (uninterruptible?)", sorted(waiting))
+                return killed
+            if waiting:
+                time.sleep(0.005)
+
+
+def sweep_marked(token: str, uid: int, timeout: float = _SWEEP_SECONDS) -> int:
+    """Kill every process of ``uid`` whose environment has ``JOB_MARKER=token``.
+
+    Each is signalled through a pidfd on which the marker was checked again,
+    so a pid reused between the look and the kill is never hit. Returns how
+    many were killed.
+    """
+    mark = f"{JOB_MARKER}={token}".encode()
+    me = os.getpid()
+    deadline = time.monotonic() + timeout
+    killed = 0
+    while time.monotonic() < deadline:
+        hit = 0
+        for pid in _pids():
+            try:
+                if pid == me or os.stat(f"/proc/{pid}").st_uid != uid:
+                    continue
+            except OSError:
+                continue
+            if mark not in _environ(pid):
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue  # gone
+            try:
+                if mark in _environ(pid):
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                    hit += 1
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
+        killed += hit
+        if not hit:
+            return killed
+    log.warning("job %s: processes marked with it still appear after %.0f s", token, timeout)
+    return killed
+
+
 # --- per-job confinement in the gather ---------------------------------------
 
 
@@ -392,16 +595,24 @@ class JobConfinement:
     """The confinement of one running job: what each task's child must do.
 
     ``memory`` is the whole job's limit (None: none). Use as a context
-    manager; ``close`` removes the job's cgroup.
+    manager; ``close`` kills every process the job left (see the module
+    docstring) and removes the job's cgroup.
     """
 
     def __init__(self, conf: Confinement, job: str, memory: int | None, cores: int) -> None:
         self.user = conf.user
         self.nice = conf.nice
+        self.token = secrets.token_hex(8)
         self._prefix: tuple[list[str], int, Callable[[], None] | None] | None = None
         self.cgroup: JobCgroup | None = None
         self.rlimit: int | None = None
         self.memory_limit = "none"
+        self._subreaper = False
+        self._limit_memory(conf, job, memory, cores)
+        if self.cgroup is None and self.user is not None:
+            self._subreaper = _Subreaper.hold()
+
+    def _limit_memory(self, conf: Confinement, job: str, memory: int | None, cores: int) -> None:
         if memory is None:
             return
         why = "cgroups are disabled for this node (cgroup_parent unset)"
@@ -433,6 +644,19 @@ class JobConfinement:
             self.rlimit,
             why,
         )
+
+    def task_started(self, pid: int) -> None:
+        """``pid`` is a task of this job, reaped by its gather: never swept."""
+        with _tasks_lock:
+            _running_tasks.add(pid)
+
+    def task_reaped(self, pid: int) -> None:
+        with _tasks_lock:
+            _running_tasks.discard(pid)
+
+    def environment(self) -> dict[str, str]:
+        """Variables every task of the job gets (the sweep's marker)."""
+        return {JOB_MARKER: self.token}
 
     def launch(self, argv: list[str]) -> TaskLaunch:
         """How to start one task running ``argv`` under this confinement."""
@@ -491,6 +715,9 @@ class JobConfinement:
         return setup
 
     def memory_kills(self) -> int:
+        """Processes of the job the kernel killed for its memory limit so far (any
+        process in the job's cgroup: a task, or a child of a task that itself
+        exited 0)."""
         return 0 if self.cgroup is None else self.cgroup.oom_kills()
 
     def prepare_dir(self, path: Path) -> None:
@@ -508,9 +735,19 @@ class JobConfinement:
         check_reachable(path, self.user)
 
     def close(self) -> None:
+        """Kill every process the job left running and remove its cgroup."""
         if self.cgroup is not None:
             self.cgroup.remove()
             self.cgroup = None
+        elif self._subreaper:
+            assert self.user is not None
+            try:
+                sweep_children(self.user.uid)
+            finally:
+                _Subreaper.release()
+                self._subreaper = False
+        else:
+            sweep_marked(self.token, os.getuid() if self.user is None else self.user.uid)
 
     def __enter__(self) -> JobConfinement:
         return self

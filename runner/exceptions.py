@@ -8,7 +8,9 @@ RunnerError
 ├── JournalError      the gather journal is corrupt or belongs to another plan
 ├── TaskError         a task's process could not be started (bad command, path)
 ├── ConfinementError  the job user is unknown or cannot reach the work directory
-└── UnknownJob        no job with that id in the service's queue
+├── UnknownJob        no job with that id in the service's queue
+├── QueueBusy         another live pilot or job service owns the queue directory
+└── RunnerConfigError a ``[runner]`` key or a runner option has a bad value (names it)
 
 Warnings about individual lease sources (a missing or malformed MJF file) are
 not errors: they are collected in ``Lease.warnings`` and the value falls back
@@ -59,3 +61,12 @@ class ConfinementError(RunnerError):
 
 class UnknownJob(RunnerError):
     """The job service has no job with this id."""
+
+
+class QueueBusy(RunnerError):
+    """Another live process (pilot or job service) owns the queue directory."""
+
+
+class RunnerConfigError(RunnerError):
+    """A ``[runner]`` config key or a runner command option is unusable; the
+    message names the key and what it accepts."""

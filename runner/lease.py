@@ -9,8 +9,12 @@ A lease is assembled from up to four kinds of source, in this order of trust:
 4. what the machine itself says (``os.cpu_count()``, a benchmark).
 
 Single-valued fields (cores, power per core, memory) take the first source that
-gives a usable value. Time left is the *minimum* over every source that gives
-one, because each of them is a limit that can end the slot.
+gives a usable value. Values an operator gives (the ``[runner]`` config keys,
+command options) are checked first by :func:`lease_value`: a bad one is an
+error naming the key, never a silent fallback. Memory is a size
+(:func:`runner.sizes.parse_size`: ``4096``, ``"200M"``, ``"10G"``). Time left
+is the *minimum* over every source that gives one, because each of them is a
+limit that can end the slot.
 
 The core (:func:`assemble_lease`) is pure: the clock, the environment and the
 contents of the feature directories are passed in. :func:`read_feature_dir` and
@@ -21,12 +25,14 @@ names the file and the source the value fell back to.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
-from runner.exceptions import LeaseError
+from runner.exceptions import LeaseError, RunnerConfigError
+from runner.sizes import SizeError, parse_size
 
 # MJF files this module reads. machine: shutdowntime, total_cpu, hs06;
 # job: jobstart_secs, wall_limit_secs, cpu_limit_secs, allocated_cpu,
@@ -41,6 +47,95 @@ JOB_FILES = (
     "shutdowntime_job",
 )
 _MAX_FEATURE_BYTES = 4096
+
+# Bounds of the lease values an operator may give. Beyond them a value is a
+# typo or an attack, not a node: a worker slot per core is allocated, times
+# end up in the gather's timers, and sizing divides by them.
+MAX_CORES = 4096
+MAX_POWER = 1e6  # HS06 per core (a core today is 10-30)
+MAX_SECONDS = 10 * 365 * 86400.0  # time_left: ten years
+MAX_EPOCH = 1e11  # shutdowntime: epoch seconds (year 5138)
+LEASE_KEYS = ("cores", "power_per_core", "time_left", "shutdowntime", "memory")
+_ACCEPTS = {
+    "cores": f"a whole number of cores from 1 to {MAX_CORES}",
+    "power_per_core": f"HS06 per core, a number above 0 and at most {MAX_POWER:g}",
+    "time_left": f"seconds, a number above 0 and at most {MAX_SECONDS:g}",
+    "shutdowntime": f"epoch seconds, a number above 0 and at most {MAX_EPOCH:g}",
+}
+
+
+def lease_value(key: str, value: object, name: str | None = None) -> int | float:
+    """``value`` of the lease field ``key`` as an operator gave it, checked.
+
+    ``cores`` is a whole number, ``memory`` a size (``parse_size``), the
+    others finite numbers above 0, each below its bound (``MAX_*``).
+    ``name`` is how the caller calls the key in errors (``runner.cores``).
+
+    Raises:
+        RunnerConfigError: one line naming ``name`` and what it accepts.
+    """
+    checked, problem = _checked(key, value)
+    if problem is not None:
+        raise RunnerConfigError(f"{key if name is None else name}: {problem}")
+    return checked
+
+
+def _checked(key: str, value: object) -> tuple[int | float, str | None]:
+    """(the value, None) or (0, what is wrong with it)."""
+    if key == "memory":
+        try:
+            return parse_size(value), None
+        except SizeError as exc:
+            return 0, str(exc)
+    if key not in _ACCEPTS:
+        return 0, f"not a lease field ({', '.join(LEASE_KEYS)})"
+    bound = {
+        "cores": MAX_CORES,
+        "power_per_core": MAX_POWER,
+        "time_left": MAX_SECONDS,
+        "shutdowntime": MAX_EPOCH,
+    }[key]
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (key == "cores" and not isinstance(value, int))
+        or not math.isfinite(value)
+        or not 0 < value <= bound
+    ):
+        text = repr(value)
+        return 0, f"expected {_ACCEPTS[key]}, got {text if len(text) <= 40 else text[:37] + '...'}"
+    return value, None
+
+
+def lease_config(table: Mapping[str, object], prefix: str = "runner.") -> dict[str, int | float]:
+    """The lease keys of a config table, each checked by :func:`lease_value`.
+
+    Raises:
+        RunnerConfigError: the first bad value, named ``prefix + key``.
+    """
+    return {k: lease_value(k, table[k], f"{prefix}{k}") for k in LEASE_KEYS if k in table}
+
+
+def lease_option(key: str) -> Callable[[str], int | float]:
+    """An argparse ``type=`` for the lease field ``key``: a bad value is a
+    one-line usage error saying what is accepted."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value: object = text
+            if key == "cores":
+                value = int(text)
+            elif key != "memory":
+                value = float(text)
+        except ValueError:
+            value = text
+        checked, problem = _checked(key, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return checked
+
+    parse.__name__ = key  # argparse names the type in some messages
+    return parse
 
 
 @dataclass(frozen=True)
@@ -180,11 +275,11 @@ def _config_number(
 ) -> float | None:
     if key not in config:
         return None
-    value = config[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        problems.append((for_field, f"config {key} is not a positive number: {value!r}"))
+    try:
+        return float(lease_value(key, config[key], f"config {key}"))
+    except RunnerConfigError as exc:
+        problems.append((for_field, str(exc)))
         return None
-    return float(value)
 
 
 def assemble_lease(

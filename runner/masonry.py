@@ -15,11 +15,21 @@ that still fit.
 The clock and the lease source are injected: ``lease_at(now)`` is called
 before each job, so a shutdowntime moved earlier in MJF is seen by the next
 sizing.
+
+One owner per queue: whoever moves specs through ``running/`` (a pilot, or a
+job service for its whole life) holds a :class:`QueueLock`, an ``flock`` on
+``QUEUE/.lock`` that the kernel drops when its holder dies, SIGKILL included.
+So a spec that the next owner finds in ``running/`` belongs to no living
+process: it goes back to the queue at once and resumes from its journal
+(committed tasks are kept, none is run twice).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,11 +37,13 @@ from pathlib import Path
 
 from runner.confine import Confinement
 from runner.elastic import END_RESERVE, run_elastic_job
-from runner.exceptions import ConfinementError, JobRefused, JobSpecError, RunnerError
+from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueBusy, RunnerError
 from runner.lease import Lease
 from runner.node_run import StopRequest
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
+
+log = logging.getLogger("runner.masonry")
 
 
 @dataclass
@@ -54,6 +66,80 @@ class PilotReport:
             "cpu_seconds": self.cpu_seconds,
             "wall_seconds": self.wall_seconds,
         }
+
+
+class QueueLock:
+    """Exclusive ownership of a queue directory (see the module docstring)."""
+
+    def __init__(self, queue: str | Path) -> None:
+        self.queue = Path(queue)
+        self._fd: int | None = None
+
+    def acquire(self) -> list[str]:
+        """Take the queue and put specs orphaned in ``running/`` back into it.
+
+        Returns the names of the specs put back.
+
+        Raises:
+            QueueBusy: another live process holds the queue.
+            OSError: the queue directory cannot be created or locked.
+        """
+        for sub in ("", "running", "done", "rejected"):
+            (self.queue / sub).mkdir(parents=True, exist_ok=True)
+        path = self.queue / ".lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise QueueBusy(
+                f"queue {self.queue} is in use by another pilot or job service (pid {holder})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return recover_orphans(self.queue)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> QueueLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def recover_orphans(queue: Path) -> list[str]:
+    """Move every spec in ``running/`` back to the queue (the caller holds the
+    queue, so no living process runs them). Returns their names."""
+    back = []
+    for spec in sorted((queue / "running").glob("*.toml")):
+        target = queue / spec.name
+        if target.exists():  # never clobber a spec: keep the queued one
+            log.warning("job %s is both queued and orphaned in running/: kept queued", spec.stem)
+            continue
+        os.replace(spec, target)
+        back.append(spec.name)
+        log.warning("job %s was running when its runner died: queued again", spec.stem)
+    if back:
+        fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return back
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -107,8 +193,13 @@ def run_pilot(
     grace: float = 10.0,
     confinement: Confinement | None = None,
     reserve_floor: float = END_RESERVE,
+    owner: QueueLock | None = None,
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
+
+    ``owner`` is the caller's held :class:`QueueLock` on ``queue`` (a job
+    service holds one for its life); without it the pilot takes the queue
+    for its run.
 
     Every job stops (and goes back to the queue) when ``should_stop`` gives a
     reason or when ``lease_at`` says the lease now ends earlier than when the
@@ -120,11 +211,39 @@ def run_pilot(
 
     Raises:
         LeaseError: ``lease_at`` could not establish the lease.
+        QueueBusy: without ``owner``, another live process holds the queue.
     """
     qdir = Path(queue)
-    for sub in ("running", "done", "rejected"):
-        (qdir / sub).mkdir(parents=True, exist_ok=True)
-    stop = stop or StopRequest()
+    with contextlib.ExitStack() as stack:
+        if owner is None or not owner.held:
+            stack.enter_context(QueueLock(qdir))
+        return _run_pilot(
+            qdir,
+            Path(workroot),
+            lease_at,
+            clock,
+            history=history,
+            stop=stop or StopRequest(),
+            should_stop=should_stop,
+            grace=grace,
+            confinement=confinement,
+            reserve_floor=reserve_floor,
+        )
+
+
+def _run_pilot(
+    qdir: Path,
+    workroot: Path,
+    lease_at: Callable[[float], Lease],
+    clock: Callable[[], float],
+    *,
+    history: WorkHistory | None,
+    stop: StopRequest,
+    should_stop: Callable[[], str | None] | None,
+    grace: float,
+    confinement: Confinement | None,
+    reserve_floor: float,
+) -> PilotReport:
     report = PilotReport()
     t0 = clock()
     deferred: set[str] = set()  # stopped at the lease end during this pilot
@@ -155,7 +274,7 @@ def run_pilot(
                 result = run_elastic_job(
                     spec,
                     lease,
-                    Path(workroot) / path.stem,
+                    workroot / path.stem,
                     history=history,
                     stop=stop,
                     should_stop=_probes(should_stop, lease_at, clock, now + lease.time_left),

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import selectors
 import signal
@@ -55,13 +56,41 @@ from types import FrameType
 
 from runner.confine import Confinement, JobConfinement, command_path
 from runner.exceptions import JournalError, TaskError
-from runner.scatter import Assignment, Plan, ScatterGather, header_line, replay_journal
+from runner.scatter import (
+    Assignment,
+    Plan,
+    ScatterGather,
+    TaskSet,
+    header_line,
+    replay_journal,
+)
 from runner.spec import JobSpec
 
 # Estimated task duration x this must fit before the deadline for the task to start.
 _DEADLINE_MARGIN = 1.2
 _EWMA = 0.3
 _SETUP_FAILED = 125  # the launcher's exit status when joining the cgroup or ulimit fails
+# The longest the gather sleeps at once: epoll refuses timeouts beyond ~24.8 days,
+# and a far deadline (a lease of years) must not crash the loop.
+_MAX_WAIT = 3600.0
+
+
+MAX_GRACE = 3600.0  # seconds: a stop (a node's shutdown) must end in bounded time
+
+
+def grace_problem(value: object) -> str | None:
+    """What is wrong with ``value`` as a grace period, None if it is usable:
+    seconds from 0 (cut at once) to ``MAX_GRACE``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= MAX_GRACE
+    ):
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        return f"expected seconds from 0 to {MAX_GRACE:g}, got {text}"
+    return None
 
 
 class StopRequest:
@@ -139,7 +168,7 @@ class RunReport:
     tasks_committed: int
     failed_runs: int
     cut_runs: int
-    abandoned: dict[int, list[str]]
+    abandoned: dict[int, list[str]]  # the first 100 abandoned tasks and why
     complete: bool
     stopped: str | None
     resumed_tasks: int
@@ -158,6 +187,7 @@ class RunReport:
     memory_limit: str = "none"
     memory_kills: int = 0
     seconds_per_event: float | None = None  # wall time of a task / its events, smoothed
+    tasks_abandoned: int = 0
 
     def to_json(self) -> dict[str, object]:
         d = asdict(self)
@@ -187,8 +217,26 @@ class _Running:
         self.cpu = 0.0
 
 
-def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, set[int]]:
-    """Create the journal for ``plan``, or replay an existing one.
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (no newline) so new lines start on a line boundary."""
+    with open(path, "r+b") as f:
+        end = f.seek(0, os.SEEK_END)
+        pos = end
+        while pos > 0:
+            step = min(pos, 4096)
+            f.seek(pos - step)
+            newline = f.read(step).rfind(b"\n")
+            if newline >= 0:
+                pos = pos - step + newline + 1
+                break
+            pos -= step
+        if pos != end:
+            f.truncate(pos)
+            os.fsync(f.fileno())
+
+
+def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, TaskSet]:
+    """Create the journal for ``plan``, or replay an existing one (line by line).
 
     An existing journal's plan wins (a resumed job keeps the size it was given
     when it started); it must be for the same job.
@@ -199,20 +247,15 @@ def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, set[int]]:
     """
     path = workdir / "journal.jsonl"
     if path.exists():
-        old, records = replay_journal(path.read_text())
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as f:
+            old, committed = replay_journal(f)
         if old.job != plan.job:
             raise JournalError(f"{path} belongs to job {old.job!r}, not {plan.job!r}")
-        # Drop a torn tail so new lines start on a line boundary.
-        text = path.read_bytes()
-        keep = text.rfind(b"\n") + 1
-        if keep != len(text):
-            with open(path, "r+b") as f:
-                f.truncate(keep)
-                os.fsync(f.fileno())
-        for t in records:
-            if not (workdir / "tasks" / f"{t:06d}.out").exists():
+        _drop_torn_tail(path)
+        for t in committed:
+            if not os.path.exists(f"{workdir}/tasks/{t:06d}.out"):
                 raise JournalError(f"task {t} is committed in {path} but its output is missing")
-        return old, set(records)
+        return old, committed
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         f.write(header_line(plan))
@@ -220,7 +263,7 @@ def open_journal(workdir: Path, plan: Plan) -> tuple[Plan, set[int]]:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(workdir)
-    return plan, set()
+    return plan, TaskSet()
 
 
 class _Gather:
@@ -320,6 +363,7 @@ class _Gather:
                 self.spawning += time.perf_counter() - t0
                 self.spawn_cpu += time.thread_time() - c0
         self.task_runs += 1
+        self.conf.task_started(proc.pid)
         if launch.nice:
             with contextlib.suppress(OSError):  # it may have ended already
                 os.setpriority(os.PRIO_PROCESS, proc.pid, self.base_nice + launch.nice)
@@ -351,6 +395,7 @@ class _Gather:
             usage = None
         else:
             r.proc.returncode = os.waitstatus_to_exitcode(status)
+        self.conf.task_reaped(r.proc.pid)
         if usage is not None:
             r.cpu = usage.ru_utime + usage.ru_stime
             self.cpu += r.cpu
@@ -372,6 +417,7 @@ class _Gather:
         rc = r.proc.returncode
         assert rc is not None
         if rc == 0:
+            self.count_memory_kills()
             why = self.commit(r)
             if why is None:
                 return
@@ -379,13 +425,23 @@ class _Gather:
             why = f"killed by signal {-rc}" if rc < 0 else f"exit status {rc}"
             if rc == _SETUP_FAILED:
                 why += " (the task's confinement may have failed: see its log)"
-            if rc == -signal.SIGKILL:
-                kills = self.conf.memory_kills()
-                if kills > self.memory_kills:
-                    self.memory_kills = kills
-                    why = f"killed by the memory limit ({self.conf.memory_limit})"
+            if rc == -signal.SIGKILL and self.count_memory_kills():
+                why = f"killed by the memory limit ({self.conf.memory_limit})"
             _unlink(r.part)
         self.sg.failed(a, why)
+
+    def count_memory_kills(self) -> bool:
+        """Take in the job's OOM kills so far; True if there were new ones.
+
+        Read at every task's end, whatever its exit status: the kernel may
+        have killed a child of a task that itself exited 0.
+        """
+        if self.conf.cgroup is None:
+            return False
+        kills = self.conf.memory_kills()
+        new = kills > self.memory_kills
+        self.memory_kills = max(self.memory_kills, kills)
+        return new
 
     def commit(self, r: _Running) -> str | None:
         """Take the output of a run that exited 0; None if it is good, else why not.
@@ -457,9 +513,10 @@ class _Gather:
 
     # --- the loop
     def _next_fits(self, now: float) -> bool:
-        if self.deadline is None or self.per_event is None or not self.sg.pending:
+        task = self.sg.next_pending()
+        if self.deadline is None or self.per_event is None or task is None:
             return True
-        count = self.sg.plan.range_of(self.sg.pending[0]).count
+        count = self.sg.plan.range_of(task).count
         return now + self.per_event * count * _DEADLINE_MARGIN <= self.deadline
 
     def _halt(self, reason: str, cut_at: float) -> None:
@@ -526,7 +583,7 @@ class _Gather:
         finally:
             self.stop.unsubscribe(self._wake)
 
-    def _timeout(self, now: float, next_probe: float) -> float | None:
+    def _timeout(self, now: float, next_probe: float) -> float:
         timers = [a.deadline for a in self.sg.running.values() if a.deadline is not None]
         if self.should_stop is not None:
             timers.append(next_probe)
@@ -534,9 +591,9 @@ class _Gather:
             timers.append(self.cut_at)
         if self.deadline is not None:
             timers.append(self.deadline)
-        timeout = None if not timers else max(0.0, min(timers) - now)
+        timeout = _MAX_WAIT if not timers else min(_MAX_WAIT, max(0.0, min(timers) - now))
         if any(r.pidfd is None for r in self.running.values()):
-            timeout = self.poll_interval if timeout is None else min(timeout, self.poll_interval)
+            timeout = min(timeout, self.poll_interval)
         return timeout
 
     def close(self) -> None:
@@ -608,6 +665,7 @@ def run_job(
         child_env = dict(os.environ if env is None else env)
         # A command that cannot run will not improve on retry: refuse at once.
         command_path(spec.argv(0, 0, "-")[0], child_env, conf.user)
+        child_env.update(conf.environment())
         if conf.user is not None:
             child_env.update(
                 HOME=str(work / "scratch"), USER=conf.user.name, LOGNAME=conf.user.name
@@ -630,6 +688,7 @@ def run_job(
             gather.run()
         finally:
             gather.close()
+            gather.count_memory_kills()  # before the cgroup goes, with its counter
         memory_limit = conf.memory_limit
 
     output = gather_output(work, plan, sg.committed)
@@ -648,7 +707,7 @@ def run_job(
         wall_seconds=clock() - t0,
         cpu_seconds=gather.cpu,
         output=str(output),
-        failures=[f for st in sg.state.values() for f in st.failures],
+        failures=sg.failures,
         cpu_seconds_committed=gather.cpu_committed,
         task_runs=gather.task_runs,
         dispatch_seconds=gather.busy,
@@ -660,17 +719,18 @@ def run_job(
         memory_limit=memory_limit,
         memory_kills=gather.memory_kills,
         seconds_per_event=gather.per_event if gather.paced else None,
+        tasks_abandoned=sg.abandoned_count,
     )
     (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
     return report
 
 
-def gather_output(workdir: Path, plan: Plan, committed: set[int]) -> Path:
+def gather_output(workdir: Path, plan: Plan, committed: TaskSet) -> Path:
     """Concatenate committed task outputs in event order into ``events.out``."""
     out = workdir / "events.out"
     tmp = workdir / "events.out.tmp"
     with open(tmp, "wb") as dst:
-        for t in sorted(committed):
+        for t in committed:  # in task order, which is event order
             with open(workdir / "tasks" / f"{t:06d}.out", "rb") as src:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)

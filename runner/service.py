@@ -14,6 +14,11 @@ Job ids sort in submission order (``YYYYMMDD-HHMMSS.mmm-xxxxxx``, UTC), so
 masonry's name order is first come, first served. Specs dropped into the
 queue directory by hand are jobs too; their id is the file's stem.
 
+The service owns its queue for its whole life (a :class:`runner.masonry.QueueLock`,
+taken when it is created): a job found in ``running/`` then was left by a
+runner that died (a node crash, SIGKILL) and goes back to the queue at once;
+the next start resumes it from its journal, each committed event exactly once.
+
 Nothing here touches the event loop: the daemon calls ``submit``/``jobs``
 through a thread (they do disk I/O) and ``stop`` from its shutdown path.
 """
@@ -28,7 +33,6 @@ import re
 import secrets
 import threading
 import time
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -37,19 +41,19 @@ from runner.confine import (
     DEFAULT_CGROUP_PARENT,
     DEFAULT_JOB_USER,
     Confinement,
+    cgroup_parent_problem,
     job_user_for_node,
 )
-from runner.exceptions import JobSpecError, RunnerError, UnknownJob
-from runner.lease import Lease, LeaseOptions, discover_lease
-from runner.masonry import PilotReport, run_pilot
-from runner.node_run import StopRequest
+from runner.exceptions import JobSpecError, RunnerConfigError, RunnerError, UnknownJob
+from runner.lease import LEASE_KEYS, Lease, LeaseOptions, discover_lease, lease_config
+from runner.masonry import PilotReport, QueueLock, run_pilot
+from runner.node_run import StopRequest, grace_problem
 from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
-from runner.spec import parse_spec
+from runner.spec import MAX_SPEC_BYTES, decode_spec, parse_spec
 
 log = logging.getLogger("runner.service")
 
-MAX_SPEC_BYTES = 64 * 1024
 STATES = ("queued", "running", "done", "rejected")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -59,6 +63,9 @@ class JobService:
 
     ``lease_at(now)`` gives the lease at ``clock`` time ``now`` (called before
     each job, so a moved shutdowntime or a renewed lease is seen).
+
+    Raises (when created):
+        QueueBusy: another live pilot or job service owns ``queue_dir``.
     """
 
     def __init__(
@@ -83,8 +90,9 @@ class JobService:
         self.grace = grace
         self.should_stop = should_stop
         self.recheck = recheck
-        for sub in ("", "running", "done", "rejected"):
-            (self.queue / sub).mkdir(parents=True, exist_ok=True)
+        self._owner = QueueLock(self.queue)
+        # Held from now on: specs left in running/ by a runner that died go back.
+        self.recovered = self._owner.acquire()
         self.workroot.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -102,13 +110,7 @@ class JobService:
             JobSpecError: not TOML, too large, or a field is wrong (the
                 message names it); nothing is queued.
         """
-        if len(spec_text.encode()) > MAX_SPEC_BYTES:
-            raise JobSpecError("<spec>", f"is larger than {MAX_SPEC_BYTES} bytes")
-        try:
-            data = tomllib.loads(spec_text)
-        except tomllib.TOMLDecodeError as exc:
-            raise JobSpecError("<spec>", f"is not valid TOML: {exc}") from exc
-        parse_spec(data)
+        parse_spec(decode_spec(spec_text.encode()))
         job_id = self._new_id()
         tmp = self.queue / f".{job_id}.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -143,14 +145,13 @@ class JobService:
     def _describe(self, path: Path, state: str) -> dict[str, Any]:
         job_id = path.stem
         out: dict[str, Any] = {"id": job_id, "state": state, "name": None}
-        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-            name = tomllib.loads(path.read_text()).get("name")
+        with contextlib.suppress(OSError, JobSpecError), open(path, "rb") as f:
+            name = decode_spec(f.read(MAX_SPEC_BYTES + 1)).get("name")
             out["name"] = name if isinstance(name, str) else None
         journal = self.workroot / job_id / "journal.jsonl"
         if state in ("queued", "running"):
             with contextlib.suppress(OSError):
-                lines = journal.read_bytes().count(b"\n")
-                out["tasks_committed"] = max(0, lines - 1)
+                out["tasks_committed"] = max(0, _count_lines(journal) - 1)
         if state == "queued" and self.last_pilot is not None:
             refused = self.last_pilot.refused.get(path.name)
             if refused:
@@ -209,6 +210,11 @@ class JobService:
             self._thread = threading.Thread(target=self._loop, name="swarm-masonry", daemon=True)
             self._thread.start()
 
+    def close(self) -> None:
+        """Stop (cutting running tasks at once) and give up the queue."""
+        self.stop(grace=0)
+        self._owner.release()
+
     def _has_queued(self) -> bool:
         return any(p.is_file() for p in self.queue.glob("*.toml"))
 
@@ -228,6 +234,7 @@ class JobService:
                         should_stop=self.should_stop,
                         grace=self.grace,
                         confinement=self.confinement,
+                        owner=self._owner,
                     )
                     self.last_error = None
                 except RunnerError as exc:
@@ -251,6 +258,15 @@ class JobService:
             t.join()
 
 
+def _count_lines(path: Path) -> int:
+    """Newlines in ``path``, read in blocks (a journal may be large)."""
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            n += block.count(b"\n")
+    return n
+
+
 def job_service_from_config(
     runner: Mapping[str, Any],
     data_dir: Path,
@@ -263,32 +279,40 @@ def job_service_from_config(
     ``work`` (``DATA_DIR/jobs/work``), ``state`` (``DATA_DIR/runner``: DB12
     cache, measured work per event), ``job_user`` (``nobody``; used when the
     node runs as root), ``cgroup_parent`` (``swarm-jobs``; ``""`` for rlimits
-    only), ``grace`` (10 s), and the lease's ``cores``, ``power_per_core``,
-    ``time_left``, ``shutdowntime``, ``memory`` (see
+    only), ``grace`` (10 s, 0 to ``MAX_GRACE``), and the lease's ``cores``,
+    ``power_per_core``, ``time_left``, ``shutdowntime``, ``memory`` (a size:
+    ``"200M"``; see :func:`runner.lease.lease_value` and
     :func:`runner.lease.assemble_lease`; MJF from ``environ`` comes first).
 
     Raises:
-        RunnerError: an unknown key or a value of the wrong type.
+        RunnerConfigError: an unknown key or an unusable value (one line naming
+            ``runner.KEY`` and what it accepts).
         ConfinementError: the node is root and ``job_user`` does not exist.
+        QueueBusy: another live pilot or job service owns the queue.
     """
-    lease_keys = {"cores", "power_per_core", "time_left", "shutdowntime", "memory"}
-    known = {"queue", "work", "state", "job_user", "cgroup_parent", "grace"} | lease_keys
+    known = {"queue", "work", "state", "job_user", "cgroup_parent", "grace", *LEASE_KEYS}
     unknown = sorted(set(runner) - known)
     if unknown:
-        raise RunnerError(f"runner.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+        raise RunnerConfigError(
+            f"runner.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
+        )
 
     def text(key: str, default: str) -> str:
         value = runner.get(key, default)
         if not isinstance(value, str):
-            raise RunnerError(f"runner.{key}: expected a string, got {value!r}")
+            raise RunnerConfigError(f"runner.{key}: expected a string, got {value!r}")
         return value
 
+    problem = cgroup_parent_problem(text("cgroup_parent", DEFAULT_CGROUP_PARENT))
+    if problem is not None:
+        raise RunnerConfigError(f"runner.cgroup_parent: {problem}")
     grace = runner.get("grace", 10.0)
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or grace < 0:
-        raise RunnerError(f"runner.grace: expected seconds >= 0, got {grace!r}")
+    problem = grace_problem(grace)
+    if problem is not None:
+        raise RunnerConfigError(f"runner.grace: {problem}")
+    config = lease_config(runner)
     state = Path(text("state", str(data_dir / "runner")))
     cache = PowerCache(state / "power.json")
-    config = {k: runner[k] for k in lease_keys if k in runner}
 
     def lease_at(now: float) -> Lease:
         wall = time.time()

@@ -1,12 +1,15 @@
 """Event sizing: how many events a job gets, decided just in time.
 
     events = floor(min(max_events, safety * time_left * power_per_core * cores
-                                   / cpu_work_per_event))
+                                   / cpu_work_per_event,
+                       MAX_TASKS * events_per_task))
 
 ``cpu_work_per_event`` (HS06.s) comes from the spec until the job type has
 been measured; afterwards the mean of the recent measurements recorded in the
 :class:`WorkHistory` is used, so a spec that under- or over-states its cost is
 corrected from the second run on. Fewer than ``min_events`` refuses the job.
+A run has at most ``MAX_TASKS`` tasks (:mod:`runner.scatter`); a job with more
+events than that gets the rest in later runs of the same spec.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 from runner.exceptions import JobRefused
 from runner.lease import Lease
+from runner.scatter import MAX_TASKS
 from runner.spec import JobSpec
 
 _HISTORY_KEEP = 5
@@ -42,14 +46,20 @@ def size_job(spec: JobSpec, lease: Lease, measured_work: float | None = None) ->
     work = measured_work if measured_work is not None else spec.cpu_work_per_event
     source = "measured" if measured_work is not None else "spec"
     capacity = spec.safety * lease.time_left * lease.power_per_core * lease.cores / work
+    task_cap = MAX_TASKS * spec.events_per_task
     # A hair of tolerance so that an exact fit is not lost to float rounding.
-    events = math.floor(min(float(spec.max_events), capacity) + 1e-9)
+    events = math.floor(min(float(spec.max_events), capacity, float(task_cap)) + 1e-9)
     if events < spec.min_events:
+        why = (
+            f"{MAX_TASKS} tasks of {spec.events_per_task} events"
+            if task_cap < spec.min_events
+            else f"{lease.time_left:.0f} s left x {lease.cores} cores x "
+            f"{lease.power_per_core:g} HS06 x safety {spec.safety:g} "
+            f"/ {work:g} HS06.s per event from {source}"
+        )
         raise JobRefused(
             f"job {spec.name!r} refused: only {events} events fit the lease "
-            f"(min_events {spec.min_events}; {lease.time_left:.0f} s left x "
-            f"{lease.cores} cores x {lease.power_per_core:g} HS06 x safety {spec.safety:g} "
-            f"/ {work:g} HS06.s per event from {source})",
+            f"(min_events {spec.min_events}; {why})",
             events=events,
             min_events=spec.min_events,
         )

@@ -37,7 +37,7 @@ def service(tmp_path: Path) -> Iterator[JobService]:
     try:
         yield s
     finally:
-        s.stop(grace=0)
+        s.close()
 
 
 Scenario = Callable[[TestClient[web.Request, web.Application]], Awaitable[None]]
@@ -157,3 +157,14 @@ def test_openapi_fragment_describes_exactly_the_routes(service: JobService) -> N
                 assert "401" in op["responses"]
             params = re.findall(r"\{(\w+)\}", path)
             assert [p["name"] for p in op.get("parameters", []) if p["in"] == "path"] == params
+
+
+@pytest.mark.parametrize("grace", ["soon", "nan", "inf", "-1", "1e300"])
+def test_stop_refuses_a_grace_it_could_not_keep(service: JobService, grace: str) -> None:
+    async def scenario(client: TestClient[web.Request, web.Application]) -> None:
+        r = await client.post(f"/v1/jobs/stop?grace={grace}", headers=AUTH)
+        assert r.status == 400
+        assert (await r.json())["error"].startswith("grace must be seconds from 0 to 3600")
+
+    run(service, scenario)
+    assert not service.status()["stopping"]

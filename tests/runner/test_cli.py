@@ -79,3 +79,34 @@ def test_pilot_runs_the_queue(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert [j["spec"] for j in out["jobs_run"]] == ["a.toml"]
     assert out["events_done"] == 30 and out["stopped"] == "queue empty"
     assert (queue / "done" / "a.report.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--cores", "-1"),
+        ("--cores", "0"),
+        ("--cores", "1.5"),
+        ("--time-left", "nan"),
+        ("--time-left", "inf"),
+        ("--time-left", "-1"),
+        ("--time-left", "0"),
+        ("--power", "nan"),
+        ("--power", "0"),
+        ("--power", "-3"),
+        ("--grace", "nan"),
+        ("--grace", "-1"),
+        ("--grace", "inf"),
+        ("--cgroup-parent", "../x"),
+    ],
+)
+def test_runner_options_refuse_bad_values_in_one_line_naming_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    args = ["job", "run", str(_spec(tmp_path)), "--output", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as info:
+        main([*args, f"{option}={value}"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"swarm job run: error: argument {option}: expected "), err
+    assert not (tmp_path / "o").exists()

@@ -6,11 +6,13 @@ cgroup hierarchy (v2, or v1 as on hybrid hosts) and clean it up.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from runner.confine import (
 )
 from runner.exceptions import ConfinementError, TaskError
 from runner.node_run import run_job
+from runner.service import job_service_from_config
 from runner.spec import JobSpec, parse_spec
 
 HERE = Path(__file__).parent
@@ -287,3 +290,131 @@ def test_sigkilled_gather_takes_job_user_tasks_with_it(
     for p in alive:  # clean up before failing
         os.kill(p, signal.SIGKILL)
     assert not alive, "tasks outlived their gather"
+
+
+# --- defect 6: `[runner] memory = "200M"` silently turned confinement off -------------
+
+
+def test_memory_200M_makes_a_cgroup(cgroup_parent: tuple[str, Path], open_dir: Path) -> None:
+    name, base = cgroup_parent
+    table = {
+        "memory": "200M",
+        "cores": 1,
+        "power_per_core": 10.0,
+        "time_left": 600,
+        "cgroup_parent": name,
+        "job_user": "nobody",
+    }
+    service = job_service_from_config(table, open_dir, environ={})
+    try:
+        lease = service.lease_at(0.0)
+        assert lease.memory == 200 * MiB and lease.sources["memory"] == "config memory"
+        assert lease.warnings == ()
+        spec = "".join(
+            f"{k} = {json.dumps(v)}\n"
+            for k, v in {
+                "name": "probe",
+                "command": ["/bin/sh", PROBE, "{first}", "{count}", "{output}"],
+                "cpu_work_per_event": 0.001,
+                "max_events": 5,
+                "events_per_task": 5,
+            }.items()
+        )
+        job = service.submit(spec)
+        service.start()
+        deadline = time.monotonic() + 30
+        while service.job(job)["state"] != "done":
+            assert time.monotonic() < deadline, service.job(job)
+            time.sleep(0.05)
+        report = service.job(job)["report"]
+    finally:
+        service.close()
+    assert report["complete"] and report["memory_limit"].startswith("cgroup v")
+    assert f" {200 * MiB} bytes for the job)" in report["memory_limit"]
+    work = open_dir / "jobs" / "work" / job
+    assert re.search(rf"/{name}/probe\.{os.getpid()}\.\d+$", _log(work), re.M), _log(work)
+    assert [p for p in base.iterdir() if p.is_dir()] == []
+
+
+ESCAPE = (
+    'setsid sh -c \'echo $$ > "$1"; exec sleep 60\' sh "$3.pid" &\n'
+    'while [ ! -s "$3.pid" ]; do sleep 0.01; done\n'
+    'echo "event $1" > "$3"\n'
+)
+
+
+@pytest.mark.parametrize("mode", ["job user, no cgroup", "node's user, no cgroup", "cgroup"])
+def test_a_setsid_child_does_not_outlive_its_job(
+    as_root: None, open_dir: Path, request: pytest.FixtureRequest, mode: str
+) -> None:
+    memory = None
+    if mode == "cgroup":
+        parent, _ = request.getfixturevalue("cgroup_parent")
+        conf = Confinement(user=_nobody(), cgroup_parent=parent)
+        memory = 256 * MiB
+    elif mode == "job user, no cgroup":
+        conf = Confinement(user=_nobody(), cgroup_parent=None)
+    else:
+        conf = Confinement(user=None, cgroup_parent=None)
+    spec = _spec(command=["/bin/sh", "-c", ESCAPE, "sh", "{first}", "{count}", "{output}"])
+    work = open_dir / "w"
+    report = run_job(spec, 1, work, cores=1, memory=memory, confinement=conf)
+    pid = int(next((work / "parts").glob("*.pid")).read_text())
+    try:
+        assert report.complete
+        assert os.getsid(0) != pid  # the child did leave the task's session
+        assert not _alive(pid), f"{mode}: the task's setsid child outlived its job"
+    finally:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_memory_kills_counts_an_oom_kill_of_a_child_even_if_the_task_exits_0(
+    cgroup_parent: tuple[str, Path], open_dir: Path
+) -> None:
+    name, _ = cgroup_parent
+    conf = Confinement(user=_nobody(), cgroup_parent=name)
+    # A child of the task holds 200 MB (the job gets 64 MiB) and is killed for it;
+    # the task itself carries on and exits 0.
+    script = (
+        "(x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo held ${#x})\n"
+        'echo "child: $?"\n'
+        'echo "event $1" > "$3"\n'
+    )
+    spec = _spec(command=["/bin/sh", "-c", script, "sh", "{first}", "{count}", "{output}"])
+    work = open_dir / "w"
+    report = run_job(spec, 1, work, cores=1, memory=64 * MiB, confinement=conf)
+    assert report.complete and report.failed_runs == 0
+    assert "child: 137" in _log(work), _log(work)  # SIGKILLed by the kernel
+    assert report.memory_kills >= 1
+
+
+def test_the_end_of_one_job_does_not_sweep_another_jobs_tasks(
+    as_root: None, open_dir: Path
+) -> None:
+    # Two gathers in one process, tasks as nobody, no cgroup: both sweep this
+    # process's children of the job user, and must spare each other's tasks.
+    conf = Confinement(user=_nobody(), cgroup_parent=None)
+    slow = _spec(
+        name="slow",
+        command=[
+            *("/bin/sh", "-c", 'sleep 1; echo "event $1" > "$3"', "sh"),
+            *("{first}", "{count}", "{output}"),
+        ],
+        events_per_task=1,
+    )
+    reports: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: reports.append(run_job(slow, 2, open_dir / "b", cores=1, confinement=conf))
+    )
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not list((open_dir / "b" / "tasks").glob("*.log")):
+            assert time.monotonic() < deadline, "the slow job never started"
+            time.sleep(0.01)
+        assert run_job(_spec(), 5, open_dir / "a", cores=1, confinement=conf).complete
+    finally:
+        thread.join(timeout=30)
+    (report,) = reports
+    assert report.complete and report.failed_runs == 0, report.failures

@@ -62,17 +62,21 @@ def test_sigkilled_worker_task_is_requeued_to_another_worker(tmp_path: Path) -> 
     once = tmp_path / "once"
     once.mkdir()
     runs = tmp_path / "runs"
-    spec = _spec("--crash-once", str(once), "--crash-first", "5", "--runs", str(runs))
-    report = run_job(spec, 20, tmp_path / "w", cores=2)
+    spec = _spec(
+        "--crash-once", str(once), "--crash-first", "10", "--runs", str(runs), events_per_task=2
+    )
+    # 20 tasks: the worker that crashed has fresh tasks to take for as long as the
+    # other one needs to become free (were none left, it would retry the task itself)
+    report = run_job(spec, 40, tmp_path / "w", cores=2)
     assert report.complete and report.failed_runs == 1
     assert "killed by signal 9" in report.failures[0]
     # the half-written output of the killed run is discarded: each event exactly once
-    assert _events(report.output) == list(range(20))
-    lines = [ln.split() for ln in runs.read_text().splitlines() if ln.startswith("5 ")]
+    assert _events(report.output) == list(range(40))
+    lines = [ln.split() for ln in runs.read_text().splitlines() if ln.startswith("10 ")]
     assert len(lines) == 2 and lines[0][2] != lines[1][2]  # retried on the other worker
     journal = (tmp_path / "w" / "journal.jsonl").read_text().splitlines()[1:]
-    task1 = [json.loads(x) for x in journal if json.loads(x)["task"] == 1]
-    assert len(task1) == 1 and task1[0]["attempt"] == 2
+    task5 = [json.loads(x) for x in journal if json.loads(x)["task"] == 5]
+    assert len(task5) == 1 and task5[0]["attempt"] == 2
 
 
 def test_hung_task_times_out_and_is_rerun(tmp_path: Path) -> None:

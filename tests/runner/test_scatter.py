@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from pathlib import Path
+
 import pytest
 
 from runner.exceptions import JournalError
-from runner.scatter import EventRange, Plan, ScatterGather, header_line, replay_journal
+from runner.scatter import (
+    MAX_TASKS,
+    Assignment,
+    EventRange,
+    Plan,
+    ScatterGather,
+    TaskSet,
+    commit_line,
+    header_line,
+    replay_journal,
+)
 
 PLAN = Plan(job="j", first_event=100, events=25, events_per_task=10)
 
@@ -91,13 +104,9 @@ def test_committed_tasks_are_never_dispatched() -> None:
 
 
 def _journal(*tasks: int) -> str:
-    sg = ScatterGather(PLAN, workers=1)
     text = header_line(PLAN)
     for t in tasks:
-        sg.pending.remove(t)
-        sg.pending.appendleft(t)
-        (a,) = sg.dispatch(0.0)
-        text += sg.succeeded(a)
+        text += commit_line(Assignment(t, PLAN.range_of(t), 1, 0, 0.0, None))
     return text
 
 
@@ -124,3 +133,46 @@ def test_replay_rejects_corrupt_middle_line_and_foreign_range() -> None:
         replay_journal(bad)
     with pytest.raises(JournalError, match="header"):
         replay_journal("")
+
+
+def test_task_set_keeps_ranges_not_tasks() -> None:
+    s = TaskSet([5, 3, 4, 9])
+    assert list(s.ranges()) == [(3, 6), (9, 10)] and len(s) == 4
+    assert not s.add(4) and s.add(7) and s.add(8)  # 7 and 8 join 6..9 to 9
+    assert list(s.ranges()) == [(3, 6), (7, 10)]
+    assert s.add(6) and list(s.ranges()) == [(3, 10)] and len(s) == 7
+    assert list(s) == list(range(3, 10)) and 2 not in s and 3 in s and 10 not in s
+    assert (s.first_absent(0), s.first_absent(3), s.first_absent(9)) == (0, 10, 10)
+    assert s.bounds() == (3, 9) and TaskSet().bounds() is None
+    copy = s.copy()
+    copy.add(20)
+    assert 20 not in s
+
+
+def test_a_plan_of_max_tasks_is_handed_out_lazily() -> None:
+    # The ScatterGather of a million-task plan costs what a ten-task one does.
+    plan = Plan("big", 0, MAX_TASKS * 10**6, 10**6)
+    assert plan.tasks == MAX_TASKS
+    with pytest.raises(ValueError, match="at most"):
+        Plan("bigger", 0, MAX_TASKS * 10**6 + 1, 10**6)
+    tracemalloc.start()
+    try:
+        sg = ScatterGather(plan, workers=4, committed=TaskSet(range(0, 1000)))
+        for _ in range(1000):
+            for a in sg.dispatch(0.0):
+                sg.succeeded(a)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 256 * 1024, f"{peak} bytes"
+    assert len(sg.committed) == 5000 and list(sg.committed.ranges()) == [(0, 5000)]
+    assert sg.events_done == 5000 * 10**6 and sg.next_pending() == 5000
+
+
+def test_replay_reads_a_journal_line_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "journal.jsonl"
+    with open(path, "w") as f:
+        f.write(_journal(0, 2, 1) + '{"task": 3, "fir')  # torn tail
+    with open(path) as f:
+        plan, committed = replay_journal(f)
+    assert plan == PLAN and list(committed.ranges()) == [(0, 3)]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,15 @@ from typing import Any
 import pytest
 
 from runner.confine import Confinement
-from runner.exceptions import JobSpecError, RunnerError, UnknownJob
+from runner.exceptions import (
+    JobSpecError,
+    QueueBusy,
+    RunnerConfigError,
+    RunnerError,
+    UnknownJob,
+)
 from runner.lease import Lease
+from runner.masonry import run_pilot
 from runner.service import JobService, job_service_from_config
 
 SYNTH = str(Path(__file__).with_name("synth_events.py"))
@@ -52,7 +61,7 @@ def service(tmp_path: Path) -> Iterator[JobService]:
     try:
         yield s
     finally:
-        s.stop(grace=0)
+        s.close()
 
 
 def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -72,7 +81,7 @@ def test_submit_validates_and_writes_atomically(service: JobService) -> None:
     ids = [service.submit(spec_text(f"j{i}")) for i in range(5)]
     assert ids == sorted(ids) and len(set(ids)) == 5  # submission order is name order
     files = sorted(p.name for p in service.queue.iterdir() if p.is_file())
-    assert files == [f"{i}.toml" for i in ids]  # no temporary files left
+    assert files == [".lock", *(f"{i}.toml" for i in ids)]  # no temporary files left
     assert (service.queue / f"{ids[0]}.toml").read_text() == spec_text("j0")
     assert [j["state"] for j in service.jobs()] == ["queued"] * 5
     assert service.job(ids[2])["name"] == "j2"
@@ -161,7 +170,7 @@ def test_a_lease_moved_earlier_stops_the_job(tmp_path: Path) -> None:
         )
         assert not report["complete"] and report["events_done"] > 0
     finally:
-        s.stop(grace=0)
+        s.close()
     assert state(s, job) == "queued"  # back in the queue, resumable
 
 
@@ -184,3 +193,96 @@ def test_service_from_node_config(tmp_path: Path) -> None:
         job_service_from_config({"queu": "x"}, tmp_path)
     with pytest.raises(RunnerError, match=r"runner\.grace"):
         job_service_from_config({"grace": "soon"}, tmp_path)
+    s.close()
+    custom.close()
+
+
+def test_a_queue_has_one_owner_and_what_a_dead_one_ran_is_queued_again(tmp_path: Path) -> None:
+    first = JobService(tmp_path / "q", tmp_path / "w", fixed_lease())
+    try:
+        with pytest.raises(
+            QueueBusy, match=rf"in use by another pilot or job service \(pid {os.getpid()}\)"
+        ):
+            JobService(tmp_path / "q", tmp_path / "w2", fixed_lease())
+        with pytest.raises(QueueBusy):  # a pilot too
+            run_pilot(tmp_path / "q", tmp_path / "w3", fixed_lease(), time.monotonic)
+        job = first.submit(spec_text("a"))
+    finally:
+        first.close()
+    # as if its owner had died while the job ran
+    os.replace(first.queue / f"{job}.toml", first.queue / "running" / f"{job}.toml")
+    second = JobService(tmp_path / "q", tmp_path / "w", fixed_lease())
+    try:
+        assert second.recovered == [f"{job}.toml"] and state(second, job) == "queued"
+    finally:
+        second.close()
+
+
+# --- defect 8: `[runner] cores = -1` was accepted ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "toml_value"),
+    [
+        ("cores", "-1"),
+        ("cores", "0"),
+        ("cores", "1.5"),
+        ("cores", '"2"'),
+        ("cores", "true"),
+        ("cores", "1000000"),
+        ("power_per_core", "nan"),
+        ("power_per_core", "inf"),
+        ("power_per_core", "-10.0"),
+        ("power_per_core", "0"),
+        ("power_per_core", '"fast"'),
+        ("time_left", "nan"),
+        ("time_left", "inf"),
+        ("time_left", "-5"),
+        ("time_left", "0"),
+        ("time_left", "1e300"),
+        ("shutdowntime", "-1"),
+        ("shutdowntime", "0"),
+        ("shutdowntime", "nan"),
+        ("shutdowntime", "1e300"),
+        ("memory", '"lots"'),
+        ("memory", "0"),
+        ("memory", "-1"),
+        ("memory", '"1e400G"'),
+        ("memory", "nan"),
+        ("memory", "true"),
+        ("grace", "nan"),
+        ("grace", "inf"),
+        ("grace", "-1"),
+        ("grace", '"soon"'),
+        ("grace", "1e9"),
+        ("cgroup_parent", '"../../etc"'),
+        ("cgroup_parent", "5"),
+        ("job_user", "0"),
+        ("queue", "[]"),
+    ],
+)
+def test_runner_cores_minus_1_and_every_bad_runner_value_is_a_one_line_error_naming_the_key(
+    tmp_path: Path, key: str, toml_value: str
+) -> None:
+    table = tomllib.loads(f"[runner]\n{key} = {toml_value}\n")["runner"]
+    with pytest.raises(RunnerConfigError) as info:
+        job_service_from_config(table, tmp_path, environ={})
+    message = str(info.value)
+    assert message.startswith(f"runner.{key}: "), message
+    assert "expected" in message or "at most" in message  # and what it accepts
+    assert "\n" not in message and len(message) < 200
+    assert not (tmp_path / "jobs").exists()  # nothing was set up
+
+
+def test_runner_values_in_their_bounds_are_taken(tmp_path: Path) -> None:
+    s = job_service_from_config(
+        {"cores": 4096, "power_per_core": 0.5, "time_left": 60, "memory": "10G", "grace": 0},
+        tmp_path,
+        environ={},
+    )
+    try:
+        lease = s.lease_at(0.0)
+        assert (lease.cores, lease.power_per_core, lease.memory) == (4096, 0.5, 10 << 30)
+        assert lease.warnings == () and s.grace == 0.0
+    finally:
+        s.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +11,17 @@ import pytest
 
 from runner.exceptions import JobRefused, JobSpecError
 from runner.lease import Lease
+from runner.scatter import MAX_TASKS
 from runner.sizing import WorkHistory, size_job
-from runner.spec import JobSpec, load_spec, parse_spec
+from runner.spec import (
+    MAX_EVENTS,
+    MAX_SPEC_BYTES,
+    MAX_WORK,
+    MIN_WORK,
+    JobSpec,
+    load_spec,
+    parse_spec,
+)
 
 GOOD: dict[str, Any] = {
     "name": "mc-sim",
@@ -130,3 +141,82 @@ def test_history_keeps_recent_and_survives_garbage(tmp_path: Path) -> None:
     for i in range(1, 8):
         history.record("x", float(i), 1.0, 1)
     assert history.measured("x") == pytest.approx((3 + 4 + 5 + 6 + 7) / 5)
+
+
+# --- bounds: a spec the node accepts is a spec the node survives ---------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"name": "evil\nname"}, "name"),
+        ({"name": "with space"}, "name"),
+        ({"name": "../up"}, "name"),
+        ({"name": ".hidden"}, "name"),
+        ({"name": "-rf"}, "name"),
+        ({"name": "x" * 65}, "name"),
+        ({"name": 7}, "name"),
+        ({"max_events": 2**63 - 1}, "max_events"),
+        ({"max_events": MAX_EVENTS + 1}, "max_events"),
+        ({"first_event": MAX_EVENTS + 1}, "first_event"),
+        ({"events_per_task": MAX_EVENTS + 1}, "events_per_task"),
+        ({"min_events": -1}, "min_events"),
+        ({"cpu_work_per_event": 1e-300}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": 0.0}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": -1.0}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": math.nan}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": math.inf}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": 1e10}, "cpu_work_per_event"),
+        ({"cpu_work_per_event": True}, "cpu_work_per_event"),
+        ({"safety": math.nan}, "safety"),
+        ({"task_timeout": math.inf}, "task_timeout"),
+        ({"task_timeout": 1e300}, "task_timeout"),
+        ({"command": ["sim\0", "{first}", "{count}", "{output}"]}, "command"),
+        ({"command": ["x" * 5000, "{first}", "{count}", "{output}"]}, "command"),
+        ({"command": ["sim", "{first}", "{count}", "{output}", *["a"] * 300]}, "command"),
+        ({"bad\nkey": 1}, "bad\nkey"),
+    ],
+)
+def test_unbounded_spec_values_are_refused_with_one_line_naming_the_field(
+    change: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(JobSpecError) as info:
+        parse_spec({**GOOD, **change})
+    assert info.value.field == field
+    message = str(info.value)
+    assert message.startswith(f"job spec field {field!r}: ") and "\n" not in message
+    assert len(message) < 300
+
+
+def test_spec_at_every_bound_is_accepted() -> None:
+    spec = _spec(
+        name="a" * 64,
+        max_events=MAX_EVENTS,
+        min_events=MAX_EVENTS,
+        first_event=MAX_EVENTS,
+        events_per_task=MAX_EVENTS,
+        cpu_work_per_event=MIN_WORK,
+        task_timeout=7 * 86400,
+    )
+    assert spec.max_events == MAX_EVENTS and spec.cpu_work_per_event == MIN_WORK
+    assert _spec(cpu_work_per_event=MAX_WORK).cpu_work_per_event == MAX_WORK
+
+
+def test_toml_nan_inf_and_oversized_specs_are_refused(tmp_path: Path) -> None:
+    head = 'name = "x"\ncommand = ["sim", "{first}", "{count}", "{output}"]\nmax_events = 5\n'
+    for value in ("nan", "inf", "-inf", "1e-300"):
+        p = tmp_path / f"{value}.toml"
+        p.write_text(head + f"cpu_work_per_event = {value}\n")
+        with pytest.raises(JobSpecError, match="'cpu_work_per_event'"):
+            load_spec(p)
+    big = tmp_path / "big.toml"
+    big.write_text(head + "cpu_work_per_event = 1.0\n# " + "x" * MAX_SPEC_BYTES + "\n")
+    with pytest.raises(JobSpecError, match="larger than"):
+        load_spec(big)
+
+
+def test_sizing_never_plans_more_than_max_tasks() -> None:
+    spec = _spec(max_events=10**9, events_per_task=1, cpu_work_per_event=MIN_WORK, min_events=1)
+    assert size_job(spec, _lease(86400 * 2)).events == MAX_TASKS
+    with pytest.raises(JobRefused, match=f"{MAX_TASKS} tasks of 1 events"):
+        size_job(replace(spec, min_events=MAX_TASKS + 1), _lease(86400 * 2))
