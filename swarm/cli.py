@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
 from runner.sizes import size_argument
@@ -186,6 +187,17 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _threads_argument(text: str) -> int:
+    """``--threads`` as an argparse ``type=``: an integer from 2 to 10000."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 2 <= n <= 10000:
+        raise argparse.ArgumentTypeError(f"expected an integer from 2 to 10000, got {text!r}")
+    return n
+
+
 def _mount_config(a: argparse.Namespace) -> Any:
     from swarm.mount_service import MountConfig
 
@@ -199,6 +211,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
         ttl=a.ttl,
         fetch_timeout=a.fetch_timeout,
         tag=a.tag,
+        threads=a.threads,
     )
 
 
@@ -225,6 +238,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         str(a.ttl),
         "--fetch-timeout",
         str(a.fetch_timeout),
+        "--threads",
+        str(a.threads),
     ]
     if a.tag:
         argv += ["--tag", a.tag]
@@ -456,6 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quota", type=size_argument, default="10G", help="cache quota (default 10G)")
     s.add_argument("--ttl", type=float, default=60.0, help="seconds between revision checks")
     s.add_argument("--fetch-timeout", type=float, default=10.0, help="seconds per object fetch")
+    s.add_argument(
+        "--threads",
+        type=_threads_argument,
+        default=MOUNT_THREADS,
+        help=f"FUSE worker threads (default {MOUNT_THREADS}); at most 3/4 wait on fetches",
+    )
     s.add_argument("--tag", help="follow a tag instead of the newest revision")
     s.add_argument("--foreground", action="store_true")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)

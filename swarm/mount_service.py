@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cvmfs_like.cache import ObjectCache
+from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
 from cvmfs_like.fs import ReleaseOperations, mount
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.store import check_repo_name
@@ -45,6 +45,7 @@ class MountConfig:
     fetch_timeout: float = 10.0
     tag: str | None = None
     negative_timeout: float = 30.0
+    threads: int = MOUNT_THREADS
 
 
 def _lock_cache(cache: Path) -> int:
@@ -77,7 +78,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lock_fd = _lock_cache(cfg.cache)
     try:
-        cache = ObjectCache(cfg.cache, cfg.quota)
+        cache = ObjectCache(cfg.cache, cfg.quota, gate=FetchGate.for_threads(cfg.threads))
         metadata_dir = cfg.cache / "metadata"
         metadata_dir.mkdir(exist_ok=True)
         base = cfg.origin.rstrip("/")
@@ -100,7 +101,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         ops = ReleaseOperations(
             mounted, ttl=cfg.ttl, control_socket=cfg.cache / "control.sock", on_ready=ready
         )
-        mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout)
+        mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout, threads=cfg.threads)
     finally:
         os.close(lock_fd)
 
