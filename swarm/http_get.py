@@ -382,7 +382,11 @@ class HTTPClient:
         tls = context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
         assert isinstance(tls, _DeadlineTLSSocket)
         tls.deadline = sock.deadline
-        tls.do_handshake()
+        try:
+            tls.do_handshake()
+        except BaseException:
+            tls.close()  # sock was detached into tls
+            raise
         return tls
 
     def _resolve(self, key: _Address, url: str, deadline: float) -> _AddrInfo:

@@ -1,22 +1,25 @@
 """A deliberately slow HTTP server on 127.0.0.1 for deadline tests.
 
 :class:`SlowStore` serves the files of a directory (an origin store) over
-HTTP/1.1 with keep-alive.  Files whose name is in ``slow`` are sent slowly:
-``mode="body"`` sends the headers at once and then one byte of the body
-every ``interval`` seconds; ``mode="headers"`` sends even the status line
-and the headers that way.  Everything else is answered at once, so a mount
-starts normally and only the chosen objects trickle.
+HTTP/1.1 with keep-alive (HTTPS with ``tls``, a server context).  Files
+whose name is in ``slow`` are sent slowly: ``mode="body"`` sends the headers
+at once and then one byte of the body every ``interval`` seconds;
+``mode="headers"`` sends even the status line and the headers that way.
+Everything else is answered at once, so a mount starts normally and only the
+chosen objects trickle.
 
 The server records what the tests wait for and assert on: how many slow
-answers are being sent right now (``trickling``), when the first one ended
-(the client gave up or the server stopped), and how many connections it
-accepted.  ``close`` stops every thread and closes every socket.
+answers are being sent right now (``trickling``; ``peak``: the most at
+once), when the first one ended (the client gave up or the server stopped),
+and how many connections it accepted.  ``close`` stops every thread and
+closes every socket.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
@@ -32,6 +35,7 @@ class SlowStore:
         mode: str = "body",
         interval: float = 0.1,
         keep_alive: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         assert mode in ("body", "headers")
         self.root = root
@@ -39,8 +43,10 @@ class SlowStore:
         self.mode = mode
         self.interval = interval
         self.keep_alive = keep_alive
+        self.tls = tls
         self.connections = 0
         self.trickling = 0
+        self.peak = 0  # the most slow answers sent at once
         self.slow_started = 0
         self.first_slow_end: float | None = None
         self._cond = threading.Condition()
@@ -54,7 +60,7 @@ class SlowStore:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/"
 
     def wait_trickling(self, n: int, timeout: float) -> bool:
         """Wait until ``n`` slow answers are being sent at once."""
@@ -75,8 +81,15 @@ class SlowStore:
             t.start()
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, contextlib.suppress(OSError):
-            reader = conn.makefile("rb")
+        with contextlib.ExitStack() as stack, contextlib.suppress(OSError):
+            stack.enter_context(conn)
+            if self.tls is not None:
+                conn.settimeout(10)
+                conn = stack.enter_context(self.tls.wrap_socket(conn, server_side=True))
+                conn.settimeout(None)
+                with self._cond:
+                    self._conns.append(conn)  # the plain one was detached
+            reader = stack.enter_context(conn.makefile("rb"))
             while not self._stop.is_set():
                 line = reader.readline(65536)
                 if not line:
@@ -107,6 +120,7 @@ class SlowStore:
         conn.sendall(fast)
         with self._cond:
             self.trickling += 1
+            self.peak = max(self.peak, self.trickling)
             self.slow_started += 1
             self._cond.notify_all()
         try:
@@ -124,6 +138,8 @@ class SlowStore:
 
     def close(self) -> None:
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
         self._listener.close()
         with self._cond:
             conns = list(self._conns)
