@@ -295,9 +295,10 @@ def _free_port() -> int:
 
 @pytest.mark.fuse
 def test_a_trickling_origin_and_a_stalled_swarm_give_eio_within_the_fetch_timeout(
-    site: Site,
+    site: Site, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The node's read asks the swarm, then the origin: one deadline for both."""
+    monkeypatch.chdir(Path.cwd())  # libfuse's in-process mount moves the process to /
     world = FakeWorld(site.tmp / "store")
     mnt = site.tmp / "node-mnt"
 
