@@ -17,7 +17,20 @@ Invariants:
   error.
 
 Fetching is single-flight: concurrent readers of the same missing (or not yet
-checked) object wait for one fetch (or check).
+checked) object wait for one fetch (or check).  A fetch that found the object
+unavailable is not repeated for ``retry_after`` seconds (1 s): readers
+arriving meanwhile get the same error at once.  The kernel retries a failed
+read-ahead right away with a read of its own, so without this every EIO from
+a hung origin cost the reader two full fetch timeouts.
+
+Waiting on the network is gated (:class:`FetchGate`, one per mount, shared by
+all its caches): a mount is served by a fixed pool of FUSE worker threads,
+and every thread blocked on a fetch, or on another reader's fetch of the same
+object, is one fewer for everything else.  At most ``limit`` threads may
+wait at once; one more is refused at once (``ObjectUnavailable``, so EIO)
+rather than queued, because a thread queued for a slot is blocked all the
+same.  A cached object never passes the gate, so cached reads and lookups
+keep the rest of the pool however slow the origin or the swarm is.
 
 Durability.  Objects are written without ``fsync``: a cold start stores
 thousands of small objects on the FUSE read path, and an ``fsync`` of each
@@ -59,7 +72,9 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
@@ -69,6 +84,47 @@ from cvmfs_like.store import sync_filesystem
 log = logging.getLogger(__name__)
 
 CLEAN_MARKER = "closed-cleanly"
+
+
+MOUNT_THREADS = 128  # FUSE worker threads a mount asks libfuse for, by default
+
+
+class FetchGate:
+    """How many threads may wait on fetches at once (see the module docstring)."""
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise StoreError(f"fetch gate limit must be positive, got {limit}")
+        self.limit = limit
+        self.waiting = 0
+        self.refused = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_threads(cls, threads: int) -> FetchGate:
+        """The gate of a mount served by ``threads`` workers: a quarter of them
+        (at least one) never wait on the network."""
+        return cls(max(threads - max(threads // 4, 1), 1))
+
+    @contextlib.contextmanager
+    def waiting_for(self, digest: str) -> Iterator[None]:
+        """Hold one of the ``limit`` places while waiting for ``digest``.
+
+        Raises:
+            ObjectUnavailable: every place is taken (refused at once).
+        """
+        with self._lock:
+            if self.waiting >= self.limit:
+                self.refused += 1
+                raise ObjectUnavailable(
+                    digest, f"{self.waiting} reads already wait on the network (the mount's limit)"
+                )
+            self.waiting += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.waiting -= 1
 
 
 class _Flight:
@@ -100,8 +156,17 @@ def _read_object(fd: int, size: int) -> bytes:
 class ObjectCache:
     """Verified objects on local disk with LRU eviction under a quota."""
 
-    def __init__(self, root: Path, quota: int) -> None:
-        """Open (creating) the cache at ``root`` with ``quota`` bytes.
+    def __init__(
+        self,
+        root: Path,
+        quota: int,
+        *,
+        gate: FetchGate | None = None,
+        retry_after: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Open (creating) the cache at ``root`` with ``quota`` bytes; fetches
+        wait through ``gate`` (none: no limit).
 
         Raises:
             StoreError: quota not positive, or ``root`` unusable.
@@ -110,6 +175,9 @@ class ObjectCache:
             raise StoreError(f"cache quota must be positive, got {quota}")
         self.root = root
         self.quota = quota
+        self._gate = gate
+        self._retry_after = retry_after
+        self._clock = clock
         self._objects_dir = root / "objects"
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
@@ -120,6 +188,7 @@ class ObjectCache:
         self._unchecked: dict[str, bool] = {}
         self._writing = 0  # inserts between their first write and their index entry
         self._marked_clean = False  # close() ran and no insert came after it
+        self._unavailable: dict[str, tuple[float, str]] = {}  # digest -> (when, why)
         self.used = 0
         self.hits = 0
         self.misses = 0
@@ -201,7 +270,8 @@ class ObjectCache:
 
         Raises:
             ObjectVerificationError: the source delivered wrong bytes.
-            ObjectUnavailable: the source could not deliver in time.
+            ObjectUnavailable: the source could not deliver in time, or the
+                gate is full.
         """
         while True:
             with self._lock:
@@ -215,6 +285,7 @@ class ObjectCache:
                         self._lru.move_to_end(digest)
                         self.hits += 1
                         return fd
+                self._raise_if_failed_recently(digest)
                 flight = self._flights.get(digest)
                 leader = flight is None
                 if flight is None:
@@ -222,7 +293,11 @@ class ObjectCache:
             if leader:
                 try:
                     found = self._open_checked(digest, size, catalog)
-                    fd = found if found is not None else self._fetch(digest, size, source)
+                    if found is not None:
+                        fd = found
+                    else:
+                        with self._waiting_for(digest):
+                            fd = self._fetch(digest, size, source)
                 except BaseException as exc:
                     flight.error = exc
                     raise
@@ -231,7 +306,8 @@ class ObjectCache:
                         del self._flights[digest]
                     flight.done.set()
                 return fd
-            flight.done.wait()
+            with self._waiting_for(digest):
+                flight.done.wait()  # the leader's fetch is bounded by its source
             if flight.error is not None:
                 raise flight.error
 
@@ -284,6 +360,21 @@ class ObjectCache:
                 return exc.reason
         return None
 
+    def _waiting_for(self, digest: str) -> contextlib.AbstractContextManager[None]:
+        if self._gate is None:
+            return contextlib.nullcontext()
+        return self._gate.waiting_for(digest)
+
+    def _raise_if_failed_recently(self, digest: str) -> None:
+        failed = self._unavailable.get(digest)
+        if failed is None:
+            return
+        ago = self._clock() - failed[0]
+        if ago >= self._retry_after:
+            del self._unavailable[digest]
+            return
+        raise ObjectUnavailable(digest, f"{failed[1]} ({ago:.1f} s ago; not tried again yet)")
+
     def _fetch(self, digest: str, size: int, source: ObjectSource) -> int:
         try:
             data = source.fetch(digest, size)
@@ -291,8 +382,19 @@ class ObjectCache:
         except Exception as exc:
             self.failures += 1
             log.error("fetch refused: %s", exc)
+            if isinstance(exc, ObjectUnavailable):
+                self._remember_unavailable(digest, exc.reason)
             raise
         return self.insert_verified(digest, data)
+
+    def _remember_unavailable(self, digest: str, reason: str) -> None:
+        now = self._clock()
+        with self._lock:
+            if len(self._unavailable) >= 4096:  # forget the expired ones
+                self._unavailable = {
+                    d: f for d, f in self._unavailable.items() if now - f[0] < self._retry_after
+                }
+            self._unavailable[digest] = (now, reason)
 
     def insert_verified(self, digest: str, data: bytes) -> int:
         """Store bytes already verified as ``digest``; return an open descriptor.

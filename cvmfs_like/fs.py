@@ -34,6 +34,7 @@ from typing import Any
 
 import mfusepy
 
+from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.catalog import Entry
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
 from cvmfs_like.mounted import MountedRelease
@@ -492,8 +493,10 @@ def mount(
     debug: bool = False,
     entry_timeout: float = 86400.0,
     negative_timeout: float = 30.0,
+    threads: int = MOUNT_THREADS,
 ) -> None:
-    """Mount and serve until unmounted (blocks).
+    """Mount and serve until unmounted (blocks), with up to ``threads`` worker
+    threads (give the mount's caches ``FetchGate.for_threads(threads)``).
 
     Raises:
         ReleaseError: the mount point is unusable or libfuse failed.
@@ -519,6 +522,12 @@ def mount(
             entry_timeout=entry_timeout,
             attr_timeout=entry_timeout,
             negative_timeout=negative_timeout,
+            # libfuse 3.14 caps its workers at max_threads, 10 unless told
+            # (fuse_parse_cmdline); its default max_idle_threads (UINT_MAX,
+            # "never reap") is what it logs as "Ignoring invalid max threads
+            # value 4294967295".  Equal values: all threads kept, none reaped.
+            max_threads=threads,
+            max_idle_threads=threads,
         )
     except RuntimeError as exc:
         raise ReleaseError(f"FUSE mount of {mountpoint} failed: {exc}") from exc

@@ -57,6 +57,7 @@ class Revision:
     catalog: Catalog  # the root catalog
     loaded_at: float
     loader: Callable[[str, int], Catalog]  # (digest, size) -> verified, pinned catalog
+    discard: Callable[[Catalog], None]  # undoes loader: closes and unpins
     # mount point -> catalog, for every catalog of this revision loaded so far
     catalogs: dict[bytes, Catalog] = field(default_factory=dict)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -93,11 +94,16 @@ class Revision:
         found = self.catalogs.get(mountpoint)
         if found is not None:
             return found
+        # Loaded outside load_lock: the fetch may be slow, and lookups below
+        # other nested catalogs must not wait behind it.  The cache fetches
+        # the object once for concurrent loaders (its waiters gated); a
+        # loader that lost the race gives its copy back.
+        digest, size = parent.nested[mountpoint]
+        loaded = self.loader(digest, size)
         with self.load_lock:
-            found = self.catalogs.get(mountpoint)
-            if found is None:
-                digest, size = parent.nested[mountpoint]
-                found = self.catalogs[mountpoint] = self.loader(digest, size)
+            found = self.catalogs.setdefault(mountpoint, loaded)
+        if found is not loaded:
+            self.discard(loaded)
         return found
 
     def lookup(self, path: bytes) -> Entry | None:
@@ -249,9 +255,13 @@ class MountedRelease:
             self._cache.unpin(digest)
             raise
 
+    def _discard_catalog(self, catalog: Catalog) -> None:
+        catalog.close()
+        self._cache.unpin(catalog.path.name)
+
     def _load(self, target: ReleaseTarget) -> Revision:
         catalog = self._load_catalog(target.catalog, target.catalog_size)
-        return Revision(target, catalog, self._clock(), self._load_catalog)
+        return Revision(target, catalog, self._clock(), self._load_catalog, self._discard_catalog)
 
     def update(self) -> UpdateResult:
         """Check for a newer trusted revision now and switch to it.

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
 from runner.sizes import size_argument
@@ -230,6 +231,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
         ttl=a.ttl,
         fetch_timeout=a.fetch_timeout,
         tag=a.tag,
+        threads=a.threads,
     )
 
 
@@ -256,6 +258,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         str(a.ttl),
         "--fetch-timeout",
         str(a.fetch_timeout),
+        "--threads",
+        str(a.threads),
     ]
     if a.tag:
         argv += ["--tag", a.tag]
@@ -506,6 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fetch-timeout", type=seconds_argument(), default=10.0, help="seconds per object fetch"
+    )
+    s.add_argument(
+        "--threads",
+        type=count_argument(2, 10000),
+        default=MOUNT_THREADS,
+        help=f"FUSE worker threads (default {MOUNT_THREADS}); at most 3/4 wait on fetches",
     )
     s.add_argument("--tag", help="follow a tag instead of the newest revision")
     s.add_argument("--foreground", action="store_true")

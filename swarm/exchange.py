@@ -35,12 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-import urllib3
 from aiohttp import web
 from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from cvmfs_like.objects import relative_path
+from swarm.exceptions import FetchError, FetchStatus, FetchTooLong
+from swarm.http_get import HTTPClient
 from trust.exceptions import TrustError
 
 log = logging.getLogger(__name__)
@@ -202,22 +203,9 @@ class ExchangeFetcher(FetcherInterface):
         self.origin = origin
         self.peers = peers
         self.timeout = timeout
-        self._http = urllib3.PoolManager(
-            num_pools=64,
-            maxsize=4,
-            timeout=urllib3.Timeout(connect=min(timeout, 3.0), read=timeout),
-            # A peer's keep-alive connection may be closed under us: one
-            # quick retry of a GET beats waiting a refresh interval.
-            retries=urllib3.Retry(
-                total=2,
-                connect=2,
-                read=1,
-                redirect=0,
-                status=0,
-                backoff_factor=0.1,
-                raise_on_status=False,
-            ),
-        )
+        # Keep-alive connections per origin and peer; a GET on one the peer
+        # closed while idle is retried once on a new connection (http_get).
+        self._http = HTTPClient(idle_per_host=4)
         self.last_source: dict[str, str] = {}  # file -> where it came from
         self.scores = SourceScores()
         # Checks a candidate before it is chosen (TrustedRepository.screen):
@@ -233,21 +221,21 @@ class ExchangeFetcher(FetcherInterface):
         return self.scores.ordered(out)
 
     def _get(self, url: str, limit: int) -> bytes:
+        """One GET within ``timeout`` (headers and body), at most ``limit`` bytes.
+
+        Raises:
+            tuf.api.exceptions.DownloadHTTPError: an answer other than 200.
+            tuf.api.exceptions.DownloadLengthMismatchError: over ``limit`` bytes.
+            tuf.api.exceptions.DownloadError: unreachable, broken or too slow.
+        """
         try:
-            resp = self._http.request("GET", url, preload_content=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise tuf_exceptions.DownloadError(f"{url}: {exc}") from exc
-        try:
-            if resp.status != 200:
-                raise tuf_exceptions.DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
-            data = resp.read(limit + 1)
-            if len(data) > limit:
-                raise tuf_exceptions.DownloadLengthMismatchError(f"{url}: over {limit} bytes")
-            return data
-        except urllib3.exceptions.HTTPError as exc:
-            raise tuf_exceptions.DownloadError(f"{url}: {exc}") from exc
-        finally:
-            resp.release_conn()
+            return self._http.get(url, deadline=time.monotonic() + self.timeout, limit=limit)
+        except FetchStatus as exc:
+            raise tuf_exceptions.DownloadHTTPError(str(exc), exc.status) from exc
+        except FetchTooLong as exc:
+            raise tuf_exceptions.DownloadLengthMismatchError(f"{url}: over {limit} bytes") from exc
+        except FetchError as exc:
+            raise tuf_exceptions.DownloadError(str(exc)) from exc
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         name = url.rpartition("/metadata/")[2]

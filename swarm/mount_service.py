@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from cvmfs_like.cache import ObjectCache
+from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.fs import ReleaseOperations, is_swarm_mount, mount
 from cvmfs_like.mounted import MountedRelease
@@ -61,6 +61,7 @@ class MountConfig:
     fetch_timeout: float = 10.0
     tag: str | None = None
     negative_timeout: float = 30.0
+    threads: int = MOUNT_THREADS
 
 
 def _lock_cache(cache: Path) -> int:
@@ -109,7 +110,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     lock_fd = _lock_cache(cfg.cache)
     cache: ObjectCache | None = None
     try:
-        cache = ObjectCache(cfg.cache, cfg.quota)
+        cache = ObjectCache(cfg.cache, cfg.quota, gate=FetchGate.for_threads(cfg.threads))
         metadata_dir = cfg.cache / "metadata"
         metadata_dir.mkdir(exist_ok=True)
         base = cfg.origin.rstrip("/")
@@ -132,7 +133,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         ops = ReleaseOperations(
             mounted, ttl=cfg.ttl, control_socket=cfg.cache / "control.sock", on_ready=ready
         )
-        mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout)
+        mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout, threads=cfg.threads)
     finally:
         if cache is not None:
             cache.close()  # unmounted: flush, so the next start need not hash objects

@@ -40,11 +40,10 @@ from typing import Any
 
 from tuf.api import exceptions as tuf_exceptions
 
-from cvmfs_like.cache import ObjectCache
+from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
 from cvmfs_like.exceptions import ObjectUnavailable, ReleaseError
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
-from cvmfs_like.objects import ObjectSource
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError, TransferError
 from swarm.exchange import ExchangeFetcher, PeerExchange, logical_metadata_url
@@ -93,13 +92,18 @@ class _Holding:
 class SwarmObjectSource:
     """Objects of one repository: through the swarm when a torrent of this
     node names them, else (or if the swarm cannot deliver in time) from the
-    origin.  Called from FUSE and worker threads only."""
+    origin.  Called from FUSE and worker threads only.
+
+    One deadline per fetch, ``timeout`` seconds: the swarm gets the first
+    half of it when an origin can take over (all of it otherwise), the origin
+    what is left, so a reader has its bytes or EIO within ``timeout``.
+    """
 
     def __init__(
         self,
         repo: str,
         loop: asyncio.AbstractEventLoop,
-        origin: ObjectSource | None,
+        origin: OriginObjectSource | None,
         *,
         timeout: float,
     ) -> None:
@@ -112,24 +116,31 @@ class SwarmObjectSource:
         self.from_origin = 0
 
     def fetch(self, digest: str, size: int) -> bytes:
+        """The object's (unverified) bytes, within ``timeout`` seconds.
+
+        Raises:
+            ObjectUnavailable: neither the swarm nor the origin delivered in time.
+        """
+        deadline = time.monotonic() + self.timeout
         held = self.index.get(digest)
         swarm_error = "no torrent of this node names it"
         if held is not None:
+            swarm_time = self.timeout if self.origin is None else self.timeout / 2
             fut = asyncio.run_coroutine_threadsafe(
                 held.transfer.read(held.file_index, 0, size), self.loop
             )
             try:
-                data = fut.result(self.timeout)
+                data = fut.result(swarm_time)
                 self.from_swarm += 1
                 return data
             except TimeoutError:
                 fut.cancel()
-                swarm_error = f"the swarm did not deliver within {self.timeout:g} s"
+                swarm_error = f"the swarm did not deliver within {swarm_time:g} s"
             except TransferError as exc:
                 swarm_error = f"swarm: {exc}"
         if self.origin is None:
             raise ObjectUnavailable(digest, f"{swarm_error}, and no origin is configured")
-        data = self.origin.fetch(digest, size)
+        data = self.origin.fetch(digest, size, deadline=deadline)
         self.from_origin += 1
         return data
 
@@ -221,6 +232,8 @@ class Node:
         self.api_port: int | None = None
         self.peer_port: int | None = None
         self._extra_peers: set[str] = set()
+        # One mount serves every repository: their caches share its gate.
+        self._fetch_gate = FetchGate.for_threads(MOUNT_THREADS)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -319,7 +332,7 @@ class Node:
             else None
         )
         source = SwarmObjectSource(rc.name, loop, origin, timeout=self.config.fetch_timeout)
-        cache = ObjectCache(rdir / "cache", rc.cache_quota)
+        cache = ObjectCache(rdir / "cache", rc.cache_quota, gate=self._fetch_gate)
         mounted = MountedRelease(rc.name, _NodeTrusted(trusted), source, cache, tag=rc.tag)
         return RepoState(rc, rdir, trusted, fetcher, cache, source, mounted)
 

@@ -3,7 +3,8 @@
 A :class:`FakeWorld` holds every fake session; a piece a transfer lacks is
 copied from another session of the world that has it (optionally a
 *corrupting* one, whose pieces fail verification and get it banned), else
-from the web seed, the origin store on disk, while ``origin_up``.  The truth
+from the web seed, the origin store on disk, while ``origin_up``; while
+``stalled``, a piece the transfer lacks never arrives (a swarm that hangs).  The truth
 against which pieces are verified is the origin store's file, standing in
 for libtorrent's merkle check.  Every piece request is recorded in order, so
 tests can check what a read asked for.
@@ -23,6 +24,7 @@ class FakeWorld:
     def __init__(self, origin_root: Path) -> None:
         self.origin_root = origin_root  # STORE: files at STORE/NAME/PATH
         self.origin_up = True
+        self.stalled = False
         self.sessions: list[FakeSession] = []
         self.web_seed_pieces = 0
 
@@ -91,6 +93,8 @@ class FakeTransfer:
     async def _get_piece(self, piece: int) -> None:
         world = self.session.world
         self.session.requests.append((self.meta.info_hash, piece))
+        if world.stalled:
+            await asyncio.Event().wait()  # until the reader gives up (cancelled)
         truth = self._truth(piece)
         for other in world.sessions:
             if other is self.session or other.address in self.session.banned_set:

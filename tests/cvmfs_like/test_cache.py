@@ -1,12 +1,13 @@
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
-from cvmfs_like.cache import CLEAN_MARKER, ObjectCache
+from cvmfs_like.cache import CLEAN_MARKER, FetchGate, ObjectCache
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
 from tests.fakes import InMemoryObjectSource
 
@@ -211,3 +212,72 @@ def test_dropping_a_damaged_object_keeps_the_quota_accounting(tmp_path: Path) ->
     assert again.used == 800 and not again.contains(ds[1])
     on_disk = [f.stat().st_size for f in (tmp_path / "objects").rglob("*") if f.is_file()]
     assert sum(on_disk) == 800
+
+
+class HeldSource(InMemoryObjectSource):
+    """Fetches block until ``release`` is set: readers stuck on the network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def fetch(self, digest: str, size: int) -> bytes:
+        self.entered.release()
+        assert self.release.wait(30)
+        return super().fetch(digest, size)
+
+
+def test_slow_fetches_beyond_the_gate_fail_at_once_and_cached_reads_never_wait(
+    tmp_path: Path,
+) -> None:
+    src = HeldSource()
+    cached = src.add(b"cached")
+    slow = [src.add(bytes([i]) * 100) for i in range(3)]
+    gate = FetchGate(2)
+    cache = ObjectCache(tmp_path, 1 << 20, gate=gate)
+    src.release.set()
+    os.close(cache.open(cached, 6, src))
+    src.release.clear()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        stuck = [pool.submit(lambda d=d: read_fd(cache.open(d, 100, src))) for d in slow[:2]]
+        for _ in stuck:
+            assert src.entered.acquire(timeout=10)
+        assert gate.waiting == 2
+        # Every place is taken: a third fetch, or a third reader waiting for
+        # one of the two, is refused at once instead of taking a thread.
+        with pytest.raises(ObjectUnavailable, match="already wait on the network"):
+            cache.open(slow[2], 100, src)
+        with pytest.raises(ObjectUnavailable, match="already wait on the network"):
+            cache.open(slow[0], 100, src)
+        assert read_fd(cache.open(cached, 6, src)) == b"cached"  # no place needed
+        src.release.set()
+        assert [f.result(10) for f in stuck] == [bytes([0]) * 100, bytes([1]) * 100]
+    assert gate.waiting == 0 and gate.refused == 2
+    assert read_fd(cache.open(slow[2], 100, src)) == bytes([2]) * 100
+
+
+def test_a_mount_gate_leaves_a_quarter_of_the_threads_free() -> None:
+    assert FetchGate.for_threads(128).limit == 96
+    assert FetchGate.for_threads(16).limit == 12
+    assert FetchGate.for_threads(2).limit == 1
+
+
+def test_an_unavailable_object_is_not_fetched_again_for_a_moment(tmp_path: Path) -> None:
+    # The kernel retries a failed read-ahead with a read at once: that retry
+    # must not cost a second full fetch timeout.
+    now = [100.0]
+    src = InMemoryObjectSource()
+    d = src.add(b"later")
+    src.down = True
+    cache = ObjectCache(tmp_path, 1 << 20, retry_after=1.0, clock=lambda: now[0])
+    with pytest.raises(ObjectUnavailable, match="fake source is down"):
+        cache.open(d, 5, src)
+    now[0] += 0.5
+    with pytest.raises(ObjectUnavailable, match="not tried again yet"):
+        cache.open(d, 5, src)
+    assert src.calls == [d]
+    src.down = False
+    now[0] += 0.5
+    assert read_fd(cache.open(d, 5, src)) == b"later"
+    assert src.calls == [d, d]

@@ -124,7 +124,7 @@ def test_a_trickling_peer_does_not_stall_the_refresh(site: Site) -> None:
                     st = await r.json()
                 assert r.status == 200 and st["revision"] == 2, st["last_error"]
                 problem = st["source_problems"][_hostile_url(site)]
-                assert "1 s" in problem["problem"]
+                assert "within" in problem["problem"]  # left behind at its deadline
 
         asyncio.run(main())
 
