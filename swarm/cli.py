@@ -352,16 +352,21 @@ def _api_base(a: argparse.Namespace) -> str:
 
 
 def _node_status(a: argparse.Namespace) -> int:
-    import urllib3
+    from swarm.exceptions import FetchError, FetchStatus
+    from swarm.http_get import HTTPClient
 
     base = _api_base(a)
-    try:
-        resp = urllib3.request("GET", base + "v1/status", timeout=10.0, retries=False)
-    except urllib3.exceptions.HTTPError as exc:
+    try:  # one deadline for the whole answer: a hung daemon cannot hang `swarm status`
+        body = HTTPClient().get(
+            base + "v1/status", deadline=time.monotonic() + 10.0, limit=64 << 20
+        )
+        st = json.loads(body)
+    except FetchStatus as exc:
+        raise ConfigError(f"node API {base}: HTTP {exc.status}") from None
+    except FetchError as exc:
         raise ConfigError(f"node API {base} unreachable: {exc}") from None
-    if resp.status != 200:
-        raise ConfigError(f"node API {base}: HTTP {resp.status}")
-    st = resp.json()
+    except ValueError as exc:
+        raise ConfigError(f"node API {base}: not a status report: {exc}") from None
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
