@@ -131,8 +131,8 @@ async def _read_until_saved(args: list[str]) -> None:
     await session.start()
     transfer = session.add(meta, Path(save))
     await transfer.read(0, int(offset), int(size))
-    await eventually(lambda: not transfer.resume_pending, "resume data saved")
-    print("saved", transfer.status().downloaded, flush=True)
+    await asyncio.wait_for(session.resume.wait_saved(meta.info_hash), 30)
+    print("saved", (await transfer.updated_status()).downloaded, flush=True)
     await asyncio.Event().wait()
 
 
