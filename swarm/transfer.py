@@ -1,7 +1,7 @@
 """The node's view of peer-to-peer transfer, independent of libtorrent.
 
 :mod:`swarm.torrent` implements these protocols with libtorrent (the only
-module that imports it); ``tests/fake_swarm.py`` implements them in memory so
+package that imports it); ``tests/fake_swarm.py`` implements them in memory so
 the daemon's scheduling, metadata exchange and policy are tested without
 sockets.
 

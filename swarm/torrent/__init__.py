@@ -16,12 +16,31 @@ inside out:
 * :mod:`~swarm.torrent.resume`: the one owner of resume data;
 * :mod:`~swarm.torrent.session`: :class:`TorrentSession`, the libtorrent
   session, its alert pump and dispatch.
+
+The names below are imported on first use, so importing the pure core
+(``swarm.torrent.pieces``) does not load libtorrent.
 """
 
-from swarm.torrent.metainfo import create_torrent, load_info, parse_torrent
-from swarm.torrent.session import TorrentSession
-from swarm.torrent.settings import SessionConfig, parse_address
-from swarm.torrent.transfer import TorrentTransfer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from swarm.torrent.metainfo import create_torrent, load_info, parse_torrent
+    from swarm.torrent.session import TorrentSession
+    from swarm.torrent.settings import SessionConfig, parse_address
+    from swarm.torrent.transfer import TorrentTransfer
+
+_HOMES = {
+    "SessionConfig": "swarm.torrent.settings",
+    "TorrentSession": "swarm.torrent.session",
+    "TorrentTransfer": "swarm.torrent.transfer",
+    "create_torrent": "swarm.torrent.metainfo",
+    "load_info": "swarm.torrent.metainfo",
+    "parse_address": "swarm.torrent.settings",
+    "parse_torrent": "swarm.torrent.metainfo",
+}
 
 __all__ = [
     "SessionConfig",
@@ -32,3 +51,12 @@ __all__ = [
     "parse_address",
     "parse_torrent",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
