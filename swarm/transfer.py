@@ -99,7 +99,13 @@ class Transfer(Protocol):
         """Full prefetch downloads everything at low priority behind reads."""
         ...
 
-    def status(self) -> TransferStatus: ...
+    def status(self) -> TransferStatus:
+        """Byte counts, rates and peer counts may lag behind by a moment
+        (libtorrent's are its last status update); the state is current.
+
+        Raises :class:`swarm.exceptions.TransferError` if the torrent is gone.
+        """
+        ...
 
     def peers(self) -> list[PeerInfo]: ...
 

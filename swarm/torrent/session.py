@@ -131,7 +131,7 @@ class TorrentSession:
             reader.close()
             writer.close()
             raise TransferError(f"cannot start libtorrent: {exc}") from exc
-        self._updates = StatusUpdates(self._ses.post_torrent_updates, loop)
+        self._updates = StatusUpdates(self._post_torrent_updates, loop)
         self._ses.set_alert_fd(writer.fileno())
         loop.add_reader(reader.fileno(), self._pump)
         self._pump()  # alerts posted before the reader existed
@@ -161,7 +161,7 @@ class TorrentSession:
         transfers = list(self._transfers.values())
         await self.resume.close(transfers)
         for t in transfers:
-            t.fail("session closed")
+            t.fail("session closed", gone=True)
         if self._updates is not None:
             self._updates.close()
         if self._sockets is not None:
@@ -244,7 +244,7 @@ class TorrentSession:
         if transfer is None:
             return
         self.resume.forget(transfer)
-        transfer.fail("removed")
+        transfer.fail("removed", gone=True)
         if self._ses is not None:
             self._ses.remove_torrent(transfer.handle)
 
@@ -292,6 +292,14 @@ class TorrentSession:
     def _require_running(self) -> None:
         if self._ses is None or self._closed:
             raise TransferError("session is not running")
+
+    def _post_torrent_updates(self) -> bool:
+        # Not a bound method of the libtorrent session: StatusUpdates outlives
+        # it, and the session must be destroyed in close(), off the loop.
+        if self._ses is None or self._closed:
+            return False
+        self._ses.post_torrent_updates()
+        return True
 
     def _status_updates(self) -> StatusUpdates:
         if self._updates is None:

@@ -79,11 +79,12 @@ class TorrentCounters:
 class StatusUpdates:
     """Asks libtorrent for torrent status updates and tells who waits for them.
 
-    ``post`` is the session's ``post_torrent_updates``.  Runs on the event
+    ``post`` asks libtorrent for an update (``post_torrent_updates``) and
+    says whether it could (not once the session is gone).  Runs on the event
     loop's thread only.
     """
 
-    def __init__(self, post: Callable[[], None], loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, post: Callable[[], bool], loop: asyncio.AbstractEventLoop) -> None:
         self._post = post
         self._loop = loop
         self._asked = 0  # updates asked for
@@ -98,8 +99,11 @@ class StatusUpdates:
     async def refresh(self, timeout: float = 10.0) -> None:
         """Until an update asked for now has been handled (or ``timeout`` passed:
         the status is then as old as the last update)."""
+        number = self._ask()
+        if number is None:
+            return  # no session: the last update is all there will be
         fut: asyncio.Future[None] = self._loop.create_future()
-        self._waiters.append((self._ask(), fut))
+        self._waiters.append((number, fut))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(fut), timeout)
 
@@ -123,9 +127,11 @@ class StatusUpdates:
         """No more updates will come: wake everyone."""
         self.dropped()
 
-    def _ask(self) -> int:
+    def _ask(self) -> int | None:
+        """Ask for an update; its number, or None if the session is gone."""
+        if not self._post():
+            return None
         self._asked += 1
-        self._post()
         return self._asked
 
     def _wake(self) -> None:

@@ -95,6 +95,7 @@ class TorrentTransfer:
         self._errors: list[str] = []
         self._error_reason: str | None = None
         self._failed: TransferError | None = None
+        self._gone = False  # the handle is no longer valid (removed, closed)
 
     # -- Transfer protocol ----------------------------------------------
 
@@ -149,7 +150,12 @@ class TorrentTransfer:
 
     def status(self) -> TransferStatus:
         """The status as of libtorrent's last update (asks for the next one);
-        the state, prefetch, hash failures and errors are current."""
+        the state, prefetch, hash failures and errors are current.
+
+        Raises :class:`TransferError` if the torrent is gone.
+        """
+        if self._gone and self._failed is not None:
+            raise self._failed
         self._status_source.request()
         c = self._counters
         reason = self._error_reason or c.error
@@ -269,11 +275,13 @@ class TorrentTransfer:
         try:
             self.handle.flush_cache()
         except RuntimeError as exc:
-            self.fail(f"{exc}")
+            self.fail(f"{exc}", gone=True)
 
-    def fail(self, reason: str) -> None:
+    def fail(self, reason: str, *, gone: bool = False) -> None:
         """The transfer can no longer serve (``reason``: removed, session
-        closed, libtorrent error): fail every read, flush and wait."""
+        closed, libtorrent error): fail every read, flush and wait.  ``gone``:
+        the handle is no longer valid either, so neither is a status."""
+        self._gone = self._gone or gone
         if self._failed is None:
             self._failed = TransferError(f"{self.meta.name}: {reason}")
         if self._retry_timer is not None:
@@ -302,7 +310,7 @@ class TorrentTransfer:
         try:
             pieces = self.handle.status(lt.torrent_handle.query_pieces).pieces
         except RuntimeError as exc:
-            self.fail(f"{exc}")
+            self.fail(f"{exc}", gone=True)
             return
         self._apply(self._pieces.checked(pieces))
 
@@ -355,7 +363,7 @@ class TorrentTransfer:
                     try:
                         self._ask(action)
                     except RuntimeError as exc:  # the handle is gone
-                        self.fail(f"{exc}")
+                        self.fail(f"{exc}", gone=True)
         self._schedule_retry()
 
     def _ask(self, action: Action) -> None:

@@ -466,6 +466,8 @@ def test_reads_fail_when_the_torrent_is_removed_or_the_session_closes(tmp_path: 
             with pytest.raises(TransferError, match="removed"):
                 await asyncio.wait_for(read, 10)
             assert session.get(meta.info_hash) is None
+            with pytest.raises(TransferError, match="removed"):
+                transfer.status()
             transfer = session.add(meta, tmp_path / "node")
             read = asyncio.ensure_future(transfer.read(0, 0, 10))
             await eventually(lambda: transfer.awaited == {0}, "the read to ask for its piece")
