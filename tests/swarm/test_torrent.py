@@ -7,17 +7,16 @@ import asyncio
 import hashlib
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from swarm.exceptions import ConfigError, TransferError
 from swarm.torrent import SessionConfig, create_torrent, parse_torrent
 from swarm.transfer import TorrentMeta
 from tests.swarm.torrent_helpers import (
     BLOCK,
+    WebSeed,
     address,
     bencode,
     eventually,
@@ -190,6 +189,8 @@ def test_on_demand_read_fetches_only_the_pieces_it_needs(tmp_path: Path) -> None
                 transfer = leecher.add(meta, tmp_path / "leech")
                 got = await asyncio.wait_for(transfer.read(0, offset, size), 30)
                 assert got == data[offset : offset + size]
+                # Status comes from libtorrent's updates, asked for by status() itself.
+                await eventually(lambda: transfer.status().downloaded > 0, "a status update")
                 status = await transfer.updated_status()
                 assert 0 < status.downloaded <= pieces_bytes(offset, size) < len(data) // 4
                 assert not transfer.have_file(0)
@@ -257,39 +258,6 @@ def test_concurrent_readers_all_get_their_bytes(tmp_path: Path) -> None:
                     assert got == data[off : off + n]
 
     asyncio.run(scenario())
-
-
-class WebSeed:
-    """An aiohttp server on 127.0.0.1 serving ``root`` as plain files (with ranges)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.paths: list[str] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def __aenter__(self) -> WebSeed:
-        @web.middleware
-        async def record(
-            request: web.Request,
-            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-        ) -> web.StreamResponse:
-            self.paths.append(request.path)
-            return await handler(request)
-
-        app = web.Application(middlewares=[record])
-        app.router.add_static("/", self.root)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
 
 def test_web_seed_alone_serves_a_multi_file_torrent(tmp_path: Path) -> None:
