@@ -13,7 +13,10 @@ Invariants:
   (after a SIGKILL the restarted node would serve zeros as verified data).
   libtorrent's ``flush_disk_cache`` flag does not wait for the flush, so a
   save notes the pieces had, flushes (a fence after their writes), then asks
-  for resume data and keeps only those pieces;
+  for resume data and keeps only those pieces.  So a save may leave out
+  pieces libtorrent listed; they are had after the snapshot, so a later save
+  is already due, and it asks unconditionally (``only_if_modified`` would be
+  refused: libtorrent thinks it saved them);
 * files are replaced atomically (write, fsync, rename), and the writes of one
   torrent land in the order they were asked for;
 * unreadable resume data, or resume data of another torrent, is ignored
@@ -27,22 +30,37 @@ import contextlib
 import logging
 import os
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import libtorrent as lt
 
-from swarm.torrent.transfer import TorrentTransfer
 from swarm.transfer import TorrentMeta
 
 log = logging.getLogger(__name__)
 
-# libtorrent::errors::resume_data_not_modified (an only_if_modified save with no change)
-_RESUME_DATA_NOT_MODIFIED = 143
 # How long closing waits for the last saves, and then for their writes.
 CLOSE_TIMEOUT = 30.0
+
+
+class Resumable(Protocol):
+    """What the store uses of a torrent (a ``TorrentTransfer``)."""
+
+    meta: TorrentMeta
+    handle: Any  # libtorrent's torrent_handle: save_resume_data
+
+    @property
+    def complete(self) -> bool: ...
+
+    def have_snapshot(self) -> bytes:
+        """One byte per piece, 1 where the piece is had (verified) now."""
+        ...
+
+    def flush(self, callback: Callable[[bool], None]) -> None:
+        """``callback(True)`` once what libtorrent holds so far is written."""
+        ...
 
 
 @dataclass
@@ -115,7 +133,7 @@ class ResumeStore:
 
     # -- driven by the session ------------------------------------------------
 
-    def progress(self, transfer: TorrentTransfer) -> None:
+    def progress(self, transfer: Resumable) -> None:
         """A piece was had: save now if the torrent is complete, else soon."""
         if transfer.complete:
             self.save(transfer)
@@ -129,10 +147,9 @@ class ResumeStore:
         else:
             saves.timer = self._loop.call_later(delay, self.save, transfer)
 
-    def save(self, transfer: TorrentTransfer, *, final: bool = False) -> asyncio.Future[None]:
+    def save(self, transfer: Resumable) -> asyncio.Future[None]:
         """Save the torrent's resume data (see the module's invariants); the
-        future resolves when every save asked for so far has landed.  Not
-        ``final``: libtorrent skips the save if nothing changed."""
+        future resolves when every save asked for so far has landed."""
         saves = self._of(transfer)
         fut: asyncio.Future[None] = self._loop.create_future()
         saves.last_save = self._loop.time()
@@ -142,14 +159,16 @@ class ResumeStore:
         saves.outstanding += 1
         saves.waiters.append(fut)
         snapshot = transfer.have_snapshot()
-        flags = 0 if final else lt.torrent_handle.only_if_modified
 
         def flushed(ok: bool) -> None:
             if not ok:  # the torrent failed: nothing trustworthy to save
                 self._landed(transfer, None)
                 return
             try:
-                transfer.handle.save_resume_data(flags)
+                # Never only_if_modified: libtorrent's last resume data may
+                # have listed pieces this store left out (not yet in the
+                # snapshot), and it would refuse to save them again.
+                transfer.handle.save_resume_data(0)
             except RuntimeError as exc:
                 log.warning("%s: cannot save resume data: %s", transfer.meta.name, exc)
                 self._landed(transfer, None)
@@ -159,7 +178,7 @@ class ResumeStore:
         transfer.flush(flushed)
         return fut
 
-    def on_saved(self, transfer: TorrentTransfer, params: Any) -> None:
+    def on_saved(self, transfer: Resumable, params: Any) -> None:
         """libtorrent's resume data (``save_resume_data_alert.params``), to be
         serialized now: the alert dies at the next pop."""
         saves = self._of(transfer)
@@ -171,16 +190,15 @@ class ResumeStore:
             ]
         self._landed(transfer, bytes(lt.write_resume_data_buf(params)))
 
-    def on_save_failed(self, transfer: TorrentTransfer, error: Any, message: str) -> None:
-        """libtorrent did not save (``error``: its error_code)."""
+    def on_save_failed(self, transfer: Resumable, message: str) -> None:
+        """libtorrent did not save (``message`` says why)."""
         saves = self._of(transfer)
         if saves.snapshots:
             saves.snapshots.popleft()
-        if error.value() != _RESUME_DATA_NOT_MODIFIED:
-            log.warning("%s: resume data not saved: %s", transfer.meta.name, message)
+        log.warning("%s: resume data not saved: %s", transfer.meta.name, message)
         self._landed(transfer, None)
 
-    def forget(self, transfer: TorrentTransfer) -> None:
+    def forget(self, transfer: Resumable) -> None:
         """The torrent was removed: no more saves (writes under way finish)."""
         saves = self._saves.get(transfer.meta.info_hash)
         if saves is not None and saves.timer is not None:
@@ -188,12 +206,12 @@ class ResumeStore:
             saves.timer = None
             self._check_idle(saves)
 
-    async def close(self, transfers: Iterable[TorrentTransfer]) -> None:
+    async def close(self, transfers: Iterable[Resumable]) -> None:
         """Save every torrent a last time and wait for the files (each wait
         bounded by ``CLOSE_TIMEOUT``).  Call with the session paused."""
         self._closing = True
         transfers = list(transfers)
-        waits = [self.save(t, final=True) for t in transfers]
+        waits = [self.save(t) for t in transfers]
         if waits:
             _, not_done = await asyncio.wait(waits, timeout=CLOSE_TIMEOUT)
             if not_done:
@@ -211,10 +229,10 @@ class ResumeStore:
 
     # -- internals --------------------------------------------------------------
 
-    def _of(self, transfer: TorrentTransfer) -> _Saves:
+    def _of(self, transfer: Resumable) -> _Saves:
         return self._saves.setdefault(transfer.meta.info_hash, _Saves())
 
-    def _landed(self, transfer: TorrentTransfer, data: bytes | None) -> None:
+    def _landed(self, transfer: Resumable, data: bytes | None) -> None:
         saves = self._of(transfer)
         if data is not None:
             write = self._loop.create_task(

@@ -463,7 +463,7 @@ class TorrentSession:
     def _on_save_resume_failed(self, alert: Any) -> None:
         transfer = self._transfer_of(alert)
         if transfer is not None:
-            self.resume.on_save_failed(transfer, alert.error, str(alert.message()))
+            self.resume.on_save_failed(transfer, str(alert.message()))
 
     def _on_cache_flushed(self, alert: Any) -> None:
         transfer = self._transfer_of(alert)
