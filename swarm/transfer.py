@@ -1,7 +1,7 @@
 """The node's view of peer-to-peer transfer, independent of libtorrent.
 
 :mod:`swarm.torrent` implements these protocols with libtorrent (the only
-module that imports it); ``tests/fake_swarm.py`` implements them in memory so
+package that imports it); ``tests/fake_swarm.py`` implements them in memory so
 the daemon's scheduling, metadata exchange and policy are tested without
 sockets.
 
@@ -99,7 +99,13 @@ class Transfer(Protocol):
         """Full prefetch downloads everything at low priority behind reads."""
         ...
 
-    def status(self) -> TransferStatus: ...
+    def status(self) -> TransferStatus:
+        """Byte counts, rates and peer counts may lag behind by a moment
+        (libtorrent's are its last status update); the state is current.
+
+        Raises :class:`swarm.exceptions.TransferError` if the torrent is gone.
+        """
+        ...
 
     def peers(self) -> list[PeerInfo]: ...
 

@@ -2,7 +2,7 @@
 
 Independent checks (a minimal bencoder, the span of the info dictionary, BEP 52
 merkle roots) written from the specs, so the tests do not trust libtorrent to
-check libtorrent; live sessions on 127.0.0.1 that are always closed; and the
+check libtorrent; live sessions and a web seed on 127.0.0.1, always closed; and the
 child process of the SIGKILL test (``python -m tests.swarm.torrent_helpers``).
 """
 
@@ -12,9 +12,11 @@ import asyncio
 import contextlib
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from aiohttp import web
 
 from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
 
@@ -121,6 +123,39 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         await asyncio.sleep(0.05)
 
 
+class WebSeed:
+    """An aiohttp server on 127.0.0.1 serving ``root`` as plain files (with ranges)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.paths: list[str] = []
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> WebSeed:
+        @web.middleware
+        async def record(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            self.paths.append(request.path)
+            return await handler(request)
+
+        app = web.Application(middlewares=[record])
+        app.router.add_static("/", self.root)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
 async def _read_until_saved(args: list[str]) -> None:
     """Child of the SIGKILL test: read a range, wait until it is in the resume
     file, say so, then hang until killed."""
@@ -131,8 +166,8 @@ async def _read_until_saved(args: list[str]) -> None:
     await session.start()
     transfer = session.add(meta, Path(save))
     await transfer.read(0, int(offset), int(size))
-    await eventually(lambda: not transfer.resume_pending, "resume data saved")
-    print("saved", transfer.status().downloaded, flush=True)
+    await asyncio.wait_for(session.resume.wait_saved(meta.info_hash), 30)
+    print("saved", (await transfer.updated_status()).downloaded, flush=True)
     await asyncio.Event().wait()
 
 
