@@ -18,7 +18,11 @@ stale peer cannot roll a node back (TUF rejects older versions).
 :class:`ExchangeFetcher` is the python-tuf ``FetcherInterface`` of a node: it
 asks the origin first and then peers, and for ``timestamp.json`` asks them
 all and keeps the highest version, so a peer that saw a newer revision than
-the node's origin mirror spreads it.
+the node's origin mirror spreads it.  Every candidate is *screened* before it
+is chosen (``screen``: signed by a threshold of the trusted keys for its
+role), so a forged file with a huge version loses instead of winning the
+comparison and failing the refresh (a freeze).  :class:`SourceScores` keeps
+which sources lied or were slow: they are asked last until they answer well.
 """
 
 from __future__ import annotations
