@@ -17,22 +17,22 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from pathlib import Path
 
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.objects import digest_of, object_path
-
-_REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+from trust.names import repo_name_problem
 
 
 def check_repo_name(name: str) -> str:
-    """Raises StoreError unless ``name`` is a DNS-like repository name."""
-    if not _REPO_NAME.fullmatch(name) or ".." in name:
-        raise StoreError(
-            f"bad repository name {name!r}: use letters, digits, dots and dashes"
-            " (e.g. sw.example.org)"
-        )
+    """``name`` if it is a repository name (``trust/names.py``).
+
+    Raises:
+        StoreError: not a repository name; the message says what is.
+    """
+    problem = repo_name_problem(name)
+    if problem is not None:
+        raise StoreError(problem)
     return name
 
 

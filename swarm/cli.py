@@ -23,7 +23,8 @@ from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.exceptions import ReleaseError
 from runner.cli import add_runner_commands
 from runner.sizes import size_argument
-from swarm.config import parse_address, parse_origin
+from swarm.address import Address, AddressError
+from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.image_cli import add_image_commands
 from swarm.options import (
@@ -34,22 +35,27 @@ from swarm.options import (
     seconds_argument,
 )
 from trust.exceptions import TrustError
+from trust.names import repo_name_problem
 
 log = logging.getLogger("swarm")
 MAX_ROOT_KEYS = 64  # a root signed by more keys than this is a typo, not a policy
 
 
-def _listen_argument(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` to listen on (argparse ``type=``; the port cannot be 0)."""
+def _listen_argument(text: str) -> Address:
+    """``HOST:PORT`` to listen on (argparse ``type=``; the port cannot be 0:
+    the command prints the URL it serves)."""
     try:
-        addr = parse_address(text, "--listen")
-    except ConfigError:
-        addr = None
-    if addr is None or addr.port == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8080, got {text!r}"
-        )
-    return addr.host, addr.port
+        return Address.parse(text, default_host="0.0.0.0")
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _repo_argument(text: str) -> str:
+    """A repository name (argparse ``type=``; the rule of ``trust/names.py``)."""
+    problem = repo_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _store(a: argparse.Namespace, *, create: bool = False) -> Path:
@@ -211,10 +217,10 @@ def cmd_resign(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from swarm.origin import serve
 
-    host, port = a.listen
+    listen: Address = a.listen
     existing_directory(a.store, "store")
-    print(f"serving {a.store} on http://{host}:{port}/", flush=True)
-    serve(a.store, host, port)
+    print(f"serving {a.store} on http://{listen}/", flush=True)
+    serve(a.store, listen.host, listen.port)
     return 0
 
 
@@ -428,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = ksub.add_parser("init", help="create a repository's keys and trusted root")
     k.add_argument("keydir", type=Path)
-    k.add_argument("--repo", required=True)
+    k.add_argument("--repo", required=True, type=_repo_argument)
     k.add_argument(
         "--root-keys",
         type=count_argument(1, MAX_ROOT_KEYS),
@@ -445,12 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("rotate", help="replace a role's key (writes a new root version)")
     k.add_argument("keydir", type=Path)
     k.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
-    k.add_argument("--repo", required=True)
+    k.add_argument("--repo", required=True, type=_repo_argument)
     k.add_argument("--store", required=True, type=Path)
     k.set_defaults(func=cmd_keys_rotate)
 
     def repo_args(sp: argparse.ArgumentParser, keys: bool = True) -> None:
-        sp.add_argument("--repo", required=True, help="repository name, e.g. sw.example.org")
+        sp.add_argument(
+            "--repo", required=True, type=_repo_argument, help="repository name (sw.example.org)"
+        )
         if keys:
             sp.add_argument("--keys", required=True, type=Path, help="key directory")
         sp.add_argument("--store", required=True, type=Path, help="origin store directory")
@@ -504,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("mount", help="mount a repository read-only (FUSE)")
-    s.add_argument("name")
+    s.add_argument("name", type=_repo_argument)
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--origin", required=True, help="origin base URL, e.g. http://127.0.0.1:8080/")
     s.add_argument("--trust", required=True, type=Path, help="the repository's trusted root.json")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
 from trust.exceptions import TrustConfigError
+from trust.names import repo_name_problem
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 INDEX = "keys.json"
@@ -45,22 +45,17 @@ ROOT_FILE = "root.json"
 OLD_DIR = "old"
 FORMAT = 1
 
-# A DNS-like name: labels of letters, digits and inner dashes, joined by dots.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_REPO_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
 
 def validate_repo_name(repo: str) -> None:
-    """Check that ``repo`` is a DNS-like name (e.g. ``sft.cern.ch``).
+    """Check that ``repo`` is a repository name (``trust/names.py``: the
+    store's rule, e.g. ``sft.cern.ch``).
 
     Raises:
-        TrustConfigError: the name is empty, too long or has other characters.
+        TrustConfigError: not a repository name; the message says what is.
     """
-    if len(repo) > 253 or not _REPO_NAME.fullmatch(repo):
-        raise TrustConfigError(
-            f"invalid repository name {repo!r}: use letters, digits, dashes and dots "
-            "(DNS-like, e.g. 'sft.example.org'; labels may not start or end with '-')"
-        )
+    problem = repo_name_problem(repo)
+    if problem is not None:
+        raise TrustConfigError(problem)
 
 
 @dataclass(frozen=True)
