@@ -1,11 +1,15 @@
 """The ``swarm`` command line.
 
-Every subcommand maps errors to a one-line message naming what was wrong and
-exit status 1; usage errors (a bad option or config value, an unusable path:
-:class:`ConfigError` and argparse's) are one line too, naming the option or
-key, with exit status 2.  Tracebacks only with ``--debug``.  Every numeric
-option has a checked type (``swarm/options.py``, ``runner/sizes.py``) and
-every path is checked before anything is created.
+:func:`main` catches every error of ours (the roots of each package:
+``SwarmError``, ``ReleaseError``, ``TrustError``, ``RunnerError``), prints it
+as one line naming what was wrong, and exits with the status
+:data:`EXIT_STATUSES` gives its cause (documented in ``swarm --help`` and
+``docs/NODE.md``); usage errors (a bad option or config value, an unusable
+path: :class:`ConfigError` and argparse's) name the option or key and exit
+with status 2.  Tracebacks only with ``--debug``.  Every numeric option has a
+checked type (``swarm/options.py``, ``runner/sizes.py``), every address and
+repository name too (``swarm/address.py``, ``trust/names.py``), and every
+path is checked before anything is created.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_like.cache import MOUNT_THREADS
-from cvmfs_like.exceptions import ReleaseError
+from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
+from runner import cli as runner_cli
 from runner.cli import add_runner_commands
+from runner.exceptions import RunnerError
 from runner.sizes import size_argument
 from swarm.address import Address, AddressError
 from swarm.config import parse_origin
-from swarm.exceptions import ConfigError, SwarmError
+from swarm.exceptions import ConfigError, FetchError, SwarmError
 from swarm.image_cli import add_image_commands
 from swarm.options import (
     OneLineParser,
@@ -34,11 +40,48 @@ from swarm.options import (
     existing_directory,
     seconds_argument,
 )
-from trust.exceptions import TrustError
+from trust.exceptions import TrustConfigError, TrustError, TrustTransportError, VerificationError
 from trust.names import repo_name_problem
 
 log = logging.getLogger("swarm")
 MAX_ROOT_KEYS = 64  # a root signed by more keys than this is a typo, not a policy
+
+# Exit statuses by cause: the first row whose class an error is an instance of
+# decides.  Runner errors keep the runner's own statuses (runner/cli.py).
+USAGE, VERIFICATION_FAILED, UNAVAILABLE = 2, 5, 6
+EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (ConfigError, USAGE),
+    (TrustConfigError, USAGE),
+    (VerificationError, VERIFICATION_FAILED),
+    (ObjectVerificationError, VERIFICATION_FAILED),
+    (FetchError, UNAVAILABLE),
+    (TrustTransportError, UNAVAILABLE),
+    (ObjectUnavailable, UNAVAILABLE),
+)
+OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError)
+EPILOG = f"""\
+exit status:
+  0    done
+  1    an error (one line on stderr); `status`: a mount is dead or does not answer
+  {USAGE}    bad usage: an option, a config key or value, a path, local keys or state
+  {runner_cli.JOB_REFUSED}    `job run`: the job does not fit the lease, nothing ran
+  {runner_cli.JOB_INCOMPLETE}    `job run`: the job was stopped or did not finish every event
+  {VERIFICATION_FAILED}    untrusted data failed verification (signature, hash, rollback,
+       expiry) and was refused
+  {UNAVAILABLE}    the origin or the peers could not deliver in time (transport)
+  130  interrupted
+--debug shows a traceback instead of the one-line error.
+"""
+
+
+def exit_status(exc: Exception) -> int:
+    """The documented exit status for an error of ours (see :data:`EPILOG`)."""
+    if isinstance(exc, RunnerError):
+        return runner_cli.exit_status(exc)
+    for cause, status in EXIT_STATUSES:
+        if isinstance(exc, cause):
+            return status
+    return 1
 
 
 def _listen_argument(text: str) -> Address:
@@ -358,7 +401,7 @@ def _api_base(a: argparse.Namespace) -> str:
 
 
 def _node_status(a: argparse.Namespace) -> int:
-    from swarm.exceptions import FetchError, FetchStatus
+    from swarm.exceptions import FetchStatus
     from swarm.http_get import HTTPClient
 
     base = _api_base(a)
@@ -368,9 +411,9 @@ def _node_status(a: argparse.Namespace) -> int:
         )
         st = json.loads(body)
     except FetchStatus as exc:
-        raise ConfigError(f"node API {base}: HTTP {exc.status}") from None
+        raise FetchError(f"node API {base}: HTTP {exc.status}") from None
     except FetchError as exc:
-        raise ConfigError(f"node API {base} unreachable: {exc}") from None
+        raise FetchError(f"node API {base} unreachable: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"node API {base}: not a status report: {exc}") from None
     if a.json:
@@ -426,7 +469,12 @@ def cmd_trust_client(a: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="swarm", description="Signed software releases, shared and mounted.")
+    p = OneLineParser(
+        prog="swarm",
+        description="Signed software releases, shared and mounted.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -579,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = a.func(a)
         return code
-    except (SwarmError, ReleaseError, TrustError) as exc:
+    except OUR_ERRORS as exc:
         if a.debug:
             raise
-        print(f"swarm: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        one_line = " ".join(str(exc).splitlines()) or type(exc).__name__
+        print(f"swarm: {one_line}", file=sys.stderr)
+        return exit_status(exc)
     except KeyboardInterrupt:
         print("swarm: interrupted", file=sys.stderr)
         return 130
