@@ -123,10 +123,6 @@ class ObjectWriter:
         self.written_objects += 1
         self.written_bytes += len(data)
 
-    def put_file(self, path: Path) -> str:
-        """Store the content of a local file (a catalog) as an object."""
-        return self.put(path.read_bytes())
-
 
 def sync_filesystem(path: Path) -> None:
     """Flush the file system holding ``path`` to disk (``syncfs``: that file
