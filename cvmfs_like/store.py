@@ -15,12 +15,12 @@ before its commit, a node's object cache at a clean close).
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.objects import digest_of, object_path
+from trust.durable import write_file_atomic
 from trust.names import repo_name_problem
 
 
@@ -73,8 +73,6 @@ class ObjectWriter:
     readers' verification anyway.
     """
 
-    _counter = itertools.count()
-
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = str(data_dir)
         self._known: set[str] = set()
@@ -113,13 +111,8 @@ class ObjectWriter:
             view = view[os.write(fd, view) :]
 
     def _replace(self, final: str, data: bytes | memoryview) -> None:
-        tmp = f"{os.path.dirname(final)}/.tmp-{os.getpid()}-{next(self._counter)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            self._write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+        # Not fsynced here: the publisher syncs the file system before it commits.
+        write_file_atomic(Path(final), data, durable=False)
         self.written_objects += 1
         self.written_bytes += len(data)
 

@@ -36,6 +36,7 @@ from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-de
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
+from trust.durable import write_file_atomic as write_file_atomic  # its users import it here
 from trust.exceptions import TrustConfigError
 from trust.names import repo_name_problem
 
@@ -277,31 +278,6 @@ def write_index(keydir: Path, index: Mapping[str, Any]) -> None:
 def read_index(keydir: Path) -> dict[str, Any]:
     """Raises: TrustConfigError: ``keys.json`` is missing or not JSON."""
     return _read_index(keydir)
-
-
-def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary name, fsync it, rename it over ``path``
-    and fsync the directory, so ``path`` is either the old or the new content.
-
-    Raises:
-        OSError: the file or the directory cannot be written.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_index(keydir: Path) -> dict[str, Any]:
