@@ -45,6 +45,19 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_file(path: Path) -> None:
+    """Make the content of the file ``path`` durable (one written by others).
+
+    Raises:
+        OSError: the file cannot be opened or flushed.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_file_atomic(
     path: Path, data: bytes | memoryview, *, mode: int = 0o644, durable: bool = True
 ) -> None:
