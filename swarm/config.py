@@ -36,7 +36,6 @@ from trust.names import repo_name_problem
 
 POLICIES = ("on-demand", "prefetch")
 _T = TypeVar("_T")
-__all__ = ["Address", "NodeConfig", "RepositoryConfig", "load_config", "parse_config"]
 
 
 @dataclass(frozen=True)
