@@ -80,6 +80,7 @@ from pathlib import Path
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
 from cvmfs_like.objects import ObjectSource, is_digest, object_path, verify
 from cvmfs_like.store import sync_filesystem
+from trust.durable import fsync_dir, write_file_atomic
 
 log = logging.getLogger(__name__)
 
@@ -131,14 +132,6 @@ class _Flight:
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: BaseException | None = None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_object(fd: int, size: int) -> bytes:
@@ -216,7 +209,7 @@ class ObjectCache:
             log.warning("cache %s: clean-close marker unreadable; treating as a crash", self.root)
         marker.unlink()
         # Before any new object is written: a crash must not bring it back.
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         return clean, set(lines)
 
     def _load_index(self, suspects: set[str]) -> None:
@@ -403,18 +396,14 @@ class ObjectCache:
             ObjectUnavailable: the object cannot be written to the cache.
         """
         final = self.path_of(digest)
-        tmp = final.parent / f".tmp-{os.getpid()}-{threading.get_ident()}"
         try:
             self._begin_write()
         except OSError as exc:
             raise ObjectUnavailable(digest, f"cannot store in cache: {exc.strerror}") from exc
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)
+        try:  # not fsynced: see "Durability" above
+            write_file_atomic(final, data, durable=False)
             fd = os.open(final, os.O_RDONLY)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             with self._lock:
                 self._writing -= 1
             raise ObjectUnavailable(digest, f"cannot store in cache: {exc.strerror}") from exc
@@ -438,7 +427,7 @@ class ObjectCache:
         with self._lock:
             if self._marked_clean:
                 (self.root / CLEAN_MARKER).unlink(missing_ok=True)
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
                 self._marked_clean = False
             self._writing += 1
 
@@ -465,13 +454,8 @@ class ObjectCache:
                 if not self._marked_clean or self._writing:
                     return  # an insert came in meanwhile
                 owing = sorted(d for d, with_hash in self._unchecked.items() if with_hash)
-                tmp = self.root / f".{CLEAN_MARKER}.tmp"
-                with open(tmp, "w", encoding="ascii") as f:
-                    f.writelines(f"{d}\n" for d in owing)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.root / CLEAN_MARKER)
-                _fsync_dir(self.root)
+                marker = "".join(f"{d}\n" for d in owing).encode("ascii")
+                write_file_atomic(self.root / CLEAN_MARKER, marker)  # fsynced, then its directory
         except OSError as exc:
             with self._lock:
                 self._marked_clean = False

@@ -15,24 +15,24 @@ before its commit, a node's object cache at a clean close).
 
 from __future__ import annotations
 
-import itertools
 import os
-import re
 from pathlib import Path
 
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.objects import digest_of, object_path
-
-_REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+from trust.durable import write_file_atomic
+from trust.names import repo_name_problem
 
 
 def check_repo_name(name: str) -> str:
-    """Raises StoreError unless ``name`` is a DNS-like repository name."""
-    if not _REPO_NAME.fullmatch(name) or ".." in name:
-        raise StoreError(
-            f"bad repository name {name!r}: use letters, digits, dots and dashes"
-            " (e.g. sw.example.org)"
-        )
+    """``name`` if it is a repository name (``trust/names.py``).
+
+    Raises:
+        StoreError: not a repository name; the message says what is.
+    """
+    problem = repo_name_problem(name)
+    if problem is not None:
+        raise StoreError(problem)
     return name
 
 
@@ -73,8 +73,6 @@ class ObjectWriter:
     readers' verification anyway.
     """
 
-    _counter = itertools.count()
-
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = str(data_dir)
         self._known: set[str] = set()
@@ -113,19 +111,10 @@ class ObjectWriter:
             view = view[os.write(fd, view) :]
 
     def _replace(self, final: str, data: bytes | memoryview) -> None:
-        tmp = f"{os.path.dirname(final)}/.tmp-{os.getpid()}-{next(self._counter)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            self._write_all(fd, data)
-        finally:
-            os.close(fd)
-        os.rename(tmp, final)
+        # Not fsynced here: the publisher syncs the file system before it commits.
+        write_file_atomic(Path(final), data, durable=False)
         self.written_objects += 1
         self.written_bytes += len(data)
-
-    def put_file(self, path: Path) -> str:
-        """Store the content of a local file (a catalog) as an object."""
-        return self.put(path.read_bytes())
 
 
 def sync_filesystem(path: Path) -> None:

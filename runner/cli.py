@@ -1,8 +1,10 @@
 """The runner's subcommands (``swarm lease``, ``swarm job run``, ``swarm pilot``).
 
-``add_runner_commands`` registers them on the ``swarm`` parser; each handler
-maps runner errors to a message on stderr and an exit status:
-0 done, 1 error, 3 job refused (nothing ran), 4 job stopped or incomplete.
+``add_runner_commands`` registers them on the ``swarm`` parser.  Handlers
+return 0 done, 3 job refused (nothing ran), 4 job stopped or incomplete, and
+raise :class:`RunnerError` for everything else: ``swarm``'s ``main`` (and
+:func:`main` here) prints it as one line and exits with :func:`exit_status`
+(2 for a bad ``[runner]`` key or option, 1 for any other error).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from runner.confine import (
     job_user_for_node,
 )
 from runner.elastic import run_elastic_job
-from runner.exceptions import JobRefused, RunnerError
+from runner.exceptions import JobRefused, RunnerConfigError, RunnerError
 from runner.lease import Lease, LeaseOptions, discover_lease, lease_option, shutdown_probe
 from runner.masonry import run_pilot
 from runner.node_run import StopRequest, grace_problem, stop_on_sigterm
@@ -32,6 +34,9 @@ from runner.sizing import WorkHistory
 from runner.spec import load_spec
 
 _STATE = Path(os.environ.get("SWARM_RUNNER_STATE", "/var/lib/swarm/runner"))
+
+JOB_REFUSED = 3  # exit status of `job run`: the job does not fit the lease, nothing ran
+JOB_INCOMPLETE = 4  # exit status of `job run`: stopped, or not every event done
 
 
 def _lease(a: argparse.Namespace, wall_now: float, elapsed: float = 0.0) -> Lease:
@@ -88,7 +93,7 @@ def cmd_job_run(a: argparse.Namespace) -> int:
         if a.json:
             print(json.dumps({"refused": str(exc), "events_planned": 0, "events_done": 0}))
         print(f"swarm: {exc}", file=sys.stderr)
-        return 3
+        return JOB_REFUSED
     out: dict[str, Any] = result.to_json()
     if a.json:
         print(json.dumps(out, indent=1))
@@ -98,7 +103,7 @@ def cmd_job_run(a: argparse.Namespace) -> int:
             f"{r.job}: {r.events_done}/{r.events_planned} events, "
             f"{r.wall_seconds:.1f} s wall, {r.cpu_seconds:.1f} s CPU -> {r.output}"
         )
-    return 0 if result.report.complete else 4
+    return 0 if result.report.complete else JOB_INCOMPLETE
 
 
 def cmd_pilot(a: argparse.Namespace) -> int:
@@ -180,24 +185,12 @@ def _confinement_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _guard(func: Any) -> Any:
-    def run(a: argparse.Namespace) -> int:
-        try:
-            code: int = func(a)
-            return code
-        except RunnerError as exc:
-            print(f"swarm: {exc}", file=sys.stderr)
-            return 1
-
-    return run
-
-
 def add_runner_commands(sub: Any) -> None:
     """Register ``lease``, ``job run`` and ``pilot`` on a subparsers object."""
     s = sub.add_parser("lease", help="what this node advertises, and where each value came from")
     _lease_options(s)
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=_guard(cmd_lease))
+    s.set_defaults(func=cmd_lease)
 
     job = sub.add_parser("job", help="elastic jobs")
     jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
@@ -209,7 +202,7 @@ def add_runner_commands(sub: Any) -> None:
     s.add_argument("--no-history", action="store_true", help="ignore measured work per event")
     s.add_argument("--json", action="store_true")
     _confinement_options(s)
-    s.set_defaults(func=_guard(cmd_job_run))
+    s.set_defaults(func=cmd_job_run)
 
     s = sub.add_parser("pilot", help="fill the lease with jobs from a queue directory")
     s.add_argument("queue", type=Path)
@@ -217,12 +210,22 @@ def add_runner_commands(sub: Any) -> None:
     s.add_argument("--grace", type=_grace, default=10.0, help="seconds for tasks on SIGTERM")
     _lease_options(s)
     _confinement_options(s)
-    s.set_defaults(func=_guard(cmd_pilot))
+    s.set_defaults(func=cmd_pilot)
+
+
+def exit_status(exc: RunnerError) -> int:
+    """The exit status for a runner error: 2 for misuse (a bad key or option), else 1."""
+    return 2 if isinstance(exc, RunnerConfigError) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The runner's commands on their own (tests; ``swarm.cli`` wires the same)."""
     p = argparse.ArgumentParser(prog="swarm")
     add_runner_commands(p.add_subparsers(dest="command", required=True))
     a = p.parse_args(argv)
-    code: int = a.func(a)
-    return code
+    try:
+        code: int = a.func(a)
+        return code
+    except RunnerError as exc:
+        print(f"swarm: {exc}", file=sys.stderr)
+        return exit_status(exc)

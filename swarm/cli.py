@@ -1,11 +1,15 @@
 """The ``swarm`` command line.
 
-Every subcommand maps errors to a one-line message naming what was wrong and
-exit status 1; usage errors (a bad option or config value, an unusable path:
-:class:`ConfigError` and argparse's) are one line too, naming the option or
-key, with exit status 2.  Tracebacks only with ``--debug``.  Every numeric
-option has a checked type (``swarm/options.py``, ``runner/sizes.py``) and
-every path is checked before anything is created.
+:func:`main` catches every error of ours (the roots of each package:
+``SwarmError``, ``ReleaseError``, ``TrustError``, ``RunnerError``), prints it
+as one line naming what was wrong, and exits with the status
+:data:`EXIT_STATUSES` gives its cause (documented in ``swarm --help`` and
+``docs/NODE.md``); usage errors (a bad option or config value, an unusable
+path: :class:`ConfigError` and argparse's) name the option or key and exit
+with status 2.  Tracebacks only with ``--debug``.  Every numeric option has a
+checked type (``swarm/options.py``, ``runner/sizes.py``), every address and
+repository name too (``swarm/address.py``, ``trust/names.py``), and every
+path is checked before anything is created.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from cvmfs_like.cache import MOUNT_THREADS
-from cvmfs_like.exceptions import ReleaseError
+from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
+from runner import cli as runner_cli
 from runner.cli import add_runner_commands
+from runner.exceptions import RunnerError
 from runner.sizes import size_argument
-from swarm.config import parse_address, parse_origin
-from swarm.exceptions import ConfigError, SwarmError
+from swarm.address import Address, AddressError
+from swarm.config import parse_origin
+from swarm.exceptions import ConfigError, FetchError, SwarmError
 from swarm.image_cli import add_image_commands
 from swarm.options import (
     OneLineParser,
@@ -33,23 +40,65 @@ from swarm.options import (
     existing_directory,
     seconds_argument,
 )
-from trust.exceptions import TrustError
+from trust.exceptions import TrustConfigError, TrustError, TrustTransportError, VerificationError
+from trust.names import repo_name_problem
 
 log = logging.getLogger("swarm")
 MAX_ROOT_KEYS = 64  # a root signed by more keys than this is a typo, not a policy
 
+# Exit statuses by cause: the first row whose class an error is an instance of
+# decides.  Runner errors keep the runner's own statuses (runner/cli.py).
+USAGE, VERIFICATION_FAILED, UNAVAILABLE = 2, 5, 6
+EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
+    (ConfigError, USAGE),
+    (TrustConfigError, USAGE),
+    (VerificationError, VERIFICATION_FAILED),
+    (ObjectVerificationError, VERIFICATION_FAILED),
+    (FetchError, UNAVAILABLE),
+    (TrustTransportError, UNAVAILABLE),
+    (ObjectUnavailable, UNAVAILABLE),
+)
+OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError)
+EPILOG = f"""\
+exit status:
+  0    done
+  1    an error (one line on stderr); `status`: a mount is dead or does not answer
+  {USAGE}    bad usage: an option, a config key or value, a path, local keys or state
+  {runner_cli.JOB_REFUSED}    `job run`: the job does not fit the lease, nothing ran
+  {runner_cli.JOB_INCOMPLETE}    `job run`: the job was stopped or did not finish every event
+  {VERIFICATION_FAILED}    untrusted data failed verification (signature, hash, rollback,
+       expiry) and was refused
+  {UNAVAILABLE}    the origin or the peers could not deliver in time (transport)
+  130  interrupted
+--debug shows a traceback instead of the one-line error.
+"""
 
-def _listen_argument(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` to listen on (argparse ``type=``; the port cannot be 0)."""
+
+def exit_status(exc: Exception) -> int:
+    """The documented exit status for an error of ours (see :data:`EPILOG`)."""
+    if isinstance(exc, RunnerError):
+        return runner_cli.exit_status(exc)
+    for cause, status in EXIT_STATUSES:
+        if isinstance(exc, cause):
+            return status
+    return 1
+
+
+def _listen_argument(text: str) -> Address:
+    """``HOST:PORT`` to listen on (argparse ``type=``; the port cannot be 0:
+    the command prints the URL it serves)."""
     try:
-        addr = parse_address(text, "--listen")
-    except ConfigError:
-        addr = None
-    if addr is None or addr.port == 0:
-        raise argparse.ArgumentTypeError(
-            f"expected HOST:PORT with a port from 1 to 65535, e.g. 127.0.0.1:8080, got {text!r}"
-        )
-    return addr.host, addr.port
+        return Address.parse(text, default_host="0.0.0.0")
+    except AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _repo_argument(text: str) -> str:
+    """A repository name (argparse ``type=``; the rule of ``trust/names.py``)."""
+    problem = repo_name_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _store(a: argparse.Namespace, *, create: bool = False) -> Path:
@@ -211,10 +260,10 @@ def cmd_resign(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     from swarm.origin import serve
 
-    host, port = a.listen
+    listen: Address = a.listen
     existing_directory(a.store, "store")
-    print(f"serving {a.store} on http://{host}:{port}/", flush=True)
-    serve(a.store, host, port)
+    print(f"serving {a.store} on http://{listen}/", flush=True)
+    serve(a.store, listen.host, listen.port)
     return 0
 
 
@@ -352,7 +401,7 @@ def _api_base(a: argparse.Namespace) -> str:
 
 
 def _node_status(a: argparse.Namespace) -> int:
-    from swarm.exceptions import FetchError, FetchStatus
+    from swarm.exceptions import FetchStatus
     from swarm.http_get import HTTPClient
 
     base = _api_base(a)
@@ -362,9 +411,9 @@ def _node_status(a: argparse.Namespace) -> int:
         )
         st = json.loads(body)
     except FetchStatus as exc:
-        raise ConfigError(f"node API {base}: HTTP {exc.status}") from None
+        raise FetchError(f"node API {base}: HTTP {exc.status}") from None
     except FetchError as exc:
-        raise ConfigError(f"node API {base} unreachable: {exc}") from None
+        raise FetchError(f"node API {base} unreachable: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"node API {base}: not a status report: {exc}") from None
     if a.json:
@@ -420,7 +469,12 @@ def cmd_trust_client(a: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="swarm", description="Signed software releases, shared and mounted.")
+    p = OneLineParser(
+        prog="swarm",
+        description="Signed software releases, shared and mounted.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -428,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     k = ksub.add_parser("init", help="create a repository's keys and trusted root")
     k.add_argument("keydir", type=Path)
-    k.add_argument("--repo", required=True)
+    k.add_argument("--repo", required=True, type=_repo_argument)
     k.add_argument(
         "--root-keys",
         type=count_argument(1, MAX_ROOT_KEYS),
@@ -445,12 +499,14 @@ def build_parser() -> argparse.ArgumentParser:
     k = ksub.add_parser("rotate", help="replace a role's key (writes a new root version)")
     k.add_argument("keydir", type=Path)
     k.add_argument("--role", required=True, choices=["root", "targets", "snapshot", "timestamp"])
-    k.add_argument("--repo", required=True)
+    k.add_argument("--repo", required=True, type=_repo_argument)
     k.add_argument("--store", required=True, type=Path)
     k.set_defaults(func=cmd_keys_rotate)
 
     def repo_args(sp: argparse.ArgumentParser, keys: bool = True) -> None:
-        sp.add_argument("--repo", required=True, help="repository name, e.g. sw.example.org")
+        sp.add_argument(
+            "--repo", required=True, type=_repo_argument, help="repository name (sw.example.org)"
+        )
         if keys:
             sp.add_argument("--keys", required=True, type=Path, help="key directory")
         sp.add_argument("--store", required=True, type=Path, help="origin store directory")
@@ -504,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("mount", help="mount a repository read-only (FUSE)")
-    s.add_argument("name")
+    s.add_argument("name", type=_repo_argument)
     s.add_argument("mountpoint", type=Path)
     s.add_argument("--origin", required=True, help="origin base URL, e.g. http://127.0.0.1:8080/")
     s.add_argument("--trust", required=True, type=Path, help="the repository's trusted root.json")
@@ -571,11 +627,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = a.func(a)
         return code
-    except (SwarmError, ReleaseError, TrustError) as exc:
+    except OUR_ERRORS as exc:
         if a.debug:
             raise
-        print(f"swarm: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        one_line = " ".join(str(exc).splitlines()) or type(exc).__name__
+        print(f"swarm: {one_line}", file=sys.stderr)
+        return exit_status(exc)
     except KeyboardInterrupt:
         print("swarm: interrupted", file=sys.stderr)
         return 130

@@ -1,51 +1,41 @@
 """The node daemon's configuration file (TOML), parsed strictly.
 
 Every key is documented in ``docs/NODE.md``.  Parsing is pure (text in,
-:class:`NodeConfig` out); a bad file raises :class:`ConfigError` naming the
-key and what was wrong, and unknown keys are errors too, so a typo never
-silently falls back to a default.
+:class:`NodeConfig` out): the TOML is decoded into the schema below
+(``msgspec`` structs, unknown keys refused) whose value types are checked by
+their one owner each (sizes: ``runner/sizes.py``; durations:
+``swarm/options.py``; addresses: ``swarm/address.py``; repository names:
+``trust/names.py``).  A bad file raises one :class:`ConfigError` naming the
+key's path and what it accepts, e.g.
+``repositories."sw.example.org".cache_quota: expected a positive size in
+bytes, e.g. 4096, "512M", "10G", got 'lots'``, so a typo never silently
+falls back to a default.  :func:`render_config` is the inverse (``tomli-w``).
+
+The ``[image_policy]``, ``[runner]`` and ``[tuning]`` tables are passed as
+they are to their owners' own validation (``trust/policy.py``,
+``runner/service.py``, ``swarm/node.py``), which name the table too.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from runner.sizes import SizeError, parse_size
+import msgspec
+import tomli_w
+
+from runner.sizes import parse_size
+from swarm.address import Address, AddressError
 from swarm.exceptions import ConfigError
 from swarm.options import ValueRangeError, parse_seconds
+from trust.names import repo_name_problem
 
-_REPO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 POLICIES = ("on-demand", "prefetch")
-
-
-@dataclass(frozen=True)
-class Address:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_address(text: object, key: str, *, default_host: str = "0.0.0.0") -> Address:
-    """``HOST:PORT`` (IPv4, ``[IPv6]`` or a name) -> :class:`Address`.
-
-    Raises:
-        ConfigError: not a string of that shape, or the port is out of range.
-    """
-    if not isinstance(text, str):
-        raise ConfigError(f'{key}: expected "HOST:PORT", got {text!r}')
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise ConfigError(f"{key}: bad address {text!r}: use HOST:PORT, e.g. 10.1.0.1:6881")
-    host = host.strip("[]") or default_host
-    return Address(host, int(port))
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -85,68 +75,171 @@ class NodeConfig:
         return self.data_dir / "repos" / name
 
 
-_TOP_KEYS = {
-    "data_dir",
-    "listen",
-    "api",
-    "peer",
-    "bootstrap",
-    "mount",
-    "dht",
-    "lsd",
-    "refresh_interval",
-    "fetch_timeout",
-    "api_token_file",
-    "repositories",
-    "image_policy",
-    "runner",
-    "tuning",
+# -- the schema: value types, each checked by its owner ---------------------------
+
+
+class _ListenAddress(Address):
+    """``listen``, ``peer``: port 0 is any free port; no host is every interface."""
+
+
+class _ApiAddress(Address):
+    """``api``: port 0 is any free port; no host is the loopback address."""
+
+
+class _PeerAddress(Address):
+    """``bootstrap``: a peer to connect to, so a real port and a real host."""
+
+
+class _Size(int):
+    """A size (``runner/sizes.py``)."""
+
+
+class _Seconds(float):
+    """A duration (``swarm/options.py``); TOML has numbers, so no strings."""
+
+
+class _Origin(str):
+    """An origin's base URL, ``http(s)://HOST[...]``, ending in ``/``."""
+
+    __slots__ = ()
+
+
+class _Policy(str):
+    """One of :data:`POLICIES`."""
+
+    __slots__ = ()
+
+
+_ADDRESSES: dict[type[Address], dict[str, Any]] = {
+    _ListenAddress: {"default_host": "0.0.0.0", "any_port": True},
+    _ApiAddress: {"default_host": "127.0.0.1", "any_port": True},
+    _PeerAddress: {},
 }
-_REPO_KEYS = {"origin", "trust", "policy", "images", "cache_quota", "tag"}
+_ORIGIN = re.compile(r"^https?://[^/\s]+")
 
 
-def _typed(value: object, kind: type, key: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {kind.__name__}, got {value!r}")
-    return value
+def _origin_url(value: object) -> str:
+    """Raises: ValueError: not an http(s) URL (the message says so)."""
+    if not isinstance(value, str) or not _ORIGIN.match(value):
+        raise ValueError(f"expected an http(s) URL, got {value!r}")
+    return value.rstrip("/") + "/"
 
 
-def _size(value: object, key: str) -> int:
-    try:
-        return parse_size(value)
-    except SizeError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+def _decode_hook(base: Path) -> Callable[[type, Any], Any]:
+    """msgspec's ``dec_hook``: each schema value type from its TOML value.
+    A ``ValueError`` here becomes a ``ValidationError`` at the value's path."""
+
+    def decode(kind: type, value: Any) -> Any:
+        if kind is Path:
+            if not isinstance(value, str):
+                raise ValueError(f"expected a path (a string), got {value!r}")
+            if not value:
+                raise ValueError("expected a path, got an empty string")
+            path = Path(value)
+            return path if path.is_absolute() else base / path
+        if issubclass(kind, Address):
+            address = kind.parse(value, **_ADDRESSES[kind])
+            if kind is _PeerAddress and address.is_unspecified:
+                raise AddressError(f"{address} is not a peer's address")
+            return address
+        if kind is _Size:
+            return _Size(parse_size(value))
+        if kind is _Seconds:
+            if isinstance(value, str):  # "30" is a typo for 30
+                raise ValueRangeError(f"expected a number of seconds, got {value!r}")
+            return _Seconds(parse_seconds(value))
+        if kind is _Origin:
+            return _Origin(_origin_url(value))
+        if kind is _Policy:
+            if value not in POLICIES:
+                raise ValueError(f"expected one of {', '.join(POLICIES)}, got {value!r}")
+            return _Policy(value)
+        raise NotImplementedError(kind)
+
+    return decode
 
 
-def _seconds(value: object, key: str) -> float:
-    if isinstance(value, str):  # TOML has numbers: "30" is a typo for 30
-        raise ConfigError(f"{key}: expected a number of seconds, got {value!r}")
-    try:
-        return parse_seconds(value)
-    except ValueRangeError as exc:
-        raise ConfigError(f"{key}: {exc}") from None
+class _RepositoryTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``[repositories."NAME"]``."""
+
+    trust: Path  # required: the repository's root.json, installed out of band
+    origin: _Origin | None = None
+    policy: _Policy = _Policy("on-demand")
+    images: bool = True
+    cache_quota: _Size = _Size(10 << 30)
+    tag: str | None = None
 
 
-def _path(value: object, key: str, base: Path) -> Path:
-    text = _typed(value, str, key)
-    if not text:
-        raise ConfigError(f"{key}: empty path")
-    p = Path(text)
-    return p if p.is_absolute() else (base / p)
+class _NodeTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The file's top level; defaults as in ``docs/NODE.md``."""
+
+    data_dir: Path = Path("/var/lib/swarm")
+    listen: _ListenAddress = _ListenAddress("0.0.0.0", 6881)
+    api: _ApiAddress = _ApiAddress("127.0.0.1", 7000)
+    peer: _ListenAddress | None = None  # default: the listen host, port 6880
+    bootstrap: list[_PeerAddress] = []
+    mount: Path | None = None
+    dht: bool = True
+    lsd: bool = False
+    refresh_interval: _Seconds = _Seconds(60.0)
+    fetch_timeout: _Seconds = _Seconds(30.0)
+    api_token_file: Path | None = None
+    repositories: dict[str, Any] = {}  # each table checked on its own, so errors name it
+    image_policy: dict[str, Any] = {}
+    runner: dict[str, Any] = {}
+    tuning: dict[str, Any] = {}
 
 
-def parse_origin(value: object, key: str) -> str:
-    """An origin's base URL (``http(s)://HOST[...]``), ending in ``/``.
+# msgspec's names of TOML types, as a person reads them
+_TYPE_NAMES = {
+    "object": "a table",
+    "array": "a list",
+    "str": "a string",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+}
+_AT = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<at>[^`]*)`)?$", re.DOTALL)
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[([0-9]+)\]")
+
+
+def _value_at(raw: object, at: str) -> object:
+    """The raw value at msgspec's path ``at`` (``.bootstrap[0]``)."""
+    for name, index in _STEP.findall(at):
+        if name and isinstance(raw, Mapping):
+            raw = raw.get(name)
+        elif index and isinstance(raw, list) and int(index) < len(raw):
+            raw = raw[int(index)]
+        else:
+            return None
+    return raw
+
+
+def _decode(raw: object, schema: type[_T], key: str, base: Path) -> _T:
+    """``raw`` (what TOML gave at ``key``) as ``schema``.
 
     Raises:
-        ConfigError: naming ``key``: not an http(s) URL.
+        ConfigError: one line: the path of the bad value from ``key`` on, and
+            what it accepts.
     """
-    url: str = _typed(value, str, key)
-    if not re.match(r"^https?://[^/\s]+", url):
-        raise ConfigError(f"{key}: expected an http(s) URL, got {url!r}")
-    return url.rstrip("/") + "/"
+    try:
+        return msgspec.convert(raw, schema, dec_hook=_decode_hook(base))
+    except msgspec.ValidationError as exc:
+        found = _AT.match(str(exc))
+        assert found is not None  # the pattern matches any text
+        message, at = found["message"], found["at"] or ""
+        path = ".".join(p for p in (key, at.lstrip(".")) if p).replace(".[", "[")
+        known = ", ".join(f.name for f in msgspec.structs.fields(schema))  # type: ignore[arg-type]
+        if m := re.fullmatch(r"Object contains unknown field `(.*)`", message):
+            where = f"{path}.{m[1]}" if path else m[1]
+            raise ConfigError(f"{where}: unknown key (known: {known})") from None
+        if m := re.fullmatch(r"Object missing required field `(.*)`", message):
+            raise ConfigError(f"{path}.{m[1]}: missing (required)") from None
+        if m := re.fullmatch(r"Expected `(.*)`, got `.*`", message):
+            names = [_TYPE_NAMES.get(t, t) for t in m[1].split(" | ") if t != "null"]
+            got = _value_at(raw, at)
+            raise ConfigError(f"{path}: expected {' or '.join(names)}, got {got!r}") from None
+        raise ConfigError(f"{path}: {message}") from None
 
 
 def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -> NodeConfig:
@@ -156,87 +249,58 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
 
     Raises:
         ConfigError: invalid TOML, unknown keys, bad values; the message names
-            the key.
+            the key's path and what it accepts.
     """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        known = ", ".join(sorted(_TOP_KEYS))
-        raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))} (known: {known})")
-    data_dir = _path(raw.get("data_dir", "/var/lib/swarm"), "data_dir", base)
-    listen = parse_address(raw.get("listen", "0.0.0.0:6881"), "listen")
-    api = parse_address(raw.get("api", "127.0.0.1:7000"), "api", default_host="127.0.0.1")
-    peer = parse_address(raw.get("peer", f"{listen.host}:6880"), "peer")
-    boot_raw = raw.get("bootstrap", [])
-    if not isinstance(boot_raw, list):
-        raise ConfigError(f'bootstrap: expected a list of "HOST:PORT", got {boot_raw!r}')
-    bootstrap = tuple(parse_address(b, f"bootstrap[{i}]") for i, b in enumerate(boot_raw))
-    for i, b in enumerate(bootstrap):
-        try:
-            if ipaddress.ip_address(b.host).is_unspecified:
-                raise ConfigError(f"bootstrap[{i}]: {b} is not a peer's address")
-        except ValueError:
-            pass  # a host name
-    mount = _path(raw["mount"], "mount", base) if "mount" in raw else None
-    repos_raw = raw.get("repositories", {})
-    if not isinstance(repos_raw, dict):
-        raise ConfigError('repositories: expected tables [repositories."NAME"]')
+    top = _decode(raw, _NodeTable, "", base)
     repos: dict[str, RepositoryConfig] = {}
-    for name, r in repos_raw.items():
+    for name, table in top.repositories.items():
         key = f'repositories."{name}"'
-        if not _REPO_NAME.match(name) or ".." in name:
-            raise ConfigError(f"{key}: bad repository name (letters, digits, '.', '_', '-')")
-        if not isinstance(r, dict):
-            raise ConfigError(f"{key}: expected a table")
-        unknown = set(r) - _REPO_KEYS
-        if unknown:
-            raise ConfigError(f"{key}: unknown key(s) {', '.join(sorted(unknown))}")
-        if "trust" not in r:
-            raise ConfigError(f"{key}.trust: missing (the repository's root.json)")
-        policy = _typed(r.get("policy", "on-demand"), str, f"{key}.policy")
-        if policy not in POLICIES:
-            raise ConfigError(f"{key}.policy: {policy!r} is not one of {', '.join(POLICIES)}")
+        problem = repo_name_problem(name)
+        if problem is not None:
+            raise ConfigError(f"{key}: {problem}")
+        r = _decode(table, _RepositoryTable, key, base)
         repos[name] = RepositoryConfig(
             name=name,
-            origin=parse_origin(r["origin"], f"{key}.origin") if "origin" in r else None,
-            trust=_path(r["trust"], f"{key}.trust", base),
-            policy=policy,
-            images=_typed(r.get("images", True), bool, f"{key}.images"),
-            cache_quota=_size(r.get("cache_quota", "10G"), f"{key}.cache_quota"),
-            tag=_typed(r["tag"], str, f"{key}.tag") if "tag" in r else None,
+            origin=None if r.origin is None else str(r.origin),
+            trust=r.trust,
+            policy=str(r.policy),
+            images=r.images,
+            cache_quota=int(r.cache_quota),
+            tag=r.tag,
         )
-    image_policy = raw.get("image_policy", {})
-    if not isinstance(image_policy, dict):
-        raise ConfigError("image_policy: expected a table")
-    runner = raw.get("runner", {})
-    if not isinstance(runner, dict):
-        raise ConfigError("runner: expected a table")
-    tuning = raw.get("tuning", {})
-    if not isinstance(tuning, dict):
-        raise ConfigError("tuning: expected a table")
-    refresh = _seconds(raw.get("refresh_interval", 60.0), "refresh_interval")
-    fetch_timeout = _seconds(raw.get("fetch_timeout", 30.0), "fetch_timeout")
-    token_file = raw.get("api_token_file")
     return NodeConfig(
-        data_dir=data_dir,
-        listen=listen,
-        api=api,
-        peer=peer,
-        bootstrap=bootstrap,
-        mount=mount,
+        data_dir=top.data_dir,
+        listen=top.listen,
+        api=top.api,
+        peer=top.peer or Address(top.listen.host, 6880),
+        bootstrap=tuple(top.bootstrap),
+        mount=top.mount,
         repositories=repos,
-        dht=_typed(raw.get("dht", True), bool, "dht"),
-        lsd=_typed(raw.get("lsd", False), bool, "lsd"),
-        refresh_interval=refresh,
-        fetch_timeout=fetch_timeout,
-        api_token_file=None if token_file is None else _path(token_file, "api_token_file", base),
-        image_policy=image_policy,
-        runner=runner,
-        tuning=tuning,
+        dht=top.dht,
+        lsd=top.lsd,
+        refresh_interval=float(top.refresh_interval),
+        fetch_timeout=float(top.fetch_timeout),
+        api_token_file=top.api_token_file,
+        image_policy=top.image_policy,
+        runner=top.runner,
+        tuning=top.tuning,
     )
+
+
+def parse_origin(value: object, key: str) -> str:
+    """An origin's base URL (``http(s)://HOST[...]``), ending in ``/``.
+
+    Raises:
+        ConfigError: naming ``key``: not an http(s) URL.
+    """
+    try:
+        return _origin_url(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def load_config(path: Path) -> NodeConfig:
@@ -252,34 +316,36 @@ def load_config(path: Path) -> NodeConfig:
     return parse_config(text, base=path.resolve().parent, source=str(path))
 
 
-def _toml_value(value: object, key: str) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a TOML basic string
+def _toml_value(value: object, key: str) -> object:
+    """``value`` as tomli-w writes it (paths as strings, tuples as lists)."""
+    if isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, Path | Address):
+        return str(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v, key) for v in value) + "]"
+        return [_toml_value(v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        return {str(k): _toml_value(v, f"{key}.{k}") for k, v in value.items()}
     raise ConfigError(f"{key}: cannot write {value!r} to a config file")
 
 
 def render_config(
-    settings: dict[str, object],
-    repositories: dict[str, dict[str, object]],
+    settings: Mapping[str, object],
+    repositories: Mapping[str, Mapping[str, object]],
     *,
-    tuning: dict[str, object] | None = None,
+    tuning: Mapping[str, object] | None = None,
 ) -> str:
     """The TOML text of a node configuration (what :func:`parse_config` reads).
 
     Raises:
-        ConfigError: a value that has no TOML form here.
+        ConfigError: a value that has no TOML form here, naming its key.
     """
-    lines = [f"{k} = {_toml_value(v, k)}" for k, v in settings.items()]
-    for name, table in repositories.items():
-        lines.append(f'\n[repositories."{name}"]')
-        lines += [f"{k} = {_toml_value(v, k)}" for k, v in table.items()]
+    document: dict[str, object] = {k: _toml_value(v, k) for k, v in settings.items()}
+    if repositories:
+        document["repositories"] = {
+            name: _toml_value(table, f'repositories."{name}"')
+            for name, table in repositories.items()
+        }
     if tuning:
-        lines.append("\n[tuning]")
-        lines += [f"{k} = {_toml_value(v, k)}" for k, v in tuning.items()]
-    return "\n".join(lines) + "\n"
+        document["tuning"] = _toml_value(tuning, "tuning")
+    return tomli_w.dumps(document)

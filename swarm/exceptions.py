@@ -5,7 +5,6 @@ SwarmError
 │   ├── FetchTimeout     no complete answer by the GET's deadline
 │   ├── FetchStatus      the server answered with a status other than 200
 │   └── FetchTooLong     the body ran past its limit (endless data)
-├── OriginError      the HTTP origin could not be reached or answered badly
 ├── ConfigError      local misuse: bad option, unusable path, bad address
 ├── TransferError    a torrent could not deliver (removed, storage error, bad torrent)
 └── ImageError       a VM image could not be published or was refused by policy
@@ -35,10 +34,6 @@ class FetchStatus(FetchError):
 
 class FetchTooLong(FetchError):
     """The body is longer than the GET allows (endless-data defence)."""
-
-
-class OriginError(SwarmError):
-    """The origin could not deliver (transport)."""
 
 
 class ConfigError(SwarmError):

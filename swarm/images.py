@@ -52,6 +52,7 @@ from cvmfs_like.store import ObjectWriter, OriginStore, check_repo_name
 from swarm.exceptions import ImageError, TransferError
 from swarm.torrent import create_torrent
 from swarm.transfer import TorrentMeta
+from trust.durable import fsync_dir, fsync_file
 from trust.exceptions import TrustError, VerificationError
 from trust.policy import ImagePolicy, SignedRepository, Verdict
 from trust.repository import RepositoryWriter
@@ -267,22 +268,6 @@ def _copy_hashed(src: Path, dst: Path, expected: int, progress: Progress | None)
     return digest
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- publishing ---------------------------------------------------------------------------
 
 
@@ -445,7 +430,7 @@ def _install(src: Path, final: Path, size: int, want: str | None, progress: Prog
         os.rename(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return digest
 
 
@@ -467,8 +452,8 @@ def _make_torrent(
 def _store_object(origin: OriginStore, data: bytes) -> str:
     digest = ObjectWriter(origin.data_dir).put(data)
     path = origin.path_of(digest)
-    _fsync_file(path)
-    _fsync_dir(path.parent)
+    fsync_file(path)
+    fsync_dir(path.parent)
     return digest
 
 
@@ -487,7 +472,7 @@ def _publish_new(
     try:
         directory.mkdir(parents=True, exist_ok=True)
         for d in (images, directory.parent):
-            _fsync_dir(d.parent)
+            fsync_dir(d.parent)
     except OSError as exc:
         raise ImageError(f"cannot create {directory}: {exc.strerror}") from None
     try:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+from trust.names import is_repo_name
+
 _OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}")
 _METADATA = re.compile(r"(?:[0-9]+\.)?(?:root|targets|snapshot|timestamp)\.json")
 _IMAGE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}/){2}[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
@@ -33,7 +34,7 @@ def make_app(store: Path) -> web.Application:
         repo = request.match_info["repo"]
         kind = request.match_info["kind"]
         rest = request.match_info["rest"]
-        if not _REPO.fullmatch(repo) or ".." in repo:
+        if not is_repo_name(repo):
             raise web.HTTPNotFound()
         if kind == "data" and _OBJECT.fullmatch(rest):
             cache = _IMMUTABLE

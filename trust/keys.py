@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,7 +36,9 @@ from securesystemslib.signer import CryptoSigner, Signer  # type: ignore[attr-de
 from tuf.api.metadata import Metadata, Root
 from tuf.api.serialization.json import JSONSerializer
 
+from trust.durable import write_file_atomic as write_file_atomic  # its users import it here
 from trust.exceptions import TrustConfigError
+from trust.names import repo_name_problem
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 INDEX = "keys.json"
@@ -45,22 +46,17 @@ ROOT_FILE = "root.json"
 OLD_DIR = "old"
 FORMAT = 1
 
-# A DNS-like name: labels of letters, digits and inner dashes, joined by dots.
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_REPO_NAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
-
 
 def validate_repo_name(repo: str) -> None:
-    """Check that ``repo`` is a DNS-like name (e.g. ``sft.cern.ch``).
+    """Check that ``repo`` is a repository name (``trust/names.py``: the
+    store's rule, e.g. ``sft.cern.ch``).
 
     Raises:
-        TrustConfigError: the name is empty, too long or has other characters.
+        TrustConfigError: not a repository name; the message says what is.
     """
-    if len(repo) > 253 or not _REPO_NAME.fullmatch(repo):
-        raise TrustConfigError(
-            f"invalid repository name {repo!r}: use letters, digits, dashes and dots "
-            "(DNS-like, e.g. 'sft.example.org'; labels may not start or end with '-')"
-        )
+    problem = repo_name_problem(repo)
+    if problem is not None:
+        raise TrustConfigError(problem)
 
 
 @dataclass(frozen=True)
@@ -282,31 +278,6 @@ def write_index(keydir: Path, index: Mapping[str, Any]) -> None:
 def read_index(keydir: Path) -> dict[str, Any]:
     """Raises: TrustConfigError: ``keys.json`` is missing or not JSON."""
     return _read_index(keydir)
-
-
-def write_file_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
-    """Write ``data`` to a temporary name, fsync it, rename it over ``path``
-    and fsync the directory, so ``path`` is either the old or the new content.
-
-    Raises:
-        OSError: the file or the directory cannot be written.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _read_index(keydir: Path) -> dict[str, Any]:

@@ -6,9 +6,17 @@ import re
 from pathlib import Path
 
 import pytest
+import urllib3
 
-from swarm.config import load_config, parse_config
+from cvmfs_like.exceptions import StoreError
+from cvmfs_like.publish import publish
+from cvmfs_like.store import OriginStore
+from swarm.address import Address
+from swarm.config import load_config, parse_config, render_config
 from swarm.exceptions import ConfigError
+from tests.harness import OriginServer
+from tests.trees import build_sample_tree
+from trust.keys import init_keys
 
 FULL = """
 data_dir = "/var/lib/swarm"
@@ -90,8 +98,6 @@ def test_tuning_knobs_are_checked_against_the_session_config() -> None:
 
 
 def test_render_config_is_read_back_as_written(tmp_path: Path) -> None:
-    from swarm.config import render_config
-
     text = render_config(
         {
             "data_dir": tmp_path / "d",
@@ -110,3 +116,84 @@ def test_render_config_is_read_back_as_written(tmp_path: Path) -> None:
     assert cfg.tuning == {"unchoke_slots": 8}
     with pytest.raises(ConfigError, match="bad"):
         render_config({"bad": object()}, {})
+
+
+# -- one repository-name rule and one address type (issue 9) ------------------------
+
+
+@pytest.mark.parametrize("name", ["sw_example.org", "a" * 200 + "_", "x_y"])
+def test_the_node_config_refuses_a_repository_name_no_publisher_can_create(
+    tmp_path: Path, name: str
+) -> None:
+    with pytest.raises(StoreError):  # the publisher's store cannot hold it...
+        OriginStore(tmp_path / "store", name)
+    with pytest.raises(ConfigError, match=re.escape(f'repositories."{name}"')):
+        parse_config(f'[repositories."{name}"]\ntrust = "x"\n')  # ...so no node follows it
+
+
+@pytest.mark.parametrize("name", ["sw.example.org", "a-", "x.-y", "A" * 253])
+def test_every_name_a_publisher_can_create_is_accepted_everywhere(
+    tmp_path: Path, name: str
+) -> None:
+    """Key directory, store, origin and node config take the same names: a
+    name the store holds gets keys, is served and can be followed."""
+    keys = tmp_path / "keys"
+    init_keys(keys, name)
+    publish(build_sample_tree(tmp_path / "src"), OriginStore(tmp_path / "store", name), keys)
+    with OriginServer(tmp_path / "store") as origin:
+        r = urllib3.PoolManager().request("GET", f"{origin.url}{name}/metadata/timestamp.json")
+        assert r.status == 200
+    cfg = parse_config(f'[repositories."{name}"]\ntrust = "x"\norigin = "{origin.url}"\n')
+    assert list(cfg.repositories) == [name]
+
+
+@pytest.mark.parametrize("text", ['"::6881"', '"::1:6881"', '"fe80::1:80"'])
+def test_an_ipv6_address_without_brackets_is_refused(text: str) -> None:
+    with pytest.raises(ConfigError, match=r"^listen: .*\[") as err:
+        parse_config(f"listen = {text}")
+    assert "\n" not in str(err.value)
+
+
+def test_a_bootstrap_peer_on_port_0_is_refused() -> None:
+    """Port 0 means "any free port" to a listener; no peer can be reached there."""
+    with pytest.raises(ConfigError, match=r"^bootstrap\[1\]: .*port from 1 to 65535"):
+        parse_config('bootstrap = ["10.0.0.1:6881", "10.0.0.2:0"]')
+    assert parse_config('api = "127.0.0.1:0"').api.port == 0  # any free port: fine
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("10.1.0.1:6881", "10.1.0.1", 6881),
+        ("[::1]:7000", "::1", 7000),
+        ("node-1.example.org:65535", "node-1.example.org", 65535),
+    ],
+)
+def test_an_address_is_read_back_as_written(text: str, host: str, port: int) -> None:
+    cfg = parse_config(render_config({"bootstrap": [text], "listen": text}, {}))
+    assert cfg.bootstrap == (Address(host, port),) and str(cfg.bootstrap[0]) == text
+    assert cfg.listen == Address(host, port) and str(cfg.listen) == text
+    assert Address.parse(str(cfg.listen)) == cfg.listen
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ("data_dir = 3", "data_dir: expected a path (a string), got 3"),
+        ("dht = 1", "dht: expected true or false, got 1"),
+        ('bootstrap = "10.0.0.1:1"', "bootstrap: expected a list, got '10.0.0.1:1'"),
+        ("repositories = 3", "repositories: expected a table, got 3"),
+        ('[repositories."r"]\ntrust = 1', 'repositories."r".trust: expected a path'),
+        ('[repositories."r"]\ntrust = "x"\ntag = 1', 'repositories."r".tag: expected a string'),
+        (
+            '[repositories."sw.example.org"]\ntrust = "x"\ncache_quota = "lots"',
+            'repositories."sw.example.org".cache_quota: expected a positive size in bytes',
+        ),
+        ("refresh_interval = '3'", "refresh_interval: expected a number of seconds"),
+        ("runner = 1", "runner: expected a table, got 1"),
+    ],
+)
+def test_every_error_names_the_path_and_the_expected_type(toml: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(toml)
+    assert str(err.value).startswith(expected), str(err.value)

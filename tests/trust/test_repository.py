@@ -52,7 +52,7 @@ def test_init_keys_refuses_to_overwrite(keydir: Path) -> None:
 
 @pytest.mark.parametrize("name", ["", "-bad.org", "has space", "a/b", "x_y", "a..b"])
 def test_init_keys_rejects_bad_repo_name(tmp_path: Path, name: str) -> None:
-    with pytest.raises(TrustConfigError, match="invalid repository name"):
+    with pytest.raises(TrustConfigError, match="bad repository name"):
         init_keys(tmp_path / "k", name)
     assert not (tmp_path / "k").exists()
 
