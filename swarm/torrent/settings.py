@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import libtorrent as lt
 
+from swarm.address import Address, AddressError
 from swarm.exceptions import ConfigError
 
 # What the session's alert pump is told about; the rest is never posted.
@@ -28,21 +29,21 @@ ALERT_MASK = (
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """``"ip:port"`` or ``"[v6]:port"`` as ``(ip, port)``.
+    """``"ip:port"`` or ``"[v6]:port"`` as ``(ip, port)`` (the one rule:
+    :class:`swarm.address.Address`; port 0 is taken, for a listen address).
 
     Raises :class:`ConfigError` if it is not an address with a port.
     """
-    host, sep, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{address!r} is not an 'ip:port' address")
-    return host, int(port)
+    try:
+        a = Address.parse(address, any_port=True)
+    except AddressError as exc:
+        raise ConfigError(f"{address!r}: {exc}") from None
+    return a.host, a.port
 
 
 def format_address(host: str, port: int) -> str:
     """``(ip, port)`` as ``"ip:port"`` (``"[v6]:port"``), as :func:`parse_address` reads it."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(Address(host, port))
 
 
 def url_address(url: str) -> tuple[str, int]:
