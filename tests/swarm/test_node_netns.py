@@ -232,11 +232,23 @@ def test_a_corrupting_peer_is_banned_and_readers_get_correct_bytes(site: Site) -
             b = f.read(1)
             f.seek(off)
             f.write(bytes([b[0] ^ 0xFF]))
-    b_dir = site.start_node(2, bootstrap=(1,))
+    # The corrupt peer is node 2's only source (of metadata and pieces alike)
+    # until node 2 has failed a piece's hash: only then is the origin, its web
+    # seed, let in.  Otherwise node 2 may take every piece from the origin and
+    # never meet the corrupt peer.
+    site.stop_origin()
+    b_dir = site.start_node(2, bootstrap=(1,), policy="prefetch")
+    failed = wait_for(
+        "node 2 to fail a piece from node 1",
+        lambda: _image_hash_failures(site.status(2)),
+        60,
+    )
+    assert failed > 0
+    site.start_origin()
     got = image_path(b_dir / "mnt").read_bytes()
-    assert got == site.image.read_bytes()
-    st = wait_for("node 1 to be banned", lambda: _banned(site.status(2), site.net.hosts[1]), 30)
-    assert st
+    assert hashlib.sha256(got).digest() == hashlib.sha256(site.image.read_bytes()).digest()
+    st = site.status(2)
+    assert _banned(st, site.net.hosts[1]), st["banned"]
 
 
 def test_sigkill_mid_transfer_resumes_without_refetching_or_corruption(tmp_path: Path) -> None:
@@ -275,6 +287,10 @@ def _image_progress(st: dict[str, Any], at_least: float) -> dict[str, Any] | Non
 
 def _image_done(st: dict[str, Any]) -> bool:
     return _image_progress(st, 1.0) is not None
+
+
+def _image_hash_failures(st: dict[str, Any]) -> int:
+    return sum(t["hash_failures"] for t in st.get("transfers", []) if t["what"].startswith("image"))
 
 
 def _banned(st: dict[str, Any], host: Host) -> bool:
