@@ -6,7 +6,9 @@ copied from another session of the world that has it (optionally a
 from the web seed, the origin store on disk, while ``origin_up``; while
 ``stalled``, a piece the transfer lacks never arrives (a swarm that hangs).  The truth
 against which pieces are verified is the origin store's file, standing in
-for libtorrent's merkle check.  Every piece request is recorded in order, so
+for libtorrent's merkle check; without ``verify_pieces`` a piece is kept as
+delivered, as if that check had been defeated (for tests of the node's own
+check).  Every piece request is recorded in order, so
 tests can check what a read asked for.
 """
 
@@ -25,6 +27,7 @@ class FakeWorld:
         self.origin_root = origin_root  # STORE: files at STORE/NAME/PATH
         self.origin_up = True
         self.stalled = False
+        self.verify_pieces = True
         self.sessions: list[FakeSession] = []
         self.web_seed_pieces = 0
 
@@ -103,7 +106,7 @@ class FakeTransfer:
             if t is None or piece not in t.have:
                 continue
             data = t.piece_bytes(piece)
-            if data != truth:
+            if data != truth and world.verify_pieces:
                 self.hash_failures += 1
                 self.session.banned_set.add(other.address)
                 continue
