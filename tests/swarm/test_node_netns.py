@@ -2,7 +2,7 @@
 
 Each node is ``swarm node`` in its own namespace with its own address; the
 origin is ``swarm serve`` in another.  The daemons' mounts are made in the
-host's mount namespace (tests/netns.py enters only the network namespace),
+host's mount namespace (swarm_testing/netns.py enters only the network namespace),
 so the test reads them directly; their APIs are asked from inside their
 namespace with ``swarm status --api``.
 """
@@ -28,7 +28,7 @@ from cvmfs_like.store import OriginStore
 from swarm.config import render_config
 from swarm.images import publish_image
 from swarm.release_torrent import torrent_extension
-from tests.netns import Host, Network
+from swarm_testing.netns import Host, Network
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
 
