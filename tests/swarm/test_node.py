@@ -22,6 +22,7 @@ from swarm.config import parse_config
 from swarm.node import Node
 from swarm.release_torrent import torrent_extension
 from swarm.torrent import parse_torrent
+from swarm_testing.waiting import eventually_async
 from tests.fake_swarm import FakeWorld
 from tests.harness import OriginServer
 from tests.trees import build_sample_tree
@@ -323,11 +324,11 @@ def test_a_failed_metadata_fetch_is_retried_soon_not_after_the_interval(site: Si
         async with running(site.node(0)) as a:  # refresh_interval is an hour
             assert a.repo_status(REPO)["last_error"].startswith("metadata")
             site.origin.start_again()
-            for _ in range(100):
-                if a.repo_status(REPO)["revision"] == 1:
-                    break
-                await asyncio.sleep(0.1)
-            assert a.repo_status(REPO)["revision"] == 1
+
+            async def at_revision_1() -> bool:
+                return bool(a.repo_status(REPO)["revision"] == 1)
+
+            await eventually_async("revision 1", at_revision_1, 10)
             assert a.repo_status(REPO)["last_error"] is None
 
     asyncio.run(main())
