@@ -7,8 +7,16 @@ tracker answers for other BitTorrent clients.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+# Read-only views (covariant), so that e.g. a dict[bytes, bytes] is accepted.
 Bencodable = (
-    int | bytes | str | list["Bencodable"] | dict[bytes, "Bencodable"] | dict[str, "Bencodable"]
+    int
+    | bytes
+    | str
+    | Sequence["Bencodable"]
+    | Mapping[bytes, "Bencodable"]
+    | Mapping[str, "Bencodable"]
 )
 
 
@@ -25,9 +33,9 @@ def bencode(value: Bencodable) -> bytes:
         value = value.encode()
     if isinstance(value, bytes):
         return b"%d:%s" % (len(value), value)
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return b"l" + b"".join(bencode(v) for v in value) + b"e"
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in value.items())
         return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
     raise TypeError(f"cannot bencode {type(value).__name__}")

@@ -23,7 +23,9 @@ T = TypeVar("T")
 INTERVAL = 0.02  # seconds between checks: short, since checks are cheap
 
 
-def eventually(what: str, check: Callable[[], T], timeout: float, interval: float = INTERVAL) -> T:
+def eventually(
+    what: str, check: Callable[[], T | None], timeout: float, interval: float = INTERVAL
+) -> T:
     """The first truthy value of ``check()``, polled every ``interval`` seconds.
 
     Raises:
@@ -44,7 +46,7 @@ def eventually(what: str, check: Callable[[], T], timeout: float, interval: floa
 
 
 async def eventually_async(
-    what: str, check: Callable[[], Awaitable[T]], timeout: float, interval: float = INTERVAL
+    what: str, check: Callable[[], Awaitable[T | None]], timeout: float, interval: float = INTERVAL
 ) -> T:
     """:func:`eventually` in a coroutine, with a coroutine check: the event
     loop runs between checks (and during them).

@@ -10,6 +10,9 @@ for libtorrent's merkle check; without ``verify_pieces`` a piece is kept as
 delivered, as if that check had been defeated (for tests of the node's own
 check).  Every piece request is recorded in order, so
 tests can check what a read asked for.
+
+The fakes subclass the Protocols they stand for, so that mypy checks them
+against those (a fake that drifts from the real interface fails the lint).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.exceptions import TransferError
-from swarm.transfer import PeerInfo, TorrentMeta, TransferStatus
+from swarm.transfer import PeerInfo, TorrentMeta, Transfer, TransferSession, TransferStatus
 
 
 class FakeWorld:
@@ -44,7 +47,7 @@ def _rel(meta: TorrentMeta, index: int) -> Path:
 
 
 @dataclass
-class FakeTransfer:
+class FakeTransfer(Transfer):
     session: FakeSession
     meta: TorrentMeta
     save_path: Path
@@ -180,7 +183,7 @@ class FakeTransfer:
                 await self._get_piece(p)
 
 
-class FakeSession:
+class FakeSession(TransferSession):
     def __init__(self, world: FakeWorld, address: str, *, corrupt: bool = False) -> None:
         self.world = world
         self.address = address

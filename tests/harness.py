@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -47,7 +48,10 @@ class OriginServer:
         app = make_app(self.store)
 
         @web.middleware
-        async def count(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        async def count(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
             self.requests += 1
             return await handler(request)
 
@@ -57,8 +61,8 @@ class OriginServer:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
         """Stop serving (the port is released); ``start_again`` reuses it."""

@@ -126,7 +126,7 @@ def test_job_runs_and_stop_route(service: JobService) -> None:
         async def done() -> bool:
             nonlocal job
             job = await (await client.get(url)).json()
-            return job["state"] == "done"
+            return bool(job["state"] == "done")
 
         await eventually_async("the job to be done", done, 30)
         assert job["report"]["events_done"] == 10

@@ -80,7 +80,7 @@ trust = "{self.root_json}"
         )
         return Node(
             cfg,
-            self.world.session(f"{host}:6881"),  # type: ignore[arg-type]
+            self.world.session(f"{host}:6881"),
             parse_torrent=parse_torrent,
             image_policy=ImagePolicy.from_table({}),
         )
@@ -276,19 +276,21 @@ def test_jobs_are_submitted_through_the_daemon_api(site: Site) -> None:
 def test_a_read_asks_the_swarm_for_exactly_the_pieces_it_needs(site: Site) -> None:
     async def main() -> None:
         async with running(site.node(0)) as a:
-            session = a.session
-            asked_at_start = len(session.requests)  # type: ignore[attr-defined]
+            session = site.world.sessions[0]  # a's
+            asked_at_start = len(session.requests)
             await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
-            asked = session.requests[asked_at_start:]  # type: ignore[attr-defined]
+            asked = session.requests[asked_at_start:]
             ih = a.repo_status(REPO)["torrents"]["1"]
-            meta = session.get(ih).meta
+            transfer = session.get(ih)
+            assert transfer is not None
+            meta = transfer.meta
             big = next(f for f in meta.files if f.size == 2 << 20)  # large.bin's object
             big_pieces = set(range(big.first_piece, big.first_piece + big.num_pieces))
             assert asked and not big_pieces & {p for _, p in asked}
             assert len(asked) == len(set(asked))  # nothing asked twice
             got = await asyncio.to_thread(read_file, a.namespace, f"{REPO}/large.bin")
             assert got == (site.src / "large.bin").read_bytes()
-            assert big_pieces <= {p for _, p in session.requests}  # type: ignore[attr-defined]
+            assert big_pieces <= {p for _, p in session.requests}
 
     asyncio.run(main())
 

@@ -254,6 +254,7 @@ def test_sigkill_mid_transfer_resumes_without_refetching_or_corruption(tmp_path:
                 "node 1 half way", lambda: _image_progress(site.status(1), 0.4), 60, POLL
             )
             before = _image_progress(site.status(1), 0.0)
+            assert before is not None
             site.kill_node(1, signal.SIGKILL)
             assert 0.3 < before["progress"] < 1.0, half
             site.start_node(1, mount=False, policy="prefetch")
