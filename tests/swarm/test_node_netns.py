@@ -238,6 +238,9 @@ def test_a_corrupting_peer_is_banned_and_readers_get_correct_bytes(site: Site) -
     )
     assert failed > 0
     site.start_origin()
+    # The web seed is retried some seconds after its failure: wait for the
+    # whole image rather than hold a read open against the fetch deadline.
+    eventually("node 2 to hold the image", lambda: _image_done(site.status(2)), 60, POLL)
     got = image_path(b_dir / "mnt").read_bytes()
     assert hashlib.sha256(got).digest() == hashlib.sha256(site.image.read_bytes()).digest()
     st = site.status(2)
