@@ -1,6 +1,6 @@
 """``python -m bench.distribution``: one file from one source to N clients, side by side.
 
-Every system runs in a fresh :class:`tests.netns.Network` of network namespaces in
+Every system runs in a fresh :class:`swarm_testing.netns.Network` of network namespaces in
 which every node's link is shaped to ``--rate-mbit`` each way: the source is host 0,
 the clients the next N hosts (for ``squid`` the site cache is host 1 and the clients
 follow it).  The clock starts when the clients are started (servers and seeds are
@@ -61,8 +61,8 @@ from typing import Any, BinaryIO
 
 from bench.report import machine
 from bench.util import ROOT, BenchError, say
-from tests.netns import Host, Network, cleanup_stale
-from tests.swarm.torrent_helpers import bencode
+from swarm_testing.bencode import bencode
+from swarm_testing.netns import Host, Network, cleanup_stale
 
 MIB = 1 << 20
 SYSTEMS = ("http", "squid", "aria2", "swarm")

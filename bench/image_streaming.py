@@ -38,7 +38,7 @@ from typing import Any
 
 from bench.swarm_distribution import REPO, _config, _image_done, _wait
 from swarm.images import publish_image
-from tests.netns import Host, Network
+from swarm_testing.netns import Host, Network
 from trust.keys import init_keys
 
 ROOT = Path(__file__).resolve().parent

@@ -27,7 +27,7 @@ from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.config import render_config
 from swarm.images import publish_image
-from tests.netns import Host, Network
+from swarm_testing.netns import Host, Network
 from trust.keys import init_keys
 
 REPO = "bench.example.org"

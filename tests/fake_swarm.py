@@ -6,8 +6,13 @@ copied from another session of the world that has it (optionally a
 from the web seed, the origin store on disk, while ``origin_up``; while
 ``stalled``, a piece the transfer lacks never arrives (a swarm that hangs).  The truth
 against which pieces are verified is the origin store's file, standing in
-for libtorrent's merkle check.  Every piece request is recorded in order, so
+for libtorrent's merkle check; without ``verify_pieces`` a piece is kept as
+delivered, as if that check had been defeated (for tests of the node's own
+check).  Every piece request is recorded in order, so
 tests can check what a read asked for.
+
+The fakes subclass the Protocols they stand for, so that mypy checks them
+against those (a fake that drifts from the real interface fails the lint).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.exceptions import TransferError
-from swarm.transfer import PeerInfo, TorrentMeta, TransferStatus
+from swarm.transfer import PeerInfo, TorrentMeta, Transfer, TransferSession, TransferStatus
 
 
 class FakeWorld:
@@ -25,6 +30,7 @@ class FakeWorld:
         self.origin_root = origin_root  # STORE: files at STORE/NAME/PATH
         self.origin_up = True
         self.stalled = False
+        self.verify_pieces = True
         self.sessions: list[FakeSession] = []
         self.web_seed_pieces = 0
 
@@ -41,7 +47,7 @@ def _rel(meta: TorrentMeta, index: int) -> Path:
 
 
 @dataclass
-class FakeTransfer:
+class FakeTransfer(Transfer):
     session: FakeSession
     meta: TorrentMeta
     save_path: Path
@@ -103,7 +109,7 @@ class FakeTransfer:
             if t is None or piece not in t.have:
                 continue
             data = t.piece_bytes(piece)
-            if data != truth:
+            if data != truth and world.verify_pieces:
                 self.hash_failures += 1
                 self.session.banned_set.add(other.address)
                 continue
@@ -177,7 +183,7 @@ class FakeTransfer:
                 await self._get_piece(p)
 
 
-class FakeSession:
+class FakeSession(TransferSession):
     def __init__(self, world: FakeWorld, address: str, *, corrupt: bool = False) -> None:
         self.world = world
         self.address = address

@@ -6,10 +6,10 @@ import threading
 import time
 
 from cvmfs_like.exceptions import ObjectUnavailable
-from cvmfs_like.objects import digest_of
+from cvmfs_like.objects import ObjectSource, digest_of
 
 
-class InMemoryObjectSource:
+class InMemoryObjectSource(ObjectSource):
     """An ObjectSource over a dict; can tamper, truncate, fail or be slow."""
 
     def __init__(self) -> None:

@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
 
 from aiohttp import web
 
 from swarm.origin import make_app
+from swarm_testing.waiting import eventually
 
 
 class OriginServer:
@@ -47,7 +48,10 @@ class OriginServer:
         app = make_app(self.store)
 
         @web.middleware
-        async def count(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+        async def count(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
             self.requests += 1
             return await handler(request)
 
@@ -57,8 +61,8 @@ class OriginServer:
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         await site.start()
         server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        assert isinstance(server, asyncio.Server)
+        self.port = server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
         """Stop serving (the port is released); ``start_again`` reuses it."""
@@ -156,13 +160,12 @@ class MountProcess:
             log = self.log()
             self.close()
             raise RuntimeError(f"mount failed: {log}")
-        deadline = time.monotonic() + 10
-        while not is_mounted(mountpoint):
-            if time.monotonic() > deadline:
-                log = self.log()
-                self.close()
-                raise RuntimeError(f"mount never appeared: {log}")
-            time.sleep(0.02)
+        try:
+            eventually("the mount to appear", lambda: is_mounted(mountpoint), 10)
+        except AssertionError as exc:
+            log = self.log()
+            self.close()
+            raise RuntimeError(f"{exc}: {log}") from None
 
     def log(self) -> str:
         self._log.flush()
@@ -212,13 +215,17 @@ class NodeProcess:
             stdout=self._log,
             stderr=self._log,
         )
-        deadline = time.monotonic() + 60
-        while not (data_dir / "node.json").exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                log_text = self.log()
-                self.close()
-                raise RuntimeError(f"node did not become ready: {log_text[-3000:]}")
-            time.sleep(0.05)
+
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"the node exited with {self.proc.returncode}"
+            return (data_dir / "node.json").exists()
+
+        try:
+            eventually("the node to be ready", ready, 60)
+        except AssertionError as exc:
+            log_text = self.log()
+            self.close()
+            raise RuntimeError(f"{exc}: {log_text[-3000:]}") from None
 
     def log(self) -> str:
         self._log.flush()

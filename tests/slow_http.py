@@ -106,8 +106,8 @@ class SlowStore:
         body = file.read_bytes() if inside and file.is_file() else None
         close = "keep-alive" if self.keep_alive else "close"
         if body is None:
-            head = f"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {close}\r\n"
-            conn.sendall(head.encode() + b"\r\n")
+            not_found = f"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: {close}\r\n"
+            conn.sendall(not_found.encode() + b"\r\n")
             return self.keep_alive
         head = (
             f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.netns import (
+from swarm_testing.netns import (
     Host,
     NetnsError,
     Network,

@@ -240,7 +240,11 @@ def test_slow_fetches_beyond_the_gate_fail_at_once_and_cached_reads_never_wait(
     os.close(cache.open(cached, 6, src))
     src.release.clear()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        stuck = [pool.submit(lambda d=d: read_fd(cache.open(d, 100, src))) for d in slow[:2]]
+
+        def read_object(digest: str) -> bytes:
+            return read_fd(cache.open(digest, 100, src))
+
+        stuck = [pool.submit(read_object, d) for d in slow[:2]]
         for _ in stuck:
             assert src.entered.acquire(timeout=10)
         assert gate.waiting == 2

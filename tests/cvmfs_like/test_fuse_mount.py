@@ -20,6 +20,7 @@ from cvmfs_like.catalog import Catalog
 from cvmfs_like.publish import publish
 from cvmfs_like.retention import list_revisions
 from cvmfs_like.store import OriginStore
+from swarm_testing.waiting import eventually
 from tests.harness import MountProcess, OriginServer
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
@@ -153,10 +154,11 @@ def test_revision_is_picked_up_by_ttl(site: Site) -> None:
     with site.mount("mnt", "cache", "--ttl", "0.3") as m:
         (site.src / "VERSION").write_text("ttl\n")
         site.publish()
-        deadline = time.monotonic() + 15
-        while os.getxattr(m.mountpoint, "user.swarm.revision") != b"2":
-            assert time.monotonic() < deadline, m.log()
-            time.sleep(0.1)
+        eventually(
+            "revision 2 in the mount",
+            lambda: os.getxattr(m.mountpoint, "user.swarm.revision") == b"2",
+            15,
+        )
         assert (m.mountpoint / "VERSION").read_text() == "ttl\n"
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from cvmfs_like.cache import ObjectCache
 from cvmfs_like.catalog import Catalog
 from cvmfs_like.mounted import MountedRelease
+from cvmfs_like.objects import ObjectSource
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from tests.cvmfs_like.test_namespace import FixedReleases
@@ -19,7 +20,7 @@ from trust.keys import init_keys
 REPO = "sw.example.org"
 
 
-class HeldStoreSource:
+class HeldStoreSource(ObjectSource):
     """Objects from a store; fetches of ``held`` wait until ``release`` is set."""
 
     def __init__(self, store: OriginStore) -> None:

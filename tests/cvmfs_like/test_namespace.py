@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from cvmfs_like.cache import ObjectCache
 from cvmfs_like.exceptions import ObjectUnavailable
-from cvmfs_like.mounted import MountedRelease
-from cvmfs_like.namespace import Namespace
+from cvmfs_like.mounted import MountedRelease, TrustedReleases
+from cvmfs_like.namespace import ImageFile, Namespace
+from cvmfs_like.objects import ObjectSource
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from tests.trees import build_sample_tree
@@ -18,7 +19,7 @@ from trust.keys import init_keys
 from trust.targets import ReleaseTarget
 
 
-class StoreSource:
+class StoreSource(ObjectSource):
     def __init__(self, store: OriginStore) -> None:
         self.store = store
 
@@ -26,7 +27,7 @@ class StoreSource:
         return self.store.path_of(digest).read_bytes()
 
 
-class FixedReleases:
+class FixedReleases(TrustedReleases):
     def __init__(self, release: ReleaseTarget) -> None:
         self.release = release
 
@@ -44,14 +45,14 @@ class FixedReleases:
 
 
 @dataclass
-class MemoryImage:
+class MemoryImage(ImageFile):
     data: bytes
     published: int = 1_700_000_000
     fail: bool = False
+    size: int = field(init=False)
 
-    @property
-    def size(self) -> int:
-        return len(self.data)
+    def __post_init__(self) -> None:
+        self.size = len(self.data)
 
     def read(self, offset: int, size: int) -> bytes:
         if self.fail:

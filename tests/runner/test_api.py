@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from runner.api import JOB_OPENAPI_PATHS, add_job_routes
 from runner.confine import Confinement
 from runner.service import JobService
+from swarm_testing.waiting import eventually_async
 from tests.runner.test_service import fixed_lease, spec_text
 
 TOKEN = "s3cret"
@@ -121,14 +121,15 @@ def test_job_runs_and_stop_route(service: JobService) -> None:
     async def scenario(client: TestClient[web.Request, web.Application]) -> None:
         r = await client.post("/v1/jobs", data=spec_text("mc", max_events=10), headers=AUTH)
         url = (await r.json())["url"]
-        deadline = time.monotonic() + 30
         job: dict[str, Any] = {}
-        while time.monotonic() < deadline:
+
+        async def done() -> bool:
+            nonlocal job
             job = await (await client.get(url)).json()
-            if job["state"] == "done":
-                break
-            await asyncio.sleep(0.02)
-        assert job["state"] == "done" and job["report"]["events_done"] == 10
+            return bool(job["state"] == "done")
+
+        await eventually_async("the job to be done", done, 30)
+        assert job["report"]["events_done"] == 10
         r = await client.post("/v1/jobs/stop?grace=soon", headers=AUTH)
         assert r.status == 400 and "grace" in (await r.json())["error"]
         r = await client.post("/v1/jobs/stop?grace=0", headers=AUTH)

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from runner.exceptions import ConfinementError, TaskError
 from runner.node_run import run_job
 from runner.service import job_service_from_config
 from runner.spec import JobSpec, parse_spec
+from swarm_testing.waiting import eventually
 
 HERE = Path(__file__).parent
 PROBE = str(HERE / "probe_task.sh")
@@ -273,23 +273,23 @@ def test_sigkilled_gather_takes_job_user_tasks_with_it(
     gather = subprocess.Popen(argv, env=env)
     pids: list[int] = []
     try:
-        deadline = time.monotonic() + 20
-        while len(pids) < 2 and time.monotonic() < deadline:
+
+        def started() -> bool:
             files = list((work / "parts").glob("*.pid")) if (work / "parts").exists() else []
-            pids = [int(t) for f in files if (t := f.read_text().strip())]
-            time.sleep(0.02)
-        assert len(pids) == 2, "the tasks never started"
+            pids[:] = [int(t) for f in files if (t := f.read_text().strip())]
+            return len(pids) == 2
+
+        eventually("both tasks to start", started, 20)
         assert all(os.stat(f"/proc/{p}").st_uid == _nobody().uid for p in pids)
     finally:
         gather.send_signal(signal.SIGKILL)
         gather.wait()
-    deadline = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    alive = [p for p in pids if _alive(p)]
-    for p in alive:  # clean up before failing
-        os.kill(p, signal.SIGKILL)
-    assert not alive, "tasks outlived their gather"
+    try:
+        eventually("the tasks to go with their gather", lambda: not any(map(_alive, pids)), 10)
+    finally:
+        for p in pids:  # clean up before failing
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 # --- defect 6: `[runner] memory = "200M"` silently turned confinement off -------------
@@ -322,10 +322,7 @@ def test_memory_200M_makes_a_cgroup(cgroup_parent: tuple[str, Path], open_dir: P
         )
         job = service.submit(spec)
         service.start()
-        deadline = time.monotonic() + 30
-        while service.job(job)["state"] != "done":
-            assert time.monotonic() < deadline, service.job(job)
-            time.sleep(0.05)
+        eventually("the job to be done", lambda: service.job(job)["state"] == "done", 30)
         report = service.job(job)["report"]
     finally:
         service.close()
@@ -409,10 +406,9 @@ def test_the_end_of_one_job_does_not_sweep_another_jobs_tasks(
     )
     thread.start()
     try:
-        deadline = time.monotonic() + 10
-        while not list((open_dir / "b" / "tasks").glob("*.log")):
-            assert time.monotonic() < deadline, "the slow job never started"
-            time.sleep(0.01)
+        eventually(
+            "the slow job to start", lambda: list((open_dir / "b" / "tasks").glob("*.log")), 10
+        )
         assert run_job(_spec(), 5, open_dir / "a", cores=1, confinement=conf).complete
     finally:
         thread.join(timeout=30)

@@ -178,7 +178,8 @@ def test_pilot_goes_on_after_a_job_stops_at_the_lease_end(tmp_path: Path) -> Non
 
     report = run_pilot(queue, tmp_path / "work", lease_at, time.monotonic, reserve_floor=0.3)
     first = report.jobs_run[0]
-    assert first["spec"] == "a.toml" and not first["complete"] and first["events_done"] > 0
+    assert first["spec"] == "a.toml" and not first["complete"]
+    assert isinstance(first["events_done"], int) and first["events_done"] > 0
     assert "no time for another task" in str(first["stopped"])
     assert (queue / "a.toml").exists()  # back in the queue, resumable from its journal
     assert [j["spec"] for j in report.jobs_run[1:]] == ["b.toml"]

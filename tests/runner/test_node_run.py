@@ -18,6 +18,7 @@ import pytest
 from runner.exceptions import JournalError, TaskError
 from runner.node_run import StopRequest, run_job
 from runner.spec import JobSpec, parse_spec
+from swarm_testing.waiting import eventually
 
 HERE = Path(__file__).parent
 SYNTH = str(HERE / "synth_events.py")
@@ -150,12 +151,27 @@ def _driver(workdir: Path, events: int, *extra: str, grace: float = 5.0) -> subp
 
 def _wait_commits(workdir: Path, n: int, timeout: float = 30.0) -> None:
     journal = workdir / "journal.jsonl"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if journal.exists() and journal.read_text().count("\n") >= n + 1:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"fewer than {n} commits in {timeout} s")
+    eventually(
+        f"{n} commits",
+        lambda: journal.exists() and journal.read_text().count("\n") >= n + 1,
+        timeout,
+    )
+
+
+def _tasks_in(workdir: Path) -> list[int]:
+    """PIDs of the live (not zombie) processes whose command line names ``workdir``."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:  # gone meanwhile
+            continue
+        if state != "Z" and any(str(workdir).encode() in a for a in argv):
+            pids.append(int(proc.name))
+    return pids
 
 
 def test_sigkilled_gather_restarts_without_loss_or_repetition(tmp_path: Path) -> None:
@@ -171,10 +187,9 @@ def test_sigkilled_gather_restarts_without_loss_or_repetition(tmp_path: Path) ->
         for x in (work / "journal.jsonl").read_text().splitlines()[1:]
         if x.endswith("}")
     }
-    time.sleep(0.3)  # PDEATHSIG: the orphaned tasks are gone
-    runs_at_kill = _runs(runs)
-    time.sleep(0.3)
-    assert _runs(runs) == runs_at_kill
+    # PDEATHSIG: the orphaned tasks go with their gather, and nothing is left
+    # that could start another.
+    eventually("the orphaned tasks to be gone", lambda: not _tasks_in(work), 10)
     proc = _driver(work, 60, *extra)
     out, _ = proc.communicate(timeout=60)
     report = json.loads(out)
@@ -216,13 +231,24 @@ def test_without_pidfd_children_are_polled(tmp_path: Path, monkeypatch: pytest.M
 def test_stop_from_another_thread_wakes_the_gather_with_its_grace(tmp_path: Path) -> None:
     # Nothing else would wake the gather (no timeouts, no probe) and the run's
     # own grace is a minute: only the request's wakeup and grace end the run.
+    # The request comes once both tasks have started (each logs its start).
     stop = StopRequest()
-    timer = threading.Timer(0.3, stop.request, args=("api", 0.0))
-    timer.start()
+    runs = tmp_path / "runs"
+
+    def stop_once_both_run() -> None:
+        try:
+            eventually("both tasks to start", lambda: stop.requested or len(_runs(runs)) >= 2, 30)
+        finally:
+            stop.request("api", 0.0)
+
+    stopper = threading.Thread(target=stop_once_both_run)
+    stopper.start()
     try:
-        report = run_job(_spec("--sleep", "30"), 10, tmp_path / "w", cores=2, stop=stop, grace=60)
+        spec = _spec("--sleep", "30", "--runs", str(runs))
+        report = run_job(spec, 10, tmp_path / "w", cores=2, stop=stop, grace=60)
     finally:
-        timer.cancel()
+        stop.request("api", 0.0)  # a run_job that raised must not leave the thread waiting
+        stopper.join(timeout=40)
     assert report.stopped == "api" and report.cut_runs == 2 and report.events_done == 0
 
 

@@ -24,6 +24,7 @@ from runner.exceptions import (
 from runner.lease import Lease
 from runner.masonry import run_pilot
 from runner.service import JobService, job_service_from_config
+from swarm_testing.waiting import eventually
 
 SYNTH = str(Path(__file__).with_name("synth_events.py"))
 
@@ -64,14 +65,6 @@ def service(tmp_path: Path) -> Iterator[JobService]:
         s.close()
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 def state(service: JobService, job_id: str) -> str:
     s: str = service.job(job_id)["state"]
     return s
@@ -104,12 +97,12 @@ def test_unknown_and_malformed_ids(service: JobService) -> None:
 def test_masonry_thread_runs_what_is_queued_and_waits_for_more(service: JobService) -> None:
     first = service.submit(spec_text("a"))
     service.start()
-    wait_for(lambda: state(service, first) == "done", "the first job")
+    eventually("the first job", lambda: state(service, first) == "done", 30)
     report = service.job(first)["report"]
     assert report["complete"] and report["events_done"] == 20
     # the thread keeps serving: a later submission runs too
     second = service.submit(spec_text("b", max_events=10))
-    wait_for(lambda: state(service, second) == "done", "the second job")
+    eventually("the second job", lambda: state(service, second) == "done", 30)
     assert service.status()["running"]
     done = (service.workroot / second / "events.out").read_text().splitlines()
     assert done == [f"event {n}" for n in range(10)]
@@ -120,16 +113,16 @@ def test_rejected_and_refused_jobs_are_reported(service: JobService, tmp_path: P
     (service.queue / "manual-bad.toml").write_text('name = "bad"\n')
     huge = service.submit(spec_text("huge", max_events=10**9, min_events=10**9))
     service.start()
-    wait_for(lambda: state(service, "manual-bad") == "rejected", "the rejection")
+    eventually("the rejection", lambda: state(service, "manual-bad") == "rejected", 30)
     assert "'command'" in service.job("manual-bad")["reason"]
-    wait_for(lambda: "refused" in service.job(huge), "the refusal")
+    eventually("the refusal", lambda: "refused" in service.job(huge), 30)
     assert state(service, huge) == "queued" and "refused" in service.job(huge)["refused"]
 
 
 def test_stop_cuts_running_tasks_and_the_job_resumes(service: JobService) -> None:
     job = service.submit(spec_text("slow", "--sleep", "0.05", max_events=60))
     service.start()
-    wait_for(lambda: service.job(job).get("tasks_committed", 0) >= 2, "two commits")
+    eventually("two commits", lambda: service.job(job).get("tasks_committed", 0) >= 2, 30)
     service.stop(grace=0)  # returns once the masonry thread has ended
     assert not service.status()["running"]
     info = service.job(job)
@@ -137,7 +130,7 @@ def test_stop_cuts_running_tasks_and_the_job_resumes(service: JobService) -> Non
     report = json.loads((service.workroot / job / "report.json").read_text())
     assert report["stopped"] == "job service stopped" and report["cut_runs"] >= 1
     service.start()  # resumes from the journal, committed tasks are not rerun
-    wait_for(lambda: state(service, job) == "done", "the resumed job", timeout=60)
+    eventually("the resumed job", lambda: state(service, job) == "done", 60)
     final = service.job(job)["report"]
     assert final["complete"] and final["resumed_tasks"] >= 2
     lines = (service.workroot / job / "events.out").read_text().splitlines()
@@ -161,9 +154,9 @@ def test_a_lease_moved_earlier_stops_the_job(tmp_path: Path) -> None:
     try:
         job = s.submit(spec_text("long", "--sleep", "0.1", max_events=400))
         s.start()
-        wait_for(lambda: s.job(job).get("tasks_committed", 0) >= 1, "a commit")
+        eventually("a commit", lambda: s.job(job).get("tasks_committed", 0) >= 1, 30)
         ends[0] = time.monotonic() + 1.0  # the site announces an early shutdown
-        wait_for(lambda: (s.workroot / job / "report.json").exists(), "the job to stop")
+        eventually("the job to stop", lambda: (s.workroot / job / "report.json").exists(), 30)
         report = json.loads((s.workroot / job / "report.json").read_text())
         assert (
             "the lease now ends" in report["stopped"] and "test shutdowntime" in report["stopped"]

@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ import pytest
 
 from runner.scatter import MAX_TASKS
 from runner.spec import MAX_EVENTS, MIN_WORK
+from swarm_testing.waiting import eventually
 
 HERE = Path(__file__).parent
 DRIVER = str(HERE / "service_driver.py")
@@ -73,11 +74,12 @@ def daemon(data_dir: Path, table: dict[str, Any] = TABLE) -> Iterator[Daemon]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, DRIVER, str(data_dir), json.dumps(table)], env=env)
     try:
-        deadline = time.monotonic() + 20
-        while not port_file.exists():
+
+        def started() -> bool:
             assert proc.poll() is None, f"the job service exited with {proc.returncode}"
-            assert time.monotonic() < deadline, "the job service did not start"
-            time.sleep(0.02)
+            return port_file.exists()
+
+        eventually("the job service to start", started, 20)
         yield Daemon(proc, f"http://127.0.0.1:{port_file.read_text().strip()}")
     finally:
         if proc.poll() is None:
@@ -87,14 +89,6 @@ def daemon(data_dir: Path, table: dict[str, Any] = TABLE) -> Iterator[Daemon]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def spec(**fields: Any) -> str:
@@ -151,7 +145,7 @@ def test_one_job_spec_does_not_kill_the_daemon(tmp_path: Path) -> None:
             info: dict[str, Any] = d.call("GET", job["url"])[1]
             return int(info.get("tasks_committed", 0))
 
-        wait_for(lambda: committed() >= 20, "the job to commit tasks")
+        eventually("the job to commit tasks", lambda: committed() >= 20, 30)
         info = d.call("GET", job["url"])[1]
         assert info["state"] == "running"
         journal = (tmp_path / "jobs" / "work" / job["id"] / "journal.jsonl").read_text()
@@ -181,7 +175,9 @@ def test_crash_recovery_is_not_manual_a_sigkilled_service_resumes_its_job(
     with daemon(tmp_path) as d:
         status, job = d.call("POST", "/v1/jobs", text)
         assert status == 201, job
-        wait_for(lambda: d.call("GET", job["url"])[1].get("tasks_committed", 0) >= 2, "commits")
+        eventually(
+            "commits", lambda: d.call("GET", job["url"])[1].get("tasks_committed", 0) >= 2, 30
+        )
         d.proc.send_signal(signal.SIGKILL)  # a node crash, mid-job
         d.proc.wait()
     assert (tmp_path / "jobs" / "queue" / "running" / f"{job['id']}.toml").exists()
@@ -192,7 +188,7 @@ def test_crash_recovery_is_not_manual_a_sigkilled_service_resumes_its_job(
 
     with daemon(tmp_path) as d:
         # back in the queue at once, then resumed from its journal
-        wait_for(lambda: d.call("GET", job["url"])[1]["state"] == "done", "the resumed job")
+        eventually("the resumed job", lambda: d.call("GET", job["url"])[1]["state"] == "done", 30)
         report = d.call("GET", job["url"])[1]["report"]
     assert report["complete"] and report["resumed_tasks"] == len(committed_before)
     events = (work / job["id"] / "events.out").read_text().splitlines()

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.config import render_config
+from swarm_testing.waiting import eventually
 from tests.harness import (
     MountProcess,
     NodeProcess,
@@ -209,10 +209,12 @@ def test_status_goes_on_past_a_mount_it_does_not_understand(site: Site) -> None:
         subprocess.Popen([sys.executable, "-c", FOREIGN, str(foreign_mp)]) as foreign,
     ):
         try:
-            deadline = time.monotonic() + 10
-            while not is_mounted(foreign_mp):
-                assert foreign.poll() is None and time.monotonic() < deadline, "no foreign mount"
-                time.sleep(0.02)
+
+            def mounted() -> bool:
+                assert foreign.poll() is None, f"the foreign mount exited {foreign.returncode}"
+                return is_mounted(foreign_mp)
+
+            eventually("the foreign mount", mounted, 10)
             with site.mount(site.tmp / "live", "cache2") as live:
                 r = site.swarm("status")
                 # Every swarm mount on the machine is listed (other tests' too).

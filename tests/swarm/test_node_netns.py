@@ -2,7 +2,7 @@
 
 Each node is ``swarm node`` in its own namespace with its own address; the
 origin is ``swarm serve`` in another.  The daemons' mounts are made in the
-host's mount namespace (tests/netns.py enters only the network namespace),
+host's mount namespace (swarm_testing/netns.py enters only the network namespace),
 so the test reads them directly; their APIs are asked from inside their
 namespace with ``swarm status --api``.
 """
@@ -16,8 +16,7 @@ import random
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,8 @@ from cvmfs_like.store import OriginStore
 from swarm.config import render_config
 from swarm.images import publish_image
 from swarm.release_torrent import torrent_extension
-from tests.netns import Host, Network
+from swarm_testing.netns import Host, Network
+from swarm_testing.waiting import eventually
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
 
@@ -36,17 +36,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
 REPO = "sw.example.org"
 PY = sys.executable
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
+POLL = 0.2  # seconds between checks: each one starts a process in a namespace
 
 
 class Site:
@@ -88,7 +78,7 @@ class Site:
             [PY, "-m", "swarm", "serve", self.store_root, "--listen", "0.0.0.0:8000"],
             stderr=self.log("origin.log"),
         )
-        wait_for(
+        eventually(
             "the origin",
             lambda: (
                 self.origin_host.run(
@@ -96,6 +86,8 @@ class Site:
                 ).returncode
                 == 0
             ),
+            60,
+            interval=POLL,
         )
 
     def stop_origin(self) -> None:
@@ -146,7 +138,7 @@ class Site:
         self.nodes[i] = self.net.hosts[i].popen(
             [PY, "-m", "swarm", "node", "--config", cfg], stdout=log, stderr=log
         )
-        wait_for(f"node {i} to be ready", lambda: self._ready(i), 90)
+        eventually(f"node {i} to be ready", lambda: self._ready(i), 90, interval=POLL)
         return self.tmp / f"node{i}"
 
     def _ready(self, i: int) -> bool:
@@ -223,7 +215,7 @@ def test_release_and_image_from_peers_with_the_origin_down(site: Site) -> None:
 
 def test_a_corrupting_peer_is_banned_and_readers_get_correct_bytes(site: Site) -> None:
     a = site.start_node(1, mount=False, policy="prefetch")
-    wait_for("node 1 to hold the image", lambda: _image_done(site.status(1)), 60)
+    eventually("node 1 to hold the image", lambda: _image_done(site.status(1)), 60, POLL)
     held = next((a / "data" / "repos" / REPO / "images").rglob("worker-1.0*"))
     with open(held, "r+b") as f:  # flip a byte in every 16 KiB block
         size = os.fstat(f.fileno()).st_size
@@ -232,11 +224,27 @@ def test_a_corrupting_peer_is_banned_and_readers_get_correct_bytes(site: Site) -
             b = f.read(1)
             f.seek(off)
             f.write(bytes([b[0] ^ 0xFF]))
-    b_dir = site.start_node(2, bootstrap=(1,))
+    # The corrupt peer is node 2's only source (of metadata and pieces alike)
+    # until node 2 has failed a piece's hash: only then is the origin, its web
+    # seed, let in.  Otherwise node 2 may take every piece from the origin and
+    # never meet the corrupt peer.
+    site.stop_origin()
+    b_dir = site.start_node(2, bootstrap=(1,), policy="prefetch")
+    failed = eventually(
+        "node 2 to fail a piece from node 1",
+        lambda: _image_hash_failures(site.status(2)),
+        60,
+        POLL,
+    )
+    assert failed > 0
+    site.start_origin()
+    # The web seed is retried some seconds after its failure: wait for the
+    # whole image rather than hold a read open against the fetch deadline.
+    eventually("node 2 to hold the image", lambda: _image_done(site.status(2)), 60, POLL)
     got = image_path(b_dir / "mnt").read_bytes()
-    assert got == site.image.read_bytes()
-    st = wait_for("node 1 to be banned", lambda: _banned(site.status(2), site.net.hosts[1]), 30)
-    assert st
+    assert hashlib.sha256(got).digest() == hashlib.sha256(site.image.read_bytes()).digest()
+    st = site.status(2)
+    assert _banned(st, site.net.hosts[1]), st["banned"]
 
 
 def test_sigkill_mid_transfer_resumes_without_refetching_or_corruption(tmp_path: Path) -> None:
@@ -245,12 +253,17 @@ def test_sigkill_mid_transfer_resumes_without_refetching_or_corruption(tmp_path:
         try:
             site.start_origin()
             site.start_node(1, mount=False, policy="prefetch")
-            half = wait_for("node 1 half way", lambda: _image_progress(site.status(1), 0.4), 60)
+            half = eventually(
+                "node 1 half way", lambda: _image_progress(site.status(1), 0.4), 60, POLL
+            )
             before = _image_progress(site.status(1), 0.0)
+            assert before is not None
             site.kill_node(1, signal.SIGKILL)
             assert 0.3 < before["progress"] < 1.0, half
             site.start_node(1, mount=False, policy="prefetch")
-            after = wait_for("node 1 complete", lambda: _image_progress(site.status(1), 1.0), 90)
+            after = eventually(
+                "node 1 complete", lambda: _image_progress(site.status(1), 1.0), 90, POLL
+            )
             size = after["total_wanted"]
             # What was held before the kill (less a couple of seconds of
             # unsaved progress) is neither fetched again nor re-hashed.
@@ -275,6 +288,10 @@ def _image_progress(st: dict[str, Any], at_least: float) -> dict[str, Any] | Non
 
 def _image_done(st: dict[str, Any]) -> bool:
     return _image_progress(st, 1.0) is not None
+
+
+def _image_hash_failures(st: dict[str, Any]) -> int:
+    return sum(t["hash_failures"] for t in st.get("transfers", []) if t["what"].startswith("image"))
 
 
 def _banned(st: dict[str, Any], host: Host) -> bool:

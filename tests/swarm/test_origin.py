@@ -15,6 +15,7 @@ from cvmfs_like.exceptions import ObjectUnavailable
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.origin_client import OriginObjectSource
+from swarm_testing.waiting import eventually
 from tests.harness import MountProcess, OriginServer
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
@@ -130,14 +131,15 @@ http {{
     )
     nginx = subprocess.Popen(["nginx", "-c", str(conf), "-e", str(tmp_path / "nginx-error.log")])
     try:
-        deadline = time.monotonic() + 10
-        while True:
+
+        def listening() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
             except OSError:
-                assert time.monotonic() < deadline, "nginx did not start"
-                time.sleep(0.05)
+                return False
+            return True
+
+        eventually("nginx to listen", listening, 10)
         with MountProcess(
             REPO, tmp_path / "mnt", f"http://127.0.0.1:{port}/", root_json, tmp_path / "cache"
         ) as m:

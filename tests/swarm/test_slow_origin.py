@@ -319,7 +319,7 @@ trust = "{site.root_json}"
         )
         node = Node(
             cfg,
-            world.session("127.0.0.2:6881"),  # type: ignore[arg-type]
+            world.session("127.0.0.2:6881"),
             parse_torrent=parse_torrent,
             image_policy=ImagePolicy.from_table({}),
         )

@@ -1,0 +1,9 @@
+"""What tests/ and bench/ share, so that bench/ never imports tests/.
+
+- :mod:`swarm_testing.netns`: network namespaces on one bridge, always removed;
+- :mod:`swarm_testing.waiting`: :func:`~swarm_testing.waiting.eventually`, the one
+  way a test waits for an event (polling with a deadline);
+- :mod:`swarm_testing.bencode`: a minimal BEP 3 encoder written from the spec.
+
+Nothing here is used by the product packages.
+"""
