@@ -241,6 +241,24 @@ class ExchangeFetcher(FetcherInterface):
         except FetchError as exc:
             raise tuf_exceptions.DownloadError(str(exc)) from exc
 
+    def fetch(self, url: str) -> Iterator[bytes]:
+        """python-tuf's entry point, which wraps every error of ``_fetch`` but a
+        ``DownloadError`` as a transport failure ("Failed to download"): a
+        verdict on the data (every source that answered sent a file failing
+        the screen) stays a ``RepositoryError``, so the node says the metadata
+        was *refused*, not that it was unreachable.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError: every answer failed the screen.
+            tuf.api.exceptions.DownloadError: nobody delivered.
+        """
+        try:
+            return self._fetch(url)
+        except (tuf_exceptions.DownloadError, tuf_exceptions.RepositoryError):
+            raise
+        except Exception as exc:
+            raise tuf_exceptions.DownloadError(f"Failed to download {url}") from exc
+
     def _fetch(self, url: str) -> Iterator[bytes]:
         name = url.rpartition("/metadata/")[2]
         sources = self._sources(name)

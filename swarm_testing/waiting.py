@@ -39,9 +39,7 @@ def eventually(
         if last:
             return last
         if late:
-            raise AssertionError(
-                f"timed out after {timeout:g} s waiting for {what} (last: {last!r})"
-            )
+            raise _timed_out(what, timeout, last)
         time.sleep(interval)
 
 
@@ -61,9 +59,7 @@ async def eventually_async(
         if last:
             return last
         if late:
-            raise AssertionError(
-                f"timed out after {timeout:g} s waiting for {what} (last: {last!r})"
-            )
+            raise _timed_out(what, timeout, last)
         await asyncio.sleep(interval)
 
 

@@ -81,9 +81,14 @@ class _NamingFetcher(FetcherInterface):
         self._inner = inner
         self.last: str | None = None
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
+    def fetch(self, url: str) -> Iterator[bytes]:
+        # The inner fetcher's own entry point: it decides which of its errors
+        # are transport failures (python-tuf's default wraps all of them).
         self.last = url.rpartition("/")[2]
-        return self._inner._fetch(url)
+        return self._inner.fetch(url)
+
+    def _fetch(self, url: str) -> Iterator[bytes]:  # abstract in FetcherInterface
+        return self.fetch(url)
 
 
 class UnknownTargetError(TrustConfigError):

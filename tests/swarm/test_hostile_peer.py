@@ -17,11 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from swarm.exchange import ExchangeFetcher
+from swarm.exchange import ExchangeFetcher, logical_metadata_url
 from tests.hostile_http import Answer, HostileServer
 from tests.swarm.test_node import REPO, Site, running
 from trust.client import TrustedRepository
-from trust.exceptions import MetadataFormatError, SignatureError
+from trust.exceptions import MetadataFormatError, SignatureError, VerificationError
 
 HOSTILE = 7  # bootstrap index: the hostile peer listens on 127.0.0.9
 
@@ -176,3 +176,20 @@ def test_screen_accepts_only_metadata_the_trusted_root_signed(site: Site, tmp_pa
         trusted.screen("timestamp.json", next(meta.glob("*.snapshot.json")).read_bytes())
     with pytest.raises(MetadataFormatError, match="version"):
         trusted.screen("7.snapshot.json", next(meta.glob("1.snapshot.json")).read_bytes())
+
+
+def test_metadata_that_every_source_forged_is_refused_not_called_unreachable(
+    site: Site, tmp_path: Path
+) -> None:
+    forged = Answer(_forged_timestamp(site, 999_999_999))
+    with HostileServer({f"/{REPO}/metadata/timestamp.json": forged}) as liar:
+        fetcher = ExchangeFetcher(REPO, liar.url, lambda: [], timeout=2)
+        trusted = TrustedRepository(
+            tmp_path / "meta",
+            logical_metadata_url(REPO),
+            fetcher=fetcher,
+            trusted_root=site.root_json.read_bytes(),
+        )
+        fetcher.screen = trusted.screen
+        with pytest.raises(VerificationError, match="every source sent bad data"):
+            trusted.refresh()

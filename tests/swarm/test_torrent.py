@@ -14,11 +14,11 @@ import pytest
 from swarm.exceptions import ConfigError, TransferError
 from swarm.torrent import SessionConfig, create_torrent, parse_torrent
 from swarm.transfer import TorrentMeta
+from swarm_testing.bencode import bencode
 from tests.swarm.torrent_helpers import (
     BLOCK,
     WebSeed,
     address,
-    bencode,
     eventually,
     info_span,
     merkle_root,

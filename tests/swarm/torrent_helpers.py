@@ -1,9 +1,10 @@
 """Helpers for the torrent tests.
 
-Independent checks (a minimal bencoder, the span of the info dictionary, BEP 52
-merkle roots) written from the specs, so the tests do not trust libtorrent to
-check libtorrent; live sessions and a web seed on 127.0.0.1, always closed; and the
-child process of the SIGKILL test (``python -m tests.swarm.torrent_helpers``).
+Independent checks (the span of the info dictionary, BEP 52 merkle roots; the
+bencoder is ``swarm_testing.bencode``) written from the specs, so the tests do
+not trust libtorrent to check libtorrent; live sessions and a web seed on
+127.0.0.1, always closed; and the child process of the SIGKILL test
+(``python -m tests.swarm.torrent_helpers``).
 """
 
 from __future__ import annotations
@@ -19,33 +20,9 @@ from typing import Any
 from aiohttp import web
 
 from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
+from swarm_testing.waiting import eventually_async
 
 BLOCK = 16 * 1024
-
-Bencodable = (
-    int | bytes | str | list["Bencodable"] | dict[bytes, "Bencodable"] | dict[str, "Bencodable"]
-)
-
-
-def bencode(value: Bencodable) -> bytes:
-    """BEP 3 encoding; dictionary keys (str or bytes) sorted as raw bytes.
-
-    Raises ``TypeError`` for what bencode cannot express (booleans included).
-    """
-    if isinstance(value, bool):
-        raise TypeError("bencode has no booleans")
-    if isinstance(value, int):
-        return b"i%de" % value
-    if isinstance(value, str):
-        value = value.encode()
-    if isinstance(value, bytes):
-        return b"%d:%s" % (len(value), value)
-    if isinstance(value, list):
-        return b"l" + b"".join(bencode(v) for v in value) + b"e"
-    if isinstance(value, dict):
-        items = sorted((k.encode() if isinstance(k, str) else k, v) for k, v in value.items())
-        return b"d" + b"".join(bencode(k) + bencode(v) for k, v in items) + b"e"
-    raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
 def skip_value(data: bytes, i: int) -> int:
@@ -114,13 +91,12 @@ def address(session: TorrentSession) -> str:
 
 
 async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Wait until ``predicate()`` holds; fail (not a timing assertion: a hang guard)."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + timeout
-    while not predicate():
-        if loop.time() > give_up:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.05)
+    """Wait until ``predicate()`` holds (``swarm_testing``'s wait, for a plain predicate)."""
+
+    async def check() -> bool:
+        return predicate()
+
+    await eventually_async(what, check, timeout)
 
 
 class WebSeed:

@@ -53,7 +53,7 @@ def test_a_failed_write_keeps_the_old_content_and_leaves_no_temporary_file(
     def broken_fsync(fd: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
 
-    monkeypatch.setattr(durable.os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "fsync", broken_fsync)  # the module calls os.fsync
     with pytest.raises(OSError, match="Input/output error"):
         durable.write_file_atomic(path, b"new\n")
     assert path.read_bytes() == b"old\n"
