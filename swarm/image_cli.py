@@ -31,14 +31,8 @@ from cvmfs_like.exceptions import ReleaseError
 from runner.sizes import size_argument
 from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, SwarmError
-from swarm.images import (
-    DEFAULT_PIECE_LENGTH,
-    KNOWN_FORMATS,
-    ImageRepository,
-    StderrProgress,
-    publish_image,
-    verify_image,
-)
+from swarm.image_verify import ImageRepository, verify_image
+from swarm.images import DEFAULT_PIECE_LENGTH, KNOWN_FORMATS, StderrProgress, publish_image
 from swarm.options import OneLineParser, check_directory, existing_directory, seconds_argument
 from trust.client import RoleSigners, TrustedRepository
 from trust.exceptions import TrustConfigError, TrustError, TrustTransportError

@@ -19,13 +19,13 @@ import pytest
 from swarm import image_cli
 from swarm import images as images_mod
 from swarm.exceptions import ImageError, TransferError
+from swarm.image_verify import verify_image
 from swarm.images import (
     DEFAULT_PIECE_LENGTH,
     StderrProgress,
     detect_format,
     publish_image,
     torrent_url,
-    verify_image,
     web_seed_url,
 )
 from swarm.origin_client import OriginMetadataFetcher
