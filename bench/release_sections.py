@@ -1,0 +1,366 @@
+"""The timed sections of ``python -m bench.run``: publish, find, read, import.
+
+Each section takes the run's :class:`~bench.release_bench.ReleaseBench`, times ours
+against its baselines (``sha256sum``, the native directory, squashfuse over a
+mksquashfs image of the same tree), records every raw sample and appends its
+:class:`~bench.report.Row` s.  ``publish_section`` builds the store the others
+mount and must run first.  What each row means: ``bench/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.datasets import IMPORT_STMT, touch_one_small_file
+from bench.release_bench import MB, PY_REPO, TREE_REPO, ReleaseBench
+from bench.report import Row
+from bench.util import drop_caches, rm_tree, say, timed, timed_shell
+
+
+def publish_section(b: ReleaseBench) -> None:
+    say("== 1. publish throughput vs sha256sum (warm page cache)")
+    tree = str(b.tree)
+    timed_shell(f"find '{tree}' -type f -print0 | xargs -0 cat > /dev/null")  # warm up
+    sha = [
+        timed_shell(f"find '{tree}' -type f -print0 | xargs -0 sha256sum > /dev/null")
+        for _ in range(b.reps)
+    ]
+    sha_s = b.record("sha256sum_s", sha)
+    walls: list[float] = []
+    infos: list[dict[str, Any]] = []
+    for i in range(b.args.publish_runs):
+        store = b.run_dir / f"store-full-{i}"
+        timed_shell(f"find '{tree}' -type f -print0 | xargs -0 cat > /dev/null")
+        w, info = b.publish(b.tree, TREE_REPO, store)
+        walls.append(w)
+        infos.append(info)
+        say(f"  full publish #{i}: {w:.2f} s wall, {json.dumps(info)}")
+        if i < b.args.publish_runs - 1:
+            rm_tree(store)
+        else:
+            store.rename(b.store)
+    b.samples["publish_full_json"] = infos
+    pub_s = b.record("publish_full_s", walls)
+    nb, nf = b.tree_bytes, b.tree_files
+    b.rows.append(
+        Row(
+            "publish throughput, bytes (whole tree, warm)",
+            "MB/s",
+            nb / pub_s / MB,
+            "sha256sum",
+            nb / sha_s / MB,
+            (">=", 1.0),
+            note=f"{nb / MB:.0f} MB; publish {pub_s:.2f} s, sha256sum {sha_s:.2f} s",
+        )
+    )
+    b.rows.append(
+        Row(
+            "publish throughput, files (whole tree, warm)",
+            "files/s",
+            nf / pub_s,
+            "sha256sum",
+            nf / sha_s,
+            (">=", 1.0),
+            note=f"{nf} files",
+        )
+    )
+    inc: list[float] = []
+    for i in range(b.reps):
+        touch_one_small_file(b.tree, i)
+        w, info = b.publish(b.tree, TREE_REPO, b.store)
+        inc.append(w)
+        b.samples.setdefault("publish_one_changed_json", []).append(info)
+    inc_s = b.record("publish_one_changed_s", inc)
+    same = [b.publish(b.tree, TREE_REPO, b.store)[0] for _ in range(b.reps)]
+    same_s = b.record("publish_unchanged_s", same)
+    b.rows.append(
+        Row(
+            "incremental publish, one small file changed",
+            "s",
+            inc_s,
+            "full publish",
+            pub_s,
+            ("<=", 2.0),
+            absolute=True,
+        )
+    )
+    b.rows.append(Row("incremental publish, nothing changed", "s", same_s, "full publish", pub_s))
+    if not b.args.skip_python:
+        w, info = b.publish(b.pytree, PY_REPO, b.store)
+        b.samples["publish_pytree_json"] = info
+        say(f"  published the Python tree in {w:.2f} s: {json.dumps(info)}")
+
+
+def timed_find(d: Path) -> float:
+    return timed_shell(f"find '{d}' -printf '%s %m %T@\\n' > /dev/null")
+
+
+def find_section(b: ReleaseBench) -> None:
+    say("== 2. find + lstat of every entry: ours vs native vs squashfuse")
+    img = b.squash_image(b.tree, b.tree.name)
+    mnt = b.run_dir / "mnt"
+    sq = b.run_dir / "sq"
+    cold_n: list[float] = []
+    if b.drop:
+        for _ in range(b.reps):
+            drop_caches()
+            cold_n.append(timed_find(b.tree))
+    hot_n = [timed_find(b.tree) for _ in range(b.reps)]
+    # squashfuse: fresh mount each cold sample.
+    cold_q: list[float] = []
+    hot_q: list[float] = []
+    for i in range(b.reps):
+        b.res.squashfuse_mount(img, sq)
+        b.maybe_drop()
+        cold_q.append(timed_find(sq))
+        if i == b.reps - 1:
+            hot_q = [timed_find(sq) for _ in range(b.reps)]
+        b.res.unmount(sq)
+    # ours, objects and catalogs in the local cache.
+    cache = b.run_dir / "cache-find"
+    b.mount(TREE_REPO, mnt, cache)
+    timed_find(mnt)  # fill the local cache with every catalog
+    b.res.unmount(mnt, cache)
+    cold_o: list[float] = []
+    hot_o: list[float] = []
+    for i in range(b.reps):
+        b.mount(TREE_REPO, mnt, cache)
+        b.maybe_drop()
+        cold_o.append(timed_find(mnt))
+        if i == b.reps - 1:
+            hot_o = [timed_find(mnt) for _ in range(b.reps)]
+        b.res.unmount(mnt, cache)
+    # ours, fresh cache: catalogs below the root come from the origin.
+    cold_f: list[float] = []
+    for i in range(b.reps):
+        c = b.run_dir / f"cache-find-fresh-{i}"
+        b.mount(TREE_REPO, mnt, c)
+        b.maybe_drop()
+        cold_f.append(timed_find(mnt))
+        b.res.unmount(mnt, c)
+    hn, hq, ho = (b.record(k, v) for k, v in [("find_native_hot_s", hot_n),
+                                               ("find_squashfuse_hot_s", hot_q),
+                                               ("find_ours_hot_s", hot_o)])  # fmt: skip
+    cq = b.record("find_squashfuse_cold_s", cold_q)
+    co = b.record("find_ours_cold_local_cache_s", cold_o)
+    cf = b.record("find_ours_cold_fresh_cache_s", cold_f)
+    cn = b.record("find_native_cold_s", cold_n) if cold_n else None
+    note = "" if b.drop else "not root: page cache NOT dropped"
+    b.rows.append(
+        Row(
+            "find -printf (lstat all), cold: fresh mount, caches dropped, local cache",
+            "s",
+            co,
+            "squashfuse cold",
+            cq,
+            ("<=", 0.5),
+            others={"native cold": cn} if cn is not None else {},
+            note=note,
+        )
+    )
+    b.rows.append(
+        Row(
+            "find -printf, cold, fresh cache dir (catalogs from loopback origin)",
+            "s",
+            cf,
+            "squashfuse cold",
+            cq,
+            note=note,
+        )
+    )
+    b.rows.append(
+        Row(
+            "find -printf (lstat all), hot",
+            "s",
+            ho,
+            "native hot",
+            hn,
+            ("<=", 1.5),
+            others={"squashfuse hot": hq},
+        )
+    )
+
+
+def timed_dd(f: Path) -> float:
+    return timed(["dd", f"if={f}", "of=/dev/null", "bs=1M"])
+
+
+def read_section(b: ReleaseBench) -> None:
+    say("== 3. sequential read of a large file (dd bs=1M)")
+    rel = b.big_rel
+    size = (b.tree / rel).stat().st_size
+    img = b.squash_image(b.tree, b.tree.name)
+    mnt = b.run_dir / "mnt"
+    sq = b.run_dir / "sq"
+    timed_dd(b.tree / rel)
+    hot_n = [timed_dd(b.tree / rel) for _ in range(b.reps)]
+    first_q: list[float] = []
+    hot_q: list[float] = []
+    if b.drop:
+        for i in range(b.reps):
+            b.res.squashfuse_mount(img, sq)
+            drop_caches()
+            first_q.append(timed_dd(sq / rel))
+            if i == b.reps - 1:
+                hot_q = [timed_dd(sq / rel) for _ in range(b.reps)]
+            b.res.unmount(sq)
+    origin_o: list[float] = []
+    hot_o: list[float] = []
+    cache = b.run_dir / "cache-read-0"
+    for i in range(b.args.origin_reps):
+        c = b.run_dir / f"cache-read-{i}"
+        b.mount(TREE_REPO, mnt, c)
+        b.maybe_drop()
+        origin_o.append(timed_dd(mnt / rel))
+        if i == 0:
+            hot_o = [timed_dd(mnt / rel) for _ in range(b.reps)]
+        b.res.unmount(mnt, c)
+    local_o: list[float] = []
+    if b.drop:
+        for _ in range(b.reps):
+            b.mount(TREE_REPO, mnt, cache)
+            drop_caches()
+            local_o.append(timed_dd(mnt / rel))
+            b.res.unmount(mnt, cache)
+
+    def rate(key: str, xs: list[float]) -> float | None:
+        return size / b.record(key, xs) / MB if xs else None
+
+    hn = rate("dd_native_hot_s", hot_n)
+    ho = rate("dd_ours_hot_s", hot_o)
+    hq = rate("dd_squashfuse_hot_s", hot_q)
+    fq = rate("dd_squashfuse_first_s", first_q)
+    lo = rate("dd_ours_first_local_cache_s", local_o)
+    oo = rate("dd_ours_cold_origin_s", origin_o)
+    b.rows.append(
+        Row(
+            f"read {size >> 20} MiB file, hot (page cache)",
+            "MB/s",
+            ho,
+            "native hot",
+            hn,
+            (">=", 0.5),
+            others={"squashfuse hot": hq} if hq else {},
+        )
+    )
+    if b.drop:
+        b.rows.append(
+            Row(
+                "read large file, first read after remount + drop caches, local cache",
+                "MB/s",
+                lo,
+                "squashfuse first read",
+                fq,
+                (">=", 1.0),
+            )
+        )
+    b.rows.append(
+        Row(
+            "read large file, cold from loopback origin (fresh cache dir)",
+            "MB/s",
+            oo,
+            "squashfuse first read" if fq else "",
+            fq,
+            note="" if b.drop else "not root: page cache NOT dropped",
+        )
+    )
+
+
+def timed_import(d: Path) -> float:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "PYTHONPATH": str(d),
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    return timed([sys.executable, "-c", IMPORT_STMT], env=env)
+
+
+def import_section(b: ReleaseBench) -> None:
+    say(f"== 4. python -c '{IMPORT_STMT}'")
+    img = b.squash_image(b.pytree, "pytree")
+    mnt = b.run_dir / "mnt-py"
+    sq = b.run_dir / "sq-py"
+    n_hot = max(5, b.reps)
+    timed_import(b.pytree)
+    hot_n = [timed_import(b.pytree) for _ in range(n_hot)]
+    drop_n: list[float] = []
+    if b.drop:
+        for _ in range(b.reps):
+            drop_caches()
+            drop_n.append(timed_import(b.pytree))
+    hot_q: list[float] = []
+    drop_q: list[float] = []
+    for i in range(b.reps if b.drop else 1):
+        b.res.squashfuse_mount(img, sq)
+        if b.drop:
+            drop_caches()
+            drop_q.append(timed_import(sq))
+        if i == 0:
+            timed_import(sq)
+            hot_q = [timed_import(sq) for _ in range(n_hot)]
+        b.res.unmount(sq)
+    cold_o: list[float] = []
+    hot_o: list[float] = []
+    cache = b.run_dir / "cache-py-0"
+    for i in range(b.args.origin_reps):
+        c = b.run_dir / f"cache-py-{i}"
+        b.mount(PY_REPO, mnt, c)
+        b.maybe_drop()
+        cold_o.append(timed_import(mnt))
+        if i == 0:
+            timed_import(mnt)
+            hot_o = [timed_import(mnt) for _ in range(n_hot)]
+        b.res.unmount(mnt, c)
+    drop_o: list[float] = []
+    if b.drop:
+        for _ in range(b.reps):
+            b.mount(PY_REPO, mnt, cache)
+            drop_caches()
+            drop_o.append(timed_import(mnt))
+            b.res.unmount(mnt, cache)
+    hn = b.record("import_native_hot_s", hot_n)
+    hq = b.record("import_squashfuse_hot_s", hot_q)
+    ho = b.record("import_ours_hot_s", hot_o)
+    co = b.record("import_ours_cold_origin_s", cold_o)
+    b.rows.append(
+        Row(
+            "import numpy+scipy+rich, hot",
+            "s",
+            ho,
+            "native hot",
+            hn,
+            ("<=", 1.1),
+            others={"squashfuse hot": hq},
+        )
+    )
+    if b.drop:
+        dn = b.record("import_native_dropped_s", drop_n)
+        dq = b.record("import_squashfuse_dropped_s", drop_q)
+        do = b.record("import_ours_dropped_local_cache_s", drop_o)
+        b.rows.append(
+            Row(
+                "import, remount + caches dropped, objects in local cache",
+                "s",
+                do,
+                "native dropped",
+                dn,
+                ("<=", 1.5),
+                others={"squashfuse dropped": dq},
+            )
+        )
+        b.rows.append(
+            Row(
+                "import, cold from loopback origin (fresh cache dir)",
+                "s",
+                co,
+                "native dropped",
+                dn,
+                others={"squashfuse dropped": dq},
+            )
+        )
+    else:
+        b.rows.append(Row("import, cold from loopback origin (fresh cache dir)", "s", co))
