@@ -25,12 +25,14 @@ from unittest import mock
 
 from bench.lease_trace_accounting import LEASE_ENDED, LeaseResult, Params
 from bench.util import ROOT, say
-from runner.confine import Confinement, job_user_for_node
+from runner.confine import Confinement
+from runner.job_user import job_user_for_node
 from runner.lease import Lease
 from runner.masonry import run_pilot
-from runner.node_run import RunReport, StopRequest, run_job
+from runner.node_run import RunReport, run_job
 from runner.sizing import WorkHistory
 from runner.spec import parse_spec
+from runner.stop import StopRequest
 
 WORK = ROOT / "bench" / "work" / "lease_trace"
 

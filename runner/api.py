@@ -23,8 +23,8 @@ from typing import Any
 from aiohttp import web
 
 from runner.exceptions import JobSpecError, UnknownJob
-from runner.node_run import MAX_GRACE, grace_problem
 from runner.service import JobService
+from runner.stop import MAX_GRACE, grace_problem
 
 _SERVICE: web.AppKey[JobService] = web.AppKey("runner.job_service", JobService)
 

@@ -17,21 +17,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.confine import (
-    DEFAULT_CGROUP_PARENT,
-    DEFAULT_JOB_USER,
-    Confinement,
-    cgroup_parent_problem,
-    job_user_for_node,
-)
+from runner.confine import DEFAULT_CGROUP_PARENT, Confinement, cgroup_parent_problem
 from runner.elastic import run_elastic_job
 from runner.exceptions import JobRefused, RunnerConfigError, RunnerError
+from runner.job_user import DEFAULT_JOB_USER, job_user_for_node
 from runner.lease import Lease, LeaseOptions, discover_lease, lease_option, shutdown_probe
 from runner.masonry import run_pilot
-from runner.node_run import StopRequest, grace_problem, stop_on_sigterm
 from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
+from runner.stop import StopRequest, grace_problem, stop_on_sigterm
 
 _STATE = Path(os.environ.get("SWARM_RUNNER_STATE", "/var/lib/swarm/runner"))
 

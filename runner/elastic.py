@@ -16,9 +16,10 @@ from pathlib import Path
 from runner.confine import Confinement
 from runner.exceptions import JobRefused
 from runner.lease import Lease
-from runner.node_run import RunReport, StopRequest, run_job
+from runner.node_run import RunReport, run_job
 from runner.sizing import Sizing, WorkHistory, size_job
 from runner.spec import JobSpec
+from runner.stop import StopRequest
 
 # What a job keeps of its lease for cutting, gathering and reporting:
 # 1 % of the time left, at least END_RESERVE (tunable: a compressed-time

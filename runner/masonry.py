@@ -39,9 +39,9 @@ from runner.confine import Confinement
 from runner.elastic import END_RESERVE, run_elastic_job
 from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueBusy, RunnerError
 from runner.lease import Lease
-from runner.node_run import StopRequest
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
+from runner.stop import StopRequest
 
 log = logging.getLogger("runner.masonry")
 

@@ -11,7 +11,7 @@ covers events ``first_event + i * events_per_task`` onwards). A
                            +--failed, no attempts left--> abandoned
 
 No processes, files or clocks here: the caller passes ``now`` and turns
-outcomes into actions (see :mod:`runner.node_run`).
+outcomes into actions (see :mod:`runner.gather`).
 
 Memory does not grow with the size of a job: tasks are handed out lazily (a
 cursor over the plan's fresh tasks plus a queue of requeued ones, never a

@@ -37,20 +37,15 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from runner.confine import (
-    DEFAULT_CGROUP_PARENT,
-    DEFAULT_JOB_USER,
-    Confinement,
-    cgroup_parent_problem,
-    job_user_for_node,
-)
+from runner.confine import DEFAULT_CGROUP_PARENT, Confinement, cgroup_parent_problem
 from runner.exceptions import JobSpecError, RunnerConfigError, RunnerError, UnknownJob
+from runner.job_user import DEFAULT_JOB_USER, job_user_for_node
 from runner.lease import LEASE_KEYS, Lease, LeaseOptions, discover_lease, lease_config
 from runner.masonry import PilotReport, QueueLock, run_pilot
-from runner.node_run import StopRequest, grace_problem
 from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
 from runner.spec import MAX_SPEC_BYTES, decode_spec, parse_spec
+from runner.stop import StopRequest, grace_problem
 
 log = logging.getLogger("runner.service")
 

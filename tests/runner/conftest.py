@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.confine import find_memory_hierarchy, remove_cgroup, sweep_stale_cgroups
+from runner.memory_cgroup import find_memory_hierarchy, remove_cgroup, sweep_stale_cgroups
 
 
 def _missing(why: str) -> None:

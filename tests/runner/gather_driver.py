@@ -7,8 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from runner.node_run import StopRequest, run_job, stop_on_sigterm
+from runner.node_run import run_job
 from runner.spec import parse_spec
+from runner.stop import StopRequest, stop_on_sigterm
 
 SYNTH = str(Path(__file__).with_name("synth_events.py"))
 

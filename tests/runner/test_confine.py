@@ -18,15 +18,11 @@ from typing import Any
 
 import pytest
 
-from runner import confine
-from runner.confine import (
-    Confinement,
-    JobUser,
-    check_reachable,
-    find_memory_hierarchy,
-    job_user_for_node,
-)
+from runner import task_launch
+from runner.confine import Confinement
 from runner.exceptions import ConfinementError, TaskError
+from runner.job_user import JobUser, check_reachable, job_user_for_node
+from runner.memory_cgroup import find_memory_hierarchy
 from runner.node_run import run_job
 from runner.service import job_service_from_config
 from runner.spec import JobSpec, parse_spec
@@ -132,8 +128,8 @@ def _log(work: Path, task: int = 0, attempt: int = 1) -> str:
 def launcher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Both ways of starting a task: exec'd sh + setpriv, and the preexec_fn fallback."""
     if request.param == "preexec":
-        monkeypatch.setattr("runner.confine._setpriv", lambda: None)
-    elif confine._setpriv() is None:
+        monkeypatch.setattr("runner.task_launch._setpriv", lambda: None)
+    elif task_launch._setpriv() is None:
         _missing_setpriv()
     return str(request.param)
 
@@ -246,10 +242,11 @@ def _alive(pid: int) -> bool:
 
 GATHER_AS_NOBODY = """
 import sys
-import runner.confine
-from runner.confine import Confinement, JobUser
+import runner.task_launch
+from runner.confine import Confinement
+from runner.job_user import JobUser
 if sys.argv[2] == "preexec":
-    runner.confine._setpriv = lambda: None
+    runner.task_launch._setpriv = lambda: None
 from runner.node_run import run_job
 from runner.spec import parse_spec
 spec = parse_spec({

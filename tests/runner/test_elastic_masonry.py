@@ -15,9 +15,9 @@ from runner.elastic import run_elastic_job
 from runner.exceptions import JobRefused
 from runner.lease import Lease
 from runner.masonry import run_pilot
-from runner.node_run import StopRequest
 from runner.sizing import WorkHistory
 from runner.spec import parse_spec
+from runner.stop import StopRequest
 
 SYNTH = str(Path(__file__).with_name("synth_events.py"))
 

@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 from runner.exceptions import JournalError, TaskError
-from runner.node_run import StopRequest, run_job
+from runner.node_run import run_job
 from runner.spec import JobSpec, parse_spec
+from runner.stop import StopRequest
 from swarm_testing.waiting import eventually
 
 HERE = Path(__file__).parent
