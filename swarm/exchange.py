@@ -15,10 +15,12 @@ client workflow (python-tuf) and torrents are checked against the SHA-256 in
 a verified target.  A peer can therefore withhold or delay, never forge; a
 stale peer cannot roll a node back (TUF rejects older versions).
 
-:class:`ExchangeFetcher` is the python-tuf ``FetcherInterface`` of a node: it
-asks the origin first and then peers, and for ``timestamp.json`` asks them
-all and keeps the highest version, so a peer that saw a newer revision than
-the node's origin mirror spreads it.
+:class:`ExchangeFetcher` is a node's :class:`trust.client.MetadataSource`
+(asked by file name) and its ``.torrent`` fetcher: it asks the origin first
+and then peers, and for ``timestamp.json`` asks them all and keeps the
+highest version, so a peer that saw a newer revision than the node's origin
+mirror spreads it.  Every URL comes from :class:`swarm.layout.RepositoryURLs`;
+every GET goes through an injected :class:`swarm.http_get.Transport`.
 """
 
 from __future__ import annotations
@@ -30,32 +32,26 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from aiohttp import web
 from tuf.api import exceptions as tuf_exceptions
-from tuf.ngclient.fetcher import FetcherInterface
 
-from cvmfs_like.objects import relative_path
 from swarm.exceptions import FetchError, FetchStatus, FetchTooLong
-from swarm.http_get import HTTPClient
+from swarm.http_get import HTTPClient, Transport
+from swarm.layout import PEER_METADATA_ROUTE, PEER_TORRENT_ROUTE, RepositoryURLs
 from trust.exceptions import TrustError
 
 log = logging.getLogger(__name__)
 
-LOGICAL_BASE = "http://swarm.invalid/"  # what TrustedRepository sees; never contacted
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_METADATA = 64 << 20
 _MAX_TORRENT = 256 << 20
 _SLACK = 1.0  # seconds past a source's own deadline before it is left behind
-
-
-def logical_metadata_url(repo: str) -> str:
-    return f"{LOGICAL_BASE}{repo}/metadata/"
 
 
 def _version_of(path: Path) -> int | None:
@@ -92,8 +88,8 @@ class PeerExchange:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024)
-        app.router.add_get("/v1/peer/repos/{repo}/metadata/{file}", self._metadata)
-        app.router.add_get("/v1/peer/repos/{repo}/torrents/{sha}", self._torrent)
+        app.router.add_get(PEER_METADATA_ROUTE, self._metadata)
+        app.router.add_get(PEER_TORRENT_ROUTE, self._torrent)
         return app
 
     def _dir(self, request: web.Request) -> Path:
@@ -182,12 +178,13 @@ class SourceScores:
             }
 
 
-class ExchangeFetcher(FetcherInterface):
+class ExchangeFetcher:
     """Metadata from the origin, else from peers (see the module docstring).
 
     ``peers()`` returns the peer exchange base URLs known now
-    (``http://10.1.0.2:6880/``).  Runs in worker threads, never on the event
-    loop: python-tuf's Updater is blocking.
+    (``http://10.1.0.2:6880/``).  ``transport`` makes the GETs (default: an
+    :class:`HTTPClient` keeping a few connections per host).  Runs in worker
+    threads, never on the event loop: python-tuf's Updater is blocking.
     """
 
     def __init__(
@@ -198,6 +195,7 @@ class ExchangeFetcher(FetcherInterface):
         *,
         timeout: float = 10.0,
         screen: Callable[[str, bytes], int] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.repo = repo
         self.origin = origin
@@ -205,20 +203,24 @@ class ExchangeFetcher(FetcherInterface):
         self.timeout = timeout
         # Keep-alive connections per origin and peer; a GET on one the peer
         # closed while idle is retried once on a new connection (http_get).
-        self._http = HTTPClient(idle_per_host=4)
+        self._http: Transport = transport or HTTPClient(idle_per_host=4)
         self.last_source: dict[str, str] = {}  # file -> where it came from
         self.scores = SourceScores()
         # Checks a candidate before it is chosen (TrustedRepository.screen):
         # set by the node once the repository's TrustedRepository exists.
         self.screen: Callable[[str, bytes], int] | None = screen
 
-    def _sources(self, name: str) -> list[tuple[str, str]]:
-        """(source, URL) pairs for metadata file ``name``, best first."""
+    def _servers(self) -> list[tuple[str, RepositoryURLs]]:
+        """(source, its URLs): the origin first, then the peers known now."""
         out = []
         if self.origin is not None:
-            out.append((self.origin, f"{self.origin}{self.repo}/metadata/{name}"))
-        out += [(p, f"{p}v1/peer/repos/{self.repo}/metadata/{name}") for p in self.peers()]
-        return self.scores.ordered(out)
+            out.append((self.origin, RepositoryURLs.origin(self.origin, self.repo)))
+        out += [(p, RepositoryURLs.peer(p, self.repo)) for p in self.peers()]
+        return out
+
+    def _sources(self, name: str) -> list[tuple[str, str]]:
+        """(source, URL) pairs for metadata file ``name``, best first."""
+        return self.scores.ordered([(s, urls.metadata(name)) for s, urls in self._servers()])
 
     def _get(self, url: str, limit: int) -> bytes:
         """One GET within ``timeout`` (headers and body), at most ``limit`` bytes.
@@ -237,8 +239,16 @@ class ExchangeFetcher(FetcherInterface):
         except FetchError as exc:
             raise tuf_exceptions.DownloadError(str(exc)) from exc
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        name = url.rpartition("/metadata/")[2]
+    def fetch_metadata(self, name: str) -> bytes:
+        """Metadata file ``name`` (the TUF name): the first source whose copy
+        passes the screen, or for ``timestamp.json`` the highest version any
+        source offers.
+
+        Raises:
+            tuf.api.exceptions.RepositoryError: every source sent bad data.
+            tuf.api.exceptions.DownloadHTTPError: (404) no source has it.
+            tuf.api.exceptions.DownloadError: no source delivered.
+        """
         sources = self._sources(name)
         if not sources:
             raise tuf_exceptions.DownloadError(f"{name}: no origin and no peers known")
@@ -247,7 +257,7 @@ class ExchangeFetcher(FetcherInterface):
         else:
             data, where = self._first(name, sources)
         self.last_source[name] = where
-        return iter([data])
+        return data
 
     def _screened(self, name: str, source: str, data: bytes) -> int | None:
         """The version of ``data`` if it passes the screen, else None (the
@@ -356,10 +366,7 @@ class ExchangeFetcher(FetcherInterface):
         Raises:
             tuf.api.exceptions.DownloadError: nobody delivered the right bytes.
         """
-        sources = []
-        if self.origin is not None:
-            sources.append((self.origin, f"{self.origin}{self.repo}/data/{relative_path(sha256)}"))
-        sources += [(p, f"{p}v1/peer/repos/{self.repo}/torrents/{sha256}") for p in self.peers()]
+        sources = [(s, urls.torrent(sha256)) for s, urls in self._servers()]
         errors = []
         for source, url in self.scores.ordered(sources):
             try:

@@ -46,39 +46,21 @@ from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError, TransferError
-from swarm.exchange import ExchangeFetcher, PeerExchange, logical_metadata_url
+from swarm.exchange import ExchangeFetcher, PeerExchange
+from swarm.layout import RepositoryURLs
 from swarm.options import ValueRangeError, parse_count, parse_seconds
 from swarm.origin_client import OriginObjectSource
 from swarm.release_torrent import TorrentRef
+from swarm.repository import RepositorySpec, open_repository
 from swarm.transfer import TorrentMeta, Transfer, TransferSession
 from trust.client import TrustedRepository
-from trust.exceptions import TrustError, TrustTransportError
+from trust.exceptions import TrustError
 from trust.targets import ReleaseTarget
 
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[[NodeConfig], TransferSession]
 TorrentParser = Callable[[bytes], TorrentMeta]
-
-
-class _NodeTrusted:
-    """A repository's trusted metadata as its MountedRelease sees it: the
-    node refreshes it itself before asking the mount to update."""
-
-    def __init__(self, trusted: TrustedRepository) -> None:
-        self._t = trusted
-
-    def refresh(self) -> None:
-        pass
-
-    def load_cached(self) -> None:
-        pass
-
-    def releases(self) -> list[ReleaseTarget]:
-        return self._t.releases()
-
-    def tags(self) -> dict[str, ReleaseTarget]:
-        return self._t.tags()
 
 
 @dataclass
@@ -316,25 +298,26 @@ class Node:
             raise ConfigError(
                 f'repositories."{rc.name}".trust: cannot read {rc.trust}: {exc.strerror}'
             ) from None
-        fetcher = ExchangeFetcher(
-            rc.name, rc.origin, self.peer_urls, timeout=self.config.fetch_timeout
+        spec = RepositorySpec(
+            rc.name, rc.origin, root_bytes, rdir / "metadata", self.config.fetch_timeout
         )
-        trusted = TrustedRepository(
-            rdir / "metadata",
-            logical_metadata_url(rc.name),
-            fetcher=fetcher,
-            trusted_root=root_bytes,
-        )
-        fetcher.screen = trusted.screen  # candidates are verified before one is chosen
         origin = (
             OriginObjectSource(rc.origin, rc.name, timeout=self.config.fetch_timeout)
             if rc.origin is not None
             else None
         )
         source = SwarmObjectSource(rc.name, loop, origin, timeout=self.config.fetch_timeout)
-        cache = ObjectCache(rdir / "cache", rc.cache_quota, gate=self._fetch_gate)
-        mounted = MountedRelease(rc.name, _NodeTrusted(trusted), source, cache, tag=rc.tag)
-        return RepoState(rc, rdir, trusted, fetcher, cache, source, mounted)
+        repo = open_repository(
+            spec,
+            source,
+            cache_dir=rdir / "cache",
+            quota=rc.cache_quota,
+            gate=self._fetch_gate,
+            tag=rc.tag,
+            peers=self.peer_urls,
+            refreshes=False,  # the node refreshes first, then follows the torrent
+        )
+        return RepoState(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted)
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -503,23 +486,17 @@ class Node:
         async with self._refresh_lock:
             rs.last_refresh = time.time()
             rs.last_error = None
-            try:
-                await asyncio.to_thread(rs.trusted.refresh)
-            except TrustTransportError as exc:
-                rs.last_error = f"metadata unreachable: {exc}"
+            outcome = await asyncio.to_thread(rs.trusted.refresh_or_cached)
+            if outcome.unreachable:
+                rs.last_error = f"metadata unreachable: {outcome.error}"
                 log.warning("%s: %s", name, rs.last_error)
                 self._wake.set()
-                try:
-                    await asyncio.to_thread(rs.trusted.load_cached)
-                except TrustError as exc2:
-                    rs.last_error += f"; no cached metadata: {exc2}"
-                    return self.repo_status(name)
-            except TrustError as exc:
-                rs.last_error = f"metadata refused: {exc}"
+            elif outcome.error is not None:
+                rs.last_error = f"metadata refused: {outcome.error}"
                 log.error("%s: %s", name, rs.last_error)
-                if not rs.started:
-                    with contextlib.suppress(TrustError):
-                        await asyncio.to_thread(rs.trusted.load_cached)
+            if outcome.cached_error is not None:
+                rs.last_error = f"{rs.last_error}; no cached metadata: {outcome.cached_error}"
+                return self.repo_status(name)
             try:
                 await self._follow_release(rs)
             except (SwarmError, ReleaseError, TrustError) as exc:
@@ -616,9 +593,12 @@ class Node:
             meta = await self._torrent_for(rs, ref, f"image {t.name}/{t.version}")
             if len(meta.files) != 1 or meta.files[0].pieces_root != t.pieces_root:
                 raise TransferError(f"image {t.name}/{t.version}: torrent does not match target")
-            from swarm.images import web_seed_url
-
-            seeds = (web_seed_url(rs.cfg.origin, rs.cfg.name, t),) if rs.cfg.origin else ()
+            origin = rs.cfg.origin
+            seeds = (
+                (RepositoryURLs.origin(origin, rs.cfg.name).image_seed(t.target_name),)
+                if origin
+                else ()
+            )
             transfer = self.session.add(
                 meta,
                 rs.dir / "images" / t.name / t.version,

@@ -17,10 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from swarm.exceptions import FetchTimeout
 from swarm.exchange import ExchangeFetcher
+from swarm.repository import RepositorySpec, open_trusted
 from tests.hostile_http import Answer, HostileServer
+from tests.mock_transport import MockTransport
 from tests.swarm.test_node import REPO, Site, running
-from trust.client import TrustedRepository
+from trust.client import Freshness, TrustedRepository
 from trust.exceptions import MetadataFormatError, SignatureError
 
 HOSTILE = 7  # bootstrap index: the hostile peer listens on 127.0.0.9
@@ -129,24 +132,49 @@ def test_a_trickling_peer_does_not_stall_the_refresh(site: Site) -> None:
         asyncio.run(main())
 
 
-def test_a_bad_torrent_is_checked_before_parsing_and_the_next_source_tried(
-    tmp_path: Path,
-) -> None:
+def test_a_bad_torrent_is_checked_before_parsing_and_the_next_source_tried() -> None:
     torrent = b"d4:infod6:lengthi1eee"  # any bytes: the hash decides
     sha = hashlib.sha256(torrent).hexdigest()
-    with (
-        HostileServer({}) as liar,
-        HostileServer({f"/v1/peer/repos/{REPO}/torrents/{sha}": Answer(torrent)}) as honest,
-    ):
-        liar.answers[f"/{REPO}/data/{sha[:2]}/{sha}"] = Answer(b"x" * len(torrent))
-        fetcher = ExchangeFetcher(REPO, liar.url, lambda: [honest.url], timeout=2)
-        data, src = fetcher.fetch_torrent(sha, len(torrent))
-        assert data == torrent and src.startswith(honest.url)
-        report = fetcher.scores.report()[liar.url]
-        assert report["bad_data"] == 1 and "torrent" in str(report["problem"])
-        # the liar is asked last from now on
-        fetcher.fetch_torrent(sha, len(torrent))
-        assert len(liar.requests) == 1
+    origin, peer = "http://origin.test/", "http://peer.test:6880/"
+    transport = MockTransport(
+        {
+            f"{origin}{REPO}/data/{sha[:2]}/{sha}": b"x" * len(torrent),  # the liar
+            f"{peer}v1/peer/repos/{REPO}/torrents/{sha}": torrent,
+        }
+    )
+    fetcher = ExchangeFetcher(REPO, origin, lambda: [peer], timeout=2, transport=transport)
+    data, src = fetcher.fetch_torrent(sha, len(torrent))
+    assert data == torrent and src.startswith(peer)
+    report = fetcher.scores.report()[origin]
+    assert report["bad_data"] == 1 and "torrent" in str(report["problem"])
+    # the liar is asked last from now on
+    fetcher.fetch_torrent(sha, len(torrent))
+    assert sum(u.startswith(origin) for u in transport.requests) == 1
+
+
+def test_the_highest_screened_timestamp_wins_and_a_forger_is_scored_down(site: Site) -> None:
+    meta = site.tmp / "store" / REPO / "metadata"
+    honest = (meta / "timestamp.json").read_bytes()
+    origin, liar, slow = "http://origin.test/", "http://liar.test/", "http://slow.test/"
+    transport = MockTransport(
+        {
+            **{f"{origin}{REPO}/metadata/{f.name}": f.read_bytes() for f in meta.glob("*.json")},
+            f"{liar}v1/peer/repos/{REPO}/metadata/timestamp.json": _forged_timestamp(site, 99),
+            f"{slow}v1/peer/repos/{REPO}/metadata/timestamp.json": FetchTimeout("silent"),
+        }
+    )
+    trusted, fetcher = open_trusted(
+        RepositorySpec(REPO, origin, site.root_json.read_bytes(), site.tmp / "meta", 2),
+        peers=lambda: [liar, slow],
+        transport=transport,
+    )
+    assert fetcher.fetch_metadata("timestamp.json") == honest
+    assert fetcher.last_source["timestamp.json"].startswith(origin)
+    report = fetcher.scores.report()
+    assert report[liar]["bad_data"] == 1 and report[slow]["bad_data"] == 0
+    # the whole refresh goes through the same transport
+    assert trusted.refresh_or_cached().freshness is Freshness.REFRESHED
+    assert trusted.targets_version >= 1
 
 
 def test_metadata_errors_name_the_file_that_failed(site: Site, tmp_path: Path) -> None:
