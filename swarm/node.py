@@ -4,26 +4,27 @@ It follows repositories, gets their metadata and content from peers (the
 origin only as a fallback and web seed), seeds whatever it holds, and exposes
 releases and VM images in its FUSE mount, fetched on first read and verified.
 
+Where things live: :class:`Node` owns the lifecycle (state directory, API
+token, listeners, the mount, the refresh loop and its back-off); each
+repository is opened by :func:`swarm.repository.open_repository` and
+followed by a :class:`swarm.follower.Follower` (phases metadata, revision,
+images); reads from FUSE threads reach the loop through
+:class:`swarm.reads.LoopBridge`, one deadline per fetch on the node's clock.
+
 Threads and the loop: the event loop owns libtorrent (through
 :class:`swarm.transfer.TransferSession`), the HTTP API and the peer exchange.
 Blocking work (TUF refreshes, catalog loads, hashing) runs in worker threads;
-FUSE callbacks arrive on libfuse's threads and reach the loop with
-``run_coroutine_threadsafe``, waiting with a bounded timeout, never on the
-loop thread itself.
+FUSE callbacks arrive on libfuse's threads and never wait on the loop thread
+itself.
 
-Trust: a revision is used only through a verified TUF target; its torrent is
-fetched by the SHA-256 the target names and must have the signed info-hash;
-the object cache verifies every object's SHA-256 again before a reader sees
-it; an image's bytes come from pieces libtorrent checked against the signed
-merkle root, and an image appears in the mount only if the site policy
-accepts its publisher.
+Trust: see :mod:`swarm.follower` (what is followed, and only through
+verified targets) and :mod:`swarm.reads` (nothing is served unverified).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -34,152 +35,27 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuf.api import exceptions as tuf_exceptions
-
-from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
-from cvmfs_like.exceptions import ObjectUnavailable, ReleaseError
+from cvmfs_like.cache import MOUNT_THREADS, FetchGate
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
 from swarm.config import NodeConfig, RepositoryConfig
-from swarm.exceptions import ConfigError, SwarmError, TransferError
-from swarm.exchange import ExchangeFetcher, PeerExchange
-from swarm.layout import RepositoryURLs
+from swarm.exceptions import ConfigError, SwarmError
+from swarm.exchange import PeerExchange
+from swarm.follower import FollowContext, Follower
 from swarm.options import ValueRangeError, parse_count, parse_seconds
 from swarm.origin_client import OriginObjectSource
-from swarm.release_torrent import TorrentRef
+from swarm.reads import LoopBridge, SwarmObjectSource
 from swarm.repository import RepositorySpec, open_repository
 from swarm.transfer import TorrentMeta, Transfer, TransferSession
-from trust.client import TrustedRepository
 from trust.exceptions import TrustError
-from trust.targets import ReleaseTarget
 
 log = logging.getLogger(__name__)
 
 SessionFactory = Callable[[NodeConfig], TransferSession]
 TorrentParser = Callable[[bytes], TorrentMeta]
-
-
-@dataclass
-class _Holding:
-    """Where one object can be read from the swarm."""
-
-    transfer: Transfer
-    file_index: int
-
-
-class SwarmObjectSource:
-    """Objects of one repository: through the swarm when a torrent of this
-    node names them, else (or if the swarm cannot deliver in time) from the
-    origin.  Called from FUSE and worker threads only.
-
-    One deadline per fetch, ``timeout`` seconds: the swarm gets the first
-    half of it when an origin can take over (all of it otherwise), the origin
-    what is left, so a reader has its bytes or EIO within ``timeout``.
-    """
-
-    def __init__(
-        self,
-        repo: str,
-        loop: asyncio.AbstractEventLoop,
-        origin: OriginObjectSource | None,
-        *,
-        timeout: float,
-    ) -> None:
-        self.repo = repo
-        self.loop = loop
-        self.origin = origin
-        self.timeout = timeout
-        self.index: dict[str, _Holding] = {}
-        self.from_swarm = 0
-        self.from_origin = 0
-
-    def fetch(self, digest: str, size: int) -> bytes:
-        """The object's (unverified) bytes, within ``timeout`` seconds.
-
-        Raises:
-            ObjectUnavailable: neither the swarm nor the origin delivered in time.
-        """
-        deadline = time.monotonic() + self.timeout
-        held = self.index.get(digest)
-        swarm_error = "no torrent of this node names it"
-        if held is not None:
-            swarm_time = self.timeout if self.origin is None else self.timeout / 2
-            fut = asyncio.run_coroutine_threadsafe(
-                held.transfer.read(held.file_index, 0, size), self.loop
-            )
-            try:
-                data = fut.result(swarm_time)
-                self.from_swarm += 1
-                return data
-            except TimeoutError:
-                fut.cancel()
-                swarm_error = f"the swarm did not deliver within {swarm_time:g} s"
-            except TransferError as exc:
-                swarm_error = f"swarm: {exc}"
-        if self.origin is None:
-            raise ObjectUnavailable(digest, f"{swarm_error}, and no origin is configured")
-        data = self.origin.fetch(digest, size, deadline=deadline)
-        self.from_origin += 1
-        return data
-
-
-@dataclass
-class NodeImage:
-    """A VM image served by the mount, read through its torrent (ImageFile)."""
-
-    repo: str
-    name: str
-    version: str
-    size: int
-    published: int
-    sha256: str
-    transfer: Transfer
-    loop: asyncio.AbstractEventLoop
-    timeout: float
-
-    def read(self, offset: int, size: int) -> bytes:
-        fut = asyncio.run_coroutine_threadsafe(self.transfer.read(0, offset, size), self.loop)
-        try:
-            return fut.result(self.timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise ObjectUnavailable(
-                self.transfer.meta.info_hash, f"image pieces not delivered in {self.timeout:g} s"
-            ) from None
-        except TransferError as exc:
-            raise ObjectUnavailable(self.transfer.meta.info_hash, str(exc)) from exc
-
-    def xattrs(self) -> dict[str, bytes]:
-        return {
-            "repository": self.repo.encode(),
-            "image": self.name.encode(),
-            "version": self.version.encode(),
-            "hash": self.sha256.encode(),
-            "info_hash": self.transfer.meta.info_hash.encode(),
-        }
-
-
-@dataclass
-class RepoState:
-    """One followed repository on this node."""
-
-    cfg: RepositoryConfig
-    dir: Path
-    trusted: TrustedRepository
-    fetcher: ExchangeFetcher
-    cache: ObjectCache
-    source: SwarmObjectSource
-    mounted: MountedRelease
-    started: bool = False
-    last_refresh: float | None = None
-    last_error: str | None = None
-    revision_torrents: dict[int, str] = field(default_factory=dict)  # revision -> info_hash
-    images: dict[tuple[str, str], NodeImage] = field(default_factory=dict)
-    refused_images: dict[str, str] = field(default_factory=dict)  # "name/version" -> why
 
 
 class Node:
@@ -201,7 +77,7 @@ class Node:
         self.image_policy = image_policy
         self.job_service = job_service
         self.clock = clock
-        self.repos: dict[str, RepoState] = {}
+        self.repos: dict[str, Follower] = {}
         self.namespace = Namespace()
         self.ops: Any = None  # fs.ReleaseOperations once mounted
         self._mount_thread: threading.Thread | None = None
@@ -234,8 +110,18 @@ class Node:
         except OSError as exc:
             raise ConfigError(f"data_dir: {cfg.data_dir}: {exc.strerror}") from None
         self._token = self._load_token()
+        ctx = FollowContext(
+            self.session,
+            self._parse_torrent,
+            self.image_policy,
+            LoopBridge(loop, self.clock),
+            cfg.fetch_timeout,
+            self._show_repository,
+            self._invalidate,
+            self._publish_images,
+        )
         for name, rc in cfg.repositories.items():
-            self.repos[name] = self._open_repo(rc, loop)
+            self.repos[name] = self._open_repo(rc, ctx)
         await self.session.start()
         for b in cfg.bootstrap:
             self.session.connect(str(b))
@@ -288,7 +174,7 @@ class Node:
     def check_token(self, presented: str | None) -> bool:
         return presented is not None and secrets.compare_digest(presented, self._token)
 
-    def _open_repo(self, rc: RepositoryConfig, loop: asyncio.AbstractEventLoop) -> RepoState:
+    def _open_repo(self, rc: RepositoryConfig, ctx: FollowContext) -> Follower:
         rdir = self.config.repo_dir(rc.name)
         for sub in ("metadata", "torrents", "swarm", "cache", "images"):
             (rdir / sub).mkdir(parents=True, exist_ok=True)
@@ -306,7 +192,7 @@ class Node:
             if rc.origin is not None
             else None
         )
-        source = SwarmObjectSource(rc.name, loop, origin, timeout=self.config.fetch_timeout)
+        source = SwarmObjectSource(rc.name, ctx.bridge, origin, timeout=self.config.fetch_timeout)
         repo = open_repository(
             spec,
             source,
@@ -317,7 +203,7 @@ class Node:
             peers=self.peer_urls,
             refreshes=False,  # the node refreshes first, then follows the torrent
         )
-        return RepoState(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted)
+        return Follower(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted, ctx)
 
     async def _start_http(self) -> None:
         from aiohttp import web
@@ -441,8 +327,8 @@ class Node:
 
     # -- repositories --------------------------------------------------------------------
 
-    def _metadata_failing(self) -> bool:
-        return any((r.last_error or "").startswith("metadata") for r in self.repos.values())
+    def _retry_soon(self) -> bool:
+        return any(r.retry_soon for r in self.repos.values())
 
     async def _refresh_loop(self) -> None:
         """Refresh every ``refresh_interval``.  While a repository's metadata
@@ -452,7 +338,7 @@ class Node:
         interval because one fetch failed."""
         backoff: float | None = None
         while not self._stopping.is_set():
-            if self._metadata_failing():
+            if self._retry_soon():
                 backoff = 2.0 if backoff is None else backoff * 2
                 delay = min(backoff, self.config.refresh_interval)
             else:
@@ -480,148 +366,15 @@ class Node:
         """Refresh one repository's metadata now and switch to a newer revision.
 
         Never raises for transport or verification failures: the current
-        revision keeps being served and the error is reported.
+        revision keeps being served and the error is reported (each phase's
+        own, swarm.follower).
         """
-        rs = self.repos[name]
+        follower = self.repos[name]
         async with self._refresh_lock:
-            rs.last_refresh = time.time()
-            rs.last_error = None
-            outcome = await asyncio.to_thread(rs.trusted.refresh_or_cached)
-            if outcome.unreachable:
-                rs.last_error = f"metadata unreachable: {outcome.error}"
-                log.warning("%s: %s", name, rs.last_error)
-                self._wake.set()
-            elif outcome.error is not None:
-                rs.last_error = f"metadata refused: {outcome.error}"
-                log.error("%s: %s", name, rs.last_error)
-            if outcome.cached_error is not None:
-                rs.last_error = f"{rs.last_error}; no cached metadata: {outcome.cached_error}"
-                return self.repo_status(name)
-            try:
-                await self._follow_release(rs)
-            except (SwarmError, ReleaseError, TrustError) as exc:
-                rs.last_error = f"revision: {exc}"
-                log.error("%s: %s", name, rs.last_error)
-            if rs.cfg.images:
-                try:
-                    await self._follow_images(rs)
-                except (SwarmError, TrustError) as exc:
-                    rs.last_error = f"images: {exc}"
-                    log.error("%s: %s", name, rs.last_error)
+            await follower.refresh()
+        if follower.retry_soon:
+            self._wake.set()
         return self.repo_status(name)
-
-    def _wanted_release(self, rs: RepoState) -> ReleaseTarget | None:
-        if rs.cfg.tag is not None:
-            return rs.trusted.tags().get(rs.cfg.tag)
-        return rs.trusted.latest_release()
-
-    async def _torrent_for(self, rs: RepoState, ref: TorrentRef, where: str) -> TorrentMeta:
-        """The verified torrent ``ref`` names: from this node's copy, the
-        origin or a peer."""
-        path = rs.dir / "torrents" / f"{ref.sha256}.torrent"
-        data = b""
-        with contextlib.suppress(OSError):
-            data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            try:
-                data, src = await asyncio.to_thread(
-                    rs.fetcher.fetch_torrent, ref.sha256, ref.length
-                )
-            except tuf_exceptions.DownloadError as exc:
-                raise TransferError(
-                    f"{where}: torrent {ref.sha256[:12]} unavailable: {exc}"
-                ) from exc
-            log.info("%s: torrent %s from %s", rs.cfg.name, ref.sha256[:12], src)
-        meta = self._parse_torrent(data)
-        ref.check(data, meta)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return meta
-
-    async def _follow_release(self, rs: RepoState) -> None:
-        release = self._wanted_release(rs)
-        if release is None:
-            raise ReleaseError("no published revision")
-        target = rs.trusted.targets().get(f"revisions/{release.revision}")
-        ref = TorrentRef.from_custom(
-            None if target is None else target.custom, f"revision {release.revision}"
-        )
-        if ref is not None and release.revision not in rs.revision_torrents:
-            meta = await self._torrent_for(rs, ref, f"revision {release.revision}")
-            origin = rs.cfg.origin
-            transfer = self.session.add(
-                meta,
-                rs.dir / "swarm",
-                prefetch=rs.cfg.policy == "prefetch",
-                web_seeds=(origin,) if origin else (),
-            )
-            index = dict(rs.source.index)
-            for i, f in enumerate(meta.files):
-                if f.path.startswith("data/"):
-                    index[f.path.rpartition("/")[2]] = _Holding(transfer, i)
-            rs.source.index = index
-            rs.revision_torrents[release.revision] = meta.info_hash
-        if not rs.started:
-            await asyncio.to_thread(rs.mounted.start)
-            rs.started = True
-            self.namespace.set_repository(rs.cfg.name, rs.mounted)
-            self._invalidate([b""])
-            return
-        result = await asyncio.to_thread(rs.mounted.update)
-        if result.error:
-            raise ReleaseError(result.error)
-        if result.changed:
-            top = rs.cfg.name.encode()
-            self._invalidate([top + (b"/" + p if p else b"") for p in result.changed_paths])
-
-    async def _follow_images(self, rs: RepoState) -> None:
-        targets = rs.trusted.images()
-        kept: dict[tuple[str, str], NodeImage] = {}
-        refused: dict[str, str] = {}
-        for t in targets:
-            key = (t.name, t.version)
-            if self.image_policy is not None:
-                verdict = self.image_policy.check(rs.cfg.name, t, rs.trusted)
-                if not verdict.accepted:
-                    refused[f"{t.name}/{t.version}"] = verdict.reason
-                    continue
-            if key in rs.images:
-                kept[key] = rs.images[key]
-                continue
-            ref = TorrentRef(t.torrent_sha256, t.torrent_length, t.info_hash)
-            meta = await self._torrent_for(rs, ref, f"image {t.name}/{t.version}")
-            if len(meta.files) != 1 or meta.files[0].pieces_root != t.pieces_root:
-                raise TransferError(f"image {t.name}/{t.version}: torrent does not match target")
-            origin = rs.cfg.origin
-            seeds = (
-                (RepositoryURLs.origin(origin, rs.cfg.name).image_seed(t.target_name),)
-                if origin
-                else ()
-            )
-            transfer = self.session.add(
-                meta,
-                rs.dir / "images" / t.name / t.version,
-                prefetch=rs.cfg.policy == "prefetch",
-                web_seeds=seeds,
-            )
-            kept[key] = NodeImage(
-                rs.cfg.name,
-                t.name,
-                t.version,
-                t.size,
-                t.published,
-                t.sha256,
-                transfer,
-                asyncio.get_running_loop(),
-                self.config.fetch_timeout,
-            )
-        for key, img in rs.images.items():
-            if key not in kept:
-                self.session.remove(img.transfer.meta.info_hash)
-        rs.images = kept
-        rs.refused_images = refused
-        self._publish_images()
 
     def _publish_images(self) -> None:
         table: dict[tuple[str, str, str], ImageFile] = {}
@@ -656,6 +409,10 @@ class Node:
         if not await asyncio.to_thread(ready.wait, 30.0) or errors:
             why = errors[0] if errors else "no answer within 30 s"
             raise ConfigError(f"cannot mount {mountpoint}: {why}")
+
+    def _show_repository(self, name: str, mounted: MountedRelease) -> None:
+        self.namespace.set_repository(name, mounted)
+        self._invalidate([b""])
 
     def _invalidate(self, paths: list[bytes]) -> None:
         if self.ops is not None and paths:

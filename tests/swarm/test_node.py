@@ -321,6 +321,34 @@ def test_a_failed_metadata_fetch_is_retried_soon_not_after_the_interval(site: Si
     asyncio.run(main())
 
 
+def test_a_metadata_failure_followed_by_a_revision_failure_keeps_the_retry_backoff(
+    site: Site,
+) -> None:
+    # The revision phase fails on every refresh (no such tag); a metadata
+    # failure before it used to be overwritten by the revision's error, and
+    # with it the 2 s retry: the next try came a refresh_interval (an hour) later.
+    async def main() -> None:
+        async with running(site.node(0, policy='tag = "no-such-tag"')) as a:
+            assert a.repo_status(REPO)["last_error"].startswith("revision")
+            site.origin.stop()
+            await a.refresh(REPO)
+            st = a.repo_status(REPO)
+            assert st["last_error"].startswith("metadata unreachable"), st["last_error"]
+            assert "revision: " in st["last_error"]  # both phases' errors are kept
+            site.origin.start_again()
+            before = st["last_refresh"]
+            retried = {"last_error": "revision: no published revision"}
+            for _ in range(150):  # the back-off's first retry is 2 s away
+                st = a.repo_status(REPO)
+                if st["last_refresh"] != before and st["last_error"] == retried["last_error"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert st["last_refresh"] != before, "not retried soon"
+            assert st["last_error"] == retried["last_error"]  # the metadata phase recovered
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize(
     ("mode", "warned"),
     [(0o644, True), (0o620, True), (0o600, False)],
