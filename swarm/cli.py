@@ -331,7 +331,7 @@ def cmd_reload(a: argparse.Namespace) -> int:
 
 
 def cmd_node(a: argparse.Namespace) -> int:
-    from swarm.node import run_node
+    from swarm.daemon import run_node
 
     run_node(a.config)
     return 0

@@ -43,6 +43,7 @@ from tuf.api import exceptions as tuf_exceptions
 from swarm.exceptions import FetchError, FetchStatus, FetchTooLong
 from swarm.http_get import HTTPClient, Transport
 from swarm.layout import PEER_METADATA_ROUTE, PEER_TORRENT_ROUTE, RepositoryURLs
+from swarm.status import SourceProblem
 from trust.exceptions import TrustError
 
 log = logging.getLogger(__name__)
@@ -168,11 +169,11 @@ class SourceScores:
             record = self._records.get(source)
             return None if record is None else record.problem
 
-    def report(self) -> dict[str, dict[str, object]]:
+    def report(self) -> dict[str, SourceProblem]:
         """Sources with a recorded problem, for the node's status."""
         with self._lock:
             return {
-                s: {"strikes": r.strikes, "bad_data": r.bad_data, "problem": r.problem, "at": r.at}
+                s: SourceProblem(r.strikes, r.bad_data, r.problem, r.at)
                 for s, r in self._records.items()
                 if r.problem is not None
             }

@@ -40,6 +40,7 @@ from swarm.exchange import ExchangeFetcher
 from swarm.layout import RepositoryURLs
 from swarm.reads import Holding, LoopBridge, NodeImage, SwarmObjectSource
 from swarm.release_torrent import TorrentRef
+from swarm.status import CacheStats, RepositoryStatus, RevisionReport
 from swarm.transfer import TorrentMeta, TransferSession
 from trust.client import TrustedRepository
 from trust.exceptions import TrustError
@@ -122,6 +123,54 @@ class Follower:
     def retry_soon(self) -> bool:
         """Did a phase fail whose rule asks for a retry on the back-off?"""
         return any(RULES[p].retry_soon for p in self.errors)
+
+    # -- reports -------------------------------------------------------------------------
+
+    def status(self) -> RepositoryStatus:
+        current = self.mounted.current.release if self.started else None
+        return RepositoryStatus(
+            name=self.name,
+            origin=self.cfg.origin,
+            policy=self.cfg.policy,
+            revision=None if current is None else current.revision,
+            catalog=None if current is None else current.catalog,
+            published=None if current is None else current.published,
+            tag=self.cfg.tag,
+            last_refresh=self.last_refresh,
+            last_error=self.last_error,
+            metadata_from=dict(self.fetcher.last_source),
+            source_problems=self.fetcher.scores.report(),
+            torrents={str(k): v for k, v in self.revision_torrents.items()},
+            objects_from_swarm=self.source.from_swarm,
+            objects_from_origin=self.source.from_origin,
+            images=sorted(f"{n}/{v}" for n, v in self.images),
+            refused_images=dict(self.refused_images),
+            cache=CacheStats(**self.cache.stats()),
+        )
+
+    def revisions(self) -> list[RevisionReport]:
+        """The signed revisions and tags (none before metadata is trusted)."""
+        try:
+            releases = self.trusted.releases()
+            tags = self.trusted.tags()
+        except TrustError:
+            return []
+        by_rev: dict[int, list[str]] = {}
+        for tag, t in tags.items():
+            by_rev.setdefault(t.revision, []).append(tag)
+        current = self.mounted.current.release.revision if self.started else None
+        return [
+            RevisionReport(
+                revision=r.revision,
+                catalog=r.catalog,
+                published=r.published,
+                files=r.files,
+                bytes=r.total_bytes,
+                tags=sorted(by_rev.get(r.revision, [])),
+                current=r.revision == current,
+            )
+            for r in releases
+        ]
 
     # -- a refresh -----------------------------------------------------------------------
 

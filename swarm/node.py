@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -38,24 +39,31 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from cvmfs_like.cache import MOUNT_THREADS, FetchGate
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.exchange import PeerExchange
-from swarm.follower import FollowContext, Follower
-from swarm.options import ValueRangeError, parse_count, parse_seconds
+from swarm.follower import FollowContext, Follower, TorrentParser
 from swarm.origin_client import OriginObjectSource
 from swarm.reads import LoopBridge, SwarmObjectSource
 from swarm.repository import RepositorySpec, open_repository
-from swarm.transfer import TorrentMeta, Transfer, TransferSession
-from trust.exceptions import TrustError
+from swarm.status import (
+    CacheStats,
+    ImageReport,
+    NodeStatus,
+    PeerReport,
+    RepositoryStatus,
+    RevisionReport,
+    TransferReport,
+)
+from swarm.transfer import Transfer, TransferSession
+from trust.policy import ImagePolicy
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[NodeConfig], TransferSession]
-TorrentParser = Callable[[bytes], TorrentMeta]
 
 
 class Node:
@@ -67,10 +75,14 @@ class Node:
         session: TransferSession,
         *,
         parse_torrent: TorrentParser,
-        image_policy: Any = None,
+        image_policy: ImagePolicy | None = None,
         job_service: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        api: Callable[[Node], web.Application] | None = None,
     ) -> None:
+        """``api`` builds the HTTP API's app over this node (swarm.daemon
+        passes swarm.api.make_api_app); None: no API."""
+        self._api = api
         self.config = config
         self.session = session
         self._parse_torrent = parse_torrent
@@ -206,15 +218,11 @@ class Node:
         return Follower(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted, ctx)
 
     async def _start_http(self) -> None:
-        from aiohttp import web
-
-        from swarm.api import make_api_app
-
         exchange = PeerExchange(lambda: {n: r.dir for n, r in self.repos.items()})
-        for app, addr, attr in (
-            (exchange.app(), self.config.peer, "peer_port"),
-            (make_api_app(self), self.config.api, "api_port"),
-        ):
+        apps = [(exchange.app(), self.config.peer, "peer_port")]
+        if self._api is not None:
+            apps.append((self._api(self), self.config.api, "api_port"))
+        for app, addr, attr in apps:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
@@ -362,7 +370,7 @@ class Node:
                 except Exception:  # one repository's failure must not stop the others
                     log.exception("%s: refresh failed", name)
 
-    async def refresh(self, name: str) -> dict[str, Any]:
+    async def refresh(self, name: str) -> RepositoryStatus:
         """Refresh one repository's metadata now and switch to a newer revision.
 
         Never raises for transport or verification failures: the current
@@ -430,132 +438,79 @@ class Node:
             log.error("unmount of %s failed: %s", self.config.mount, exc)
         await asyncio.to_thread(thread.join, 10.0)
 
-    # -- reports (the HTTP API and `swarm status`) -------------------------------------------
+    # -- reports (the HTTP API and `swarm status`, swarm.status) ---------------------------
 
-    def repo_status(self, name: str) -> dict[str, Any]:
-        rs = self.repos[name]
-        mounted: dict[str, Any] = {}
-        if rs.started:
-            mounted = dict(rs.mounted.status())
-        return {
-            "name": name,
-            "origin": rs.cfg.origin,
-            "policy": rs.cfg.policy,
-            "revision": mounted.get("revision"),
-            "catalog": mounted.get("catalog"),
-            "published": mounted.get("published"),
-            "tag": rs.cfg.tag,
-            "last_refresh": rs.last_refresh,
-            "last_error": rs.last_error,
-            "metadata_from": dict(rs.fetcher.last_source),
-            "source_problems": rs.fetcher.scores.report(),
-            "torrents": {str(k): v for k, v in rs.revision_torrents.items()},
-            "objects_from_swarm": rs.source.from_swarm,
-            "objects_from_origin": rs.source.from_origin,
-            "images": sorted(f"{n}/{v}" for n, v in rs.images),
-            "refused_images": rs.refused_images,
-            "cache": rs.cache.stats(),
-        }
+    def follows(self, name: str) -> bool:
+        return name in self.repos
 
-    def revisions(self, name: str) -> list[dict[str, Any]]:
-        rs = self.repos[name]
-        try:
-            releases = rs.trusted.releases()
-            tags = rs.trusted.tags()
-        except TrustError:
-            return []
-        by_rev: dict[int, list[str]] = {}
-        for tag, t in tags.items():
-            by_rev.setdefault(t.revision, []).append(tag)
-        return [
-            {
-                "revision": r.revision,
-                "catalog": r.catalog,
-                "published": r.published,
-                "files": r.files,
-                "bytes": r.total_bytes,
-                "tags": sorted(by_rev.get(r.revision, [])),
-                "current": rs.started and rs.mounted.current.release.revision == r.revision,
-            }
-            for r in releases
-        ]
+    def repo_names(self) -> list[str]:
+        return list(self.repos)
 
-    def images(self) -> list[dict[str, Any]]:
+    def repo_status(self, name: str) -> RepositoryStatus:
+        return self.repos[name].status()
+
+    def revisions(self, name: str) -> list[RevisionReport]:
+        return self.repos[name].revisions()
+
+    def images(self) -> list[ImageReport]:
         out = []
         for name, rs in self.repos.items():
             for (image, version), img in sorted(rs.images.items()):
-                st = img.transfer.status()
                 out.append(
-                    {
-                        "repository": name,
-                        "name": image,
-                        "version": version,
-                        "size": img.size,
-                        "sha256": img.sha256,
-                        "info_hash": img.transfer.meta.info_hash,
-                        "path": f".images/{name}/{image}/{version}",
-                        "progress": st.progress,
-                        "accepted": True,
-                    }
+                    ImageReport(
+                        repository=name,
+                        name=image,
+                        version=version,
+                        accepted=True,
+                        size=img.size,
+                        sha256=img.sha256,
+                        info_hash=img.transfer.meta.info_hash,
+                        path=f".images/{name}/{image}/{version}",
+                        progress=img.transfer.status().progress,
+                    )
                 )
             for key, why in sorted(rs.refused_images.items()):
                 image, _, version = key.partition("/")
-                out.append(
-                    {
-                        "repository": name,
-                        "name": image,
-                        "version": version,
-                        "accepted": False,
-                        "reason": why,
-                    }
-                )
+                out.append(ImageReport(name, image, version, accepted=False, reason=why))
         return out
 
-    def transfers(self) -> list[dict[str, Any]]:
-        out = []
-        for name, what, t in self._transfers():
-            d = dict(t.status().__dict__)
-            d.update(repository=name, what=what)
-            out.append(d)
-        return out
+    def transfers(self) -> list[TransferReport]:
+        return [
+            TransferReport(**dataclasses.asdict(t.status()), repository=name, what=what)
+            for name, what, t in self._transfers()
+        ]
 
-    def peers(self) -> list[dict[str, Any]]:
-        seen: dict[str, dict[str, Any]] = {}
+    def peers(self) -> list[PeerReport]:
+        seen: dict[str, PeerReport] = {}
         for _, _, t in self._transfers():
             for p in t.peers():
-                d = seen.setdefault(
-                    p.address,
-                    {
-                        "address": p.address,
-                        "client": p.client,
-                        "torrents": 0,
-                        "downloaded": 0,
-                        "uploaded": 0,
-                    },
+                was = seen.get(p.address, PeerReport(p.address, p.client, 0, 0, 0))
+                seen[p.address] = dataclasses.replace(
+                    was,
+                    torrents=was.torrents + 1,
+                    downloaded=was.downloaded + p.downloaded,
+                    uploaded=was.uploaded + p.uploaded,
                 )
-                d["torrents"] += 1
-                d["downloaded"] += p.downloaded
-                d["uploaded"] += p.uploaded
         return list(seen.values())
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "uptime": time.time() - self.started_at,
-            "listen": str(self.config.listen),
-            "api": str(self.config.api),
-            "peer": str(self.config.peer),
-            "mount": None if self.config.mount is None else str(self.config.mount),
-            "mounted": self._mount_thread is not None and self._mount_thread.is_alive(),
-            "bootstrap": [str(b) for b in self.config.bootstrap],
-            "session": self.session.status(),
-            "banned": self.session.banned(),
-            "repositories": {n: self.repo_status(n) for n in self.repos},
-            "transfers": self.transfers(),
-        }
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            pid=os.getpid(),
+            uptime=time.time() - self.started_at,
+            listen=str(self.config.listen),
+            api=str(self.config.api),
+            peer=str(self.config.peer),
+            mount=None if self.config.mount is None else str(self.config.mount),
+            mounted=self._mount_thread is not None and self._mount_thread.is_alive(),
+            bootstrap=[str(b) for b in self.config.bootstrap],
+            session=self.session.status(),
+            banned=self.session.banned(),
+            repositories={n: self.repo_status(n) for n in self.repos},
+            transfers=self.transfers(),
+        )
 
-    def cache(self) -> dict[str, Any]:
-        return {n: rs.cache.stats() for n, rs in self.repos.items()}
+    def cache(self) -> dict[str, CacheStats]:
+        return {n: CacheStats(**rs.cache.stats()) for n, rs in self.repos.items()}
 
 
 def check_paths(config: NodeConfig) -> None:
@@ -601,90 +556,3 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-_NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
-
-
-def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The ``[tuning]`` table as keyword arguments of the session config.
-
-    Raises:
-        ConfigError: an unknown knob or a value of the wrong type.
-    """
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _NOT_TUNING}
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in defaults:
-            raise ConfigError(f"tuning.{key}: unknown (known: {', '.join(sorted(defaults))})")
-        want = type(defaults[key])
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not want:
-            raise ConfigError(f"tuning.{key}: expected {want.__name__}, got {value!r}")
-        try:  # libtorrent settings are 32-bit; the float knobs are intervals
-            if want is int:
-                value = parse_count(value, minimum=0, maximum=2**31 - 1)
-            elif want is float:
-                value = parse_seconds(value)
-        except ValueRangeError as exc:
-            raise ConfigError(f"tuning.{key}: {exc}") from None
-        out[key] = value
-    return out
-
-
-def run_node(config_path: Path) -> None:
-    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
-
-    Raises:
-        ConfigError: a bad configuration or an unusable path or address.
-    """
-    import resource
-
-    from swarm.config import load_config
-    from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
-    from trust.policy import ImagePolicy
-
-    cfg = load_config(config_path)
-    try:
-        policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
-    except TrustError as exc:
-        raise ConfigError(str(exc)) from None
-    check_paths(cfg)  # before the job service or the node create anything
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    session = TorrentSession(
-        SessionConfig(
-            listen=str(cfg.listen),
-            bootstrap=[str(b) for b in cfg.bootstrap],
-            dht=cfg.dht,
-            lsd=cfg.lsd,
-            **_tuning(cfg.tuning, SessionConfig),
-        ),
-        cfg.data_dir / "session",
-    )
-
-    runner_table = dict(cfg.runner)
-    jobs = None
-    if runner_table.pop("enabled", True):
-        from runner.exceptions import RunnerError
-        from runner.service import job_service_from_config
-
-        try:
-            jobs = job_service_from_config(runner_table, cfg.data_dir)
-        except RunnerError as exc:
-            raise ConfigError(f"{config_path} [runner]: {exc}") from None
-
-    async def main() -> None:
-        node = Node(
-            cfg, session, parse_torrent=parse_torrent, image_policy=policy, job_service=jobs
-        )
-        try:
-            await node.start()
-            await node.run()
-        finally:
-            await node.stop()
-
-    asyncio.run(main())

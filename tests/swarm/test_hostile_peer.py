@@ -64,17 +64,17 @@ def test_a_forged_timestamp_with_a_huge_version_does_not_freeze_updates(site: Si
             async with running(site.node(0, bootstrap=(HOSTILE,))) as a:
                 assert liar.requests, "the forging peer was never asked"
                 st = a.repo_status(REPO)
-                assert st["revision"] == 1, st["last_error"]
+                assert st.revision == 1, st.last_error
                 # ... and still follows the origin's newer revisions.
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
                 st = await a.refresh(REPO)
-                assert st["revision"] == 2, st["last_error"]
-                assert st["last_error"] is None
-                assert st["metadata_from"]["timestamp.json"].startswith(site.origin.url)
-                problems = st["source_problems"][_hostile_url(site)]
-                assert problems["bad_data"] >= 2
-                assert "timestamp.json" in problems["problem"]
+                assert st.revision == 2, st.last_error
+                assert st.last_error is None
+                assert st.metadata_from["timestamp.json"].startswith(site.origin.url)
+                problems = st.source_problems[_hostile_url(site)]
+                assert problems.bad_data >= 2
+                assert "timestamp.json" in problems.problem
 
         asyncio.run(main())
 
@@ -91,16 +91,16 @@ def test_a_forging_peer_is_asked_last_for_versioned_metadata(site: Site) -> None
             async with running(site.node(0)) as honest:
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
-                assert (await honest.refresh(REPO))["revision"] == 2
+                assert (await honest.refresh(REPO)).revision == 2
                 timestamp = site.tmp / "store" / REPO / "metadata" / "timestamp.json"
                 answers[_peer_path("timestamp.json")] = Answer(timestamp.read_bytes())
                 site.origin.stop()
                 async with running(site.node(1, bootstrap=(HOSTILE, 0))) as b:
                     st = b.repo_status(REPO)
-                    assert st["revision"] == 2, st["last_error"]
-                    assert "127.0.0.2" in st["metadata_from"]["2.snapshot.json"]
-                    problem = st["source_problems"][_hostile_url(site)]
-                    assert "2.snapshot.json" in problem["problem"]
+                    assert st.revision == 2, st.last_error
+                    assert "127.0.0.2" in st.metadata_from["2.snapshot.json"]
+                    problem = st.source_problems[_hostile_url(site)]
+                    assert "2.snapshot.json" in problem.problem
 
         asyncio.run(main())
 
@@ -113,7 +113,7 @@ def test_a_trickling_peer_does_not_stall_the_refresh(site: Site) -> None:
 
         async def main() -> None:
             async with running(site.node(0, bootstrap=(HOSTILE,), fetch_timeout=1)) as a:
-                assert a.repo_status(REPO)["revision"] == 1
+                assert a.repo_status(REPO).revision == 1
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
                 url = f"http://127.0.0.2:{a.api_port}/v1/repositories/{REPO}/refresh"
@@ -146,7 +146,7 @@ def test_a_bad_torrent_is_checked_before_parsing_and_the_next_source_tried() -> 
     data, src = fetcher.fetch_torrent(sha, len(torrent))
     assert data == torrent and src.startswith(peer)
     report = fetcher.scores.report()[origin]
-    assert report["bad_data"] == 1 and "torrent" in str(report["problem"])
+    assert report.bad_data == 1 and "torrent" in str(report.problem)
     # the liar is asked last from now on
     fetcher.fetch_torrent(sha, len(torrent))
     assert sum(u.startswith(origin) for u in transport.requests) == 1
@@ -171,7 +171,7 @@ def test_the_highest_screened_timestamp_wins_and_a_forger_is_scored_down(site: S
     assert fetcher.fetch_metadata("timestamp.json") == honest
     assert fetcher.last_source["timestamp.json"].startswith(origin)
     report = fetcher.scores.report()
-    assert report[liar]["bad_data"] == 1 and report[slow]["bad_data"] == 0
+    assert report[liar].bad_data == 1 and report[slow].bad_data == 0
     # the whole refresh goes through the same transport
     assert trusted.refresh_or_cached().freshness is Freshness.REFRESHED
     assert trusted.targets_version >= 1
