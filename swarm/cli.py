@@ -91,7 +91,7 @@ def cmd_keys_init(a: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
-    from trust.keys import rotate_key
+    from trust.repository import rotate_key
 
     existing_directory(a.keydir, "keydir")
     store = OriginStore(_store(a), a.repo)
