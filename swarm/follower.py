@@ -65,13 +65,15 @@ class PhaseRule:
     catches: tuple[type[Exception], ...]  # reported as the phase's error, not raised
     retry_soon: bool  # the node retries on its back-off, not after refresh_interval
     stops: bool  # a caught error stops the phases after it
+    log_level: int = logging.ERROR
 
 
 PHASES = (Phase.METADATA, Phase.REVISION, Phase.IMAGES)
 RULES: dict[Phase, PhaseRule] = {
     # Metadata errors are returned, never raised (refresh_or_cached); the
     # next phases run on the state kept or cached, if there is one.
-    Phase.METADATA: PhaseRule(catches=(), retry_soon=True, stops=True),
+    # A warning: the node keeps serving what it trusts, and retries soon.
+    Phase.METADATA: PhaseRule((), retry_soon=True, stops=True, log_level=logging.WARNING),
     Phase.REVISION: PhaseRule((SwarmError, ReleaseError, TrustError), False, False),
     Phase.IMAGES: PhaseRule((SwarmError, TrustError), False, False),
 }
@@ -188,7 +190,7 @@ class Follower:
                 error, go_on = f"{phase}: {exc}", not RULES[phase].stops
             if error is not None:
                 self.errors[phase] = error
-                log.error("%s: %s", self.name, error)
+                log.log(RULES[phase].log_level, "%s: %s", self.name, error)
             if not go_on:
                 return
 

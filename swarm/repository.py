@@ -95,16 +95,18 @@ def open_repository(
     tag: str | None = None,
     peers: Callable[[], list[str]] = _no_peers,
     refreshes: bool = True,
+    transport: Transport | None = None,
 ) -> OpenRepository:
     """Wire the repository's parts (module docstring).  Nothing is fetched
-    yet: ``mounted.start()`` loads the first revision.
+    yet: ``mounted.start()`` loads the first revision.  ``transport`` makes
+    the metadata and torrent GETs (default: a keep-alive HTTPClient).
 
     Raises:
         trust.exceptions.TrustConfigError: the trusted root is unusable or
             ``metadata_dir`` cannot be written.
         cvmfs_like.exceptions.StoreError: the cache directory is unusable.
     """
-    trusted, fetcher = open_trusted(spec, peers=peers)
+    trusted, fetcher = open_trusted(spec, peers=peers, transport=transport)
     cache = ObjectCache(cache_dir, quota, gate=gate)
     mounted = MountedRelease(spec.name, trusted, objects, cache, tag=tag, refreshes=refreshes)
     return OpenRepository(spec.name, trusted, fetcher, cache, mounted)
