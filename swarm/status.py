@@ -5,7 +5,7 @@ Each report is a frozen dataclass; :func:`to_json` turns one (or a list or
 dict of them) into the JSON the API sends, and :func:`schema_of` turns its
 type into the OpenAPI 3.0 schema the API's document shows, so the document
 cannot drift from what is sent.  :meth:`NodeStatus.from_json` reads a report
-back (``swarm status``).
+back and :func:`render` shows it to a person (``swarm status``).
 """
 
 from __future__ import annotations
@@ -145,6 +145,43 @@ class NodeStatus:
         }
         transfers = [TransferReport(**t) for t in doc["transfers"]]
         return cls(**{**doc, "repositories": repos, "transfers": transfers})
+
+
+def render(st: NodeStatus) -> list[str]:
+    """``swarm status``: the report for a person, one line per fact."""
+    sess: dict[str, Any] = dict(st.session)
+    out = [
+        f"node pid {st.pid}, up {st.uptime:.0f} s; listen {st.listen}, api {st.api},"
+        f" peer exchange {st.peer}",
+        f"  mount {st.mount or '-'} ({'mounted' if st.mounted else 'not mounted'});"
+        f" {sess.get('peers', 0)} peer connections, {sess.get('dht_nodes', 0)} DHT nodes;"
+        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in,"
+        f" {int(sess.get('uploaded', 0)) / 1e6:.1f} MB out;"
+        f" banned: {', '.join(st.banned) or 'none'}",
+    ]
+    for name, r in st.repositories.items():
+        out.append(
+            f"  {name}: revision {r.revision} ({r.policy}),"
+            f" objects {r.objects_from_swarm} from swarm"
+            f" / {r.objects_from_origin} from origin,"
+            f" cache {r.cache.used / 1e6:.1f} / {r.cache.quota / 1e6:.0f} MB"
+        )
+        out += [f"    image {img}" for img in r.images]
+        out += [f"    image {img} REFUSED: {why}" for img, why in r.refused_images.items()]
+        if r.last_error:
+            out.append(f"    last error: {r.last_error}")
+        for source, p in r.source_problems.items():
+            lied = f", {p.bad_data} bad answers" if p.bad_data else ""
+            out.append(f"    source {source} asked last ({p.strikes} strikes{lied}): {p.problem}")
+    for t in st.transfers:
+        out.append(
+            f"  transfer {t.repository} {t.what}: {t.state}"
+            + (" (full prefetch)" if t.prefetch else " (on demand)")
+            + f", holds {t.total_done / 1e6:.1f} MB, {t.num_peers} peers,"
+            f" in {t.downloaded / 1e6:.1f} MB / out {t.uploaded / 1e6:.1f} MB"
+            + (f", {t.hash_failures} hash failures" if t.hash_failures else "")
+        )
+    return out
 
 
 @dataclass(frozen=True)

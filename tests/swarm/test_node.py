@@ -21,7 +21,7 @@ from swarm.config import parse_config
 from swarm.daemon import build_node
 from swarm.node import Node
 from swarm.release_torrent import torrent_extension
-from swarm.status import NodeStatus
+from swarm.status import NodeStatus, render
 from swarm.torrent import parse_torrent
 from tests.fake_swarm import FakeWorld
 from tests.harness import OriginServer
@@ -271,6 +271,9 @@ def test_every_api_answer_matches_the_schema_generated_from_its_report(site: Sit
                 async with http.get(base + "/v1/status") as r:
                     st = NodeStatus.from_json(await r.json())  # as `swarm status` reads it
                 assert st.repositories[REPO].revision == 1 and st.transfers
+                shown = render(st)
+                assert any(line.startswith(f"  {REPO}: revision 1 ") for line in shown), shown
+                assert any(f"transfer {REPO} revision 1: " in line for line in shown), shown
 
     asyncio.run(main())
 
