@@ -27,7 +27,8 @@ from cvmfs_like.cache import ObjectCache
 from cvmfs_like.catalog import Catalog, Chunk, Entry
 from cvmfs_like.exceptions import CatalogError, ObjectUnavailable, ReleaseError
 from cvmfs_like.objects import ObjectSource
-from trust.exceptions import TrustError, TrustTransportError
+from trust.client import Freshness, RefreshOutcome
+from trust.exceptions import TrustError
 from trust.targets import ReleaseTarget
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,7 @@ log = logging.getLogger(__name__)
 class TrustedReleases(Protocol):
     """The node-side view of a repository's signed metadata (trust.client)."""
 
-    def refresh(self) -> None: ...
-
-    def load_cached(self) -> None: ...
+    def refresh_or_cached(self) -> RefreshOutcome: ...
 
     def releases(self) -> list[ReleaseTarget]: ...
 
@@ -190,7 +189,12 @@ class MountedRelease:
         *,
         tag: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        refreshes: bool = True,
     ) -> None:
+        # refreshes: this mount refreshes the trusted metadata itself before
+        # it looks for a revision (a `swarm mount`); else its owner does (the
+        # node daemon, which follows a revision's torrent before its catalog).
+        self._refreshes = refreshes
         self.name = name
         self._trusted = trusted
         self._source = source
@@ -222,13 +226,20 @@ class MountedRelease:
             TrustError: no trusted metadata at all (first start with origin down).
             ReleaseError: the catalog cannot be had.
         """
-        try:
-            self._trusted.refresh()
-        except TrustTransportError as exc:
-            log.warning("%s: metadata refresh failed (%s); using cached metadata", self.name, exc)
-            self._trusted.load_cached()
-            self.offline = True
-            self.last_error = str(exc)
+        if self._refreshes:
+            outcome = self._trusted.refresh_or_cached()
+            if outcome.error is not None and not outcome.unreachable:
+                raise outcome.error  # bad data is not served, not even from the cache
+            if outcome.cached_error is not None:
+                raise outcome.cached_error
+            if outcome.freshness is Freshness.CACHED:
+                log.warning(
+                    "%s: metadata refresh failed (%s); using cached metadata",
+                    self.name,
+                    outcome.error,
+                )
+                self.offline = True
+                self.last_error = str(outcome.error)
         self.last_check = self._clock()
         target = self._wanted()
         if target is None:
@@ -273,7 +284,10 @@ class MountedRelease:
             old = self.current
             new: Revision | None = None
             try:
-                self._trusted.refresh()
+                if self._refreshes:
+                    error = self._trusted.refresh_or_cached().error
+                    if error is not None:
+                        raise error
                 self.offline = False
                 target = self._wanted()
                 self.last_check = self._clock()

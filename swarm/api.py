@@ -10,30 +10,67 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from runner.api import ERROR_RESPONSE
+from swarm.status import (
+    CacheStats,
+    ImageReport,
+    NodeStatus,
+    PeerReport,
+    RepositoryStatus,
+    RevisionReport,
+    Stopping,
+    TransferReport,
+    schema_of,
+    to_json,
+)
 
-if TYPE_CHECKING:
-    from swarm.node import Node
 
-_NODE: web.AppKey[Node] = web.AppKey("node")
+class NodeView(Protocol):
+    """What the API reads and asks of the node (swarm.node.Node)."""
 
-_OBJ = {"type": "object"}
-_ARR = {"type": "array", "items": {"type": "object"}}
+    @property
+    def job_service(self) -> Any: ...
+
+    def check_token(self, presented: str | None) -> bool: ...
+
+    def follows(self, name: str) -> bool: ...
+
+    def repo_names(self) -> list[str]: ...
+
+    def status(self) -> NodeStatus: ...
+
+    def peers(self) -> list[PeerReport]: ...
+
+    def repo_status(self, name: str) -> RepositoryStatus: ...
+
+    def revisions(self, name: str) -> list[RevisionReport]: ...
+
+    async def refresh(self, name: str) -> RepositoryStatus: ...
+
+    def images(self) -> list[ImageReport]: ...
+
+    def transfers(self) -> list[TransferReport]: ...
+
+    def cache(self) -> dict[str, CacheStats]: ...
+
+    def request_stop(self) -> None: ...
+
+
+_NODE: web.AppKey[NodeView] = web.AppKey("node")
 _ERR = ERROR_RESPONSE
 
 
-def _get(summary: str, schema: dict[str, Any], *, param: bool = False) -> dict[str, Any]:
-    op: dict[str, Any] = {
-        "summary": summary,
-        "responses": {
-            "200": {"description": "ok", "content": {"application/json": {"schema": schema}}},
-            "404": _ERR,
-        },
-    }
+def _ok(report: Any) -> dict[str, Any]:
+    schema = schema_of(report)
+    return {"description": "ok", "content": {"application/json": {"schema": schema}}}
+
+
+def _get(summary: str, report: Any, *, param: bool = False) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {"200": _ok(report), "404": _ERR}}
     if param:
         op["parameters"] = [
             {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -41,15 +78,11 @@ def _get(summary: str, schema: dict[str, Any], *, param: bool = False) -> dict[s
     return {"get": op}
 
 
-def _post(summary: str, *, param: bool = False) -> dict[str, Any]:
+def _post(summary: str, report: Any, *, param: bool = False) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "security": [{"bearer": []}],
-        "responses": {
-            "200": {"description": "ok", "content": {"application/json": {"schema": _OBJ}}},
-            "401": _ERR,
-            "404": _ERR,
-        },
+        "responses": {"200": _ok(report), "401": _ERR, "404": _ERR},
     }
     if param:
         op["parameters"] = [
@@ -58,6 +91,7 @@ def _post(summary: str, *, param: bool = False) -> dict[str, Any]:
     return {"post": op}
 
 
+# Every response schema is generated from the report type the route sends.
 OPENAPI: dict[str, Any] = {
     "openapi": "3.0.3",
     "info": {
@@ -67,26 +101,32 @@ OPENAPI: dict[str, Any] = {
     },
     "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
     "paths": {
-        "/v1/status": _get("the node: addresses, session, repositories", _OBJ),
-        "/v1/peers": _get("peers connected in any torrent, with bytes exchanged", _ARR),
-        "/v1/repositories": _get("followed repositories and their current revision", _ARR),
-        "/v1/repositories/{name}": _get("one repository", _OBJ, param=True),
+        "/v1/status": _get("the node: addresses, session, repositories", NodeStatus),
+        "/v1/peers": _get("peers connected in any torrent, with bytes exchanged", list[PeerReport]),
+        "/v1/repositories": _get(
+            "followed repositories and their current revision", list[RepositoryStatus]
+        ),
+        "/v1/repositories/{name}": _get("one repository", RepositoryStatus, param=True),
         "/v1/repositories/{name}/revisions": _get(
-            "signed revisions and tags of a repository", _ARR, param=True
+            "signed revisions and tags of a repository", list[RevisionReport], param=True
         ),
         "/v1/repositories/{name}/refresh": _post(
-            "check for a new revision now and switch to it", param=True
+            "check for a new revision now and switch to it", RepositoryStatus, param=True
         ),
-        "/v1/images": _get("VM images: accepted (in the mount) and refused with the reason", _ARR),
-        "/v1/transfers": _get("torrents with progress, rates, peers, hash failures", _ARR),
-        "/v1/cache": _get("object cache use per repository", _OBJ),
-        "/v1/shutdown": _post("stop the daemon (unmounts, saves resume data)"),
+        "/v1/images": _get(
+            "VM images: accepted (in the mount) and refused with the reason", list[ImageReport]
+        ),
+        "/v1/transfers": _get(
+            "torrents with progress, rates, peers, hash failures", list[TransferReport]
+        ),
+        "/v1/cache": _get("object cache use per repository", dict[str, CacheStats]),
+        "/v1/shutdown": _post("stop the daemon (unmounts, saves resume data)", Stopping),
     },
 }
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.json_response(data, status=status)
+def _json(report: Any, status: int = 200) -> web.Response:
+    return web.json_response(to_json(report), status=status)
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -110,7 +150,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _repo(request: web.Request) -> str:
     name = request.match_info["name"]
-    if name not in request.app[_NODE].repos:
+    if not request.app[_NODE].follows(name):
         raise web.HTTPNotFound(
             text=f'{{"error": "repository {name!r} is not followed by this node"}}',
             content_type="application/json",
@@ -118,7 +158,7 @@ def _repo(request: web.Request) -> str:
     return name
 
 
-def make_api_app(node: Node) -> web.Application:
+def make_api_app(node: NodeView) -> web.Application:
     app = web.Application(client_max_size=1 << 20)
     app[_NODE] = node
     doc = copy.deepcopy(OPENAPI)
@@ -133,7 +173,7 @@ def make_api_app(node: Node) -> web.Application:
         return _json(node.peers())
 
     async def repositories(request: web.Request) -> web.Response:
-        return _json([node.repo_status(n) for n in node.repos])
+        return _json([node.repo_status(n) for n in node.repo_names()])
 
     async def repository(request: web.Request) -> web.Response:
         return _json(node.repo_status(_repo(request)))
@@ -157,7 +197,7 @@ def make_api_app(node: Node) -> web.Application:
     async def shutdown(request: web.Request) -> web.Response:
         require_token(request)
         node.request_stop()
-        return _json({"stopping": True})
+        return _json(Stopping(True))
 
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/v1/status", status)

@@ -140,7 +140,7 @@ def cmd_keys_init(a: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(a: argparse.Namespace) -> int:
     from cvmfs_like.store import OriginStore
-    from trust.keys import rotate_key
+    from trust.repository import rotate_key
 
     existing_directory(a.keydir, "keydir")
     store = OriginStore(_store(a), a.repo)
@@ -380,7 +380,7 @@ def cmd_reload(a: argparse.Namespace) -> int:
 
 
 def cmd_node(a: argparse.Namespace) -> int:
-    from swarm.node import run_node
+    from swarm.daemon import run_node
 
     run_node(a.config)
     return 0
@@ -403,6 +403,7 @@ def _api_base(a: argparse.Namespace) -> str:
 def _node_status(a: argparse.Namespace) -> int:
     from swarm.exceptions import FetchStatus
     from swarm.http_get import HTTPClient
+    from swarm.status import NodeStatus, render
 
     base = _api_base(a)
     try:  # one deadline for the whole answer: a hung daemon cannot hang `swarm status`
@@ -419,43 +420,11 @@ def _node_status(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(st, indent=2))
         return 0
-    sess = st.get("session", {})
-    print(
-        f"node pid {st['pid']}, up {st['uptime']:.0f} s; listen {st['listen']}, api {st['api']},"
-        f" peer exchange {st['peer']}"
-    )
-    print(
-        f"  mount {st['mount'] or '-'} ({'mounted' if st['mounted'] else 'not mounted'});"
-        f" {sess.get('peers', 0)} peer connections, {sess.get('dht_nodes', 0)} DHT nodes;"
-        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in,"
-        f" {int(sess.get('uploaded', 0)) / 1e6:.1f} MB out;"
-        f" banned: {', '.join(st['banned']) or 'none'}"
-    )
-    for name, r in st["repositories"].items():
-        cache = r["cache"]
-        print(
-            f"  {name}: revision {r['revision']} ({r['policy']}),"
-            f" objects {r['objects_from_swarm']} from swarm"
-            f" / {r['objects_from_origin']} from origin,"
-            f" cache {cache['used'] / 1e6:.1f} / {cache['quota'] / 1e6:.0f} MB"
-        )
-        for img in r["images"]:
-            print(f"    image {img}")
-        for img, why in r["refused_images"].items():
-            print(f"    image {img} REFUSED: {why}")
-        if r["last_error"]:
-            print(f"    last error: {r['last_error']}")
-        for source, p in r.get("source_problems", {}).items():
-            lied = f", {p['bad_data']} bad answers" if p["bad_data"] else ""
-            print(f"    source {source} asked last ({p['strikes']} strikes{lied}): {p['problem']}")
-    for t in st.get("transfers", []):
-        print(
-            f"  transfer {t['repository']} {t['what']}: {t['state']}"
-            + (" (full prefetch)" if t["prefetch"] else " (on demand)")
-            + f", holds {t['total_done'] / 1e6:.1f} MB, {t['num_peers']} peers,"
-            f" in {t['downloaded'] / 1e6:.1f} MB / out {t['uploaded'] / 1e6:.1f} MB"
-            + (f", {t['hash_failures']} hash failures" if t["hash_failures"] else "")
-        )
+    try:
+        report = NodeStatus.from_json(st)
+    except (KeyError, TypeError) as exc:
+        raise ConfigError(f"node API {base}: not a status report: {exc}") from None
+    print("\n".join(render(report)))
     return 0
 
 

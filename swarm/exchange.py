@@ -15,14 +15,17 @@ client workflow (python-tuf) and torrents are checked against the SHA-256 in
 a verified target.  A peer can therefore withhold or delay, never forge; a
 stale peer cannot roll a node back (TUF rejects older versions).
 
-:class:`ExchangeFetcher` is the python-tuf ``FetcherInterface`` of a node: it
-asks the origin first and then peers, and for ``timestamp.json`` asks them
-all and keeps the highest version, so a peer that saw a newer revision than
-the node's origin mirror spreads it.  Every candidate is *screened* before it
-is chosen (``screen``: signed by a threshold of the trusted keys for its
-role), so a forged file with a huge version loses instead of winning the
-comparison and failing the refresh (a freeze).  :class:`SourceScores` keeps
-which sources lied or were slow: they are asked last until they answer well.
+:class:`ExchangeFetcher` is a node's :class:`trust.client.MetadataSource`
+(asked by file name) and its ``.torrent`` fetcher: it asks the origin first
+and then peers, and for ``timestamp.json`` asks them all and keeps the
+highest version, so a peer that saw a newer revision than the node's origin
+mirror spreads it.  Every URL comes from :class:`swarm.layout.RepositoryURLs`;
+every GET goes through an injected :class:`swarm.http_get.Transport`.
+Every candidate is *screened* before it is chosen (``screen``: signed by a
+threshold of the trusted keys for its role), so a forged file with a huge
+version loses instead of winning the comparison and failing the refresh (a
+freeze).  :class:`SourceScores` keeps which sources lied or were slow: they
+are asked last until they answer well.
 """
 
 from __future__ import annotations
@@ -34,32 +37,27 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
 from aiohttp import web
 from tuf.api import exceptions as tuf_exceptions
-from tuf.ngclient.fetcher import FetcherInterface
 
-from cvmfs_like.objects import relative_path
 from swarm.exceptions import FetchError, FetchStatus, FetchTooLong
-from swarm.http_get import HTTPClient
+from swarm.http_get import HTTPClient, Transport
+from swarm.layout import PEER_METADATA_ROUTE, PEER_TORRENT_ROUTE, RepositoryURLs
+from swarm.status import SourceProblem
 from trust.exceptions import TrustError
 
 log = logging.getLogger(__name__)
 
-LOGICAL_BASE = "http://swarm.invalid/"  # what TrustedRepository sees; never contacted
 _VERSIONED = re.compile(r"^([1-9][0-9]{0,9})\.(root|snapshot|targets)\.json$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _MAX_METADATA = 64 << 20
 _MAX_TORRENT = 256 << 20
 _SLACK = 1.0  # seconds past a source's own deadline before it is left behind
-
-
-def logical_metadata_url(repo: str) -> str:
-    return f"{LOGICAL_BASE}{repo}/metadata/"
 
 
 def _version_of(path: Path) -> int | None:
@@ -96,8 +94,8 @@ class PeerExchange:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024)
-        app.router.add_get("/v1/peer/repos/{repo}/metadata/{file}", self._metadata)
-        app.router.add_get("/v1/peer/repos/{repo}/torrents/{sha}", self._torrent)
+        app.router.add_get(PEER_METADATA_ROUTE, self._metadata)
+        app.router.add_get(PEER_TORRENT_ROUTE, self._torrent)
         return app
 
     def _dir(self, request: web.Request) -> Path:
@@ -176,22 +174,23 @@ class SourceScores:
             record = self._records.get(source)
             return None if record is None else record.problem
 
-    def report(self) -> dict[str, dict[str, object]]:
+    def report(self) -> dict[str, SourceProblem]:
         """Sources with a recorded problem, for the node's status."""
         with self._lock:
             return {
-                s: {"strikes": r.strikes, "bad_data": r.bad_data, "problem": r.problem, "at": r.at}
+                s: SourceProblem(r.strikes, r.bad_data, r.problem, r.at)
                 for s, r in self._records.items()
                 if r.problem is not None
             }
 
 
-class ExchangeFetcher(FetcherInterface):
+class ExchangeFetcher:
     """Metadata from the origin, else from peers (see the module docstring).
 
     ``peers()`` returns the peer exchange base URLs known now
-    (``http://10.1.0.2:6880/``).  Runs in worker threads, never on the event
-    loop: python-tuf's Updater is blocking.
+    (``http://10.1.0.2:6880/``).  ``transport`` makes the GETs (default: an
+    :class:`HTTPClient` keeping a few connections per host).  Runs in worker
+    threads, never on the event loop: python-tuf's Updater is blocking.
     """
 
     def __init__(
@@ -202,6 +201,7 @@ class ExchangeFetcher(FetcherInterface):
         *,
         timeout: float = 10.0,
         screen: Callable[[str, bytes], int] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         self.repo = repo
         self.origin = origin
@@ -209,20 +209,24 @@ class ExchangeFetcher(FetcherInterface):
         self.timeout = timeout
         # Keep-alive connections per origin and peer; a GET on one the peer
         # closed while idle is retried once on a new connection (http_get).
-        self._http = HTTPClient(idle_per_host=4)
+        self._http: Transport = transport or HTTPClient(idle_per_host=4)
         self.last_source: dict[str, str] = {}  # file -> where it came from
         self.scores = SourceScores()
         # Checks a candidate before it is chosen (TrustedRepository.screen):
         # set by the node once the repository's TrustedRepository exists.
         self.screen: Callable[[str, bytes], int] | None = screen
 
-    def _sources(self, name: str) -> list[tuple[str, str]]:
-        """(source, URL) pairs for metadata file ``name``, best first."""
+    def _servers(self) -> list[tuple[str, RepositoryURLs]]:
+        """(source, its URLs): the origin first, then the peers known now."""
         out = []
         if self.origin is not None:
-            out.append((self.origin, f"{self.origin}{self.repo}/metadata/{name}"))
-        out += [(p, f"{p}v1/peer/repos/{self.repo}/metadata/{name}") for p in self.peers()]
-        return self.scores.ordered(out)
+            out.append((self.origin, RepositoryURLs.origin(self.origin, self.repo)))
+        out += [(p, RepositoryURLs.peer(p, self.repo)) for p in self.peers()]
+        return out
+
+    def _sources(self, name: str) -> list[tuple[str, str]]:
+        """(source, URL) pairs for metadata file ``name``, best first."""
+        return self.scores.ordered([(s, urls.metadata(name)) for s, urls in self._servers()])
 
     def _get(self, url: str, limit: int) -> bytes:
         """One GET within ``timeout`` (headers and body), at most ``limit`` bytes.
@@ -241,26 +245,16 @@ class ExchangeFetcher(FetcherInterface):
         except FetchError as exc:
             raise tuf_exceptions.DownloadError(str(exc)) from exc
 
-    def fetch(self, url: str) -> Iterator[bytes]:
-        """python-tuf's entry point, which wraps every error of ``_fetch`` but a
-        ``DownloadError`` as a transport failure ("Failed to download"): a
-        verdict on the data (every source that answered sent a file failing
-        the screen) stays a ``RepositoryError``, so the node says the metadata
-        was *refused*, not that it was unreachable.
+    def fetch_metadata(self, name: str) -> bytes:
+        """Metadata file ``name`` (the TUF name): the first source whose copy
+        passes the screen, or for ``timestamp.json`` the highest version any
+        source offers.
 
         Raises:
-            tuf.api.exceptions.RepositoryError: every answer failed the screen.
-            tuf.api.exceptions.DownloadError: nobody delivered.
+            tuf.api.exceptions.RepositoryError: every source sent bad data.
+            tuf.api.exceptions.DownloadHTTPError: (404) no source has it.
+            tuf.api.exceptions.DownloadError: no source delivered.
         """
-        try:
-            return self._fetch(url)
-        except (tuf_exceptions.DownloadError, tuf_exceptions.RepositoryError):
-            raise
-        except Exception as exc:
-            raise tuf_exceptions.DownloadError(f"Failed to download {url}") from exc
-
-    def _fetch(self, url: str) -> Iterator[bytes]:
-        name = url.rpartition("/metadata/")[2]
         sources = self._sources(name)
         if not sources:
             raise tuf_exceptions.DownloadError(f"{name}: no origin and no peers known")
@@ -269,7 +263,7 @@ class ExchangeFetcher(FetcherInterface):
         else:
             data, where = self._first(name, sources)
         self.last_source[name] = where
-        return iter([data])
+        return data
 
     def _screened(self, name: str, source: str, data: bytes) -> int | None:
         """The version of ``data`` if it passes the screen, else None (the
@@ -378,10 +372,7 @@ class ExchangeFetcher(FetcherInterface):
         Raises:
             tuf.api.exceptions.DownloadError: nobody delivered the right bytes.
         """
-        sources = []
-        if self.origin is not None:
-            sources.append((self.origin, f"{self.origin}{self.repo}/data/{relative_path(sha256)}"))
-        sources += [(p, f"{p}v1/peer/repos/{self.repo}/torrents/{sha256}") for p in self.peers()]
+        sources = [(s, urls.torrent(sha256)) for s, urls in self._servers()]
         errors = []
         for source, url in self.scores.ordered(sources):
             try:

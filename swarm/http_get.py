@@ -33,6 +33,10 @@ Invariants:
 ``https://`` works the same way (the TLS handshake is within the deadline
 too); certificates and host names are checked against the system's CAs
 unless a context is given.
+
+:class:`Transport` is the seam the fetchers depend on (``get`` only), so a
+test can hand them a mock transport instead of a server where a server adds
+nothing (``tests/mock_transport.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from swarm.exceptions import FetchError, FetchStatus, FetchTimeout, FetchTooLong
 
@@ -244,6 +248,15 @@ def _close_idle(idle: OrderedDict[_Address, list[_Connection]]) -> None:
         for conn in conns:
             conn.close()
     idle.clear()
+
+
+class Transport(Protocol):
+    """One bounded GET, as :meth:`HTTPClient.get` does it: the body of a
+    ``200`` answer, by ``deadline`` (a :func:`time.monotonic` value), at most
+    ``limit`` bytes.  Raises :class:`swarm.exceptions.FetchError` or one of
+    its subclasses (``FetchStatus``, ``FetchTimeout``, ``FetchTooLong``)."""
+
+    def get(self, url: str, *, deadline: float, limit: int) -> bytes: ...
 
 
 class HTTPClient:

@@ -35,7 +35,7 @@ from swarm.image_verify import ImageRepository, verify_image
 from swarm.images import DEFAULT_PIECE_LENGTH, KNOWN_FORMATS, StderrProgress, publish_image
 from swarm.options import OneLineParser, check_directory, existing_directory, seconds_argument
 from trust.client import RoleSigners, TrustedRepository
-from trust.exceptions import TrustConfigError, TrustError, TrustTransportError
+from trust.exceptions import TrustConfigError, TrustError, TrustTransportError, VerificationError
 from trust.policy import ImagePolicy
 from trust.targets import ImageTarget
 
@@ -193,7 +193,7 @@ def open_repository(
         TrustTransportError: no origin reachable and nothing usable cached.
         TrustConfigError: the cache or the trusted root is unusable.
     """
-    from swarm.origin_client import OriginMetadataFetcher
+    from swarm.repository import RepositorySpec, open_trusted
 
     try:
         root = source.trust.read_bytes()
@@ -201,26 +201,21 @@ def open_repository(
         raise ConfigError(
             f"cannot read the trusted root of {source.name} ({source.trust}): {exc.strerror}"
         ) from None
-    base = (source.origin or "http://origin.invalid/").rstrip("/")
-    trusted = TrustedRepository(
-        source.metadata_dir,
-        f"{base}/{source.name}/metadata/",
-        fetcher=OriginMetadataFetcher(timeout=timeout),
-        trusted_root=root,
-    )
+    spec = RepositorySpec(source.name, source.origin, root, source.metadata_dir, timeout)
+    trusted, _ = open_trusted(spec)
     if offline or source.origin is None:
         trusted.load_cached()
         return trusted
-    try:
-        trusted.refresh()
-    except (TrustTransportError, TrustConfigError) as exc:
-        try:
-            trusted.load_cached()
-        except TrustError as cached:
-            raise TrustTransportError(
-                f"{source.name}: cannot refresh ({exc}) and no usable cached metadata ({cached})"
-            ) from exc
-        _warn(f"{source.name}: using cached metadata: cannot refresh ({exc})")
+    outcome = trusted.refresh_or_cached()
+    if isinstance(outcome.error, VerificationError):
+        raise outcome.error
+    if outcome.cached_error is not None:
+        raise TrustTransportError(
+            f"{source.name}: cannot refresh ({outcome.error}) and no usable cached metadata"
+            f" ({outcome.cached_error})"
+        ) from outcome.error
+    if outcome.error is not None:
+        _warn(f"{source.name}: using cached metadata: cannot refresh ({outcome.error})")
     return trusted
 
 

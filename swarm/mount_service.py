@@ -39,12 +39,11 @@ from pathlib import Path
 from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.fs import ReleaseOperations, is_swarm_mount, mount
-from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.store import check_repo_name
 from swarm.exceptions import ConfigError
 from swarm.options import check_directory
-from swarm.origin_client import OriginMetadataFetcher, OriginObjectSource
-from trust.client import TrustedRepository
+from swarm.origin_client import OriginObjectSource
+from swarm.repository import RepositorySpec, open_repository
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +109,18 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     lock_fd = _lock_cache(cfg.cache)
     cache: ObjectCache | None = None
     try:
-        cache = ObjectCache(cfg.cache, cfg.quota, gate=FetchGate.for_threads(cfg.threads))
         metadata_dir = cfg.cache / "metadata"
         metadata_dir.mkdir(exist_ok=True)
-        base = cfg.origin.rstrip("/")
-        trusted = TrustedRepository(
-            metadata_dir,
-            f"{base}/{cfg.name}/metadata/",
-            fetcher=OriginMetadataFetcher(timeout=cfg.fetch_timeout),
-            trusted_root=root_bytes,
+        spec = RepositorySpec(cfg.name, cfg.origin, root_bytes, metadata_dir, cfg.fetch_timeout)
+        repo = open_repository(
+            spec,
+            OriginObjectSource(cfg.origin, cfg.name, timeout=cfg.fetch_timeout),
+            cache_dir=cfg.cache,
+            quota=cfg.quota,
+            gate=FetchGate.for_threads(cfg.threads),  # one gate per mount
+            tag=cfg.tag,
         )
-        source = OriginObjectSource(cfg.origin, cfg.name, timeout=cfg.fetch_timeout)
-        mounted = MountedRelease(cfg.name, trusted, source, cache, tag=cfg.tag)
+        cache, mounted = repo.cache, repo.mounted
         rev = mounted.start()
         log.info("%s: revision %d, catalog %s", cfg.name, rev.release.revision, rev.release.catalog)
 

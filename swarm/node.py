@@ -4,26 +4,28 @@ It follows repositories, gets their metadata and content from peers (the
 origin only as a fallback and web seed), seeds whatever it holds, and exposes
 releases and VM images in its FUSE mount, fetched on first read and verified.
 
+Where things live: :class:`Node` owns the lifecycle (state directory, API
+token, listeners, the mount, the refresh loop and its back-off); each
+repository is opened by :func:`swarm.repository.open_repository` and
+followed by a :class:`swarm.follower.Follower` (phases metadata, revision,
+images); reads from FUSE threads reach the loop through
+:class:`swarm.reads.LoopBridge`, one deadline per fetch on the node's clock.
+
 Threads and the loop: the event loop owns libtorrent (through
 :class:`swarm.transfer.TransferSession`), the HTTP API and the peer exchange.
 Blocking work (TUF refreshes, catalog loads, hashing) runs in worker threads;
-FUSE callbacks arrive on libfuse's threads and reach the loop with
-``run_coroutine_threadsafe``, waiting with a bounded timeout, never on the
-loop thread itself.
+FUSE callbacks arrive on libfuse's threads and never wait on the loop thread
+itself.
 
-Trust: a revision is used only through a verified TUF target; its torrent is
-fetched by the SHA-256 the target names and must have the signed info-hash;
-the object cache verifies every object's SHA-256 again before a reader sees
-it; an image's bytes come from pieces libtorrent checked against the signed
-merkle root, and an image appears in the mount only if the site policy
-accepts its publisher.
+Trust: see :mod:`swarm.follower` (what is followed, and only through
+verified targets) and :mod:`swarm.reads` (nothing is served unverified).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
+import dataclasses
 import json
 import logging
 import os
@@ -34,170 +36,34 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tuf.api import exceptions as tuf_exceptions
+from aiohttp import web
 
-from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
-from cvmfs_like.exceptions import ObjectUnavailable, ReleaseError
+from cvmfs_like.cache import MOUNT_THREADS, FetchGate
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
 from swarm.config import NodeConfig, RepositoryConfig
-from swarm.exceptions import ConfigError, SwarmError, TransferError
-from swarm.exchange import ExchangeFetcher, PeerExchange, logical_metadata_url
-from swarm.options import ValueRangeError, parse_count, parse_seconds
+from swarm.exceptions import ConfigError, SwarmError
+from swarm.exchange import PeerExchange
+from swarm.follower import FollowContext, Follower, TorrentParser
 from swarm.origin_client import OriginObjectSource
-from swarm.release_torrent import TorrentRef
-from swarm.transfer import TorrentMeta, Transfer, TransferSession
-from trust.client import TrustedRepository
-from trust.exceptions import TrustError, TrustTransportError
-from trust.targets import ReleaseTarget
+from swarm.reads import LoopBridge, SwarmObjectSource
+from swarm.repository import RepositorySpec, open_repository
+from swarm.status import (
+    CacheStats,
+    ImageReport,
+    NodeStatus,
+    PeerReport,
+    RepositoryStatus,
+    RevisionReport,
+    TransferReport,
+)
+from swarm.transfer import Transfer, TransferSession
+from trust.policy import ImagePolicy
 
 log = logging.getLogger(__name__)
-
-SessionFactory = Callable[[NodeConfig], TransferSession]
-TorrentParser = Callable[[bytes], TorrentMeta]
-
-
-class _NodeTrusted:
-    """A repository's trusted metadata as its MountedRelease sees it: the
-    node refreshes it itself before asking the mount to update."""
-
-    def __init__(self, trusted: TrustedRepository) -> None:
-        self._t = trusted
-
-    def refresh(self) -> None:
-        pass
-
-    def load_cached(self) -> None:
-        pass
-
-    def releases(self) -> list[ReleaseTarget]:
-        return self._t.releases()
-
-    def tags(self) -> dict[str, ReleaseTarget]:
-        return self._t.tags()
-
-
-@dataclass
-class _Holding:
-    """Where one object can be read from the swarm."""
-
-    transfer: Transfer
-    file_index: int
-
-
-class SwarmObjectSource:
-    """Objects of one repository: through the swarm when a torrent of this
-    node names them, else (or if the swarm cannot deliver in time) from the
-    origin.  Called from FUSE and worker threads only.
-
-    One deadline per fetch, ``timeout`` seconds: the swarm gets the first
-    half of it when an origin can take over (all of it otherwise), the origin
-    what is left, so a reader has its bytes or EIO within ``timeout``.
-    """
-
-    def __init__(
-        self,
-        repo: str,
-        loop: asyncio.AbstractEventLoop,
-        origin: OriginObjectSource | None,
-        *,
-        timeout: float,
-    ) -> None:
-        self.repo = repo
-        self.loop = loop
-        self.origin = origin
-        self.timeout = timeout
-        self.index: dict[str, _Holding] = {}
-        self.from_swarm = 0
-        self.from_origin = 0
-
-    def fetch(self, digest: str, size: int) -> bytes:
-        """The object's (unverified) bytes, within ``timeout`` seconds.
-
-        Raises:
-            ObjectUnavailable: neither the swarm nor the origin delivered in time.
-        """
-        deadline = time.monotonic() + self.timeout
-        held = self.index.get(digest)
-        swarm_error = "no torrent of this node names it"
-        if held is not None:
-            swarm_time = self.timeout if self.origin is None else self.timeout / 2
-            fut = asyncio.run_coroutine_threadsafe(
-                held.transfer.read(held.file_index, 0, size), self.loop
-            )
-            try:
-                data = fut.result(swarm_time)
-                self.from_swarm += 1
-                return data
-            except TimeoutError:
-                fut.cancel()
-                swarm_error = f"the swarm did not deliver within {swarm_time:g} s"
-            except TransferError as exc:
-                swarm_error = f"swarm: {exc}"
-        if self.origin is None:
-            raise ObjectUnavailable(digest, f"{swarm_error}, and no origin is configured")
-        data = self.origin.fetch(digest, size, deadline=deadline)
-        self.from_origin += 1
-        return data
-
-
-@dataclass
-class NodeImage:
-    """A VM image served by the mount, read through its torrent (ImageFile)."""
-
-    repo: str
-    name: str
-    version: str
-    size: int
-    published: int
-    sha256: str
-    transfer: Transfer
-    loop: asyncio.AbstractEventLoop
-    timeout: float
-
-    def read(self, offset: int, size: int) -> bytes:
-        fut = asyncio.run_coroutine_threadsafe(self.transfer.read(0, offset, size), self.loop)
-        try:
-            return fut.result(self.timeout)
-        except TimeoutError:
-            fut.cancel()
-            raise ObjectUnavailable(
-                self.transfer.meta.info_hash, f"image pieces not delivered in {self.timeout:g} s"
-            ) from None
-        except TransferError as exc:
-            raise ObjectUnavailable(self.transfer.meta.info_hash, str(exc)) from exc
-
-    def xattrs(self) -> dict[str, bytes]:
-        return {
-            "repository": self.repo.encode(),
-            "image": self.name.encode(),
-            "version": self.version.encode(),
-            "hash": self.sha256.encode(),
-            "info_hash": self.transfer.meta.info_hash.encode(),
-        }
-
-
-@dataclass
-class RepoState:
-    """One followed repository on this node."""
-
-    cfg: RepositoryConfig
-    dir: Path
-    trusted: TrustedRepository
-    fetcher: ExchangeFetcher
-    cache: ObjectCache
-    source: SwarmObjectSource
-    mounted: MountedRelease
-    started: bool = False
-    last_refresh: float | None = None
-    last_error: str | None = None
-    revision_torrents: dict[int, str] = field(default_factory=dict)  # revision -> info_hash
-    images: dict[tuple[str, str], NodeImage] = field(default_factory=dict)
-    refused_images: dict[str, str] = field(default_factory=dict)  # "name/version" -> why
 
 
 class Node:
@@ -209,17 +75,21 @@ class Node:
         session: TransferSession,
         *,
         parse_torrent: TorrentParser,
-        image_policy: Any = None,
+        image_policy: ImagePolicy | None = None,
         job_service: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        api: Callable[[Node], web.Application] | None = None,
     ) -> None:
+        """``api`` builds the HTTP API's app over this node (swarm.daemon
+        passes swarm.api.make_api_app); None: no API."""
+        self._api = api
         self.config = config
         self.session = session
         self._parse_torrent = parse_torrent
         self.image_policy = image_policy
         self.job_service = job_service
         self.clock = clock
-        self.repos: dict[str, RepoState] = {}
+        self.repos: dict[str, Follower] = {}
         self.namespace = Namespace()
         self.ops: Any = None  # fs.ReleaseOperations once mounted
         self._mount_thread: threading.Thread | None = None
@@ -252,8 +122,18 @@ class Node:
         except OSError as exc:
             raise ConfigError(f"data_dir: {cfg.data_dir}: {exc.strerror}") from None
         self._token = self._load_token()
+        ctx = FollowContext(
+            self.session,
+            self._parse_torrent,
+            self.image_policy,
+            LoopBridge(loop, self.clock),
+            cfg.fetch_timeout,
+            self._show_repository,
+            self._invalidate,
+            self._publish_images,
+        )
         for name, rc in cfg.repositories.items():
-            self.repos[name] = self._open_repo(rc, loop)
+            self.repos[name] = self._open_repo(rc, ctx)
         await self.session.start()
         for b in cfg.bootstrap:
             self.session.connect(str(b))
@@ -306,7 +186,7 @@ class Node:
     def check_token(self, presented: str | None) -> bool:
         return presented is not None and secrets.compare_digest(presented, self._token)
 
-    def _open_repo(self, rc: RepositoryConfig, loop: asyncio.AbstractEventLoop) -> RepoState:
+    def _open_repo(self, rc: RepositoryConfig, ctx: FollowContext) -> Follower:
         rdir = self.config.repo_dir(rc.name)
         for sub in ("metadata", "torrents", "swarm", "cache", "images"):
             (rdir / sub).mkdir(parents=True, exist_ok=True)
@@ -316,36 +196,33 @@ class Node:
             raise ConfigError(
                 f'repositories."{rc.name}".trust: cannot read {rc.trust}: {exc.strerror}'
             ) from None
-        fetcher = ExchangeFetcher(
-            rc.name, rc.origin, self.peer_urls, timeout=self.config.fetch_timeout
+        spec = RepositorySpec(
+            rc.name, rc.origin, root_bytes, rdir / "metadata", self.config.fetch_timeout
         )
-        trusted = TrustedRepository(
-            rdir / "metadata",
-            logical_metadata_url(rc.name),
-            fetcher=fetcher,
-            trusted_root=root_bytes,
-        )
-        fetcher.screen = trusted.screen  # candidates are verified before one is chosen
         origin = (
             OriginObjectSource(rc.origin, rc.name, timeout=self.config.fetch_timeout)
             if rc.origin is not None
             else None
         )
-        source = SwarmObjectSource(rc.name, loop, origin, timeout=self.config.fetch_timeout)
-        cache = ObjectCache(rdir / "cache", rc.cache_quota, gate=self._fetch_gate)
-        mounted = MountedRelease(rc.name, _NodeTrusted(trusted), source, cache, tag=rc.tag)
-        return RepoState(rc, rdir, trusted, fetcher, cache, source, mounted)
+        source = SwarmObjectSource(rc.name, ctx.bridge, origin, timeout=self.config.fetch_timeout)
+        repo = open_repository(
+            spec,
+            source,
+            cache_dir=rdir / "cache",
+            quota=rc.cache_quota,
+            gate=self._fetch_gate,
+            tag=rc.tag,
+            peers=self.peer_urls,
+            refreshes=False,  # the node refreshes first, then follows the torrent
+        )
+        return Follower(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted, ctx)
 
     async def _start_http(self) -> None:
-        from aiohttp import web
-
-        from swarm.api import make_api_app
-
         exchange = PeerExchange(lambda: {n: r.dir for n, r in self.repos.items()})
-        for app, addr, attr in (
-            (exchange.app(), self.config.peer, "peer_port"),
-            (make_api_app(self), self.config.api, "api_port"),
-        ):
+        apps = [(exchange.app(), self.config.peer, "peer_port")]
+        if self._api is not None:
+            apps.append((self._api(self), self.config.api, "api_port"))
+        for app, addr, attr in apps:
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, addr.host, addr.port, reuse_address=True)
@@ -458,8 +335,8 @@ class Node:
 
     # -- repositories --------------------------------------------------------------------
 
-    def _metadata_failing(self) -> bool:
-        return any((r.last_error or "").startswith("metadata") for r in self.repos.values())
+    def _retry_soon(self) -> bool:
+        return any(r.retry_soon for r in self.repos.values())
 
     async def _refresh_loop(self) -> None:
         """Refresh every ``refresh_interval``.  While a repository's metadata
@@ -469,7 +346,7 @@ class Node:
         interval because one fetch failed."""
         backoff: float | None = None
         while not self._stopping.is_set():
-            if self._metadata_failing():
+            if self._retry_soon():
                 backoff = 2.0 if backoff is None else backoff * 2
                 delay = min(backoff, self.config.refresh_interval)
             else:
@@ -493,155 +370,19 @@ class Node:
                 except Exception:  # one repository's failure must not stop the others
                     log.exception("%s: refresh failed", name)
 
-    async def refresh(self, name: str) -> dict[str, Any]:
+    async def refresh(self, name: str) -> RepositoryStatus:
         """Refresh one repository's metadata now and switch to a newer revision.
 
         Never raises for transport or verification failures: the current
-        revision keeps being served and the error is reported.
+        revision keeps being served and the error is reported (each phase's
+        own, swarm.follower).
         """
-        rs = self.repos[name]
+        follower = self.repos[name]
         async with self._refresh_lock:
-            rs.last_refresh = time.time()
-            rs.last_error = None
-            try:
-                await asyncio.to_thread(rs.trusted.refresh)
-            except TrustTransportError as exc:
-                rs.last_error = f"metadata unreachable: {exc}"
-                log.warning("%s: %s", name, rs.last_error)
-                self._wake.set()
-                try:
-                    await asyncio.to_thread(rs.trusted.load_cached)
-                except TrustError as exc2:
-                    rs.last_error += f"; no cached metadata: {exc2}"
-                    return self.repo_status(name)
-            except TrustError as exc:
-                rs.last_error = f"metadata refused: {exc}"
-                log.error("%s: %s", name, rs.last_error)
-                if not rs.started:
-                    with contextlib.suppress(TrustError):
-                        await asyncio.to_thread(rs.trusted.load_cached)
-            try:
-                await self._follow_release(rs)
-            except (SwarmError, ReleaseError, TrustError) as exc:
-                rs.last_error = f"revision: {exc}"
-                log.error("%s: %s", name, rs.last_error)
-            if rs.cfg.images:
-                try:
-                    await self._follow_images(rs)
-                except (SwarmError, TrustError) as exc:
-                    rs.last_error = f"images: {exc}"
-                    log.error("%s: %s", name, rs.last_error)
+            await follower.refresh()
+        if follower.retry_soon:
+            self._wake.set()
         return self.repo_status(name)
-
-    def _wanted_release(self, rs: RepoState) -> ReleaseTarget | None:
-        if rs.cfg.tag is not None:
-            return rs.trusted.tags().get(rs.cfg.tag)
-        return rs.trusted.latest_release()
-
-    async def _torrent_for(self, rs: RepoState, ref: TorrentRef, where: str) -> TorrentMeta:
-        """The verified torrent ``ref`` names: from this node's copy, the
-        origin or a peer."""
-        path = rs.dir / "torrents" / f"{ref.sha256}.torrent"
-        data = b""
-        with contextlib.suppress(OSError):
-            data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != ref.sha256:
-            try:
-                data, src = await asyncio.to_thread(
-                    rs.fetcher.fetch_torrent, ref.sha256, ref.length
-                )
-            except tuf_exceptions.DownloadError as exc:
-                raise TransferError(
-                    f"{where}: torrent {ref.sha256[:12]} unavailable: {exc}"
-                ) from exc
-            log.info("%s: torrent %s from %s", rs.cfg.name, ref.sha256[:12], src)
-        meta = self._parse_torrent(data)
-        ref.check(data, meta)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-        return meta
-
-    async def _follow_release(self, rs: RepoState) -> None:
-        release = self._wanted_release(rs)
-        if release is None:
-            raise ReleaseError("no published revision")
-        target = rs.trusted.targets().get(f"revisions/{release.revision}")
-        ref = TorrentRef.from_custom(
-            None if target is None else target.custom, f"revision {release.revision}"
-        )
-        if ref is not None and release.revision not in rs.revision_torrents:
-            meta = await self._torrent_for(rs, ref, f"revision {release.revision}")
-            origin = rs.cfg.origin
-            transfer = self.session.add(
-                meta,
-                rs.dir / "swarm",
-                prefetch=rs.cfg.policy == "prefetch",
-                web_seeds=(origin,) if origin else (),
-            )
-            index = dict(rs.source.index)
-            for i, f in enumerate(meta.files):
-                if f.path.startswith("data/"):
-                    index[f.path.rpartition("/")[2]] = _Holding(transfer, i)
-            rs.source.index = index
-            rs.revision_torrents[release.revision] = meta.info_hash
-        if not rs.started:
-            await asyncio.to_thread(rs.mounted.start)
-            rs.started = True
-            self.namespace.set_repository(rs.cfg.name, rs.mounted)
-            self._invalidate([b""])
-            return
-        result = await asyncio.to_thread(rs.mounted.update)
-        if result.error:
-            raise ReleaseError(result.error)
-        if result.changed:
-            top = rs.cfg.name.encode()
-            self._invalidate([top + (b"/" + p if p else b"") for p in result.changed_paths])
-
-    async def _follow_images(self, rs: RepoState) -> None:
-        targets = rs.trusted.images()
-        kept: dict[tuple[str, str], NodeImage] = {}
-        refused: dict[str, str] = {}
-        for t in targets:
-            key = (t.name, t.version)
-            if self.image_policy is not None:
-                verdict = self.image_policy.check(rs.cfg.name, t, rs.trusted)
-                if not verdict.accepted:
-                    refused[f"{t.name}/{t.version}"] = verdict.reason
-                    continue
-            if key in rs.images:
-                kept[key] = rs.images[key]
-                continue
-            ref = TorrentRef(t.torrent_sha256, t.torrent_length, t.info_hash)
-            meta = await self._torrent_for(rs, ref, f"image {t.name}/{t.version}")
-            if len(meta.files) != 1 or meta.files[0].pieces_root != t.pieces_root:
-                raise TransferError(f"image {t.name}/{t.version}: torrent does not match target")
-            from swarm.images import web_seed_url
-
-            seeds = (web_seed_url(rs.cfg.origin, rs.cfg.name, t),) if rs.cfg.origin else ()
-            transfer = self.session.add(
-                meta,
-                rs.dir / "images" / t.name / t.version,
-                prefetch=rs.cfg.policy == "prefetch",
-                web_seeds=seeds,
-            )
-            kept[key] = NodeImage(
-                rs.cfg.name,
-                t.name,
-                t.version,
-                t.size,
-                t.published,
-                t.sha256,
-                transfer,
-                asyncio.get_running_loop(),
-                self.config.fetch_timeout,
-            )
-        for key, img in rs.images.items():
-            if key not in kept:
-                self.session.remove(img.transfer.meta.info_hash)
-        rs.images = kept
-        rs.refused_images = refused
-        self._publish_images()
 
     def _publish_images(self) -> None:
         table: dict[tuple[str, str, str], ImageFile] = {}
@@ -677,6 +418,10 @@ class Node:
             why = errors[0] if errors else "no answer within 30 s"
             raise ConfigError(f"cannot mount {mountpoint}: {why}")
 
+    def _show_repository(self, name: str, mounted: MountedRelease) -> None:
+        self.namespace.set_repository(name, mounted)
+        self._invalidate([b""])
+
     def _invalidate(self, paths: list[bytes]) -> None:
         if self.ops is not None and paths:
             self.ops.invalidate(paths)
@@ -693,132 +438,79 @@ class Node:
             log.error("unmount of %s failed: %s", self.config.mount, exc)
         await asyncio.to_thread(thread.join, 10.0)
 
-    # -- reports (the HTTP API and `swarm status`) -------------------------------------------
+    # -- reports (the HTTP API and `swarm status`, swarm.status) ---------------------------
 
-    def repo_status(self, name: str) -> dict[str, Any]:
-        rs = self.repos[name]
-        mounted: dict[str, Any] = {}
-        if rs.started:
-            mounted = dict(rs.mounted.status())
-        return {
-            "name": name,
-            "origin": rs.cfg.origin,
-            "policy": rs.cfg.policy,
-            "revision": mounted.get("revision"),
-            "catalog": mounted.get("catalog"),
-            "published": mounted.get("published"),
-            "tag": rs.cfg.tag,
-            "last_refresh": rs.last_refresh,
-            "last_error": rs.last_error,
-            "metadata_from": dict(rs.fetcher.last_source),
-            "source_problems": rs.fetcher.scores.report(),
-            "torrents": {str(k): v for k, v in rs.revision_torrents.items()},
-            "objects_from_swarm": rs.source.from_swarm,
-            "objects_from_origin": rs.source.from_origin,
-            "images": sorted(f"{n}/{v}" for n, v in rs.images),
-            "refused_images": rs.refused_images,
-            "cache": rs.cache.stats(),
-        }
+    def follows(self, name: str) -> bool:
+        return name in self.repos
 
-    def revisions(self, name: str) -> list[dict[str, Any]]:
-        rs = self.repos[name]
-        try:
-            releases = rs.trusted.releases()
-            tags = rs.trusted.tags()
-        except TrustError:
-            return []
-        by_rev: dict[int, list[str]] = {}
-        for tag, t in tags.items():
-            by_rev.setdefault(t.revision, []).append(tag)
-        return [
-            {
-                "revision": r.revision,
-                "catalog": r.catalog,
-                "published": r.published,
-                "files": r.files,
-                "bytes": r.total_bytes,
-                "tags": sorted(by_rev.get(r.revision, [])),
-                "current": rs.started and rs.mounted.current.release.revision == r.revision,
-            }
-            for r in releases
-        ]
+    def repo_names(self) -> list[str]:
+        return list(self.repos)
 
-    def images(self) -> list[dict[str, Any]]:
+    def repo_status(self, name: str) -> RepositoryStatus:
+        return self.repos[name].status()
+
+    def revisions(self, name: str) -> list[RevisionReport]:
+        return self.repos[name].revisions()
+
+    def images(self) -> list[ImageReport]:
         out = []
         for name, rs in self.repos.items():
             for (image, version), img in sorted(rs.images.items()):
-                st = img.transfer.status()
                 out.append(
-                    {
-                        "repository": name,
-                        "name": image,
-                        "version": version,
-                        "size": img.size,
-                        "sha256": img.sha256,
-                        "info_hash": img.transfer.meta.info_hash,
-                        "path": f".images/{name}/{image}/{version}",
-                        "progress": st.progress,
-                        "accepted": True,
-                    }
+                    ImageReport(
+                        repository=name,
+                        name=image,
+                        version=version,
+                        accepted=True,
+                        size=img.size,
+                        sha256=img.sha256,
+                        info_hash=img.transfer.meta.info_hash,
+                        path=f".images/{name}/{image}/{version}",
+                        progress=img.transfer.status().progress,
+                    )
                 )
             for key, why in sorted(rs.refused_images.items()):
                 image, _, version = key.partition("/")
-                out.append(
-                    {
-                        "repository": name,
-                        "name": image,
-                        "version": version,
-                        "accepted": False,
-                        "reason": why,
-                    }
-                )
+                out.append(ImageReport(name, image, version, accepted=False, reason=why))
         return out
 
-    def transfers(self) -> list[dict[str, Any]]:
-        out = []
-        for name, what, t in self._transfers():
-            d = dict(t.status().__dict__)
-            d.update(repository=name, what=what)
-            out.append(d)
-        return out
+    def transfers(self) -> list[TransferReport]:
+        return [
+            TransferReport(**dataclasses.asdict(t.status()), repository=name, what=what)
+            for name, what, t in self._transfers()
+        ]
 
-    def peers(self) -> list[dict[str, Any]]:
-        seen: dict[str, dict[str, Any]] = {}
+    def peers(self) -> list[PeerReport]:
+        seen: dict[str, PeerReport] = {}
         for _, _, t in self._transfers():
             for p in t.peers():
-                d = seen.setdefault(
-                    p.address,
-                    {
-                        "address": p.address,
-                        "client": p.client,
-                        "torrents": 0,
-                        "downloaded": 0,
-                        "uploaded": 0,
-                    },
+                was = seen.get(p.address, PeerReport(p.address, p.client, 0, 0, 0))
+                seen[p.address] = dataclasses.replace(
+                    was,
+                    torrents=was.torrents + 1,
+                    downloaded=was.downloaded + p.downloaded,
+                    uploaded=was.uploaded + p.uploaded,
                 )
-                d["torrents"] += 1
-                d["downloaded"] += p.downloaded
-                d["uploaded"] += p.uploaded
         return list(seen.values())
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "pid": os.getpid(),
-            "uptime": time.time() - self.started_at,
-            "listen": str(self.config.listen),
-            "api": str(self.config.api),
-            "peer": str(self.config.peer),
-            "mount": None if self.config.mount is None else str(self.config.mount),
-            "mounted": self._mount_thread is not None and self._mount_thread.is_alive(),
-            "bootstrap": [str(b) for b in self.config.bootstrap],
-            "session": self.session.status(),
-            "banned": self.session.banned(),
-            "repositories": {n: self.repo_status(n) for n in self.repos},
-            "transfers": self.transfers(),
-        }
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            pid=os.getpid(),
+            uptime=time.time() - self.started_at,
+            listen=str(self.config.listen),
+            api=str(self.config.api),
+            peer=str(self.config.peer),
+            mount=None if self.config.mount is None else str(self.config.mount),
+            mounted=self._mount_thread is not None and self._mount_thread.is_alive(),
+            bootstrap=[str(b) for b in self.config.bootstrap],
+            session=self.session.status(),
+            banned=self.session.banned(),
+            repositories={n: self.repo_status(n) for n in self.repos},
+            transfers=self.transfers(),
+        )
 
-    def cache(self) -> dict[str, Any]:
-        return {n: rs.cache.stats() for n, rs in self.repos.items()}
+    def cache(self) -> dict[str, CacheStats]:
+        return {n: CacheStats(**rs.cache.stats()) for n, rs in self.repos.items()}
 
 
 def check_paths(config: NodeConfig) -> None:
@@ -864,90 +556,3 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-_NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
-
-
-def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
-    """The ``[tuning]`` table as keyword arguments of the session config.
-
-    Raises:
-        ConfigError: an unknown knob or a value of the wrong type.
-    """
-    import dataclasses
-
-    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _NOT_TUNING}
-    out: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in defaults:
-            raise ConfigError(f"tuning.{key}: unknown (known: {', '.join(sorted(defaults))})")
-        want = type(defaults[key])
-        if want is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if type(value) is not want:
-            raise ConfigError(f"tuning.{key}: expected {want.__name__}, got {value!r}")
-        try:  # libtorrent settings are 32-bit; the float knobs are intervals
-            if want is int:
-                value = parse_count(value, minimum=0, maximum=2**31 - 1)
-            elif want is float:
-                value = parse_seconds(value)
-        except ValueRangeError as exc:
-            raise ConfigError(f"tuning.{key}: {exc}") from None
-        out[key] = value
-    return out
-
-
-def run_node(config_path: Path) -> None:
-    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
-
-    Raises:
-        ConfigError: a bad configuration or an unusable path or address.
-    """
-    import resource
-
-    from swarm.config import load_config
-    from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
-    from trust.policy import ImagePolicy
-
-    cfg = load_config(config_path)
-    try:
-        policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
-    except TrustError as exc:
-        raise ConfigError(str(exc)) from None
-    check_paths(cfg)  # before the job service or the node create anything
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    session = TorrentSession(
-        SessionConfig(
-            listen=str(cfg.listen),
-            bootstrap=[str(b) for b in cfg.bootstrap],
-            dht=cfg.dht,
-            lsd=cfg.lsd,
-            **_tuning(cfg.tuning, SessionConfig),
-        ),
-        cfg.data_dir / "session",
-    )
-
-    runner_table = dict(cfg.runner)
-    jobs = None
-    if runner_table.pop("enabled", True):
-        from runner.exceptions import RunnerError
-        from runner.service import job_service_from_config
-
-        try:
-            jobs = job_service_from_config(runner_table, cfg.data_dir)
-        except RunnerError as exc:
-            raise ConfigError(f"{config_path} [runner]: {exc}") from None
-
-    async def main() -> None:
-        node = Node(
-            cfg, session, parse_torrent=parse_torrent, image_policy=policy, job_service=jobs
-        )
-        try:
-            await node.start()
-            await node.run()
-        finally:
-            await node.stop()
-
-    asyncio.run(main())

@@ -1,9 +1,10 @@
 """HTTP access to an origin (or any plain web server or proxy serving a store).
 
-One :class:`swarm.http_get.HTTPClient` per origin, shared by FUSE threads and
-the metadata updater.  Every GET has one deadline for the whole transfer
-(connect, headers and body): a dead, silent or trickling origin turns into an
-error ``timeout`` seconds after the GET began, never a hang.  Bodies are
+One :class:`swarm.http_get.HTTPClient` per origin (or any injected
+:class:`swarm.http_get.Transport`), shared by FUSE threads and the metadata
+updater.  Every GET has one deadline for the whole transfer (connect,
+headers and body): a dead, silent or trickling origin turns into an error
+``timeout`` seconds after the GET began, never a hang.  Bodies are
 bounded by the expected length (endless-data defence); verification is the
 caller's job.
 """
@@ -17,9 +18,9 @@ from tuf.api import exceptions as tuf_exceptions
 from tuf.ngclient.fetcher import FetcherInterface
 
 from cvmfs_like.exceptions import ObjectUnavailable
-from cvmfs_like.objects import relative_path
 from swarm.exceptions import FetchError, FetchStatus, FetchTimeout, FetchTooLong
-from swarm.http_get import HTTPClient, Response
+from swarm.http_get import HTTPClient, Transport
+from swarm.layout import RepositoryURLs
 
 _MAX_METADATA = 64 << 20  # python-tuf stops sooner, at each role's own limit
 
@@ -28,11 +29,17 @@ class OriginObjectSource:
     """Objects of one repository from ``BASE/NAME/data/``."""
 
     def __init__(
-        self, base_url: str, repo: str, *, timeout: float = 10.0, connections: int = 16
+        self,
+        base_url: str,
+        repo: str,
+        *,
+        timeout: float = 10.0,
+        connections: int = 16,
+        transport: Transport | None = None,
     ) -> None:
-        self.url = base_url.rstrip("/") + f"/{repo}/data/"
+        self.urls = RepositoryURLs.origin(base_url, repo)
         self.timeout = timeout
-        self._http = HTTPClient(idle_per_host=connections)
+        self._http: Transport = transport or HTTPClient(idle_per_host=connections)
 
     def fetch(self, digest: str, size: int, *, deadline: float | None = None) -> bytes:
         """GET one object, at most ``size`` bytes, by ``deadline`` (a
@@ -43,7 +50,7 @@ class OriginObjectSource:
         """
         if deadline is None:
             deadline = time.monotonic() + self.timeout
-        url = self.url + relative_path(digest)
+        url = self.urls.data(digest)
         try:
             return self._http.get(url, deadline=deadline, limit=size)
         except FetchStatus as exc:
@@ -57,29 +64,31 @@ class OriginObjectSource:
 
 
 class OriginMetadataFetcher(FetcherInterface):
-    """python-tuf fetcher for metadata over HTTP, each GET within ``timeout``."""
+    """python-tuf fetcher for metadata over HTTP, each GET within ``timeout``
+    and at most the length python-tuf allows for the file."""
 
-    def __init__(self, *, timeout: float = 10.0) -> None:
+    def __init__(self, *, timeout: float = 10.0, transport: Transport | None = None) -> None:
         self.timeout = timeout
-        self._http = HTTPClient(idle_per_host=4)
+        self._http: Transport = transport or HTTPClient(idle_per_host=4)
 
-    def _fetch(self, url: str) -> Iterator[bytes]:
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """The body of ``url``, at most ``max_length`` bytes, within ``timeout``.
+
+        Raises:
+            tuf.api.exceptions.DownloadHTTPError: an answer other than 200.
+            tuf.api.exceptions.DownloadLengthMismatchError: over ``max_length``.
+            tuf.api.exceptions.DownloadError: unreachable, broken or too slow.
+        """
         try:
-            resp = self._http.open(
-                url, deadline=time.monotonic() + self.timeout, limit=_MAX_METADATA
-            )
+            return self._http.get(url, deadline=time.monotonic() + self.timeout, limit=max_length)
+        except FetchStatus as exc:
+            raise tuf_exceptions.DownloadHTTPError(str(exc), exc.status) from exc
+        except FetchTooLong as exc:
+            raise tuf_exceptions.DownloadLengthMismatchError(
+                f"{url}: over {max_length} bytes"
+            ) from exc
         except FetchError as exc:
             raise tuf_exceptions.DownloadError(f"cannot fetch {exc}") from exc
-        if resp.status != 200:
-            resp.close()
-            raise tuf_exceptions.DownloadHTTPError(f"{url}: HTTP {resp.status}", resp.status)
-        return self._chunks(resp)
 
-    @staticmethod
-    def _chunks(resp: Response) -> Iterator[bytes]:
-        # The deadline set in _fetch keeps running while python-tuf reads.
-        with resp:
-            try:
-                yield from resp.chunks(1 << 16)
-            except FetchError as exc:
-                raise tuf_exceptions.DownloadError(f"cannot fetch {exc}") from exc
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return iter([self.download_bytes(url, _MAX_METADATA)])

@@ -24,6 +24,16 @@ feed it stale data (the freeze attack needs a feed); the state was current
 when it was verified; a node whose origin is down keeps serving the release it
 already trusted rather than none.  :meth:`refresh` never accepts expired data.
 
+Refresh policy: :meth:`TrustedRepository.refresh_or_cached` is the one
+place that decides "refresh, else keep what is trusted, else use what is
+cached", and says which happened in a :class:`RefreshOutcome`; the node, the
+mount and the image commands all use it.
+
+Sources: metadata comes through a python-tuf ``FetcherInterface`` by URL, or
+(:meth:`TrustedRepository.from_source`) from a :class:`MetadataSource` that
+is asked by file name and chooses its own servers (the peer exchange); the
+adapter to python-tuf's URLs is private to this module.
+
 Invariants: the trusted state only ever changes to a fully verified newer
 state; a failed refresh leaves the previous state in place.  All public
 methods are serialised by a lock and may be called from any thread.
@@ -38,15 +48,22 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib import parse
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import Metadata, Root, TargetFile
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig, Urllib3Fetcher
 
-from trust.exceptions import MetadataFormatError, TrustConfigError, VerificationError
+from trust.exceptions import (
+    MetadataFormatError,
+    TrustConfigError,
+    TrustError,
+    TrustTransportError,
+    VerificationError,
+)
 from trust.keys import write_file_atomic
 from trust.targets import (
     ImageTarget,
@@ -91,6 +108,70 @@ class _NamingFetcher(FetcherInterface):
         return self.fetch(url)
 
 
+class MetadataSource(Protocol):
+    """Top-level metadata files by name (``timestamp.json``, ``N.root.json``,
+    ``N.snapshot.json``, ``N.targets.json``), from wherever the source
+    chooses.  Nothing it returns is trusted: python-tuf verifies it.  Raises
+    python-tuf's ``DownloadError`` (``DownloadHTTPError`` 404: nobody has the
+    file) or ``RepositoryError`` (every answer was bad data)."""
+
+    def fetch_metadata(self, name: str) -> bytes: ...
+
+
+# python-tuf asks for metadata by URL; a MetadataSource is asked by name.
+# This base is only ever seen by _SourceFetcher, which strips it again.
+_BY_NAME = "metadata-by-name:/"
+
+
+class _SourceFetcher(FetcherInterface):
+    """A :class:`MetadataSource` as python-tuf's fetcher."""
+
+    def __init__(self, source: MetadataSource) -> None:
+        self._source = source
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        # python-tuf's fetch() wraps every error but a DownloadError as a
+        # transport failure: a source's verdict on the data (RepositoryError,
+        # every answer was bad) must reach the Updater as one.
+        try:
+            return self._fetch(url)
+        except (tuf_exc.DownloadError, tuf_exc.RepositoryError):
+            raise
+        except Exception as exc:
+            raise tuf_exc.DownloadError(f"Failed to download {url}") from exc
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        return iter([self._source.fetch_metadata(url.removeprefix(_BY_NAME))])
+
+
+class Freshness(StrEnum):
+    """What :meth:`TrustedRepository.refresh_or_cached` could do."""
+
+    REFRESHED = "refreshed"  # verified the newest metadata just now
+    KEPT = "kept"  # the refresh failed; the state trusted before stays
+    CACHED = "cached"  # the refresh failed; the last verified state on disk is used
+    NONE = "none"  # the refresh failed and nothing verified is cached
+
+
+@dataclass(frozen=True)
+class RefreshOutcome:
+    """The result of :meth:`TrustedRepository.refresh_or_cached`."""
+
+    freshness: Freshness
+    error: TrustError | None = None  # why the refresh failed
+    cached_error: TrustError | None = None  # why no cached state was usable (NONE)
+
+    @property
+    def usable(self) -> bool:
+        """Is there a trusted state to read?"""
+        return self.freshness is not Freshness.NONE
+
+    @property
+    def unreachable(self) -> bool:
+        """Did the refresh fail for want of a transport (not bad data)?"""
+        return isinstance(self.error, TrustTransportError)
+
+
 class UnknownTargetError(TrustConfigError):
     """The verified targets do not list the requested target."""
 
@@ -127,6 +208,7 @@ class TrustedRepository:
         config: python-tuf ``UpdaterConfig`` (maximum lengths, root rotations).
         clock: current time for the offline expiry report (tests); python-tuf's
             own checks in :meth:`refresh` always use the system clock.
+        label: names the repository in log messages (default: ``metadata_url``).
 
     Raises:
         TrustConfigError: no cached root and no ``trusted_root``, or the root
@@ -142,8 +224,10 @@ class TrustedRepository:
         trusted_root: bytes | None = None,
         config: UpdaterConfig | None = None,
         clock: Callable[[], datetime] | None = None,
+        label: str | None = None,
     ) -> None:
         self._dir = metadata_dir
+        self._label = label or metadata_url
         self._url = metadata_url if metadata_url.endswith("/") else metadata_url + "/"
         self._fetcher = fetcher or Urllib3Fetcher()
         self._config = config or UpdaterConfig()
@@ -175,7 +259,56 @@ class TrustedRepository:
             except OSError as exc:
                 raise TrustConfigError(f"cannot install root in {metadata_dir}: {exc}") from exc
 
+    @classmethod
+    def from_source(
+        cls,
+        metadata_dir: Path,
+        source: MetadataSource,
+        *,
+        label: str,
+        trusted_root: bytes | None = None,
+        config: UpdaterConfig | None = None,
+    ) -> TrustedRepository:
+        """A verified view whose metadata comes from ``source`` by file name.
+
+        Raises:
+            TrustConfigError: as the constructor.
+        """
+        return cls(
+            metadata_dir,
+            _BY_NAME,
+            fetcher=_SourceFetcher(source),
+            trusted_root=trusted_root,
+            config=config,
+            label=label,
+        )
+
     # -- updating ------------------------------------------------------------
+
+    def refresh_or_cached(self) -> RefreshOutcome:
+        """Refresh; if that fails, keep the state trusted now, or when there
+        is none yet, fall back to the last verified state on disk
+        (:meth:`load_cached`, the offline policy of the module docstring).
+
+        Never raises a :class:`TrustError`: the outcome says what happened and
+        why; a caller that must not go on after bad data checks
+        ``outcome.error``.
+        """
+        try:
+            self.refresh()
+        except TrustError as exc:
+            error = exc
+        else:
+            return RefreshOutcome(Freshness.REFRESHED)
+        with self._lock:
+            trusted_now = self._state is not None
+        if trusted_now:
+            return RefreshOutcome(Freshness.KEPT, error)
+        try:
+            self.load_cached()
+        except TrustError as cached:
+            return RefreshOutcome(Freshness.NONE, error, cached)
+        return RefreshOutcome(Freshness.CACHED, error)
 
     def refresh(self) -> None:
         """Run the TUF client workflow: root chain, timestamp, snapshot, targets.
@@ -217,7 +350,7 @@ class TrustedRepository:
                 logger.warning(
                     "offline: using cached metadata of %s although %s expired; "
                     "it will not be refreshed until the repository is reachable",
-                    self._url,
+                    self._label,
                     ", ".join(state.expired),
                 )
             self._state = state

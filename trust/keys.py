@@ -234,26 +234,6 @@ def init_keys(
     return root_path
 
 
-def rotate_key(keydir: Path, metadata_dir: Path, role: str) -> None:
-    """Replace every key of ``role`` and publish root N+1 naming the new keys.
-
-    The new root is signed by the previous root keys and by the new ones (TUF
-    spec 5.3.4/5.3.5: a client accepts root N+1 only if signed by a threshold
-    of root N *and* of root N+1).  Old key files move to ``keydir/old/``.  The
-    targets, snapshot and timestamp metadata are then re-signed with fresh
-    versions so the repository stays valid.  Takes the publish lock.
-
-    Raises:
-        TrustConfigError: unknown role, unusable keys, or the publish lock is held.
-    """
-    from trust.repository import RepositoryWriter  # the writer depends on this module
-
-    if role not in ROLES:
-        raise TrustConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    with RepositoryWriter.open(metadata_dir, keydir) as writer:
-        writer.rotate(role)
-
-
 def write_private_key(keydir: Path, role: str, signer: CryptoSigner) -> str:
     """Write ``signer``'s private key as ``<role>-<keyid16>.pem`` (mode 0600).
 

@@ -237,7 +237,7 @@ class RepositoryWriter:
         self._publish(self.targets())
 
     def rotate(self, role: str) -> None:
-        """Replace the keys of ``role``; see :func:`trust.keys.rotate_key`.
+        """Replace the keys of ``role``; see :func:`rotate_key`.
 
         Raises:
             TrustConfigError: unknown role, or keys/metadata cannot be written.
@@ -434,3 +434,21 @@ def prune_metadata(metadata_dir: Path, keep_versions: int) -> list[Path]:
             path.unlink()
             deleted.append(path)
     return deleted
+
+
+def rotate_key(keydir: Path, metadata_dir: Path, role: str) -> None:
+    """Replace every key of ``role`` and publish root N+1 naming the new keys.
+
+    The new root is signed by the previous root keys and by the new ones (TUF
+    spec 5.3.4/5.3.5: a client accepts root N+1 only if signed by a threshold
+    of root N *and* of root N+1).  Old key files move to ``keydir/old/``.  The
+    targets, snapshot and timestamp metadata are then re-signed with fresh
+    versions so the repository stays valid.  Takes the publish lock.
+
+    Raises:
+        TrustConfigError: unknown role, unusable keys, or the publish lock is held.
+    """
+    if role not in ROLES:
+        raise TrustConfigError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    with RepositoryWriter.open(metadata_dir, keydir) as writer:
+        writer.rotate(role)

@@ -15,6 +15,7 @@ from cvmfs_like.objects import ObjectSource
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from tests.trees import build_sample_tree
+from trust.client import Freshness, RefreshOutcome
 from trust.keys import init_keys
 from trust.targets import ReleaseTarget
 
@@ -31,11 +32,8 @@ class FixedReleases(TrustedReleases):
     def __init__(self, release: ReleaseTarget) -> None:
         self.release = release
 
-    def refresh(self) -> None:
-        pass
-
-    def load_cached(self) -> None:
-        pass
+    def refresh_or_cached(self) -> RefreshOutcome:
+        return RefreshOutcome(Freshness.REFRESHED)
 
     def releases(self) -> list[ReleaseTarget]:
         return [self.release]

@@ -83,7 +83,7 @@ def test_unreadable_file_is_named(tmp_path: Path) -> None:
 
 
 def test_tuning_knobs_are_checked_against_the_session_config() -> None:
-    from swarm.node import _tuning
+    from swarm.daemon import _tuning
     from swarm.torrent import SessionConfig
 
     cfg = parse_config('[tuning]\nunchoke_slots = 16\nseed_choking = "round_robin"\n')

@@ -19,7 +19,8 @@ from tuf.api import exceptions as tuf_exceptions
 
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
-from swarm.exchange import ExchangeFetcher, logical_metadata_url
+from swarm.exchange import ExchangeFetcher
+from swarm.repository import RepositorySpec, open_trusted
 from tests.hostile_http import Answer, HostileServer
 from trust.client import TrustedRepository
 from trust.keys import init_keys
@@ -57,10 +58,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Repository:
     timestamp_1 = (metadata / "timestamp.json").read_bytes()
     (src / "VERSION").write_text("2\n")
     publish(src, store, tmp / "keys")
-    trusted = TrustedRepository(
-        tmp / "node-metadata",
-        logical_metadata_url(REPO),  # never contacted: only screen() is used
-        trusted_root=root_json.read_bytes(),
+    # no origin and no peers: nothing is fetched, only screen() is used
+    trusted, _ = open_trusted(
+        RepositorySpec(REPO, None, root_json.read_bytes(), tmp / "node-metadata", 2)
     )
     return Repository(metadata, timestamp_1, (metadata / "timestamp.json").read_bytes(), trusted)
 
@@ -85,7 +85,7 @@ def _peer_path(name: str) -> str:
 
 
 def _fetch(fetcher: ExchangeFetcher, name: str) -> bytes:
-    return b"".join(fetcher.fetch(logical_metadata_url(REPO) + name))
+    return fetcher.fetch_metadata(name)
 
 
 def _closed_port_url() -> str:
@@ -121,8 +121,8 @@ def test_the_newest_verified_timestamp_wins_over_a_forged_higher_one(
     assert all(s.requests for s in servers)  # every source was asked
     report = fetcher.scores.report()
     assert list(report) == [forger.url]
-    assert report[forger.url]["bad_data"] == 1
-    assert "timestamp.json" in str(report[forger.url]["problem"])
+    assert report[forger.url].bad_data == 1
+    assert "timestamp.json" in str(report[forger.url].problem)
 
 
 @pytest.mark.parametrize("name", ["timestamp.json", "3.root.json"])

@@ -17,10 +17,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from swarm.exchange import ExchangeFetcher, logical_metadata_url
+from swarm.exceptions import FetchTimeout
+from swarm.exchange import ExchangeFetcher
+from swarm.repository import RepositorySpec, open_trusted
 from tests.hostile_http import Answer, HostileServer
+from tests.mock_transport import MockTransport
 from tests.swarm.test_node import REPO, Site, running
-from trust.client import TrustedRepository
+from trust.client import Freshness, TrustedRepository
 from trust.exceptions import MetadataFormatError, SignatureError, VerificationError
 
 HOSTILE = 7  # bootstrap index: the hostile peer listens on 127.0.0.9
@@ -61,17 +64,17 @@ def test_a_forged_timestamp_with_a_huge_version_does_not_freeze_updates(site: Si
             async with running(site.node(0, bootstrap=(HOSTILE,))) as a:
                 assert liar.requests, "the forging peer was never asked"
                 st = a.repo_status(REPO)
-                assert st["revision"] == 1, st["last_error"]
+                assert st.revision == 1, st.last_error
                 # ... and still follows the origin's newer revisions.
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
                 st = await a.refresh(REPO)
-                assert st["revision"] == 2, st["last_error"]
-                assert st["last_error"] is None
-                assert st["metadata_from"]["timestamp.json"].startswith(site.origin.url)
-                problems = st["source_problems"][_hostile_url(site)]
-                assert problems["bad_data"] >= 2
-                assert "timestamp.json" in problems["problem"]
+                assert st.revision == 2, st.last_error
+                assert st.last_error is None
+                assert st.metadata_from["timestamp.json"].startswith(site.origin.url)
+                problems = st.source_problems[_hostile_url(site)]
+                assert problems.bad_data >= 2
+                assert "timestamp.json" in (problems.problem or "")
 
         asyncio.run(main())
 
@@ -88,16 +91,16 @@ def test_a_forging_peer_is_asked_last_for_versioned_metadata(site: Site) -> None
             async with running(site.node(0)) as honest:
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
-                assert (await honest.refresh(REPO))["revision"] == 2
+                assert (await honest.refresh(REPO)).revision == 2
                 timestamp = site.tmp / "store" / REPO / "metadata" / "timestamp.json"
                 answers[_peer_path("timestamp.json")] = Answer(timestamp.read_bytes())
                 site.origin.stop()
                 async with running(site.node(1, bootstrap=(HOSTILE, 0))) as b:
                     st = b.repo_status(REPO)
-                    assert st["revision"] == 2, st["last_error"]
-                    assert "127.0.0.2" in st["metadata_from"]["2.snapshot.json"]
-                    problem = st["source_problems"][_hostile_url(site)]
-                    assert "2.snapshot.json" in problem["problem"]
+                    assert st.revision == 2, st.last_error
+                    assert "127.0.0.2" in st.metadata_from["2.snapshot.json"]
+                    problem = st.source_problems[_hostile_url(site)]
+                    assert "2.snapshot.json" in (problem.problem or "")
 
         asyncio.run(main())
 
@@ -110,7 +113,7 @@ def test_a_trickling_peer_does_not_stall_the_refresh(site: Site) -> None:
 
         async def main() -> None:
             async with running(site.node(0, bootstrap=(HOSTILE,), fetch_timeout=1)) as a:
-                assert a.repo_status(REPO)["revision"] == 1
+                assert a.repo_status(REPO).revision == 1
                 (site.src / "NEW").write_bytes(b"revision two\n")
                 site.publish()
                 url = f"http://127.0.0.2:{a.api_port}/v1/repositories/{REPO}/refresh"
@@ -129,24 +132,49 @@ def test_a_trickling_peer_does_not_stall_the_refresh(site: Site) -> None:
         asyncio.run(main())
 
 
-def test_a_bad_torrent_is_checked_before_parsing_and_the_next_source_tried(
-    tmp_path: Path,
-) -> None:
+def test_a_bad_torrent_is_checked_before_parsing_and_the_next_source_tried() -> None:
     torrent = b"d4:infod6:lengthi1eee"  # any bytes: the hash decides
     sha = hashlib.sha256(torrent).hexdigest()
-    with (
-        HostileServer({}) as liar,
-        HostileServer({f"/v1/peer/repos/{REPO}/torrents/{sha}": Answer(torrent)}) as honest,
-    ):
-        liar.answers[f"/{REPO}/data/{sha[:2]}/{sha}"] = Answer(b"x" * len(torrent))
-        fetcher = ExchangeFetcher(REPO, liar.url, lambda: [honest.url], timeout=2)
-        data, src = fetcher.fetch_torrent(sha, len(torrent))
-        assert data == torrent and src.startswith(honest.url)
-        report = fetcher.scores.report()[liar.url]
-        assert report["bad_data"] == 1 and "torrent" in str(report["problem"])
-        # the liar is asked last from now on
-        fetcher.fetch_torrent(sha, len(torrent))
-        assert len(liar.requests) == 1
+    origin, peer = "http://origin.test/", "http://peer.test:6880/"
+    transport = MockTransport(
+        {
+            f"{origin}{REPO}/data/{sha[:2]}/{sha}": b"x" * len(torrent),  # the liar
+            f"{peer}v1/peer/repos/{REPO}/torrents/{sha}": torrent,
+        }
+    )
+    fetcher = ExchangeFetcher(REPO, origin, lambda: [peer], timeout=2, transport=transport)
+    data, src = fetcher.fetch_torrent(sha, len(torrent))
+    assert data == torrent and src.startswith(peer)
+    report = fetcher.scores.report()[origin]
+    assert report.bad_data == 1 and "torrent" in str(report.problem)
+    # the liar is asked last from now on
+    fetcher.fetch_torrent(sha, len(torrent))
+    assert sum(u.startswith(origin) for u in transport.requests) == 1
+
+
+def test_the_highest_screened_timestamp_wins_and_a_forger_is_scored_down(site: Site) -> None:
+    meta = site.tmp / "store" / REPO / "metadata"
+    honest = (meta / "timestamp.json").read_bytes()
+    origin, liar, slow = "http://origin.test/", "http://liar.test/", "http://slow.test/"
+    transport = MockTransport(
+        {
+            **{f"{origin}{REPO}/metadata/{f.name}": f.read_bytes() for f in meta.glob("*.json")},
+            f"{liar}v1/peer/repos/{REPO}/metadata/timestamp.json": _forged_timestamp(site, 99),
+            f"{slow}v1/peer/repos/{REPO}/metadata/timestamp.json": FetchTimeout("silent"),
+        }
+    )
+    trusted, fetcher = open_trusted(
+        RepositorySpec(REPO, origin, site.root_json.read_bytes(), site.tmp / "meta", 2),
+        peers=lambda: [liar, slow],
+        transport=transport,
+    )
+    assert fetcher.fetch_metadata("timestamp.json") == honest
+    assert fetcher.last_source["timestamp.json"].startswith(origin)
+    report = fetcher.scores.report()
+    assert report[liar].bad_data == 1 and report[slow].bad_data == 0
+    # the whole refresh goes through the same transport
+    assert trusted.refresh_or_cached().freshness is Freshness.REFRESHED
+    assert trusted.targets_version >= 1
 
 
 def test_metadata_errors_name_the_file_that_failed(site: Site, tmp_path: Path) -> None:
@@ -183,13 +211,8 @@ def test_metadata_that_every_source_forged_is_refused_not_called_unreachable(
 ) -> None:
     forged = Answer(_forged_timestamp(site, 999_999_999))
     with HostileServer({f"/{REPO}/metadata/timestamp.json": forged}) as liar:
-        fetcher = ExchangeFetcher(REPO, liar.url, lambda: [], timeout=2)
-        trusted = TrustedRepository(
-            tmp_path / "meta",
-            logical_metadata_url(REPO),
-            fetcher=fetcher,
-            trusted_root=site.root_json.read_bytes(),
+        trusted, _ = open_trusted(
+            RepositorySpec(REPO, liar.url, site.root_json.read_bytes(), tmp_path / "meta", 2)
         )
-        fetcher.screen = trusted.screen
         with pytest.raises(VerificationError, match="every source sent bad data"):
             trusted.refresh()

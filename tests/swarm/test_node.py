@@ -19,8 +19,10 @@ from cvmfs_like.namespace import Namespace
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.config import parse_config
+from swarm.daemon import build_node
 from swarm.node import Node
 from swarm.release_torrent import torrent_extension
+from swarm.status import NodeStatus, render
 from swarm.torrent import parse_torrent
 from swarm_testing.waiting import eventually_async
 from tests.fake_swarm import FakeWorld
@@ -78,7 +80,7 @@ trust = "{self.root_json}"
 {policy}
 """
         )
-        return Node(
+        return build_node(
             cfg,
             self.world.session(f"{host}:6881"),
             parse_torrent=parse_torrent,
@@ -124,12 +126,12 @@ def test_node_reads_a_release_through_the_swarm_with_the_origin_as_web_seed(site
     async def main() -> None:
         async with running(site.node(0)) as a:
             st = a.repo_status(REPO)
-            assert st["revision"] == 1 and st["torrents"]
+            assert st.revision == 1 and st.torrents
             got = await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
             assert got == (site.src / "bin/hello").read_bytes()
             st = a.repo_status(REPO)
-            assert st["objects_from_swarm"] >= 2  # catalog(s) and the file
-            assert st["objects_from_origin"] == 0
+            assert st.objects_from_swarm >= 2  # catalog(s) and the file
+            assert st.objects_from_origin == 0
 
     asyncio.run(main())
 
@@ -162,7 +164,7 @@ def test_origin_down_a_new_node_gets_metadata_torrent_and_objects_from_a_peer(
             (site.src / "NEW").write_bytes(b"revision two\n" * 1000)
             site.publish()
             await a.refresh(REPO)
-            assert a.repo_status(REPO)["revision"] == 2
+            assert a.repo_status(REPO).revision == 2
             want = {p: (site.src / p).read_bytes() for p in ("NEW", "bin/hello", "large.bin")}
             for p in want:
                 await asyncio.to_thread(read_file, a.namespace, f"{REPO}/{p}")
@@ -171,11 +173,11 @@ def test_origin_down_a_new_node_gets_metadata_torrent_and_objects_from_a_peer(
             site.world.origin_up = False
             async with running(site.node(1, bootstrap=(0,))) as b:
                 st = b.repo_status(REPO)
-                assert st["revision"] == 2, st["last_error"]
-                assert "127.0.0.2" in st["metadata_from"]["timestamp.json"]
+                assert st.revision == 2, st.last_error
+                assert "127.0.0.2" in st.metadata_from["timestamp.json"]
                 for p, data in want.items():
                     assert await asyncio.to_thread(read_file, b.namespace, f"{REPO}/{p}") == data
-                assert b.repo_status(REPO)["objects_from_origin"] == 0
+                assert b.repo_status(REPO).objects_from_origin == 0
 
     asyncio.run(main())
 
@@ -193,13 +195,13 @@ def test_wrong_bytes_from_the_swarm_never_reach_a_reader(site: Site) -> None:
                 assert hello == (site.src / "bin/hello").read_bytes()
                 site.world.sessions[0].corrupt = True
                 site.world.verify_pieces = False
-                before = b.repo_status(REPO)["objects_from_swarm"]
+                before = b.repo_status(REPO).objects_from_swarm
                 with pytest.raises(ObjectVerificationError):
                     await asyncio.to_thread(read_file, b.namespace, f"{REPO}/large.bin")
                 entry = b.namespace.lookup(f"{REPO}/large.bin".encode())
                 assert entry is not None and entry.object is not None
                 assert not b.repos[REPO].cache.contains(entry.object)
-                assert b.repo_status(REPO)["objects_from_swarm"] == before + 1
+                assert b.repo_status(REPO).objects_from_swarm == before + 1
 
     asyncio.run(main())
 
@@ -227,6 +229,69 @@ def test_api_reads_openly_and_changes_only_with_the_token(site: Site) -> None:
                 async with http.get(base + "/v1/transfers") as r:
                     ts = await r.json()
                     assert ts and ts[0]["what"] == "revision 1"
+
+    asyncio.run(main())
+
+
+def _conforms(value: object, schema: dict[str, object], where: str) -> None:
+    """``value`` is what ``schema`` (OpenAPI 3.0, as swarm.status writes it) says."""
+    if value is None:
+        assert schema.get("nullable") or schema == {}, f"{where}: null"
+        return
+    kind = schema.get("type")
+    if kind == "object":
+        assert isinstance(value, dict), where
+        props = schema.get("properties")
+        if isinstance(props, dict):
+            assert set(value) == set(props), f"{where}: keys {sorted(value)} != {sorted(props)}"
+            for k, v in value.items():
+                _conforms(v, props[k], f"{where}.{k}")
+        else:
+            extra = schema["additionalProperties"]
+            assert isinstance(extra, dict), where
+            for k, v in value.items():
+                _conforms(v, extra, f"{where}.{k}")
+    elif kind == "array":
+        assert isinstance(value, list), where
+        items = schema["items"]
+        assert isinstance(items, dict)
+        for i, v in enumerate(value):
+            _conforms(v, items, f"{where}[{i}]")
+    elif kind is not None:
+        types: dict[str, type | tuple[type, ...]] = {
+            "string": str,
+            "integer": int,
+            "number": (int, float),
+            "boolean": bool,
+        }
+        assert isinstance(value, types[str(kind)]), f"{where}: {value!r} is not {kind}"
+
+
+def test_every_api_answer_matches_the_schema_generated_from_its_report(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
+            base = f"http://127.0.0.2:{a.api_port}"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(base + "/openapi.json") as r:
+                    doc = await r.json()
+                for path, ops in doc["paths"].items():
+                    if "get" not in ops or path.startswith("/v1/jobs"):
+                        continue
+                    schema = ops["get"]["responses"]["200"]["content"]["application/json"]
+                    schema = schema["schema"]
+                    # no more {"type": "object"} saying nothing of the answer
+                    described = schema.get("properties") or schema.get("additionalProperties")
+                    assert schema.get("type") == "array" or described, path
+                    async with http.get(base + path.replace("{name}", REPO)) as r:
+                        assert r.status == 200, path
+                        _conforms(await r.json(), schema, path)
+                async with http.get(base + "/v1/status") as r:
+                    st = NodeStatus.from_json(await r.json())  # as `swarm status` reads it
+                assert st.repositories[REPO].revision == 1 and st.transfers
+                shown = render(st)
+                assert any(line.startswith(f"  {REPO}: revision 1 ") for line in shown), shown
+                assert any(f"transfer {REPO} revision 1: " in line for line in shown), shown
 
     asyncio.run(main())
 
@@ -280,7 +345,7 @@ def test_a_read_asks_the_swarm_for_exactly_the_pieces_it_needs(site: Site) -> No
             asked_at_start = len(session.requests)
             await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello")
             asked = session.requests[asked_at_start:]
-            ih = a.repo_status(REPO)["torrents"]["1"]
+            ih = a.repo_status(REPO).torrents["1"]
             transfer = session.get(ih)
             assert transfer is not None
             meta = transfer.meta
@@ -314,8 +379,8 @@ def test_images_are_shown_only_from_publishers_the_site_accepts(site: Site) -> N
         refusing.image_policy = ImagePolicy.from_table({"accept": []})
         async with running(refusing) as b:
             assert b.namespace.lookup(f".images/{REPO}/vm/1".encode()) is None
-            refused = [i for i in b.images() if not i["accepted"]]
-            assert refused and REPO in refused[0]["reason"]
+            refused = [i for i in b.images() if not i.accepted]
+            assert refused and REPO in (refused[0].reason or "")
 
     asyncio.run(main())
 
@@ -324,14 +389,42 @@ def test_a_failed_metadata_fetch_is_retried_soon_not_after_the_interval(site: Si
     async def main() -> None:
         site.origin.stop()
         async with running(site.node(0)) as a:  # refresh_interval is an hour
-            assert a.repo_status(REPO)["last_error"].startswith("metadata")
+            assert (a.repo_status(REPO).last_error or "").startswith("metadata")
             site.origin.start_again()
 
             async def at_revision_1() -> bool:
-                return bool(a.repo_status(REPO)["revision"] == 1)
+                return a.repo_status(REPO).revision == 1
 
             await eventually_async("revision 1", at_revision_1, 10)
-            assert a.repo_status(REPO)["last_error"] is None
+            assert a.repo_status(REPO).last_error is None
+
+    asyncio.run(main())
+
+
+def test_a_metadata_failure_followed_by_a_revision_failure_keeps_the_retry_backoff(
+    site: Site,
+) -> None:
+    # The revision phase fails on every refresh (no such tag); a metadata
+    # failure before it used to be overwritten by the revision's error, and
+    # with it the 2 s retry: the next try came a refresh_interval (an hour) later.
+    async def main() -> None:
+        async with running(site.node(0, policy='tag = "no-such-tag"')) as a:
+            assert (a.repo_status(REPO).last_error or "").startswith("revision")
+            site.origin.stop()
+            await a.refresh(REPO)
+            st = a.repo_status(REPO)
+            assert (st.last_error or "").startswith("metadata unreachable"), st.last_error
+            assert "revision: " in (st.last_error or "")  # both phases' errors are kept
+            site.origin.start_again()
+            before = st.last_refresh
+            recovered = "revision: no published revision"  # the metadata phase recovered
+
+            async def retried_soon() -> bool:
+                now = a.repo_status(REPO)
+                return now.last_refresh != before and now.last_error == recovered
+
+            # the back-off's first retry is 2 s away; an hour without it
+            await eventually_async("the metadata phase retried soon", retried_soon, 15)
 
     asyncio.run(main())
 

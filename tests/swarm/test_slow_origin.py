@@ -32,7 +32,7 @@ from cvmfs_like.publish import publish
 from cvmfs_like.retention import list_revisions
 from cvmfs_like.store import OriginStore
 from swarm.config import parse_config
-from swarm.exchange import ExchangeFetcher, logical_metadata_url
+from swarm.exchange import ExchangeFetcher
 from swarm.mount_service import control
 from swarm.node import Node
 from swarm.origin_client import OriginMetadataFetcher, OriginObjectSource
@@ -200,10 +200,9 @@ def test_trickled_metadata_and_torrent_fetches_end_within_the_fetch_timeout(
             (lambda: []) if where == "origin" else (lambda: [server.url]),
             timeout=FETCH_TIMEOUT,
         )
-        base = logical_metadata_url(REPO)
         for what in (
-            lambda: fetcher.download_bytes(base + "timestamp.json", 1 << 20),
-            lambda: fetcher.download_bytes(base + "1.root.json", 1 << 20),
+            lambda: fetcher.fetch_metadata("timestamp.json"),
+            lambda: fetcher.fetch_metadata("1.root.json"),
             lambda: fetcher.fetch_torrent(torrent, 5001),
         ):
             got, took = bounded(what, FETCH_TIMEOUT + 10)

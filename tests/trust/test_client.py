@@ -13,7 +13,13 @@ import pytest
 from tuf.api.metadata import Metadata, MetaFile, Root
 
 from tests.trust.simulator import METADATA_URL, TARGETS_URL, RepositorySimulator
-from trust.client import STATE_FILE, TrustedRepository, UnknownTargetError
+from trust.client import (
+    STATE_FILE,
+    Freshness,
+    RefreshOutcome,
+    TrustedRepository,
+    UnknownTargetError,
+)
 from trust.exceptions import (
     ExpiredMetadataError,
     HashMismatchError,
@@ -280,6 +286,28 @@ def test_transport_failure_then_offline(
         node.refresh()
     node.load_cached()
     assert sorted(node.targets()) == ["a.txt"]
+
+
+def test_refresh_or_cached_says_which_state_it_left_in_place(
+    client: TrustedRepository, sim: RepositorySimulator, tmp_path: Path
+) -> None:
+    assert client.refresh_or_cached() == RefreshOutcome(Freshness.REFRESHED)
+    sim.offline = True
+    kept = client.refresh_or_cached()  # trusted already: that state stays
+    assert kept.freshness is Freshness.KEPT and kept.unreachable and kept.usable
+    restarted = _client(sim, tmp_path / "cache")
+    cached = restarted.refresh_or_cached()  # nothing in memory: the cache on disk
+    assert cached.freshness is Freshness.CACHED and cached.unreachable
+    assert sorted(restarted.targets()) == ["a.txt"]
+    empty = _client(sim, tmp_path / "empty").refresh_or_cached()
+    assert empty.freshness is Freshness.NONE and not empty.usable
+    assert isinstance(empty.cached_error, TrustConfigError)
+    sim.offline = False
+    sim.timestamp.expires = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    sim.publish()  # an expired timestamp: bad data, not a transport failure
+    refused = _client(sim, tmp_path / "cache").refresh_or_cached()
+    assert isinstance(refused.error, VerificationError) and not refused.unreachable
+    assert refused.freshness is Freshness.CACHED
 
 
 def test_offline_accepts_expired_with_warning(

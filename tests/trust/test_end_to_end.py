@@ -17,8 +17,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 from trust.client import TrustedRepository
 from trust.conformance import main as conformance_main
 from trust.exceptions import SignatureError
-from trust.keys import init_keys, rotate_key
-from trust.repository import RepositoryWriter
+from trust.keys import init_keys
+from trust.repository import RepositoryWriter, rotate_key
 from trust.targets import ReleaseTarget
 
 

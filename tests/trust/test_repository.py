@@ -12,8 +12,8 @@ from tuf.api.metadata import Metadata, Root, TargetFile
 import trust.keys as keys_module
 import trust.repository as repository_module
 from trust.exceptions import TrustConfigError
-from trust.keys import Expiry, KeyRing, init_keys, rotate_key
-from trust.repository import RepositoryWriter, prune_metadata
+from trust.keys import Expiry, KeyRing, init_keys
+from trust.repository import RepositoryWriter, prune_metadata, rotate_key
 
 
 def _target(name: str, content: bytes) -> TargetFile:

@@ -1,0 +1,134 @@
+"""Starting the node daemon: ``swarm node --config FILE`` wired from its parts.
+
+:func:`run_node` reads the configuration, checks the node's paths before
+anything is created, builds the libtorrent session (``[tuning]``), the job
+service (``[runner]``) and the image policy, and runs :func:`build_node`'s
+daemon until SIGTERM/SIGINT.  :func:`build_node` is the one place the node
+meets its HTTP API (swarm.api depends only on the :class:`swarm.api.NodeView`
+protocol, and swarm.node does not import swarm.api).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from swarm.api import make_api_app
+from swarm.config import NodeConfig
+from swarm.exceptions import ConfigError
+from swarm.follower import TorrentParser
+from swarm.node import Node, check_paths
+from swarm.options import ValueRangeError, parse_count, parse_seconds
+from swarm.transfer import TransferSession
+from trust.exceptions import TrustError
+from trust.policy import ImagePolicy
+
+
+def build_node(
+    config: NodeConfig,
+    session: TransferSession,
+    *,
+    parse_torrent: TorrentParser,
+    image_policy: ImagePolicy | None = None,
+    job_service: Any = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> Node:
+    """The daemon with its HTTP API (``start`` it inside a running loop)."""
+    return Node(
+        config,
+        session,
+        parse_torrent=parse_torrent,
+        image_policy=image_policy,
+        job_service=job_service,
+        clock=clock,
+        api=make_api_app,
+    )
+
+
+_NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
+
+
+def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
+    """The ``[tuning]`` table as keyword arguments of the session config.
+
+    Raises:
+        ConfigError: an unknown knob or a value of the wrong type.
+    """
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in _NOT_TUNING}
+    out: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in defaults:
+            raise ConfigError(f"tuning.{key}: unknown (known: {', '.join(sorted(defaults))})")
+        want = type(defaults[key])
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise ConfigError(f"tuning.{key}: expected {want.__name__}, got {value!r}")
+        try:  # libtorrent settings are 32-bit; the float knobs are intervals
+            if want is int:
+                value = parse_count(value, minimum=0, maximum=2**31 - 1)
+            elif want is float:
+                value = parse_seconds(value)
+        except ValueRangeError as exc:
+            raise ConfigError(f"tuning.{key}: {exc}") from None
+        out[key] = value
+    return out
+
+
+def run_node(config_path: Path) -> None:
+    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
+
+    Raises:
+        ConfigError: a bad configuration or an unusable path or address.
+    """
+    import resource
+
+    from swarm.config import load_config
+    from swarm.torrent import SessionConfig, TorrentSession, parse_torrent
+
+    cfg = load_config(config_path)
+    try:
+        policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
+    except TrustError as exc:
+        raise ConfigError(str(exc)) from None
+    check_paths(cfg)  # before the job service or the node create anything
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    session = TorrentSession(
+        SessionConfig(
+            listen=str(cfg.listen),
+            bootstrap=[str(b) for b in cfg.bootstrap],
+            dht=cfg.dht,
+            lsd=cfg.lsd,
+            **_tuning(cfg.tuning, SessionConfig),
+        ),
+        cfg.data_dir / "session",
+    )
+
+    runner_table = dict(cfg.runner)
+    jobs = None
+    if runner_table.pop("enabled", True):
+        from runner.exceptions import RunnerError
+        from runner.service import job_service_from_config
+
+        try:
+            jobs = job_service_from_config(runner_table, cfg.data_dir)
+        except RunnerError as exc:
+            raise ConfigError(f"{config_path} [runner]: {exc}") from None
+
+    async def main() -> None:
+        node = build_node(
+            cfg, session, parse_torrent=parse_torrent, image_policy=policy, job_service=jobs
+        )
+        try:
+            await node.start()
+            await node.run()
+        finally:
+            await node.stop()
+
+    asyncio.run(main())

@@ -1,0 +1,239 @@
+"""The node's status reports, typed: one definition for the HTTP API, its
+OpenAPI document and ``swarm status``.
+
+Each report is a frozen dataclass; :func:`to_json` turns one (or a list or
+dict of them) into the JSON the API sends, and :func:`schema_of` turns its
+type into the OpenAPI 3.0 schema the API's document shows, so the document
+cannot drift from what is sent.  :meth:`NodeStatus.from_json` reads a report
+back and :func:`render` shows it to a person (``swarm status``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from swarm.transfer import TransferStatus
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """One repository's object cache (cvmfs_like.cache.ObjectCache.stats)."""
+
+    quota: int
+    used: int
+    objects: int
+    pinned_bytes: int
+    hits: int
+    misses: int
+    evictions: int
+    failures: int
+    dropped: int
+
+
+@dataclass(frozen=True)
+class SourceProblem:
+    """A metadata or torrent source that failed lately (swarm.exchange)."""
+
+    strikes: int
+    bad_data: int
+    problem: str | None
+    at: float
+
+
+@dataclass(frozen=True)
+class RepositoryStatus:
+    name: str
+    origin: str | None
+    policy: str
+    revision: int | None
+    catalog: str | None
+    published: int | None
+    tag: str | None
+    last_refresh: float | None  # epoch seconds
+    last_error: str | None  # every failed phase of the last refresh, in order
+    metadata_from: dict[str, str]  # metadata file -> the URL it came from
+    source_problems: dict[str, SourceProblem]
+    torrents: dict[str, str]  # revision -> info-hash
+    objects_from_swarm: int
+    objects_from_origin: int
+    images: list[str]  # "name/version" in the mount
+    refused_images: dict[str, str]  # "name/version" -> why
+    cache: CacheStats
+
+
+@dataclass(frozen=True)
+class RevisionReport:
+    revision: int
+    catalog: str
+    published: int
+    files: int
+    bytes: int
+    tags: list[str]
+    current: bool
+
+
+@dataclass(frozen=True)
+class ImageReport:
+    """An image: accepted (in the mount; size and hashes set) or refused (reason)."""
+
+    repository: str
+    name: str
+    version: str
+    accepted: bool
+    size: int | None = None
+    sha256: str | None = None
+    info_hash: str | None = None
+    path: str | None = None
+    progress: float | None = None
+    reason: str | None = None
+
+
+@dataclass
+class TransferReport(TransferStatus):
+    """A torrent of this node, with what it is for."""
+
+    repository: str = ""
+    what: str = ""  # "revision N" or "image NAME/VERSION"
+
+
+@dataclass(frozen=True)
+class PeerReport:
+    address: str
+    client: str
+    torrents: int
+    downloaded: int
+    uploaded: int
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    pid: int
+    uptime: float
+    listen: str
+    api: str
+    peer: str
+    mount: str | None
+    mounted: bool
+    bootstrap: list[str]
+    session: dict[str, object]  # libtorrent session counters
+    banned: list[str]
+    repositories: dict[str, RepositoryStatus]
+    transfers: list[TransferReport]
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> NodeStatus:
+        """A report as :func:`to_json` wrote it.
+
+        Raises:
+            KeyError, TypeError: not such a report.
+        """
+        repos = {
+            name: RepositoryStatus(
+                **{
+                    **r,
+                    "cache": CacheStats(**r["cache"]),
+                    "source_problems": {
+                        s: SourceProblem(**p) for s, p in r["source_problems"].items()
+                    },
+                }
+            )
+            for name, r in doc["repositories"].items()
+        }
+        transfers = [TransferReport(**t) for t in doc["transfers"]]
+        return cls(**{**doc, "repositories": repos, "transfers": transfers})
+
+
+def render(st: NodeStatus) -> list[str]:
+    """``swarm status``: the report for a person, one line per fact."""
+    sess: dict[str, Any] = dict(st.session)
+    out = [
+        f"node pid {st.pid}, up {st.uptime:.0f} s; listen {st.listen}, api {st.api},"
+        f" peer exchange {st.peer}",
+        f"  mount {st.mount or '-'} ({'mounted' if st.mounted else 'not mounted'});"
+        f" {sess.get('peers', 0)} peer connections, {sess.get('dht_nodes', 0)} DHT nodes;"
+        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in,"
+        f" {int(sess.get('uploaded', 0)) / 1e6:.1f} MB out;"
+        f" banned: {', '.join(st.banned) or 'none'}",
+    ]
+    for name, r in st.repositories.items():
+        out.append(
+            f"  {name}: revision {r.revision} ({r.policy}),"
+            f" objects {r.objects_from_swarm} from swarm"
+            f" / {r.objects_from_origin} from origin,"
+            f" cache {r.cache.used / 1e6:.1f} / {r.cache.quota / 1e6:.0f} MB"
+        )
+        out += [f"    image {img}" for img in r.images]
+        out += [f"    image {img} REFUSED: {why}" for img, why in r.refused_images.items()]
+        if r.last_error:
+            out.append(f"    last error: {r.last_error}")
+        for source, p in r.source_problems.items():
+            lied = f", {p.bad_data} bad answers" if p.bad_data else ""
+            out.append(f"    source {source} asked last ({p.strikes} strikes{lied}): {p.problem}")
+    for t in st.transfers:
+        out.append(
+            f"  transfer {t.repository} {t.what}: {t.state}"
+            + (" (full prefetch)" if t.prefetch else " (on demand)")
+            + f", holds {t.total_done / 1e6:.1f} MB, {t.num_peers} peers,"
+            f" in {t.downloaded / 1e6:.1f} MB / out {t.uploaded / 1e6:.1f} MB"
+            + (f", {t.hash_failures} hash failures" if t.hash_failures else "")
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class Stopping:
+    stopping: bool
+
+
+def to_json(report: Any) -> Any:
+    """A report (or a list or dict of reports) as plain JSON values."""
+    if dataclasses.is_dataclass(report) and not isinstance(report, type):
+        return {f.name: to_json(getattr(report, f.name)) for f in dataclasses.fields(report)}
+    if isinstance(report, list | tuple):
+        return [to_json(r) for r in report]
+    if isinstance(report, dict):
+        return {k: to_json(v) for k, v in report.items()}
+    return report
+
+
+_SCALARS: dict[Any, dict[str, Any]] = {
+    str: {"type": "string"},
+    int: {"type": "integer"},
+    float: {"type": "number"},
+    bool: {"type": "boolean"},
+    object: {},
+    Any: {},
+}
+
+
+def schema_of(tp: Any) -> dict[str, Any]:
+    """The OpenAPI 3.0 schema of a report type (a dataclass, a scalar,
+    ``X | None``, ``list[X]``, ``dict[str, X]``).
+
+    Raises:
+        TypeError: a type this module does not describe.
+    """
+    if tp in _SCALARS:
+        return dict(_SCALARS[tp])
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1 and len(args) == 2:
+            return {**schema_of(kinds[0]), "nullable": True}
+    if origin is list:
+        return {"type": "array", "items": schema_of(args[0])}
+    if origin is dict and args[0] is str:
+        return {"type": "object", "additionalProperties": schema_of(args[1])}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        fields = dataclasses.fields(tp)
+        return {
+            "type": "object",
+            "properties": {f.name: schema_of(hints[f.name]) for f in fields},
+            "required": [f.name for f in fields],
+        }
+    raise TypeError(f"no schema for {tp!r}")
