@@ -16,7 +16,8 @@ peers verifies each block long before it holds the whole file.
 
 The torrent is a single-file torrent named ``<file>`` with no web seed in it
 (the origin's URL is the site's business, and the ``.torrent`` is hashed into
-the signed target): a node adds :func:`web_seed_url` when it adds the torrent.
+the signed target): a node adds the web seed
+(:meth:`swarm.layout.RepositoryURLs.image_seed`) when it adds the torrent.
 
 Invariants of a publish:
 
@@ -47,7 +48,6 @@ from pathlib import Path
 from typing import IO
 
 from cvmfs_like.exceptions import StoreError
-from cvmfs_like.objects import relative_path
 from cvmfs_like.store import ObjectWriter, OriginStore, check_repo_name
 from swarm.exceptions import ImageError, TransferError
 from swarm.torrent import create_torrent
@@ -133,24 +133,6 @@ def image_file_name(name: str, version: str, fmt: str) -> str:
 def image_dir(store: OriginStore, target: ImageTarget) -> Path:
     """``STORE/NAME/images/<image>/<version>``."""
     return store.root / IMAGES_DIR / target.name / target.version
-
-
-def web_seed_url(origin_base: str, repo: str, target: ImageTarget) -> str:
-    """The BEP 19 web seed a node adds to the image's torrent.
-
-    ``origin_base`` is the repository's ``origin`` in the node configuration
-    (the URL at which the store is served: ``BASE/NAME/metadata/`` holds the
-    metadata).  The seed is the *directory* URL
-    ``BASE/NAME/images/<image>/<version>/``: the torrent is single-file and
-    named ``<file>``, so libtorrent fetches ``BASE/NAME/images/<image>/<version>/<file>``
-    with HTTP ranges, which is where :func:`publish_image` stored it.
-    """
-    return f"{origin_base.rstrip('/')}/{repo}/{target.target_name}/"
-
-
-def torrent_url(origin_base: str, repo: str, target: ImageTarget) -> str:
-    """Where the origin serves the image's ``.torrent`` (a content-addressed object)."""
-    return f"{origin_base.rstrip('/')}/{repo}/data/{relative_path(target.torrent_sha256)}"
 
 
 # -- progress on stderr --------------------------------------------------------------

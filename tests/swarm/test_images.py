@@ -25,9 +25,8 @@ from swarm.images import (
     StderrProgress,
     detect_format,
     publish_image,
-    torrent_url,
-    web_seed_url,
 )
+from swarm.layout import RepositoryURLs
 from swarm.origin_client import OriginMetadataFetcher
 from swarm.torrent import parse_torrent
 from tests.harness import OriginServer
@@ -139,11 +138,11 @@ def test_publish_stores_image_and_torrent_tied_to_the_signed_target(
     assert trusted.releases() == []
 
     base = "http://origin.example.org/"
-    assert web_seed_url(base, REPO, t) == f"{base}{REPO}/images/ubuntu/22.04/"
-    assert web_seed_url(base, REPO, t) + t.file == f"{base}{REPO}/{t.relative_path}"
-    assert (
-        torrent_url(base, REPO, t) == f"{base}{REPO}/data/{t.torrent_sha256[:2]}/{t.torrent_sha256}"
-    )
+    urls = RepositoryURLs.origin(base, REPO)
+    assert urls.image_seed(t.target_name) == f"{base}{REPO}/images/ubuntu/22.04/"
+    assert urls.image_seed(t.target_name) + t.file == f"{base}{REPO}/{t.relative_path}"
+    want = f"{base}{REPO}/data/{t.torrent_sha256[:2]}/{t.torrent_sha256}"
+    assert urls.torrent(t.torrent_sha256) == want
 
 
 def test_formats_are_detected_and_a_contradicting_format_is_refused(
