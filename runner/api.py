@@ -130,6 +130,22 @@ _JOB: dict[str, Any] = {
 }
 
 
+_SERVICE_STOPPING: dict[str, Any] = {  # JobService.status() with stopping = true
+    "type": "object",
+    "required": ["stopping", "running", "last_pilot_stopped", "last_error"],
+    "properties": {
+        "stopping": {"type": "boolean"},
+        "running": {"type": "boolean", "description": "the masonry thread is still alive"},
+        "last_pilot_stopped": {
+            "type": "string",
+            "nullable": True,
+            "description": "why the last pilot stopped",
+        },
+        "last_error": {"type": "string", "nullable": True},
+    },
+}
+
+
 def _json(schema: dict[str, Any], description: str = "ok") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
@@ -181,7 +197,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
                 }
             ],
             "responses": {
-                "202": _json({"type": "object"}, "stopping"),
+                "202": _json(_SERVICE_STOPPING, "stopping"),
                 "400": ERROR_RESPONSE,
                 "401": ERROR_RESPONSE,
             },

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import TracebackType
+from typing import IO, Self
 
 from aiohttp import web
 
@@ -111,7 +113,42 @@ def unmount_all(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
-class MountProcess:
+class _Child:
+    """A child ``swarm`` process whose output goes to ``log_path``; ``close``
+    (of the subclass) always stops it and clears its mounts."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    _log: IO[bytes]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the process: a mount it served stays, dead (ENOTCONN), until ``close``."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def _failed(self, what: object) -> RuntimeError:
+        """Close after a failed start; the error carries the log's tail."""
+        text = self.log()
+        self.close()
+        return RuntimeError(f"{what}: {text[-3000:]}")
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class MountProcess(_Child):
     """``swarm mount NAME MP --foreground`` as a child; ``close`` always unmounts."""
 
     def __init__(
@@ -155,26 +192,14 @@ class MountProcess:
         )
         os.close(write_fd)
         with os.fdopen(read_fd, "rb") as pipe:
-            ready = pipe.readline().decode()
+            answered, _, _ = select.select([pipe], [], [], 60)
+            ready = pipe.readline().decode() if answered else "no answer within 60 s"
         if not ready.startswith("ok"):
-            log = self.log()
-            self.close()
-            raise RuntimeError(f"mount failed: {log}")
+            raise self._failed(f"mount failed ({ready.strip() or 'no answer'})")
         try:
             eventually("the mount to appear", lambda: is_mounted(mountpoint), 10)
         except AssertionError as exc:
-            log = self.log()
-            self.close()
-            raise RuntimeError(f"{exc}: {log}") from None
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the mount process: its mount stays, dead (ENOTCONN)."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
+            raise self._failed(exc) from None
 
     def close(self) -> None:
         if is_mounted(self.mountpoint):
@@ -188,16 +213,8 @@ class MountProcess:
             self.proc.wait(timeout=10)
         self._log.close()
 
-    def __enter__(self) -> MountProcess:
-        return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class NodeProcess:
+class NodeProcess(_Child):
     """``swarm node --config FILE`` as a child, ready once it wrote
     ``DATA_DIR/node.json``; ``close`` stops it (SIGTERM, then SIGKILL) and
     unmounts whatever it left at its mount point."""
@@ -223,19 +240,7 @@ class NodeProcess:
         try:
             eventually("the node to be ready", ready, 60)
         except AssertionError as exc:
-            log_text = self.log()
-            self.close()
-            raise RuntimeError(f"{exc}: {log_text[-3000:]}") from None
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL the daemon: its mount stays, dead (ENOTCONN), until ``close``."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        self._log.close()
+            raise self._failed(exc) from None
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -248,11 +253,3 @@ class NodeProcess:
         if self.mount is not None:
             unmount_all(self.mount)
         self._log.close()
-
-    def __enter__(self) -> NodeProcess:
-        return self
-
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
