@@ -169,11 +169,6 @@ class SourceScores:
             record.strikes += 1
             record.problem, record.at = why, time.time()
 
-    def problem(self, source: str) -> str | None:
-        with self._lock:
-            record = self._records.get(source)
-            return None if record is None else record.problem
-
     def report(self) -> dict[str, SourceProblem]:
         """Sources with a recorded problem, for the node's status."""
         with self._lock:
@@ -265,25 +260,19 @@ class ExchangeFetcher:
         self.last_source[name] = where
         return data
 
-    def _screened(self, name: str, source: str, data: bytes) -> int | None:
-        """The version of ``data`` if it passes the screen, else None (the
-        source is reported and scored down)."""
+    def _screened(self, name: str, source: str, data: bytes) -> tuple[int | None, str]:
+        """(the version of ``data``, "") if it passes the screen, else (None,
+        why).  A source whose data fails is reported and scored down; without
+        a screen nothing can be verified, so nothing is chosen (nor blamed)."""
         if self.screen is None:
-            try:
-                version = json.loads(data)["signed"]["version"]
-            except (ValueError, KeyError, TypeError):
-                version = None
-            if isinstance(version, int):
-                return version
-            self.scores.bad_data(source, f"{name}: not TUF metadata")
-            return None
+            return None, f"{name}: not screened (no trusted root to check it against)"
         try:
             version = self.screen(name, data)
         except TrustError as exc:
             self.scores.bad_data(source, str(exc))  # the screen's message names the file
-            return None
+            return None, str(exc)
         self.scores.good(source)
-        return version
+        return version, ""
 
     def _refuse(self, name: str, errors: list[str], bad: list[str], not_found: bool) -> NoReturn:
         detail = "; ".join(bad + errors) or "no source answered"
@@ -316,8 +305,9 @@ class ExchangeFetcher:
                 self.scores.unreachable(source, str(exc))
                 errors.append(str(exc))
                 continue
-            if self._screened(name, source, data) is None:
-                bad.append(f"{url}: {self.scores.problem(source)}")
+            version, why = self._screened(name, source, data)
+            if version is None:
+                bad.append(f"{url}: {why}")
                 continue
             return data, url
         self._refuse(name, errors, bad, not_found)
@@ -351,9 +341,9 @@ class ExchangeFetcher:
                     self.scores.unreachable(source, str(exc))
                     errors.append(str(exc))
                     continue
-                version = self._screened(name, source, data)
+                version, why = self._screened(name, source, data)
                 if version is None:
-                    bad.append(f"{url}: {self.scores.problem(source)}")
+                    bad.append(f"{url}: {why}")
                 elif best is None or version > best[0]:
                     best = (version, data, url)
         finally:
