@@ -171,7 +171,7 @@ def start_detached(argv: list[str], cache: Path, timeout: float = 60.0) -> str:
         # Ours to end: a mount that is not ready in time is not left behind
         # half-started (it may be waiting on a hung origin).
         proc.kill()
-        proc.wait()
+        proc.wait(timeout=10)  # SIGKILLed: only an uninterruptible sleep could hold it
         raise ConfigError(f"mount not ready within {timeout:g} s; stopped it (log: {log_path})")
     if msg.startswith("ok"):
         # Give the kernel a moment: the mount is live once init ran.
