@@ -11,9 +11,10 @@ key's path and what it accepts, e.g.
 bytes, e.g. 4096, "512M", "10G", got 'lots'``, so a typo never silently
 falls back to a default.  :func:`render_config` is the inverse (``tomli-w``).
 
-The ``[image_policy]``, ``[runner]`` and ``[tuning]`` tables are passed as
-they are to their owners' own validation (``trust/policy.py``,
-``runner/service.py``, ``swarm/node.py``), which name the table too.
+The ``[image_policy]``, ``[runner]``, ``[tuning]`` and ``[site]`` tables are
+passed as they are to their owners' own validation (``trust/policy.py``,
+``runner/service.py``, ``swarm/node.py``, ``sitejob/config.py``), which name
+the table too.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class NodeConfig:
     image_policy: dict[str, Any] = field(default_factory=dict)
     runner: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)  # libtorrent session knobs
+    site: dict[str, Any] = field(default_factory=dict)  # the site event service (sitejob)
 
     @property
     def token_path(self) -> Path:
@@ -188,6 +190,7 @@ class _NodeTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     image_policy: dict[str, Any] = {}
     runner: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
+    site: dict[str, Any] = {}
 
 
 # msgspec's names of TOML types, as a person reads them
@@ -288,6 +291,7 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
         image_policy=top.image_policy,
         runner=top.runner,
         tuning=top.tuning,
+        site=top.site,
     )
 
 
