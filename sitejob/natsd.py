@@ -99,6 +99,7 @@ class NatsServer:
         self.binary = binary or find_nats_server()
         self.netns = netns
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log_start = 0
 
     @property
     def url(self) -> str:
@@ -120,6 +121,9 @@ class NatsServer:
         if self.netns is not None:
             argv = ["ip", "netns", "exec", self.netns, *argv]
         log = open(self.directory / "nats.log", "ab")  # noqa: SIM115 (the child keeps it)
+        # Readiness is read from what this start logs: an earlier run's
+        # "Server is ready" (before a SIGKILL) must not count.
+        self._log_start = log.seek(0, os.SEEK_END)
         try:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
@@ -138,13 +142,21 @@ class NatsServer:
 
     def _ready(self) -> bool:
         """The log says so (a server in a namespace), else a TCP connect works."""
-        if "Server is ready" not in self._tail(4096):
+        if "Server is ready" not in self._since_start():
             return False
         if self.netns is not None:
             return True
         with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.5):
             return True
         return False
+
+    def _since_start(self) -> str:
+        try:
+            with open(self.directory / "nats.log", "rb") as f:
+                f.seek(self._log_start)
+                return f.read(1 << 20).decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _tail(self, size: int = 600) -> str:
         try:
