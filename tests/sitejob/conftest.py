@@ -30,12 +30,15 @@ def broker(tmp_path: Path) -> Iterator[tuple[NatsServer, SiteConfig]]:
     server = NatsServer(tmp_path / "nats", token, port=free_port())
     server.start()
     try:
-        yield server, SiteConfig(
-            servers=(server.url,),
-            token_file=token_file,
-            credentials=None,
-            node_name="tester",
-            request_timeout=5.0,
+        yield (
+            server,
+            SiteConfig(
+                servers=(server.url,),
+                token_file=token_file,
+                credentials=None,
+                node_name="tester",
+                request_timeout=5.0,
+            ),
         )
     finally:
         server.stop()

@@ -168,7 +168,13 @@ def test_status_shows_running_ranges_and_the_gathers_report(broker: Broker) -> N
         return live, await control.status(js, record.id)
 
     live, done = with_js(cfg, body)
-    assert live["ranges"] == {"ready": 7, "running": 3, "finished": 3, "retrying": 1, "abandoned": 1}
+    assert live["ranges"] == {
+        "ready": 7,
+        "running": 3,
+        "finished": 3,
+        "retrying": 1,
+        "abandoned": 1,
+    }
     assert live["events_committed"] == 30 and live["nodes"] == {"wn1": 2, "wn2": 1}
     assert live["retries"] == 2 and live["duplicates"] == 1
     assert live["refused"] == {"hash mismatch": 1}
@@ -185,9 +191,7 @@ def test_list_in_submission_order_and_unknown_jobs(broker: Broker) -> None:
 
     async def body(js: Any) -> tuple[list[str], list[dict[str, Any]]]:
         assert await control.list_jobs(js) == []
-        ids = [
-            (await control.submit(js, spec_text(f"job{i}"), events=20)).id for i in range(3)
-        ]
+        ids = [(await control.submit(js, spec_text(f"job{i}"), events=20)).id for i in range(3)]
         for job in ("20250101-000000-000-abcdef", "../../x", "a.b", "*", ""):
             with pytest.raises(UnknownSiteJob, match="no site job"):
                 await control.status(js, job)
