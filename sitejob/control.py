@@ -50,6 +50,10 @@ MAX_ATTEMPTS = 100
 DEFAULT_ACK_WAIT = 30.0
 DEFAULT_MAX_ATTEMPTS = 3
 RANGE_STATES = ("ready", "running", "finished", "retrying", "abandoned")
+# Submit options are numbers, or their decimal text (an API query): parsed by
+# swarm.options, their one owner, when the job is planned.
+Count = int | str
+Seconds = float | int | str
 
 
 def new_job_id(now: float | None = None) -> str:
@@ -62,9 +66,9 @@ def new_job_id(now: float | None = None) -> str:
 def plan_job(
     spec_text: str,
     *,
-    events: int | None,
-    ack_wait: float = DEFAULT_ACK_WAIT,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    events: Count | None,
+    ack_wait: Seconds = DEFAULT_ACK_WAIT,
+    max_attempts: Count = DEFAULT_MAX_ATTEMPTS,
     job_id: str | None = None,
     now: float | None = None,
 ) -> JobRecord:
@@ -79,9 +83,11 @@ def plan_job(
     from runner.exceptions import JobSpecError
 
     spec = parse_spec(decode_spec(spec_text.encode("utf-8")))
-    n = spec.max_events if events is None else _option("events", parse_count, events, 1, MAX_EVENTS)
-    wait = _option("ack_wait", parse_seconds, ack_wait, MIN_ACK_WAIT, MAX_ACK_WAIT)
-    attempts = _option("max_attempts", parse_count, max_attempts, 1, MAX_ATTEMPTS)
+    n: int = (
+        spec.max_events if events is None else _option("events", parse_count, events, 1, MAX_EVENTS)
+    )
+    wait: float = _option("ack_wait", parse_seconds, ack_wait, MIN_ACK_WAIT, MAX_ACK_WAIT)
+    attempts: int = _option("max_attempts", parse_count, max_attempts, 1, MAX_ATTEMPTS)
     if spec.first_event + n > MAX_EVENTS:
         raise ConfigError(
             f"events: {spec.first_event} + {n} events run past event number {MAX_EVENTS}"
@@ -145,9 +151,9 @@ async def submit(
     js: Any,
     spec_text: str,
     *,
-    events: int | None,
-    ack_wait: float = DEFAULT_ACK_WAIT,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    events: Count | None,
+    ack_wait: Seconds = DEFAULT_ACK_WAIT,
+    max_attempts: Count = DEFAULT_MAX_ATTEMPTS,
     progress: Callable[[int], None] | None = None,
 ) -> JobRecord:
     """Validate, record and publish a new site job; returns its record.
@@ -311,9 +317,9 @@ class SiteControl:
         self,
         spec_text: str,
         *,
-        events: int | None = None,
-        ack_wait: float = DEFAULT_ACK_WAIT,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        events: Count | None = None,
+        ack_wait: Seconds = DEFAULT_ACK_WAIT,
+        max_attempts: Count = DEFAULT_MAX_ATTEMPTS,
     ) -> JobRecord:
         """:func:`submit` (raises as it does, and :class:`NotConnected`).
 
