@@ -5,6 +5,7 @@ test server, with a real nats-server behind them. The node is a small stand-in
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -12,7 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from sitejob.api import SITE_JOB_OPENAPI_PATHS, add_site_job_routes
 from sitejob.config import SiteConfig, connect
+from sitejob.control import SiteControl
 from sitejob.natsd import NatsServer
 from swarm.api import NodeView, make_api_app
 from tests.sitejob.test_control import spec_text
@@ -145,3 +148,21 @@ def test_the_routes_and_their_openapi_paths_exist_only_with_a_site() -> None:
 
     run(Site(), None, with_site)
     run(None, None, without)
+
+
+def test_openapi_fragment_describes_exactly_the_routes() -> None:
+    app = web.Application()
+    add_site_job_routes(app, SiteControl(lambda: None), lambda request: None)
+    routes = {
+        (r.resource.canonical, r.method.lower())
+        for r in app.router.routes()
+        if r.resource is not None and r.method != "HEAD"
+    }
+    documented = {(path, m) for path, ops in SITE_JOB_OPENAPI_PATHS.items() for m in ops}
+    assert routes == documented
+    for path, ops in SITE_JOB_OPENAPI_PATHS.items():
+        for method, op in ops.items():
+            assert op["summary"] and op["responses"]
+            assert ("security" in op) == (method == "post") == ("401" in op["responses"])
+            params = re.findall(r"\{(\w+)\}", path)
+            assert [p["name"] for p in op.get("parameters", []) if p["in"] == "path"] == params
