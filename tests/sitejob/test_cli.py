@@ -93,6 +93,20 @@ def test_submit_status_and_list(broker: Broker, tmp_path: Path) -> None:
     assert r.returncode == 0 and job in r.stdout and "open" in r.stdout
 
 
+def test_a_big_submit_shows_its_progress_on_stderr(broker: Broker, tmp_path: Path) -> None:
+    _server, cfg = broker
+    assert cfg.token_file is not None
+    conf = node_config(cfg.token_file.parent, site_table(cfg))
+    spec = tmp_path / "job.toml"
+    spec.write_text(spec_text("big", max_events=1030, per_task=1))
+    r = swarm("site-job", "submit", spec, "--config", conf)
+    assert r.returncode == 0, r.stderr
+    assert "published 1030/1030 ranges" in r.stderr
+    job = r.stdout.strip()
+    st = json.loads(swarm("site-job", "status", job, "--config", conf, "--json").stdout)
+    assert st["ranges"]["ready"] == st["ranges_planned"] == 1030
+
+
 def test_bad_input_is_one_line_with_its_exit_status(broker: Broker, tmp_path: Path) -> None:
     _server, cfg = broker
     assert cfg.token_file is not None
