@@ -93,6 +93,7 @@ class GatherHandle:
 
     job: str
     output: Path
+    on: int | None
     proc: subprocess.Popen[Any]
     stdout: Path
     stderr: Path
@@ -127,6 +128,7 @@ class SiteNet:
         self.token = secrets.token_urlsafe(24)
         self.token_file = tmp / "nats.token"
         self.broker: NatsServer | None = None
+        self._broker_runs = 0
         self._start_nodes = start_nodes
         base_runner = {"cores": 1, "time_left": 3600, "power_per_core": 10.0, **(runner or {})}
         self.nodes: list[NodeHandle] = []
@@ -217,6 +219,12 @@ class SiteNet:
 
     def start_broker(self) -> NatsServer:
         """Start (or restart, on the same store) the broker in namespace 0."""
+        log = self.tmp / "broker" / "nats.log"
+        if log.exists():
+            # NatsServer, in a namespace, waits for "Server is ready" in its
+            # log's tail: after a SIGKILL the last run's line is still there.
+            log.rename(log.with_name(f"nats.{self._broker_runs}.log"))
+        self._broker_runs += 1
         self.broker = NatsServer(
             self.tmp / "broker",
             self.token,
@@ -378,7 +386,7 @@ class SiteNet:
             stdout=files[0],
             stderr=files[1],
         )  # fmt: skip
-        g = GatherHandle(job, output, proc, out, err, files)
+        g = GatherHandle(job, output, on, proc, out, err, files)
         self.gathers.append(g)
         return g
 
@@ -387,6 +395,13 @@ class SiteNet:
         with contextlib.suppress(ProcessLookupError):
             os.kill(g.proc.pid, signal.SIGKILL)
         g.proc.wait(timeout=30)
+
+    def restart_gather(self, g: GatherHandle) -> GatherHandle:
+        """SIGKILL ``g`` if it still runs, and start a gather of the same job
+        on the same output directory in the same namespace."""
+        if g.proc.poll() is None:
+            self.kill_gather(g)
+        return self.start_gather(g.job, g.output, on=g.on)
 
     def wait_gather(self, g: GatherHandle, timeout: float) -> tuple[int, dict[str, Any] | None]:
         """The gather's exit status and JSON report (None if it printed none).
