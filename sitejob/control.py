@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from runner.exceptions import JobSpecError
 from runner.spec import MAX_EVENTS, decode_spec, parse_spec
 from sitejob import store
 from sitejob.natsd import BrokerError
@@ -80,8 +81,6 @@ def plan_job(
         ConfigError: ``events``, ``ack_wait`` or ``max_attempts`` out of
             bounds (names it).
     """
-    from runner.exceptions import JobSpecError
-
     spec = parse_spec(decode_spec(spec_text.encode("utf-8")))
     n: int = (
         spec.max_events if events is None else _option("events", parse_count, events, 1, MAX_EVENTS)
@@ -293,6 +292,10 @@ async def list_jobs(js: Any) -> list[dict[str, Any]]:
     return out
 
 
+class NotConnected(BrokerError):
+    """The node holds no connection to the broker right now."""
+
+
 class SiteControl:
     """The control plane over a connection that may come and go (a node's).
 
@@ -338,7 +341,3 @@ class SiteControl:
     async def list_jobs(self) -> list[dict[str, Any]]:
         """:func:`list_jobs` (raises as it does, and :class:`NotConnected`)."""
         return await list_jobs(self._js())
-
-
-class NotConnected(BrokerError):
-    """The node holds no connection to the broker right now."""
