@@ -215,4 +215,11 @@ def make_api_app(node: NodeView) -> web.Application:
 
         add_job_routes(app, node.job_service, require_token)
         doc["paths"].update(copy.deepcopy(JOB_OPENAPI_PATHS))
+    site = getattr(node, "site", None)  # the node's broker connection; None: no [site]
+    if site is not None:
+        from sitejob.api import SITE_JOB_OPENAPI_PATHS, add_site_job_routes
+        from sitejob.control import SiteControl
+
+        add_site_job_routes(app, SiteControl(lambda: site.js), require_token)
+        doc["paths"].update(copy.deepcopy(SITE_JOB_OPENAPI_PATHS))
     return app

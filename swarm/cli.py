@@ -1,7 +1,8 @@
 """The ``swarm`` command line.
 
 :func:`main` catches every error of ours (the roots of each package:
-``SwarmError``, ``ReleaseError``, ``TrustError``, ``RunnerError``), prints it
+``SwarmError``, ``ReleaseError``, ``TrustError``, ``RunnerError``, and
+sitejob's ``SiteJobError`` and ``BrokerError``), prints it
 as one line naming what was wrong, and exits with the status
 :data:`EXIT_STATUSES` gives its cause (documented in ``swarm --help`` and
 ``docs/NODE.md``); usage errors (a bad option or config value, an unusable
@@ -29,6 +30,9 @@ from runner import cli as runner_cli
 from runner.cli import add_runner_commands
 from runner.exceptions import RunnerError
 from runner.sizes import size_argument
+from sitejob.cli import add_site_commands
+from sitejob.natsd import BrokerError
+from sitejob.store import SiteJobError
 from swarm.address import Address, AddressError
 from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, FetchError, SwarmError
@@ -57,18 +61,21 @@ EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (FetchError, UNAVAILABLE),
     (TrustTransportError, UNAVAILABLE),
     (ObjectUnavailable, UNAVAILABLE),
+    (BrokerError, UNAVAILABLE),
 )
-OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError)
+OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError, SiteJobError, BrokerError)
 EPILOG = f"""\
 exit status:
   0    done
-  1    an error (one line on stderr); `status`: a mount is dead or does not answer
+  1    an error (one line on stderr); `status`: a mount is dead or does not answer;
+       `site-job gather`: some ranges were abandoned
   {USAGE}    bad usage: an option, a config key or value, a path, local keys or state
   {runner_cli.JOB_REFUSED}    `job run`: the job does not fit the lease, nothing ran
   {runner_cli.JOB_INCOMPLETE}    `job run`: the job was stopped or did not finish every event
   {VERIFICATION_FAILED}    untrusted data failed verification (signature, hash, rollback,
        expiry) and was refused
-  {UNAVAILABLE}    the origin or the peers could not deliver in time (transport)
+  {UNAVAILABLE}    the origin, the peers or the site's broker could not deliver in time
+       (transport)
   130  interrupted
 --debug shows a traceback instead of the one-line error.
 """
@@ -577,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
     add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
+    add_site_commands(sub)  # site-job submit / status / list / gather, site-broker (sitejob/cli.py)
     return p
 
 
