@@ -286,9 +286,7 @@ def _run_pilot(
             held = 0
             job_lease = lease
             if cores is not None:
-                held = cores.claim_node(
-                    lease.cores, timeout=core_wait, stop=lambda: stop.requested
-                )
+                held = cores.claim_node(lease.cores, timeout=core_wait, stop=lambda: stop.requested)
                 if not held:
                     report.stopped = (
                         f"stop requested ({stop.reason})"
