@@ -109,7 +109,8 @@ class _Range:
     job: str
     msg: RangeMsg
     seq: int
-    delivery: int
+    delivered: int  # how many times the broker had delivered it (this delivery's count)
+    delivery: Any  # the broker's message of the latest delivery (ack, nak, in-progress)
     started: float
     estimate: float  # seconds
     stop: StopRequest = field(default_factory=StopRequest)
@@ -206,7 +207,7 @@ class SiteWorker:
             not_pulling=self.not_pulling,
             jobs=sorted(self.jobs),
             running=[
-                RangeReport(r.job, r.msg.task, r.seq, r.delivery, now - r.started, r.estimate)
+                RangeReport(r.job, r.msg.task, r.seq, r.delivered, now - r.started, r.estimate)
                 for r in self.running.values()
             ],
             ranges_run=self.counters.run,
@@ -409,14 +410,22 @@ class SiteWorker:
                 job=job.record.id,
                 msg=rng,
                 seq=int(meta.sequence.stream),
-                delivery=int(meta.num_delivered),
+                delivered=int(meta.num_delivered),
+                delivery=msg,
                 started=self.clock(),
                 estimate=self._per_event(job, lease) * rng.count,
             )
-            if self._stopping or not self._fits(job, lease, rng.count):
-                await self._give_back(msg, r, "does not fit the lease any more")
+            mine = self.running.get((r.job, rng.task, r.seq))
+            if mine is not None:
+                # Redelivered to this node while it still runs it (its heartbeats
+                # were lost: a broker outage): one run, held by the new delivery.
+                mine.delivery, mine.delivered = msg, r.delivered
+                log.info("site job %s: range %d redelivered to its runner", r.job, rng.task)
                 return
-            await self._run_range(job, msg, r, lease)
+            if self._stopping or not self._fits(job, lease, rng.count):
+                await self._give_back(r, "does not fit the lease any more")
+                return
+            await self._run_range(job, r, lease)
         except Exception:  # never let one range take the worker down
             log.exception("site job %s: handling a range failed", job.record.id)
         finally:
@@ -430,17 +439,17 @@ class SiteWorker:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(msg.term(), self.timeout)
 
-    async def _give_back(self, msg: Any, r: _Range, why: str, delay: float | None = None) -> None:
+    async def _give_back(self, r: _Range, why: str, delay: float | None = None) -> None:
         """``nak``: the broker redelivers the range at once (after ``delay``)."""
         self.counters.handed_back += 1
         log.info("site job %s: range %d handed back: %s", r.job, r.msg.task, why)
         try:
-            await asyncio.wait_for(msg.nak(delay), self.timeout)
+            await asyncio.wait_for(r.delivery.nak(delay), self.timeout)
             await asyncio.wait_for(self.nc.flush(self.timeout), self.timeout + 1)
         except Exception as exc:  # AckWait redelivers it anyway
             log.warning("site job %s: nak of range %d failed: %s", r.job, r.msg.task, _why(exc))
 
-    async def _run_range(self, job: _Job, msg: Any, r: _Range, lease: Lease) -> None:
+    async def _run_range(self, job: _Job, r: _Range, lease: Lease) -> None:
         key = (r.job, r.msg.task, r.seq)
         work = self.root / r.job / f"{r.msg.task}.{r.seq}"
         self.running[key] = r
@@ -463,7 +472,7 @@ class SiteWorker:
             while True:
                 now = self.clock()
                 if now >= next_beat:
-                    await self._beat(msg, r)
+                    await self._beat(r)
                     next_beat = now + beat_every
                 await self._check_lease(r)
                 tick = max(0.05, min(next_beat - self.clock(), 1.0))
@@ -471,7 +480,7 @@ class SiteWorker:
                 if done:
                     break
             outcome = run.result()
-            await self._conclude(job, msg, r, work, outcome)
+            await self._conclude(job, r, work, outcome)
         finally:
             if not run.done():  # cancelled (the loop is closing): cut the run
                 r.stop.request("site worker cancelled", 0)
@@ -501,10 +510,10 @@ class SiteWorker:
             r.node_fault = f"this node cannot run it: {exc}"
             return r.node_fault
 
-    async def _beat(self, msg: Any, r: _Range) -> None:
+    async def _beat(self, r: _Range) -> None:
         """In-progress ack and heartbeat; a broker hiccup only costs this one."""
         try:
-            await asyncio.wait_for(msg.in_progress(), self.timeout)
+            await asyncio.wait_for(r.delivery.in_progress(), self.timeout)
             beat = BeatMsg(job=r.job, task=r.msg.task, node=self.cfg.node_name)
             await asyncio.wait_for(self.nc.publish(beat_subject(r.job), encode(beat)), self.timeout)
         except Exception as exc:
@@ -527,27 +536,25 @@ class SiteWorker:
             )
             r.stop.request(r.hand_back, 0)
 
-    async def _conclude(
-        self, job: _Job, msg: Any, r: _Range, work: Path, outcome: RunReport | str
-    ) -> None:
+    async def _conclude(self, job: _Job, r: _Range, work: Path, outcome: RunReport | str) -> None:
         report = outcome if isinstance(outcome, RunReport) else None
         if report is not None and report.complete and report.tasks_committed == 1:
-            await self._report_success(job, msg, r, work, report)
+            await self._report_success(job, r, work, report)
         elif r.node_fault is not None:
             # Not the range's fault: another node (or this one, later) runs it.
             self.problem = r.node_fault
             log.warning("site job %s: %s", r.job, r.node_fault)
-            await self._give_back(msg, r, r.node_fault, delay=NODE_FAULT_DELAY)
+            await self._give_back(r, r.node_fault, delay=NODE_FAULT_DELAY)
         elif r.hand_back is not None or (report is not None and not report.abandoned):
             # Cut (lease end, node stop): another node runs it now.
-            await self._give_back(msg, r, r.hand_back or str(report and report.stopped))
+            await self._give_back(r, r.hand_back or str(report and report.stopped))
         else:
             if report is None:
                 why = str(outcome)
             else:
                 reasons = next(iter(report.abandoned.values()), None) or report.failures
                 why = "; ".join(reasons) or "the run failed"
-            await self._report(msg, r, self._result(r, ok=False, reason=why[:MAX_REASON]))
+            await self._report(r, self._result(r, ok=False, reason=why[:MAX_REASON]))
             self.counters.failed += 1
         await asyncio.to_thread(shutil.rmtree, work, True)
 
@@ -559,13 +566,11 @@ class SiteWorker:
             count=r.msg.count,
             generation=r.msg.generation,
             node=self.cfg.node_name,
-            delivery=r.delivery,
+            delivery=r.delivered,
             **kw,
         )
 
-    async def _report_success(
-        self, job: _Job, msg: Any, r: _Range, work: Path, report: RunReport
-    ) -> None:
+    async def _report_success(self, job: _Job, r: _Range, work: Path, report: RunReport) -> None:
         output = Path(report.output)
         size, digest = await asyncio.to_thread(_size_and_sha256, output)
         extra: dict[str, Any] = {}
@@ -585,7 +590,7 @@ class SiteWorker:
             cpu=report.cpu_seconds,
             **extra,
         )
-        if await self._report(msg, r, result):
+        if await self._report(r, result):
             self.counters.reported += 1
             per_event = (self.clock() - r.started) / r.msg.count
             was = self.pace.get(r.job)
@@ -613,7 +618,7 @@ class SiteWorker:
                 await asyncio.sleep(1.0)
         return False
 
-    async def _report(self, msg: Any, r: _Range, result: ResultMsg) -> bool:
+    async def _report(self, r: _Range, result: ResultMsg) -> bool:
         """Publish ``result`` (stored: PubAck), then ack the range.
 
         A broker that does not answer is retried (the range kept in progress)
@@ -644,10 +649,10 @@ class SiteWorker:
                     )
                     return False
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(msg.in_progress(), self.timeout)
+                    await asyncio.wait_for(r.delivery.in_progress(), self.timeout)
                 await asyncio.sleep(0.5)
         try:
-            await asyncio.wait_for(msg.ack_sync(timeout=self.timeout), self.timeout + 1)
+            await asyncio.wait_for(r.delivery.ack_sync(timeout=self.timeout), self.timeout + 1)
         except Exception as exc:  # stored already: a redelivery's result is a duplicate
             log.warning("site job %s: ack of range %d: %s", r.job, r.msg.task, _why(exc))
         return True
