@@ -190,6 +190,7 @@ class SiteWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._wake: asyncio.Event | None = None
+        self._pull_ended: asyncio.Event | None = None
         self._lease: Lease | None = None
         self._lease_read = -1e18
         self._jobs_read = -1e18
@@ -305,6 +306,14 @@ class SiteWorker:
     async def run(self) -> None:
         """Pull and run ranges until :meth:`stop`; never raises for broker errors."""
         self._wake = asyncio.Event()
+        self._pull_ended = asyncio.Event()
+        try:
+            await self._pull()
+        finally:
+            self._pull_ended.set()
+
+    async def _pull(self) -> None:
+        assert self._wake is not None
         await asyncio.to_thread(self._sweep)
         while not self._stopping:
             try:
@@ -416,11 +425,14 @@ class SiteWorker:
                 estimate=self._per_event(job, lease) * rng.count,
             )
             mine = self.running.get((r.job, rng.task, r.seq))
-            if mine is not None:
+            if mine is not None and mine.hand_back is None and not self._stopping:
                 # Redelivered to this node while it still runs it (its heartbeats
                 # were lost: a broker outage): one run, held by the new delivery.
                 mine.delivery, mine.delivered = msg, r.delivered
                 log.info("site job %s: range %d redelivered to its runner", r.job, rng.task)
+                return
+            if mine is not None:  # it is being cut and handed back: again
+                await self._give_back(r, mine.hand_back or "the node stops")
                 return
             if self._stopping or not self._fits(job, lease, rng.count):
                 await self._give_back(r, "does not fit the lease any more")
@@ -440,7 +452,14 @@ class SiteWorker:
             await asyncio.wait_for(msg.term(), self.timeout)
 
     async def _give_back(self, r: _Range, why: str, delay: float | None = None) -> None:
-        """``nak``: the broker redelivers the range at once (after ``delay``)."""
+        """``nak``: the broker redelivers the range at once (after ``delay``).
+
+        When the node stops, not before this node's last pull request has
+        expired: else the broker could hand the range straight back to it.
+        """
+        if self._stopping and self._pull_ended is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._pull_ended.wait(), self.poll + self.timeout + 1)
         self.counters.handed_back += 1
         log.info("site job %s: range %d handed back: %s", r.job, r.msg.task, why)
         try:

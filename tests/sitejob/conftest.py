@@ -1,24 +1,16 @@
-"""Fixtures of the site event service's tests: a real NATS server on 127.0.0.1."""
+"""A real NATS server (JetStream, token auth) on 127.0.0.1 for site-job tests."""
 
 from __future__ import annotations
 
 import secrets
-import shutil
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 
 from sitejob.config import SiteConfig
 from sitejob.natsd import NatsServer
-
-
-class Broker(NamedTuple):
-    server: NatsServer
-    site: SiteConfig  # token_file is the server's token; node_name "test-node"
 
 
 def free_port() -> int:
@@ -29,9 +21,8 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    """A started ``nats-server`` (JetStream, token auth) and a ``[site]`` config
-    for it; the server is stopped whatever the test did."""
+def broker(tmp_path: Path) -> Iterator[tuple[NatsServer, SiteConfig]]:
+    """A started server and a ``SiteConfig`` whose token file holds its token."""
     token = secrets.token_hex(16)
     token_file = tmp_path / "nats.token"
     token_file.write_text(token + "\n")
@@ -39,26 +30,15 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     server = NatsServer(tmp_path / "nats", token, port=free_port())
     server.start()
     try:
-        yield Broker(
+        yield (
             server,
             SiteConfig(
                 servers=(server.url,),
                 token_file=token_file,
                 credentials=None,
-                node_name="test-node",
-                request_timeout=2.0,
+                node_name="tester",
+                request_timeout=5.0,
             ),
         )
     finally:
         server.stop()
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user can reach (a root node's job user works below it)."""
-    d = Path(tempfile.mkdtemp(prefix="swarm-site-test-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)

@@ -15,10 +15,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ import pytest
 from runner.cores import CoreLedger
 from runner.lease import Lease
 from runner.service import JobService
-from sitejob.config import connect
+from sitejob.config import SiteConfig, connect
+from sitejob.natsd import NatsServer
 from sitejob.protocol import (
     GATHER,
     INLINE_MAX,
@@ -48,12 +51,24 @@ from sitejob.worker import SiteWorker
 from swarm.config import render_config
 from swarm_testing.waiting import eventually, eventually_async
 from tests.harness import NodeProcess
-from tests.sitejob.conftest import Broker
 
 SYNTH = Path(__file__).resolve().parent.parent / "runner" / "synth_events.py"
 TIMED = Path(__file__).resolve().parent / "timed_events.py"
 
 pytestmark = pytest.mark.nats
+
+Broker = tuple[NatsServer, SiteConfig]  # tests/sitejob/conftest.py's fixture
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user can reach (a root node's job user works below it)."""
+    d = Path(tempfile.mkdtemp(prefix="swarm-site-test-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def synth(*extra: str) -> list[str]:
@@ -123,7 +138,7 @@ def worker(
     cores: CoreLedger | None = None,
     **kw: Any,
 ) -> SiteWorker:
-    cfg = dataclasses.replace(broker.site, node_name=name)
+    cfg = dataclasses.replace(broker[1], node_name=name)  # broker: (server, site config)
     return SiteWorker(
         nc,
         nc.jetstream(timeout=cfg.request_timeout),
@@ -210,8 +225,10 @@ def check_output(res: ResultMsg, data: bytes) -> None:
 def test_ranges_are_run_and_reported_inline_and_through_the_object_store(
     broker: Broker, tmp_path: Path
 ) -> None:
+    _server, site = broker
+
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         small = record("small", synth(), events=7, per_range=3)  # ranges of 3, 3 and 1
         big = record("big", synth(), events=9000, per_range=9000)  # ~100 KB: object store
@@ -253,10 +270,11 @@ def _reported(w: SiteWorker, n: int) -> Callable[[], Any]:
 def test_a_range_running_longer_than_ack_wait_is_not_redelivered(
     broker: Broker, tmp_path: Path
 ) -> None:
+    _server, site = broker
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("slow", synth("--sleep", "3.5", "--runs", str(runs)), 1, 1, ack_wait=1.0)
         await submit(js, rec)
@@ -276,8 +294,10 @@ def test_a_range_running_longer_than_ack_wait_is_not_redelivered(
 def test_a_failing_command_is_reported_not_ok_with_the_reason(
     broker: Broker, tmp_path: Path
 ) -> None:
+    _server, site = broker
+
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("fails", ["/bin/sh", "-c", "exit 3", "{first}{count}{output}"], 2, 2)
         await submit(js, rec)
@@ -295,8 +315,10 @@ def test_a_failing_command_is_reported_not_ok_with_the_reason(
 
 
 def test_a_lease_too_short_for_a_range_is_not_pulled(broker: Broker, tmp_path: Path) -> None:
+    _server, site = broker
+
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         # 100 HS06.s per event at 10 HS06 per core: 20 s per range x 1.2 > 10 s - reserve.
         rec = record("long", synth(), 4, 2, work=100.0)
@@ -320,12 +342,13 @@ def test_a_lease_too_short_for_a_range_is_not_pulled(broker: Broker, tmp_path: P
 def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
     broker: Broker, tmp_path: Path
 ) -> None:
+    _server, site = broker
     runs = tmp_path / "runs.log"
     once = tmp_path / "once"
     once.mkdir()
 
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         # The first run of the range hangs; the worker's lease ends 3 s from now.
         # AckWait 20 s: a redelivery before it is the hand-back's, not a timeout's.
@@ -356,10 +379,11 @@ def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
 def test_a_bad_range_message_is_refused_counted_not_run_and_terminated(
     broker: Broker, tmp_path: Path
 ) -> None:
+    _server, site = broker
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("bad", synth("--runs", str(runs)), 3, 3)
         await create_job(js, rec)
@@ -390,6 +414,7 @@ def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
 ) -> None:
     """Every task, node job's or site range's, logs its start and end; at no
     instant do more than the lease's two run at once."""
+    _server, site = broker
     log = tmp_path / "intervals.log"
     cores = CoreLedger()
     service = JobService(
@@ -398,7 +423,7 @@ def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
     command = [sys.executable, str(TIMED), "{first}", "{count}", "{output}", str(log), "0.4"]
 
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("share", command, 8, 1)
         await submit(js, rec)
@@ -437,23 +462,25 @@ def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
 
 
 def test_a_broker_restart_is_survived(broker: Broker, tmp_path: Path) -> None:
+    server, site = broker
+
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         first = record("before", synth(), 2, 1)
         await submit(js, first)
-        w_nc = await connect(broker.site)
+        w_nc = await connect(site)
         w = worker(w_nc, broker, tmp_path, "wn1", lease())
         async with running(w):
             await Results(js, first).wait(2)
-            await asyncio.to_thread(broker.server.kill)
+            await asyncio.to_thread(server.kill)
 
             async def noticed() -> bool:
                 return not w_nc.is_connected
 
             await eventually_async("the worker's client to notice", noticed, 10)
             await asyncio.sleep(1.0)  # pulls fail meanwhile: the worker keeps going
-            await asyncio.to_thread(broker.server.start)
+            await asyncio.to_thread(server.start)
 
             async def back() -> bool:
                 return bool(w_nc.is_connected and nc.is_connected)
@@ -480,7 +507,9 @@ def test_a_broker_restart_is_survived(broker: Broker, tmp_path: Path) -> None:
 # --- the whole daemon ------------------------------------------------------------------
 
 
-def _node_config(tmp: Path, site: dict[str, object], name: str = "node") -> tuple[Path, Path]:
+def _node_config(
+    tmp: Path, site: dict[str, object], name: str = "node", runner: str = ""
+) -> tuple[Path, Path]:
     data = tmp / name
     settings: dict[str, object] = {
         "data_dir": data,
@@ -491,7 +520,7 @@ def _node_config(tmp: Path, site: dict[str, object], name: str = "node") -> tupl
     }
     cfg = tmp / f"{name}.toml"
     text = render_config(settings, {})
-    text += "\n[runner]\ncores = 2\npower_per_core = 10.0\ntime_left = 600\n"
+    text += f"\n[runner]\ncores = 2\npower_per_core = 10.0\ntime_left = 600\n{runner}"
     text += "\n[site]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in site.items())
     cfg.write_text(text)
     return cfg, data
@@ -506,17 +535,18 @@ def _status(data: Path) -> dict[str, Any]:
 
 def test_the_node_daemon_runs_site_ranges(broker: Broker, open_dir: Path) -> None:
     """``swarm node --config`` with a [site] table pulls, runs and reports ranges."""
-    assert broker.site.token_file is not None
+    server, site = broker
+    assert site.token_file is not None
     cfg, data = _node_config(
         open_dir,
-        {"nats": broker.server.url, "token_file": str(broker.site.token_file), "node_name": "d1"},
+        {"nats": server.url, "token_file": str(site.token_file), "node_name": "d1"},
     )
     # /bin/sh: the job user (a root node runs tasks as nobody) can execute it.
     command = ["/bin/sh", "-c", 'seq -f "event %g" "$1" "$(($1+$2-1))" > "$3"', "sh"]
     command += ["{first}", "{count}", "{output}"]
 
     async def submit_and_read() -> list[ResultMsg]:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("daemon", command, 6, 2)
         await submit(js, rec)
@@ -543,10 +573,12 @@ def test_a_node_whose_broker_is_unreachable_starts_and_says_why(
 ) -> None:
     from tests.sitejob.conftest import free_port
 
-    assert broker.site.token_file is not None
+    _server, site = broker
+
+    assert site.token_file is not None
     cfg, data = _node_config(
         open_dir,
-        {"nats": f"nats://127.0.0.1:{free_port()}", "token_file": str(broker.site.token_file)},
+        {"nats": f"nats://127.0.0.1:{free_port()}", "token_file": str(site.token_file)},
     )
     with NodeProcess(cfg, data, None, open_dir / "node.log") as node:
         site = eventually(
@@ -566,10 +598,11 @@ def test_a_range_redelivered_to_the_node_running_it_is_not_run_twice(
     stalls for 2.5 s) get the range redelivered, to this very node when it
     has a free core: it keeps its one run, held by the new delivery. (Before:
     a second run in the same ``<task>.<seq>`` directory, which broke both.)"""
+    _server, site = broker
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(broker.site)
+        nc = await connect(site)
         js = nc.jetstream()
         rec = record("again", synth("--sleep", "5", "--runs", str(runs)), 1, 1, ack_wait=1.0)
         await submit(js, rec)
@@ -590,3 +623,45 @@ def test_a_range_redelivered_to_the_node_running_it_is_not_run_twice(
         await nc.close()
 
     asyncio.run(main())
+
+
+def test_a_node_stopping_hands_its_running_range_back(broker: Broker, open_dir: Path) -> None:
+    """SIGTERM: the running range gets the runner's grace (0.5 s), is cut, and
+    is given back (``nak``): ready for another node at once, not after AckWait."""
+    _server, site = broker
+    assert site.token_file is not None
+    cfg, data = _node_config(
+        open_dir,
+        {"nats": site.servers[0], "token_file": str(site.token_file), "node_name": "d2"},
+        runner="grace = 0.5\n",
+    )
+    command = ["/bin/sh", "-c", "sleep 60", "{first}{count}{output}"]
+    rec = record("stopped", command, 1, 1, ack_wait=120.0)
+
+    async def submit_it() -> None:
+        nc = await connect(site)
+        await submit(nc.jetstream(), rec)
+        await nc.close()
+
+    async def take_it() -> int:
+        """The range, fetched from the workers' consumer by the test: its delivery count."""
+        nc = await connect(site)
+        sub = await nc.jetstream().pull_subscribe_bind(
+            durable=WORKERS, stream="SITE_stopped_RANGES"
+        )
+        (msg,) = await sub.fetch(1, timeout=5)
+        await msg.term()
+        await nc.close()
+        return int(msg.metadata.num_delivered)
+
+    with NodeProcess(cfg, data, None, open_dir / "node.log") as node:
+        asyncio.run(submit_it())
+        eventually("the node to run the range", lambda: _status(data)["site"]["running"], 15)
+        t0 = time.monotonic()
+        node.proc.terminate()
+        node.proc.wait(timeout=30)
+        stopped_in = time.monotonic() - t0
+    delivered = asyncio.run(take_it())
+    assert delivered == 2  # handed back: delivered again at once (AckWait is 120 s)
+    assert stopped_in < 15, stopped_in
+    assert "range 0 handed back" in (open_dir / "node.log").read_text()
