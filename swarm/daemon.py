@@ -98,6 +98,12 @@ def run_node(config_path: Path) -> None:
         policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
     except TrustError as exc:
         raise ConfigError(str(exc)) from None
+    site_cfg = None
+    if cfg.site:
+        from sitejob.config import site_config
+
+        site_cfg = site_config(cfg.site, base=config_path.parent)
+        site_cfg.token()  # an unreadable token is a configuration error, now
     check_paths(cfg)  # before the job service or the node create anything
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -125,12 +131,9 @@ def run_node(config_path: Path) -> None:
         except RunnerError as exc:
             raise ConfigError(f"{config_path} [runner]: {exc}") from None
     site = None
-    if cfg.site:
-        from sitejob.config import site_config
+    if site_cfg is not None:
         from sitejob.service import SiteService
 
-        site_cfg = site_config(cfg.site, base=config_path.parent)
-        site_cfg.token()  # an unreadable token is a configuration error, now
         try:
             settings = runner_settings(runner_table, cfg.data_dir)
         except RunnerError as exc:

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -665,3 +666,23 @@ def test_a_node_stopping_hands_its_running_range_back(broker: Broker, open_dir: 
     assert delivered == 2  # handed back: delivered again at once (AckWait is 120 s)
     assert stopped_in < 15, stopped_in
     assert "range 0 handed back" in (open_dir / "node.log").read_text()
+
+
+def test_a_bad_site_table_stops_the_node_at_start_with_one_line(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("t\n")
+    for site, want in [
+        ({"nats": 42, "token_file": str(token)}, "site.nats: expected a nats:// URL"),
+        ({"nats": "nats://127.0.0.1:1"}, "site: exactly one of token_file and credentials"),
+        ({"nats": "nats://127.0.0.1:1", "token_file": "missing"}, "site.token_file: cannot read"),
+    ]:
+        cfg, data = _node_config(tmp_path, site)
+        r = subprocess.run(
+            [sys.executable, "-m", "swarm", "node", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2, r.stderr
+        assert want in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not data.exists()  # nothing was created
