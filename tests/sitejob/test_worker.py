@@ -671,11 +671,12 @@ def test_a_node_stopping_hands_its_running_range_back(broker: Broker, open_dir: 
 def test_a_bad_site_table_stops_the_node_at_start_with_one_line(tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("t\n")
-    for site, want in [
+    cases: list[tuple[dict[str, object], str]] = [
         ({"nats": 42, "token_file": str(token)}, "site.nats: expected a nats:// URL"),
         ({"nats": "nats://127.0.0.1:1"}, "site: exactly one of token_file and credentials"),
         ({"nats": "nats://127.0.0.1:1", "token_file": "missing"}, "site.token_file: cannot read"),
-    ]:
+    ]
+    for site, want in cases:
         cfg, data = _node_config(tmp_path, site)
         r = subprocess.run(
             [sys.executable, "-m", "swarm", "node", "--config", str(cfg)],
