@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -152,7 +153,7 @@ class SiteService:
         if self.worker is not None:
             report = self.worker.status()
             if self.problem is not None and report.problem is None:
-                return SiteReport(**{**report.__dict__, "problem": self.problem})
+                return dataclasses.replace(report, problem=self.problem)
             return report
         return SiteReport(
             broker=list(self.cfg.servers),
@@ -169,5 +170,5 @@ class SiteService:
             ranges_handed_back=0,
             refused={},
             pace={},
-            cores=self.cores.snapshot().__dict__.copy(),
+            cores=dataclasses.asdict(self.cores.snapshot()),
         )

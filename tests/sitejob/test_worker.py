@@ -50,6 +50,7 @@ from sitejob.protocol import (
 from sitejob.store import create_job, publish_ranges
 from sitejob.worker import SiteWorker
 from swarm.config import render_config
+from swarm.status import NodeStatus, render
 from swarm_testing.waiting import eventually, eventually_async
 from tests.harness import NodeProcess
 
@@ -563,6 +564,8 @@ def test_the_node_daemon_runs_site_ranges(broker: Broker, open_dir: Path) -> Non
             10,
         )
         assert node.proc.poll() is None
+        shown = "\n".join(render(NodeStatus.from_json(_status(data))))  # `swarm status`
+    assert "site: node d1, broker nats://127.0.0.1:" in shown and "3 reported" in shown
     assert sorted(r.task for r in got) == [0, 1, 2] and all(r.node == "d1" for r in got)
     for r in got:
         check_output(r, inline_bytes(r))
