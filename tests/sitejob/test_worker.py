@@ -119,16 +119,22 @@ def lease(cores: int = 2, time_left: float = 600.0) -> Callable[[float], Lease]:
     return at
 
 
-def lease_ending_at(end: float, cores: int = 1) -> Callable[[float], Lease]:
-    """A lease that ends at ``time.monotonic()`` = ``end``."""
+class ShrinkingLease:
+    """A long lease until :meth:`shrink`, then one that ends ``after`` seconds
+    later (an MJF shutdowntime moved earlier while a range runs)."""
 
-    def at(now: float) -> Lease:
-        left = max(0.0, end - time.monotonic())
+    def __init__(self, cores: int = 1) -> None:
+        self.cores = cores
+        self.end: float | None = None
+
+    def shrink(self, after: float) -> None:
+        self.end = time.monotonic() + after
+
+    def __call__(self, now: float) -> Lease:
+        left = 600.0 if self.end is None else max(0.0, self.end - time.monotonic())
         return Lease(
-            cores=cores, power_per_core=10.0, time_left=left, memory=None, now=now, sources={}
+            cores=self.cores, power_per_core=10.0, time_left=left, memory=None, now=now, sources={}
         )
-
-    return at
 
 
 def worker(
@@ -352,12 +358,13 @@ def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
     async def main() -> None:
         nc = await connect(site)
         js = nc.jetstream()
-        # The first run of the range hangs; the worker's lease ends 3 s from now.
+        # The first run of the range hangs; the worker's lease then ends 2 s later.
         # AckWait 20 s: a redelivery before it is the hand-back's, not a timeout's.
         command = synth("--runs", str(runs), "--hang-once", str(once), "--crash-first", "100")
         rec = record("handback", command, 2, 2, ack_wait=20.0)
         await submit(js, rec)
-        a = worker(nc, broker, tmp_path / "a", "wn-a", lease_ending_at(time.monotonic() + 3.0))
+        a_lease = ShrinkingLease()
+        a = worker(nc, broker, tmp_path / "a", "wn-a", a_lease)
         b = worker(nc, broker, tmp_path / "b", "wn-b", lease())
         results = Results(js, rec)
         async with running(a):
@@ -366,6 +373,7 @@ def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
                 return bool(a.running)
 
             await eventually_async("worker a to take the range", a_runs, 10)
+            a_lease.shrink(2.0)
             async with running(b):
                 (res,) = await results.wait(1, timeout=15)
                 handed_back = a.counters.handed_back
