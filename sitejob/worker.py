@@ -162,7 +162,7 @@ class SiteWorker:
         grace: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
         poll: float = 1.0,
-        jobs_every: float = 5.0,
+        jobs_every: float = 2.0,
         lease_every: float = 2.0,
         reserve_floor: float = END_RESERVE,
     ) -> None:

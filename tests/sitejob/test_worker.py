@@ -21,9 +21,9 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -58,6 +58,7 @@ SYNTH = Path(__file__).resolve().parent.parent / "runner" / "synth_events.py"
 TIMED = Path(__file__).resolve().parent / "timed_events.py"
 
 pytestmark = pytest.mark.nats
+T = TypeVar("T")
 
 Broker = tuple[NatsServer, SiteConfig]  # tests/sitejob/conftest.py's fixture
 
@@ -175,6 +176,30 @@ async def running(*workers: SiteWorker) -> AsyncIterator[None]:
             await asyncio.wait_for(t, 30)
 
 
+_clients: list[Any] = []
+
+
+async def client(site: SiteConfig) -> Any:
+    """A connected client that :func:`run` closes whatever happens."""
+    nc = await connect(site)
+    _clients.append(nc)
+    return nc
+
+
+def run(main: Callable[[], Awaitable[T]]) -> T:
+    """``run(main)``, closing every client it opened, also when it fails."""
+
+    async def wrapped() -> T:
+        try:
+            return await main()
+        finally:
+            while _clients:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(_clients.pop().close(), 10)
+
+    return asyncio.run(wrapped())
+
+
 def events(first: int, count: int) -> bytes:
     return "".join(f"event {n}\n" for n in range(first, first + count)).encode()
 
@@ -200,7 +225,7 @@ class Results:
             assert time.monotonic() < deadline, f"{len(self.got)} results of {n}: {self.got}"
             try:
                 msgs = await self.sub.fetch(10, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
                 continue
             for m in msgs:
                 self.got.append(decode_result(m.data, self.rec))
@@ -236,7 +261,7 @@ def test_ranges_are_run_and_reported_inline_and_through_the_object_store(
     _server, site = broker
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         small = record("small", synth(), events=7, per_range=3)  # ranges of 3, 3 and 1
         big = record("big", synth(), events=9000, per_range=9000)  # ~100 KB: object store
@@ -263,9 +288,8 @@ def test_ranges_are_run_and_reported_inline_and_through_the_object_store(
             assert (info.num_pending, info.num_ack_pending) == (0, 0)
         assert w.counters.run == 4 and w.counters.failed == 0 and not w.running
         assert not any((tmp_path / "site").rglob("journal.jsonl"))  # range dirs removed
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def _reported(w: SiteWorker, n: int) -> Callable[[], Any]:
@@ -282,9 +306,9 @@ def test_a_range_running_longer_than_ack_wait_is_not_redelivered(
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
-        rec = record("slow", synth("--sleep", "3.5", "--runs", str(runs)), 1, 1, ack_wait=1.0)
+        rec = record("slow", synth("--sleep", "5", "--runs", str(runs)), 1, 1, ack_wait=2.0)
         await submit(js, rec)
         a = worker(nc, broker, tmp_path / "a", "wn-a", lease())
         b = worker(nc, broker, tmp_path / "b", "wn-b", lease())
@@ -294,9 +318,8 @@ def test_a_range_running_longer_than_ack_wait_is_not_redelivered(
         info = await consumer(js, "slow")
         assert info.num_redelivered == 0 and info.delivered.consumer_seq == 1
         assert len(runs.read_text().splitlines()) == 1  # nobody else started it
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_a_failing_command_is_reported_not_ok_with_the_reason(
@@ -305,7 +328,7 @@ def test_a_failing_command_is_reported_not_ok_with_the_reason(
     _server, site = broker
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         rec = record("fails", ["/bin/sh", "-c", "exit 3", "{first}{count}{output}"], 2, 2)
         await submit(js, rec)
@@ -317,16 +340,15 @@ def test_a_failing_command_is_reported_not_ok_with_the_reason(
         info = await consumer(js, "fails")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)  # acked: the ledger decides
         assert w.counters.failed == 1 and w.counters.reported == 0
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_a_lease_too_short_for_a_range_is_not_pulled(broker: Broker, tmp_path: Path) -> None:
     _server, site = broker
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         # 100 HS06.s per event at 10 HS06 per core: 20 s per range x 1.2 > 10 s - reserve.
         rec = record("long", synth(), 4, 2, work=100.0)
@@ -342,9 +364,8 @@ def test_a_lease_too_short_for_a_range_is_not_pulled(broker: Broker, tmp_path: P
             info = await consumer(js, "long")
         assert info.delivered.consumer_seq == 0 and info.num_pending == 2
         assert w.counters.run == 0
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
@@ -356,7 +377,7 @@ def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
     once.mkdir()
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         # The first run of the range hangs; the worker's lease then ends 2 s later.
         # AckWait 20 s: a redelivery before it is the hand-back's, not a timeout's.
@@ -381,9 +402,8 @@ def test_a_lease_ending_mid_range_hands_the_range_back_to_another_worker(
         check_output(res, await results.output(res))
         assert handed_back == 1 and a.counters.reported == 0 and a.counters.run == 1
         assert len(runs.read_text().splitlines()) == 2  # a's run (cut) and b's
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_a_bad_range_message_is_refused_counted_not_run_and_terminated(
@@ -393,7 +413,7 @@ def test_a_bad_range_message_is_refused_counted_not_run_and_terminated(
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         rec = record("bad", synth("--runs", str(runs)), 3, 3)
         await create_job(js, rec)
@@ -414,9 +434,8 @@ def test_a_bad_range_message_is_refused_counted_not_run_and_terminated(
         assert "the job's plan says 100+3" in reasons
         assert len(runs.read_text().splitlines()) == 1  # only the good range ran
         assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
@@ -433,7 +452,7 @@ def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
     command = [sys.executable, str(TIMED), "{first}", "{count}", "{output}", str(log), "0.4"]
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         rec = record("share", command, 8, 1)
         await submit(js, rec)
@@ -462,11 +481,10 @@ def test_node_jobs_and_site_ranges_never_hold_more_cores_than_the_lease(
             peak = max(peak, at_once)
         assert peak <= 2, intervals
         assert cores.snapshot().peak <= 2
-        await nc.close()
 
     service.start()
     try:
-        asyncio.run(main())
+        run(main)
     finally:
         service.close()
 
@@ -475,11 +493,11 @@ def test_a_broker_restart_is_survived(broker: Broker, tmp_path: Path) -> None:
     server, site = broker
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         first = record("before", synth(), 2, 1)
         await submit(js, first)
-        w_nc = await connect(site)
+        w_nc = await client(site)
         w = worker(w_nc, broker, tmp_path, "wn1", lease())
         async with running(w):
             await Results(js, first).wait(2)
@@ -508,10 +526,9 @@ def test_a_broker_restart_is_survived(broker: Broker, tmp_path: Path) -> None:
             got = await Results(js, after).wait(2, timeout=20)
         assert all(r.ok for r in got)
         assert w.counters.reported == 4
-        await w_nc.close()
         await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 # --- the whole daemon ------------------------------------------------------------------
@@ -556,20 +573,19 @@ def test_the_node_daemon_runs_site_ranges(broker: Broker, open_dir: Path) -> Non
     command += ["{first}", "{count}", "{output}"]
 
     async def submit_and_read() -> list[ResultMsg]:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         rec = record("daemon", command, 6, 2)
         await submit(js, rec)
         got = await Results(js, rec).wait(3, timeout=30)
-        await nc.close()
         return got
 
     with NodeProcess(cfg, data, None, open_dir / "node.log") as node:
-        got = asyncio.run(submit_and_read())
+        got = run(submit_and_read)
         site = eventually(
             "the node's status to count the reports",
             lambda: (s := _status(data)["site"]) and s["ranges_reported"] == 3 and s,
-            10,
+            20,
         )
         assert node.proc.poll() is None
         shown = "\n".join(render(NodeStatus.from_json(_status(data))))  # `swarm status`
@@ -614,7 +630,7 @@ def test_a_range_redelivered_to_the_node_running_it_is_not_run_twice(
     runs = tmp_path / "runs.log"
 
     async def main() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         js = nc.jetstream()
         rec = record("again", synth("--sleep", "5", "--runs", str(runs)), 1, 1, ack_wait=1.0)
         await submit(js, rec)
@@ -632,9 +648,8 @@ def test_a_range_redelivered_to_the_node_running_it_is_not_run_twice(
         assert w.counters.run == 1 and w.counters.reported == 1
         info = await consumer(js, "again")
         assert (info.num_pending, info.num_ack_pending) == (0, 0)
-        await nc.close()
 
-    asyncio.run(main())
+    run(main)
 
 
 def test_a_node_stopping_hands_its_running_range_back(broker: Broker, open_dir: Path) -> None:
@@ -651,29 +666,27 @@ def test_a_node_stopping_hands_its_running_range_back(broker: Broker, open_dir: 
     rec = record("stopped", command, 1, 1, ack_wait=120.0)
 
     async def submit_it() -> None:
-        nc = await connect(site)
+        nc = await client(site)
         await submit(nc.jetstream(), rec)
-        await nc.close()
 
     async def take_it() -> int:
         """The range, fetched from the workers' consumer by the test: its delivery count."""
-        nc = await connect(site)
+        nc = await client(site)
         sub = await nc.jetstream().pull_subscribe_bind(
             durable=WORKERS, stream="SITE_stopped_RANGES"
         )
         (msg,) = await sub.fetch(1, timeout=5)
         await msg.term()
-        await nc.close()
         return int(msg.metadata.num_delivered)
 
     with NodeProcess(cfg, data, None, open_dir / "node.log") as node:
-        asyncio.run(submit_it())
-        eventually("the node to run the range", lambda: _status(data)["site"]["running"], 15)
+        run(submit_it)
+        eventually("the node to run the range", lambda: _status(data)["site"]["running"], 30)
         t0 = time.monotonic()
         node.proc.terminate()
         node.proc.wait(timeout=30)
         stopped_in = time.monotonic() - t0
-    delivered = asyncio.run(take_it())
+    delivered = run(take_it)
     assert delivered == 2  # handed back: delivered again at once (AckWait is 120 s)
     assert stopped_in < 15, stopped_in
     assert "range 0 handed back" in (open_dir / "node.log").read_text()
