@@ -194,6 +194,7 @@ class SiteWorker:
         self._lease: Lease | None = None
         self._lease_read = -1e18
         self._jobs_read = -1e18
+        self._turn = 0
 
     # --- status
     def status(self) -> SiteReport:
@@ -368,7 +369,9 @@ class SiteWorker:
             )
             return False
         self.not_pulling = None
-        for job in fitting:
+        # Round robin: every job gets the next free core in turn.
+        self._turn = (self._turn + 1) % len(fitting)
+        for job in fitting[self._turn :] + fitting[: self._turn]:
             if self._stopping or not self.cores.claim_site(lease.cores, self.cfg.max_ranges):
                 return False
             try:
