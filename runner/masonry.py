@@ -16,6 +16,11 @@ The clock and the lease source are injected: ``lease_at(now)`` is called
 before each job, so a shutdowntime moved earlier in MJF is seen by the next
 sizing.
 
+Cores shared with site ranges: with a :class:`runner.cores.CoreLedger`,
+each job takes the cores free when it starts (at least one; it waits at most
+``core_wait`` seconds for site ranges to end, and site pulls pause while it
+waits), is sized to them, and gives them back when it ends.
+
 One owner per queue: whoever moves specs through ``running/`` (a pilot, or a
 job service for its whole life) holds a :class:`QueueLock`, an ``flock`` on
 ``QUEUE/.lock`` that the kernel drops when its holder dies, SIGKILL included.
@@ -32,10 +37,11 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from runner.confine import Confinement
+from runner.cores import CoreLedger
 from runner.elastic import END_RESERVE, run_elastic_job
 from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueBusy, RunnerError
 from runner.lease import Lease
@@ -194,6 +200,8 @@ def run_pilot(
     confinement: Confinement | None = None,
     reserve_floor: float = END_RESERVE,
     owner: QueueLock | None = None,
+    cores: CoreLedger | None = None,
+    core_wait: float = 300.0,
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
 
@@ -207,7 +215,10 @@ def run_pilot(
     jobs that fit the new lease. ``confinement`` says
     how jobs' tasks are confined. Jobs are sized to the time left less their
     end reserve (:func:`runner.elastic.end_reserve`, at least
-    ``reserve_floor`` seconds), in whole rounds of tasks.
+    ``reserve_floor`` seconds), in whole rounds of tasks. With ``cores``
+    each job runs on the cores it could take from that ledger (see the module
+    docstring); none free for ``core_wait`` seconds stops the pilot, the job
+    stays queued.
 
     Raises:
         LeaseError: ``lease_at`` could not establish the lease.
@@ -228,6 +239,8 @@ def run_pilot(
             grace=grace,
             confinement=confinement,
             reserve_floor=reserve_floor,
+            cores=cores,
+            core_wait=core_wait,
         )
 
 
@@ -243,6 +256,8 @@ def _run_pilot(
     grace: float,
     confinement: Confinement | None,
     reserve_floor: float,
+    cores: CoreLedger | None = None,
+    core_wait: float = 300.0,
 ) -> PilotReport:
     report = PilotReport()
     t0 = clock()
@@ -268,12 +283,24 @@ def _run_pilot(
                 _reject(qdir, path, path, str(exc))
                 report.rejected[path.name] = str(exc)
                 continue
+            held = 0
+            job_lease = lease
+            if cores is not None:
+                held = cores.claim_node(lease.cores, timeout=core_wait, stop=lambda: stop.requested)
+                if not held:
+                    report.stopped = (
+                        f"stop requested ({stop.reason})"
+                        if stop.requested
+                        else f"no core came free in {core_wait:g} s (site ranges hold them)"
+                    )
+                    break
+                job_lease = replace(lease, cores=held)
             running = qdir / "running" / path.name
             try:
                 os.replace(path, running)
                 result = run_elastic_job(
                     spec,
-                    lease,
+                    job_lease,
                     workroot / path.stem,
                     history=history,
                     stop=stop,
@@ -298,6 +325,10 @@ def _run_pilot(
                 _reject(qdir, running, path, str(exc))
                 report.rejected[path.name] = str(exc)
                 continue
+            finally:
+                if held:
+                    assert cores is not None
+                    cores.release_node(held)
             report.refused.pop(path.name, None)
             measured_pace = result.report.seconds_per_event
             if measured_pace is not None:

@@ -34,10 +34,12 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner.confine import DEFAULT_CGROUP_PARENT, Confinement, cgroup_parent_problem
+from runner.cores import CoreLedger
 from runner.exceptions import JobSpecError, RunnerConfigError, RunnerError, UnknownJob
 from runner.job_user import DEFAULT_JOB_USER, job_user_for_node
 from runner.lease import LEASE_KEYS, Lease, LeaseOptions, discover_lease, lease_config
@@ -57,7 +59,9 @@ class JobService:
     """Queue + masonry thread; see the module docstring.
 
     ``lease_at(now)`` gives the lease at ``clock`` time ``now`` (called before
-    each job, so a moved shutdowntime or a renewed lease is seen).
+    each job, so a moved shutdowntime or a renewed lease is seen). With
+    ``cores`` (the node's :class:`runner.cores.CoreLedger`, shared with the
+    site worker) each job runs on the cores free when it starts.
 
     Raises (when created):
         QueueBusy: another live pilot or job service owns ``queue_dir``.
@@ -75,6 +79,7 @@ class JobService:
         grace: float = 10.0,
         should_stop: Callable[[], str | None] | None = None,
         recheck: float = 30.0,
+        cores: CoreLedger | None = None,
     ) -> None:
         self.queue = Path(queue_dir)
         self.workroot = Path(workroot)
@@ -85,6 +90,7 @@ class JobService:
         self.grace = grace
         self.should_stop = should_stop
         self.recheck = recheck
+        self.cores = cores
         self._owner = QueueLock(self.queue)
         # Held from now on: specs left in running/ by a runner that died go back.
         self.recovered = self._owner.acquire()
@@ -230,6 +236,7 @@ class JobService:
                         grace=self.grace,
                         confinement=self.confinement,
                         owner=self._owner,
+                        cores=self.cores,
                     )
                     self.last_error = None
                 except RunnerError as exc:
@@ -262,34 +269,43 @@ def _count_lines(path: Path) -> int:
     return n
 
 
-def job_service_from_config(
+@dataclass(frozen=True)
+class RunnerSettings:
+    """What the ``[runner]`` table says, shared by the job service and the site
+    worker: where jobs live, the lease, the confinement, the grace."""
+
+    queue: Path
+    work: Path
+    state: Path
+    lease_at: Callable[[float], Lease]
+    confinement: Confinement
+    grace: float
+
+    @property
+    def history(self) -> WorkHistory:
+        return WorkHistory(self.state / "work_per_event.json")
+
+
+RUNNER_KEYS = ("queue", "work", "state", "job_user", "cgroup_parent", "grace", *LEASE_KEYS)
+
+
+def runner_settings(
     runner: Mapping[str, Any],
     data_dir: Path,
     *,
     environ: Mapping[str, str] = os.environ,
-) -> JobService:
-    """A ``JobService`` from the ``[runner]`` table of the node's config.
-
-    Keys (all optional): ``queue`` (default ``DATA_DIR/jobs/queue``),
-    ``work`` (``DATA_DIR/jobs/work``), ``state`` (``DATA_DIR/runner``: DB12
-    cache, measured work per event), ``job_user`` (``nobody``; used when the
-    node runs as root), ``cgroup_parent`` (``swarm-jobs``; ``""`` for rlimits
-    only), ``grace`` (10 s, 0 to ``MAX_GRACE``), and the lease's ``cores``,
-    ``power_per_core``, ``time_left``, ``shutdowntime``, ``memory`` (a size:
-    ``"200M"``; see :func:`runner.lease.lease_value` and
-    :func:`runner.lease.assemble_lease`; MJF from ``environ`` comes first).
+) -> RunnerSettings:
+    """The ``[runner]`` table checked (keys: see :func:`job_service_from_config`).
 
     Raises:
         RunnerConfigError: an unknown key or an unusable value (one line naming
             ``runner.KEY`` and what it accepts).
         ConfinementError: the node is root and ``job_user`` does not exist.
-        QueueBusy: another live pilot or job service owns the queue.
     """
-    known = {"queue", "work", "state", "job_user", "cgroup_parent", "grace", *LEASE_KEYS}
-    unknown = sorted(set(runner) - known)
+    unknown = sorted(set(runner) - set(RUNNER_KEYS))
     if unknown:
         raise RunnerConfigError(
-            f"runner.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
+            f"runner.{unknown[0]}: unknown key (known: {', '.join(sorted(RUNNER_KEYS))})"
         )
 
     def text(key: str, default: str) -> str:
@@ -320,14 +336,51 @@ def job_service_from_config(
             benchmark=lambda cores: benchmark_power(cache, cores, wall),
         )
 
-    return JobService(
-        text("queue", str(data_dir / "jobs" / "queue")),
-        text("work", str(data_dir / "jobs" / "work")),
-        lease_at,
-        history=WorkHistory(state / "work_per_event.json"),
+    return RunnerSettings(
+        queue=Path(text("queue", str(data_dir / "jobs" / "queue"))),
+        work=Path(text("work", str(data_dir / "jobs" / "work"))),
+        state=state,
+        lease_at=lease_at,
         confinement=Confinement(
             user=job_user_for_node(text("job_user", DEFAULT_JOB_USER)),
             cgroup_parent=text("cgroup_parent", DEFAULT_CGROUP_PARENT) or None,
         ),
         grace=float(grace),
+    )
+
+
+def job_service_from_config(
+    runner: Mapping[str, Any],
+    data_dir: Path,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    cores: CoreLedger | None = None,
+) -> JobService:
+    """A ``JobService`` from the ``[runner]`` table of the node's config.
+
+    Keys (all optional): ``queue`` (default ``DATA_DIR/jobs/queue``),
+    ``work`` (``DATA_DIR/jobs/work``), ``state`` (``DATA_DIR/runner``: DB12
+    cache, measured work per event), ``job_user`` (``nobody``; used when the
+    node runs as root), ``cgroup_parent`` (``swarm-jobs``; ``""`` for rlimits
+    only), ``grace`` (10 s, 0 to ``MAX_GRACE``), and the lease's ``cores``,
+    ``power_per_core``, ``time_left``, ``shutdowntime``, ``memory`` (a size:
+    ``"200M"``; see :func:`runner.lease.lease_value` and
+    :func:`runner.lease.assemble_lease`; MJF from ``environ`` comes first).
+    ``cores``: the node's core ledger, shared with the site worker.
+
+    Raises:
+        RunnerConfigError: an unknown key or an unusable value (one line naming
+            ``runner.KEY`` and what it accepts).
+        ConfinementError: the node is root and ``job_user`` does not exist.
+        QueueBusy: another live pilot or job service owns the queue.
+    """
+    settings = runner_settings(runner, data_dir, environ=environ)
+    return JobService(
+        settings.queue,
+        settings.work,
+        settings.lease_at,
+        history=settings.history,
+        confinement=settings.confinement,
+        grace=settings.grace,
+        cores=cores,
     )

@@ -34,6 +34,7 @@ def build_node(
     parse_torrent: TorrentParser,
     image_policy: ImagePolicy | None = None,
     job_service: Any = None,
+    site: Any = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Node:
     """The daemon with its HTTP API (``start`` it inside a running loop)."""
@@ -43,6 +44,7 @@ def build_node(
         parse_torrent=parse_torrent,
         image_policy=image_policy,
         job_service=job_service,
+        site=site,
         clock=clock,
         api=make_api_app,
     )
@@ -96,6 +98,12 @@ def run_node(config_path: Path) -> None:
         policy = ImagePolicy.from_table(cfg.image_policy, source=f"{config_path} [image_policy]")
     except TrustError as exc:
         raise ConfigError(str(exc)) from None
+    site_cfg = None
+    if cfg.site:
+        from sitejob.config import site_config
+
+        site_cfg = site_config(cfg.site, base=config_path.parent)
+        site_cfg.token()  # an unreadable token is a configuration error, now
     check_paths(cfg)  # before the job service or the node create anything
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -110,20 +118,43 @@ def run_node(config_path: Path) -> None:
         cfg.data_dir / "session",
     )
 
+    from runner.cores import CoreLedger
+    from runner.exceptions import RunnerError
+    from runner.service import job_service_from_config, runner_settings
+
     runner_table = dict(cfg.runner)
+    cores = CoreLedger()  # node jobs and site ranges share the lease's cores
     jobs = None
     if runner_table.pop("enabled", True):
-        from runner.exceptions import RunnerError
-        from runner.service import job_service_from_config
-
         try:
-            jobs = job_service_from_config(runner_table, cfg.data_dir)
+            jobs = job_service_from_config(runner_table, cfg.data_dir, cores=cores)
         except RunnerError as exc:
             raise ConfigError(f"{config_path} [runner]: {exc}") from None
+    site = None
+    if site_cfg is not None:
+        from sitejob.service import SiteService
+
+        try:
+            settings = runner_settings(runner_table, cfg.data_dir)
+        except RunnerError as exc:
+            raise ConfigError(f"{config_path} [runner]: {exc}") from None
+        site = SiteService(
+            site_cfg,
+            data_dir=cfg.data_dir,
+            cores=cores,
+            lease_at=settings.lease_at if jobs is None else jobs.lease_at,
+            confinement=settings.confinement,
+            grace=settings.grace,
+        )
 
     async def main() -> None:
         node = build_node(
-            cfg, session, parse_torrent=parse_torrent, image_policy=policy, job_service=jobs
+            cfg,
+            session,
+            parse_torrent=parse_torrent,
+            image_policy=policy,
+            job_service=jobs,
+            site=site,
         )
         try:
             await node.start()

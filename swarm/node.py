@@ -77,17 +77,21 @@ class Node:
         parse_torrent: TorrentParser,
         image_policy: ImagePolicy | None = None,
         job_service: Any = None,
+        site: Any = None,
         clock: Callable[[], float] = time.monotonic,
         api: Callable[[Node], web.Application] | None = None,
     ) -> None:
         """``api`` builds the HTTP API's app over this node (swarm.daemon
-        passes swarm.api.make_api_app); None: no API."""
+        passes swarm.api.make_api_app); None: no API. ``site``: the node's
+        :class:`sitejob.service.SiteService` (None without ``[site]``); its
+        ``js`` is the broker's JetStream context while connected."""
         self._api = api
         self.config = config
         self.session = session
         self._parse_torrent = parse_torrent
         self.image_policy = image_policy
         self.job_service = job_service
+        self.site = site
         self.clock = clock
         self.repos: dict[str, Follower] = {}
         self.namespace = Namespace()
@@ -144,6 +148,8 @@ class Node:
             await self._mount(cfg.mount)
         if self.job_service is not None:
             self.job_service.start()
+        if self.site is not None:
+            await self.site.start()  # connects in the background: a broker down is no failure
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         self._write_state_file()
         log.info("node ready: api %s, peer %s, listen %s", cfg.api, cfg.peer, cfg.listen)
@@ -273,6 +279,9 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self.site is not None:
+            # Running ranges: the runner's grace, then cut and handed back.
+            await self.site.stop()
         if self.job_service is not None:
             await asyncio.to_thread(self.job_service.stop, 30.0)
         await self._unmount()
@@ -507,6 +516,7 @@ class Node:
             banned=self.session.banned(),
             repositories={n: self.repo_status(n) for n in self.repos},
             transfers=self.transfers(),
+            site=None if self.site is None else self.site.status(),
         )
 
     def cache(self) -> dict[str, CacheStats]:

@@ -110,6 +110,39 @@ class PeerReport:
 
 
 @dataclass(frozen=True)
+class RangeReport:
+    """A site range this node runs now (sitejob.worker)."""
+
+    job: str
+    task: int
+    seq: int  # the range message's stream sequence
+    delivery: int  # how many times the broker has delivered it
+    seconds: float  # running for
+    estimate: float  # expected seconds (this node's pace, or the spec's work / power)
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """The node's part in the site event service (``[site]``, sitejob.service)."""
+
+    broker: list[str]
+    node_name: str
+    connected: bool
+    problem: str | None  # why not connected, or the last broker error
+    work: bool  # pulls site ranges
+    not_pulling: str | None  # why no range is pulled now (None: pulling when ranges wait)
+    jobs: list[str]  # site jobs this node pulls from
+    running: list[RangeReport]
+    ranges_run: int
+    ranges_reported: int  # ok results stored by the broker, ranges acked
+    ranges_failed: int  # failed runs reported (ok = false)
+    ranges_handed_back: int  # stopped and nak'ed (lease end, node stop)
+    refused: dict[str, int]  # bad range messages by reason (terminated, never run)
+    pace: dict[str, float]  # job -> this node's smoothed wall seconds per event
+    cores: dict[str, int]  # the core ledger: capacity, node, site, node_waiting, peak
+
+
+@dataclass(frozen=True)
 class NodeStatus:
     pid: int
     uptime: float
@@ -123,6 +156,7 @@ class NodeStatus:
     banned: list[str]
     repositories: dict[str, RepositoryStatus]
     transfers: list[TransferReport]
+    site: SiteReport | None = None  # None: no [site] table
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> NodeStatus:
@@ -144,7 +178,10 @@ class NodeStatus:
             for name, r in doc["repositories"].items()
         }
         transfers = [TransferReport(**t) for t in doc["transfers"]]
-        return cls(**{**doc, "repositories": repos, "transfers": transfers})
+        site = doc.get("site")
+        if site is not None:
+            site = SiteReport(**{**site, "running": [RangeReport(**r) for r in site["running"]]})
+        return cls(**{**doc, "repositories": repos, "transfers": transfers, "site": site})
 
 
 def render(st: NodeStatus) -> list[str]:
@@ -181,6 +218,32 @@ def render(st: NodeStatus) -> list[str]:
             f" in {t.downloaded / 1e6:.1f} MB / out {t.uploaded / 1e6:.1f} MB"
             + (f", {t.hash_failures} hash failures" if t.hash_failures else "")
         )
+    if st.site is not None:
+        out += _render_site(st.site)
+    return out
+
+
+def _render_site(s: SiteReport) -> list[str]:
+    state = "connected" if s.connected else "NOT connected"
+    out = [
+        f"  site: node {s.node_name}, broker {', '.join(s.broker)} ({state})"
+        + (f": {s.problem}" if s.problem else ""),
+    ]
+    if s.work:
+        c = s.cores
+        out.append(
+            f"    ranges: {len(s.running)} running, {s.ranges_run} run,"
+            f" {s.ranges_reported} reported, {s.ranges_failed} failed,"
+            f" {s.ranges_handed_back} handed back; cores {c.get('site', 0)} site"
+            f" + {c.get('node', 0)} node jobs of {c.get('capacity', 0)}"
+            + (f"; not pulling: {s.not_pulling}" if s.not_pulling else "")
+        )
+        out += [f"    refused {n} range messages: {why}" for why, n in s.refused.items()]
+        out += [
+            f"    range {r.job}/{r.task} (seq {r.seq}, delivery {r.delivery}):"
+            f" {r.seconds:.0f} s of ~{r.estimate:.0f} s"
+            for r in s.running
+        ]
     return out
 
 
