@@ -27,9 +27,11 @@ from sitejob.protocol import (
     JobRecord,
     ProtocolError,
     RangeMsg,
+    dead_stream,
     decode_job,
     encode,
     job_key,
+    max_deliveries_subject,
     output_bucket,
     range_msg_id,
     range_subject,
@@ -138,6 +140,69 @@ async def create_job(js: Any, record: JobRecord) -> None:
         )
     except Exception as exc:
         raise SiteJobError(f"site job {record.id}: the broker refused: {_why(exc)}") from None
+    await ensure_dead_letters(js, record.id)
+
+
+async def ensure_dead_letters(js: Any, job: str) -> None:
+    """Create the job's ``SITE_<ID>_DEAD`` stream (the server's max-deliveries
+    advisories for its ranges, kept for the gather) and its ``gather``
+    consumer, if missing. Called by :func:`create_job` and by the gather.
+
+    Raises:
+        SiteJobError: the broker refused.
+    """
+    from nats.js.api import (
+        AckPolicy,
+        ConsumerConfig,
+        RetentionPolicy,
+        StorageType,
+        StreamConfig,
+    )
+
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=dead_stream(job),
+                subjects=[max_deliveries_subject(job)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+        )
+        await js.add_consumer(
+            dead_stream(job),
+            ConsumerConfig(
+                durable_name=GATHER,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=GATHER_ACK_WAIT,
+                max_ack_pending=-1,
+            ),
+        )
+    except Exception as exc:
+        raise SiteJobError(f"site job {job}: the broker refused: {_why(exc)}") from None
+
+
+async def remove_job_data(js: Any, job: str) -> None:
+    """Delete the job's streams and object store (the KV record and status stay):
+    workers find nothing more to pull. Safe to repeat.
+
+    Raises:
+        SiteJobError: the broker refused (other than "not found").
+    """
+    from nats.js.errors import NotFoundError
+
+    for name in (ranges_stream(job), results_stream(job), dead_stream(job)):
+        try:
+            await js.delete_stream(name)
+        except NotFoundError:
+            pass
+        except Exception as exc:
+            raise SiteJobError(f"site job {job}: cannot delete {name}: {_why(exc)}") from None
+    try:
+        await js.delete_object_store(output_bucket(job))
+    except NotFoundError:
+        pass
+    except Exception as exc:
+        raise SiteJobError(f"site job {job}: cannot delete its objects: {_why(exc)}") from None
 
 
 def range_of(record: JobRecord, task: int, generation: int = 0) -> RangeMsg:
