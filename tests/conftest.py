@@ -1,6 +1,7 @@
-"""Capability markers: a test marked ``fuse`` or ``netns`` is skipped when the
-machine lacks the capability, and fails instead when ``SWARM_REQUIRE_ALL=1``
-(as in CI), so a missing capability can never pass silently."""
+"""Capability markers: a test marked ``fuse``, ``netns``, ``nginx`` or ``nats``
+is skipped when the machine lacks the capability, and fails instead when
+``SWARM_REQUIRE_ALL=1`` (as in CI), so a missing capability can never pass
+silently."""
 
 from __future__ import annotations
 
@@ -35,7 +36,22 @@ def _nginx_missing() -> str | None:
     return None
 
 
-_CAPABILITIES = {"fuse": _fuse_missing, "netns": _netns_missing, "nginx": _nginx_missing}
+def _nats_missing() -> str | None:
+    from sitejob.natsd import BrokerError, find_nats_server
+
+    try:
+        find_nats_server()
+    except BrokerError as exc:
+        return str(exc)
+    return None
+
+
+_CAPABILITIES = {
+    "fuse": _fuse_missing,
+    "netns": _netns_missing,
+    "nginx": _nginx_missing,
+    "nats": _nats_missing,
+}
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
