@@ -493,10 +493,10 @@ class _Gather:
                 staged.append(outcome)
                 acks.append((msg, "ack"))
             elif isinstance(outcome, _Refused):
-                self.refused(outcome.kind, "range %d from %s: %s", res.task, res.node, outcome)
                 d = self.ledger.output_refused(
                     res.task, res.generation, outcome.kind, str(outcome), now
                 )
+                self.refused(outcome.kind, "range %d from %s: %s", res.task, res.node, outcome)
                 act(d, msg, "term")
                 if res.object is not None:
                     used.append(res.object)
@@ -635,7 +635,6 @@ class _Gather:
         while not self.closing.is_set():
             try:
                 if sub is None:
-                    await store.ensure_dead_letters(self.js, self.job)
                     sub = await self.call(
                         "bind", self.js.pull_subscribe_bind(GATHER, stream=dead_stream(self.job))
                     )
@@ -820,6 +819,10 @@ class _Gather:
         if self.ledger.finished:
             return await self.finish()
         await self.check_rival()
+        # The job's dead letters (a job made before they existed gets them
+        # now), and a clean slate for what a killed gather had fetched.
+        await store.ensure_dead_letters(self.js, self.job)
+        await store.reset_gather_consumers(self.js, self.job)
         beats = None
         try:
             beats = await self.call(

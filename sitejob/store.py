@@ -126,21 +126,45 @@ async def create_job(js: Any, record: JobRecord) -> None:
                 max_ack_pending=-1,
             ),
         )
-        await js.add_consumer(
-            results_stream(record.id),
-            ConsumerConfig(
-                durable_name=GATHER,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=GATHER_ACK_WAIT,
-                max_ack_pending=-1,
-            ),
-        )
+        await js.add_consumer(results_stream(record.id), gather_consumer())
         await js.create_object_store(
             output_bucket(record.id), config=ObjectStoreConfig(storage=StorageType.FILE)
         )
     except Exception as exc:
         raise SiteJobError(f"site job {record.id}: the broker refused: {_why(exc)}") from None
     await ensure_dead_letters(js, record.id)
+
+
+def gather_consumer() -> Any:
+    """The ``gather`` consumer of the results and dead-letter streams."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    return ConsumerConfig(
+        durable_name=GATHER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=GATHER_ACK_WAIT,
+        max_ack_pending=-1,
+    )
+
+
+async def reset_gather_consumers(js: Any, job: str) -> None:
+    """Forget what a dead gather had fetched and not acked: delete and re-create
+    the ``gather`` consumers, so everything still in the results and dead-letter
+    streams (work queues: what was acked is gone) is delivered at once instead
+    of after ``GATHER_ACK_WAIT``. Only for the one live gather of the job.
+
+    Raises:
+        SiteJobError: the broker refused.
+    """
+    from nats.js.errors import NotFoundError
+
+    for stream in (results_stream(job), dead_stream(job)):
+        try:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(stream, GATHER)
+            await js.add_consumer(stream, gather_consumer())
+        except Exception as exc:
+            raise SiteJobError(f"site job {job}: the broker refused: {_why(exc)}") from None
 
 
 async def ensure_dead_letters(js: Any, job: str) -> None:
@@ -151,13 +175,7 @@ async def ensure_dead_letters(js: Any, job: str) -> None:
     Raises:
         SiteJobError: the broker refused.
     """
-    from nats.js.api import (
-        AckPolicy,
-        ConsumerConfig,
-        RetentionPolicy,
-        StorageType,
-        StreamConfig,
-    )
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
     try:
         await js.add_stream(
@@ -168,15 +186,7 @@ async def ensure_dead_letters(js: Any, job: str) -> None:
                 storage=StorageType.FILE,
             )
         )
-        await js.add_consumer(
-            dead_stream(job),
-            ConsumerConfig(
-                durable_name=GATHER,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=GATHER_ACK_WAIT,
-                max_ack_pending=-1,
-            ),
-        )
+        await js.add_consumer(dead_stream(job), gather_consumer())
     except Exception as exc:
         raise SiteJobError(f"site job {job}: the broker refused: {_why(exc)}") from None
 
