@@ -102,6 +102,7 @@ T = TypeVar("T")
 
 FETCH_BATCH = 256  # results fetched (and committed as one group) at once
 FETCH_WAIT = 1.0  # seconds a fetch waits for messages: an idle gather wakes this often
+DRAIN_WAIT = 0.5  # seconds a fetch of results known to be ready may take
 RETRY_PAUSE = 0.5  # seconds between attempts while the broker is away
 STATUS_INTERVAL = 1.0  # seconds between status reports
 OBJECT_RATE = 16 * 1024 * 1024  # bytes/s an object get must reach (beside the request timeout)
@@ -431,7 +432,7 @@ class _Gather:
                     sub = await self.call(
                         "bind", self.js.pull_subscribe_bind(GATHER, stream=results_stream(self.job))
                     )
-                msgs = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
+                msgs = await self.fetch_batch(sub)
             except TimeoutError:
                 continue
             except Exception as exc:
@@ -443,6 +444,27 @@ class _Gather:
             await self.handle_batch(msgs)
             if self.ledger.finished:
                 self.done.set()
+
+    async def fetch_batch(self, sub: Any) -> list[Any]:
+        """The next results: waits (up to FETCH_WAIT) for one, then takes what
+        else is there, at most FETCH_BATCH in all.
+
+        nats-py's ``fetch(n)`` waits until it has ``n`` messages or its timeout
+        passes: one lone result would wait a whole FETCH_WAIT. So: fetch one,
+        ask the consumer how many more are ready, fetch exactly those.
+
+        Raises:
+            TimeoutError: nothing came within FETCH_WAIT.
+        """
+        msgs: list[Any] = await sub.fetch(1, timeout=FETCH_WAIT)
+        try:
+            info = await self.call("gather consumer", sub.consumer_info())
+            more = min(info.num_pending or 0, FETCH_BATCH - 1)
+            if more:
+                msgs += await sub.fetch(more, timeout=DRAIN_WAIT)
+        except Exception:  # TimeoutError included: what we have is a batch
+            pass
+        return msgs
 
     async def handle_batch(self, msgs: list[Any]) -> None:
         now = time.monotonic()
