@@ -280,6 +280,11 @@ def test_a_complete_job_gathers_every_event_once_in_order_and_removes_its_stream
     st = asyncio.run(kv_status(cfg, rec.id))
     assert st["complete"] and st["events_committed"] == 195 and st["gather"]["pid"] == os.getpid()
     assert asyncio.run(streams_gone(cfg, rec.id))  # the record stays, the streams go
+    # gathered again (a gather killed after its last commit): the same output
+    before = (out / "events.out").read_bytes()
+    again = asyncio.run(gather_job(cfg, rec.id, out))
+    assert again.complete and again.events_committed == 195
+    assert (out / "events.out").read_bytes() == before
 
 
 def test_duplicate_results_of_a_range_are_committed_once(broker: Broker, tmp_path: Path) -> None:
