@@ -292,6 +292,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+class _TooLong(Exception):
+    """An object longer than its result says."""
+
+
 class _HashingFile(io.BufferedIOBase):
     """Where an object-store get writes: hashes and counts as it writes, and
     refuses more than ``limit`` bytes (an object bigger than it claims)."""
@@ -302,14 +306,19 @@ class _HashingFile(io.BufferedIOBase):
         self.sha = hashlib.sha256()
         self.size = 0
         self.limit = limit
+        self.error: OSError | None = None
 
     def write(self, data: ReadableBuffer) -> int:
         chunk = bytes(data)
         self.size += len(chunk)
         if self.size > self.limit:
-            raise ValueError(f"object longer than the {self.limit} bytes reported")
+            raise _TooLong(f"object longer than the {self.limit} bytes reported")
         self.sha.update(chunk)
-        return self.file.write(chunk)
+        try:
+            return self.file.write(chunk)
+        except OSError as exc:
+            self.error = exc  # the disk's fault, not the object's
+            raise
 
     def close(self) -> None:
         self.file.close()
@@ -373,8 +382,16 @@ class _Gather:
 
     # --- small tools
     async def call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """``aw`` with a deadline (the request timeout by default)."""
-        return await asyncio.wait_for(aw, timeout or self.cfg.request_timeout)
+        """``aw`` with a deadline (the request timeout by default).
+
+        Raises:
+            TimeoutError: no answer in time (the message names ``what``).
+        """
+        limit = timeout or self.cfg.request_timeout
+        try:
+            return await asyncio.wait_for(aw, limit)
+        except TimeoutError:
+            raise TimeoutError(f"{what}: the broker did not answer in {limit:g} s") from None
 
     def warn(self, key: str, text: str, *args: object) -> None:
         """Log a broker trouble once per ``key`` every 30 s (it may last)."""
@@ -584,44 +601,59 @@ class _Gather:
             return await self.fetch_object(res, tmp)
 
     async def fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
+        """Download the object of ``res`` into ``tmp``, hashing it on the way
+        (anything but a good output leaves no ``tmp`` behind).
+
+        Raises:
+            GatherError: ``tmp`` cannot be written (the disk, not the result).
+        """
+        outcome = await self._fetch_object(res, tmp)
+        if not isinstance(outcome, _Staged):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        return outcome
+
+    async def _fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
         from nats.js.errors import DigestMismatchError, ObjectNotFoundError
 
         assert res.object is not None
-        sink: _HashingFile | None = None
         try:
             if self.objects is None:
                 self.objects = await self.call(
                     "object store", self.js.object_store(output_bucket(self.job))
                 )
             info = await self.call("object info", self.objects.get_info(res.object))
-            if info.size != res.size:
-                return _Refused(
-                    "size mismatch",
-                    f"object {res.object} of {info.size} bytes, {res.size} reported",
-                )
-            sink = await asyncio.to_thread(_HashingFile, tmp, res.size)
-            deadline = self.cfg.request_timeout + res.size / OBJECT_RATE
-            await self.call("object get", self.objects.get(res.object, writeinto=sink), deadline)
         except ObjectNotFoundError:
             return _Refused(
                 "unknown object", f"no object {res.object} in {output_bucket(self.job)}"
             )
+        except Exception as exc:
+            self.warn("object", "cannot reach object %s (retrying later): %s", res.object, exc)
+            return None
+        if info.size != res.size:
+            return _Refused(
+                "size mismatch", f"object {res.object} of {info.size} bytes, {res.size} reported"
+            )
+        try:
+            sink = await asyncio.to_thread(_HashingFile, tmp, res.size)
+        except OSError as exc:
+            raise GatherError(f"cannot write {tmp}: {exc.strerror}") from None
+        try:
+            deadline = self.cfg.request_timeout + res.size / OBJECT_RATE
+            await self.call("object get", self.objects.get(res.object, writeinto=sink), deadline)
+        except ObjectNotFoundError:
+            return _Refused("unknown object", f"object {res.object} went away")
         except DigestMismatchError:
             return _Refused("sha256 mismatch", f"object {res.object} does not match its own digest")
-        except ValueError as exc:  # from the sink: longer than reported
+        except _TooLong as exc:
             return _Refused("size mismatch", str(exc))
         except Exception as exc:
-            self.warn(
-                "object",
-                "cannot fetch object %s (retrying later): %s",
-                res.object,
-                exc or type(exc).__name__,
-            )
+            if sink.error is not None:
+                raise GatherError(f"cannot write {tmp}: {sink.error.strerror}") from None
+            self.warn("object", "cannot fetch object %s (retrying later): %s", res.object, exc)
             return None
         finally:
-            if sink is not None:
-                sink.close()
-        assert sink is not None
+            sink.close()
         if sink.size != res.size:
             return _Refused(
                 "size mismatch", f"object {res.object}: {sink.size} bytes, {res.size} reported"
