@@ -342,6 +342,18 @@ def _refusal_kind(data: bytes, job: str) -> str:
     return "other job" if msg.job != job else "not in the plan"
 
 
+def _honour_cancellation() -> None:
+    """Raise CancelledError if this task was cancelled and a call swallowed it.
+
+    Python 3.11's ``asyncio.wait_for`` (used inside nats-py's requests) loses
+    a cancellation that arrives as the awaited call completes; the task's
+    ``cancelling()`` count still says it was asked to stop.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Gather:
     """One run of the gather over a connected client; see the module docstring."""
 
@@ -389,7 +401,10 @@ class _Gather:
         """
         limit = timeout or self.cfg.request_timeout
         try:
-            return await asyncio.wait_for(aw, limit)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a
+            # cancellation that arrives as the awaited call completes.
+            async with asyncio.timeout(limit):
+                return await aw
         except TimeoutError:
             raise TimeoutError(f"{what}: the broker did not answer in {limit:g} s") from None
 
@@ -884,6 +899,7 @@ class _Gather:
             )
         except Exception as exc:
             self.warn("beat", "cannot hear heartbeats: %s", exc)
+        _honour_cancellation()
         loops = [
             asyncio.create_task(self.results_loop(), name="results"),
             asyncio.create_task(self.dead_loop(), name="dead letters"),

@@ -302,27 +302,35 @@ def test_duplicate_results_of_a_range_are_committed_once(broker: Broker, tmp_pat
     check_output(rec, out)
 
 
-def test_a_second_gather_on_the_same_directory_is_refused(broker: Broker, tmp_path: Path) -> None:
+def test_a_second_gather_on_the_same_directory_is_refused_and_a_stopped_one_is_not_complete(
+    broker: Broker, tmp_path: Path
+) -> None:
     _, cfg = broker
     rec = record(events=40, per_task=10)
     out = tmp_path / "out"
 
-    async def run() -> str:
+    async def run() -> tuple[str, GatherReport]:
         await submit(cfg, rec)
-        first = asyncio.create_task(gather_job(cfg, rec.id, out))
+        stop = asyncio.Event()
+        started = asyncio.Event()
+        first = asyncio.create_task(
+            gather_job(cfg, rec.id, out, stop=stop, progress=lambda st: started.set())
+        )
         try:
-            while not (out / "journal.jsonl").exists():
-                await asyncio.sleep(0.02)
+            await asyncio.wait_for(started.wait(), 20)
             with pytest.raises(GatherBusy) as exc:
                 await gather_job(cfg, rec.id, out)
-            return str(exc.value)
         finally:
-            first.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await first
+            stop.set()
+            report = await asyncio.wait_for(first, 20)
+        return str(exc.value), report
 
-    text = asyncio.run(run())
+    text, report = asyncio.run(run())
     assert "in use by another gather" in text and "\n" not in text and str(os.getpid()) in text
+    assert not report.complete and report.stopped and report.events_committed == 0
+    assert not (out / "events.out").exists()
+    st = asyncio.run(kv_status(cfg, rec.id))
+    assert not st["complete"] and st["ranges"]["planned"] == 4
 
 
 def start_driver(cfg: SiteConfig, job: str, out: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -621,3 +629,36 @@ def test_a_range_that_kills_every_holder_is_abandoned_on_the_max_deliveries_advi
     assert ab["task"] == 2 and "delivered 3 times" in ab["reason"]
     assert [t for t, _ in worker.ran].count(2) == 3
     check_output(rec, out, missing={2})
+
+
+def test_a_cancelled_gather_stops_even_when_a_broker_call_swallows_the_cancellation(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Python 3.11's wait_for (inside nats-py's requests) loses a cancellation
+    that lands as a request completes: the gather then ran on forever."""
+    _, cfg = broker
+    rec = record(events=40, per_task=10)
+
+    async def run() -> list[str]:
+        await submit(cfg, rec)
+        outcomes = []
+        for i in range(8):
+            out = tmp_path / f"out{i}"
+            task = asyncio.create_task(gather_job(cfg, rec.id, out))
+            while not (out / "journal.jsonl").exists():
+                await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002 * i)  # cancel at a different step each time
+            task.cancel()
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 10)
+                outcomes.append("returned")
+            except asyncio.CancelledError:
+                outcomes.append("cancelled")
+            except TimeoutError:
+                outcomes.append("still running")
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return outcomes
+
+    assert asyncio.run(run()) == ["cancelled"] * 8
