@@ -982,6 +982,18 @@ class _Gather:
         )
 
 
+async def _open_dir(output: Path, plan: Plan) -> _GatherDir:
+    """:class:`_GatherDir` built in a thread; cancelled meanwhile, it is closed
+    once the thread is done (the thread cannot be stopped)."""
+    opening = asyncio.ensure_future(asyncio.to_thread(_GatherDir, output, plan))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            (await opening).close()
+        raise
+
+
 async def gather_job(
     cfg: SiteConfig,
     job: str,
@@ -1022,7 +1034,7 @@ async def gather_job(
             record = await store.load_job(js, job)
             plan = Plan(job, record.first_event, record.events, record.events_per_task)
             try:
-                files = await asyncio.to_thread(_GatherDir, output, plan)
+                files = await _open_dir(output, plan)
             except JournalError as exc:
                 raise GatherError(f"{output}: {exc}") from None
             except OSError as exc:

@@ -637,12 +637,14 @@ def test_a_cancelled_gather_stops_even_when_a_broker_call_swallows_the_cancellat
     """Python 3.11's wait_for (inside nats-py's requests) loses a cancellation
     that lands as a request completes: the gather then ran on forever."""
     _, cfg = broker
-    rec = record(events=40, per_task=10)
 
     async def run() -> list[str]:
-        await submit(cfg, rec)
         outcomes = []
         for i in range(8):
+            # a job each: a gather that got as far as its status would make the
+            # next one on the same job refuse to run beside it
+            rec = record(f"J{i}", events=40, per_task=10)
+            await submit(cfg, rec)
             out = tmp_path / f"out{i}"
             task = asyncio.create_task(gather_job(cfg, rec.id, out))
             while not (out / "journal.jsonl").exists():
