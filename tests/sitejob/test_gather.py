@@ -118,6 +118,18 @@ class SimWorker:
     copies: int = 1  # results published per range (>1: duplicates)
     ran: list[tuple[int, int]] = field(default_factory=list)  # (task, generation)
     nc: Any = None
+    when: dict[tuple[int, int], float] = field(default_factory=dict)  # range -> taken at
+    holds: list[asyncio.Task[None]] = field(default_factory=list)
+    held_until: float = 0.0  # the last heartbeat of a held range
+
+    async def hold(self, task: int, seconds: float) -> None:
+        """Heartbeat ``task`` every 0.2 s for ``seconds``, then die silently."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            beat = BeatMsg(job=self.rec.id, task=task, node=self.node)
+            await self.nc.publish(beat_subject(self.rec.id), encode(beat))
+            self.held_until = time.monotonic()
+            await asyncio.sleep(0.2)
 
     async def run(self, until: asyncio.Event) -> None:
         nc = self.nc = await connect(self.cfg, name=self.node)
@@ -146,8 +158,13 @@ class SimWorker:
     async def one(self, js: Any, msg: Any) -> None:
         r = decode_range(msg.data, self.rec)
         self.ran.append((r.task, r.generation))
+        self.when[(r.task, r.generation)] = time.monotonic()
         what = self.policy(r.task, r.first, r.count)
         if what[0] == "die":
+            return
+        if what[0] == "hold":  # acked at once (a stale ack), heartbeated, never reported
+            await msg.ack()
+            self.holds.append(asyncio.create_task(self.hold(r.task, what[1])))
             return
         if what[0] == "skip":
             await msg.nak()
@@ -664,3 +681,30 @@ def test_a_cancelled_gather_stops_even_when_a_broker_call_swallows_the_cancellat
         return outcomes
 
     assert asyncio.run(run()) == ["cancelled"] * 8
+
+
+def test_a_range_whose_second_holder_heartbeats_is_not_republished_until_the_beats_stop(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """The stale-ack trap: range 1's message is gone from the stream (acked by
+    a stale holder) while another node runs it and heartbeats; it is left
+    alone while the beats come, and republished once they stop (that node died)."""
+    _, cfg = broker
+    rec = record(events=30, per_task=10, ack_wait=1.0)
+    out = tmp_path / "out"
+
+    def policy(task: int, first: int, count: int) -> tuple[Any, ...]:
+        return ("hold", 4.0) if task == 1 else good(task, first, count)
+
+    worker = SimWorker(cfg, rec, "wn1")
+    worker.policy = lambda t, f, c: policy(t, f, c) if (t, 1) not in worker.when else good(t, f, c)
+
+    async def run() -> GatherReport:
+        await submit(cfg, rec)
+        return await gather_with(cfg, rec, out, worker)
+
+    report = asyncio.run(run())
+    assert report.complete and not report.abandoned and report.republished == 1
+    # 4 s of beats, ack_wait 1 s: without them it would have gone back at about 2 s
+    assert worker.when[(1, 1)] > worker.held_until
+    check_output(rec, out)
