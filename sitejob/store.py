@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -313,9 +314,27 @@ async def job_ids(js: Any) -> list[str]:
 
 
 async def stream_subjects(js: Any, job: str) -> dict[str, int]:
-    """Messages in the job's ranges stream, by subject (``swarm.site.ID.range.N``)."""
-    info = await js.stream_info(ranges_stream(job), subjects_filter=">")
-    return dict(info.state.subjects or {})
+    """Messages in the job's ranges stream, by subject (``swarm.site.ID.range.N``).
+
+    The server answers at most 100 000 subjects at a time (``limit``, with
+    ``total``): the rest are asked for page by page (nats-py's
+    ``stream_info`` reads the first page only). Each page is one request with
+    the client's deadline.
+
+    Raises:
+        nats.js.errors.NotFoundError: the stream is gone.
+        nats.errors.TimeoutError: the broker did not answer.
+    """
+    subject = f"$JS.API.STREAM.INFO.{ranges_stream(job)}"
+    subjects: dict[str, int] = {}
+    while True:
+        request = {"subjects_filter": ">", "offset": len(subjects)}
+        # nats-py has no public call for a page; _api_request maps API errors.
+        resp = await js._api_request(subject, json.dumps(request).encode(), timeout=js._timeout)
+        page = (resp.get("state") or {}).get("subjects") or {}
+        subjects.update(page)
+        if not page or len(subjects) >= int(resp.get("total") or 0):
+            return subjects
 
 
 async def put_status(js: Any, job: str, payload: bytes) -> None:

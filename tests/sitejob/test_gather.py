@@ -44,6 +44,7 @@ from sitejob.protocol import (
     ranges_stream,
     result_subject,
 )
+from swarm_testing.waiting import eventually_async
 
 pytestmark = pytest.mark.nats
 
@@ -708,3 +709,42 @@ def test_a_range_whose_second_holder_heartbeats_is_not_republished_until_the_bea
     # 4 s of beats, ack_wait 1 s: without them it would have gone back at about 2 s
     assert worker.when[(1, 1)] > worker.held_until
     check_output(rec, out)
+
+
+def test_the_reconcilers_view_of_the_stream_lists_every_range_beyond_the_servers_page(
+    broker: Broker,
+) -> None:
+    """The server lists at most 100 000 subjects per stream-info answer: a job
+    with more ranges in the stream looked as if the rest were lost, and the
+    reconciler republished them all."""
+    _, cfg = broker
+    ranges = 100_050
+
+    async def run() -> dict[str, int]:
+        from nats.js.api import StorageType, StreamConfig
+
+        nc = await connect(cfg, reconnect=False)
+        try:
+            js = nc.jetstream(timeout=cfg.request_timeout)
+            await js.add_stream(  # in memory: this is about listing, not storing
+                StreamConfig(
+                    name=ranges_stream("BIG"),
+                    subjects=[range_subject("BIG", "*")],
+                    storage=StorageType.MEMORY,
+                )
+            )
+            for t in range(ranges):
+                await nc.publish(range_subject("BIG", t), b"r")
+            await nc.flush()
+
+            async def stored() -> bool:
+                info = await js.stream_info(ranges_stream("BIG"))
+                return bool(info.state.messages == ranges)
+
+            await eventually_async("every range stored", stored, 20, interval=0.1)
+            return await store.stream_subjects(js, "BIG")
+        finally:
+            await nc.close()
+
+    subjects = asyncio.run(run())
+    assert len(subjects) == ranges and range_subject("BIG", ranges - 1) in subjects
