@@ -12,6 +12,10 @@ One site job ``ID`` lives in JetStream as (see ``docs/SITE_JOBS.md``):
   ``swarm.site.<ID>.result``; one durable pull consumer ``gather``;
 * object store ``SITE_<ID>_OUT``: range outputs larger than ``INLINE_MAX``
   (smaller ones travel inside their result message);
+* stream ``SITE_<ID>_DEAD`` (work-queue retention): the server's
+  max-deliveries advisories for the ``workers`` consumer, kept so that a
+  gather that was down when a range died for the last time still hears of
+  it; one durable pull consumer ``gather``;
 * core-NATS subject ``swarm.site.<ID>.beat``: a worker's heartbeat for a range
   it runs (not stored; the reconciler's "somebody still holds it");
 * key-value bucket ``SWARM_SITE``: ``<ID>.job`` the job record (spec text and
@@ -72,6 +76,15 @@ def results_stream(job: str) -> str:
 
 def output_bucket(job: str) -> str:
     return f"SITE_{job}_OUT"
+
+
+def dead_stream(job: str) -> str:
+    return f"SITE_{job}_DEAD"
+
+
+def max_deliveries_subject(job: str) -> str:
+    """The server's advisory for a range delivered ``max_deliver`` times, never acked."""
+    return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{ranges_stream(job)}.{WORKERS}"
 
 
 def range_subject(job: str, task: int | str) -> str:
@@ -151,6 +164,15 @@ class ResultMsg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     object: str | None = None
     seconds: float = 0.0  # wall time of the run
     cpu: float = 0.0  # CPU seconds of the run
+
+
+class MaxDeliveries(msgspec.Struct, kw_only=True):
+    """The server's max-deliveries advisory (the fields used; others are ignored)."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
 
 
 class BeatMsg(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -263,6 +285,33 @@ def decode_beat(data: bytes) -> BeatMsg:
     if job_id_problem(msg.job) or node_name_problem(msg.node) or not 0 <= msg.task < 10**6:
         raise ProtocolError("malformed heartbeat")
     return msg
+
+
+def decode_max_deliveries(data: bytes, job: str) -> MaxDeliveries:
+    """A max-deliveries advisory for ``job``'s ``workers`` consumer.
+
+    Raises:
+        ProtocolError: malformed, or about another stream or consumer.
+    """
+    msg: MaxDeliveries = _decode(data, MaxDeliveries, "max-deliveries advisory")
+    if (msg.stream, msg.consumer) != (ranges_stream(job), WORKERS):
+        raise ProtocolError(f"advisory for {msg.stream[:80]}/{msg.consumer[:80]}")
+    if not (1 <= msg.stream_seq < 1 << 63 and 1 <= msg.deliveries < 10**6):
+        raise ProtocolError("advisory stream_seq or deliveries out of bounds")
+    return msg
+
+
+def range_task(job: str, subject: str) -> int:
+    """The range number of a ranges-stream subject ``swarm.site.<ID>.range.<task>``.
+
+    Raises:
+        ProtocolError: not a range subject of ``job``.
+    """
+    prefix = range_subject(job, "")
+    tail = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    if not (tail.isascii() and tail.isdigit() and len(tail) <= 7):
+        raise ProtocolError(f"{subject[:120]!r} is not a range subject of job {job}")
+    return int(tail)
 
 
 def inline_bytes(msg: ResultMsg) -> bytes:

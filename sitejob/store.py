@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,9 +28,11 @@ from sitejob.protocol import (
     JobRecord,
     ProtocolError,
     RangeMsg,
+    dead_stream,
     decode_job,
     encode,
     job_key,
+    max_deliveries_subject,
     output_bucket,
     range_msg_id,
     range_subject,
@@ -124,20 +127,93 @@ async def create_job(js: Any, record: JobRecord) -> None:
                 max_ack_pending=-1,
             ),
         )
-        await js.add_consumer(
-            results_stream(record.id),
-            ConsumerConfig(
-                durable_name=GATHER,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=GATHER_ACK_WAIT,
-                max_ack_pending=-1,
-            ),
-        )
+        await js.add_consumer(results_stream(record.id), gather_consumer())
         await js.create_object_store(
             output_bucket(record.id), config=ObjectStoreConfig(storage=StorageType.FILE)
         )
     except Exception as exc:
         raise SiteJobError(f"site job {record.id}: the broker refused: {_why(exc)}") from None
+    await ensure_dead_letters(js, record.id)
+
+
+def gather_consumer() -> Any:
+    """The ``gather`` consumer of the results and dead-letter streams."""
+    from nats.js.api import AckPolicy, ConsumerConfig
+
+    return ConsumerConfig(
+        durable_name=GATHER,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=GATHER_ACK_WAIT,
+        max_ack_pending=-1,
+    )
+
+
+async def reset_gather_consumers(js: Any, job: str) -> None:
+    """Forget what a dead gather had fetched and not acked: delete and re-create
+    the ``gather`` consumers, so everything still in the results and dead-letter
+    streams (work queues: what was acked is gone) is delivered at once instead
+    of after ``GATHER_ACK_WAIT``. Only for the one live gather of the job.
+
+    Raises:
+        SiteJobError: the broker refused.
+    """
+    from nats.js.errors import NotFoundError
+
+    for stream in (results_stream(job), dead_stream(job)):
+        try:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_consumer(stream, GATHER)
+            await js.add_consumer(stream, gather_consumer())
+        except Exception as exc:
+            raise SiteJobError(f"site job {job}: the broker refused: {_why(exc)}") from None
+
+
+async def ensure_dead_letters(js: Any, job: str) -> None:
+    """Create the job's ``SITE_<ID>_DEAD`` stream (the server's max-deliveries
+    advisories for its ranges, kept for the gather) and its ``gather``
+    consumer, if missing. Called by :func:`create_job` and by the gather.
+
+    Raises:
+        SiteJobError: the broker refused.
+    """
+    from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=dead_stream(job),
+                subjects=[max_deliveries_subject(job)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+        )
+        await js.add_consumer(dead_stream(job), gather_consumer())
+    except Exception as exc:
+        raise SiteJobError(f"site job {job}: the broker refused: {_why(exc)}") from None
+
+
+async def remove_job_data(js: Any, job: str) -> None:
+    """Delete the job's streams and object store (the KV record and status stay):
+    workers find nothing more to pull. Safe to repeat.
+
+    Raises:
+        SiteJobError: the broker refused (other than "not found").
+    """
+    from nats.js.errors import NotFoundError
+
+    for name in (ranges_stream(job), results_stream(job), dead_stream(job)):
+        try:
+            await js.delete_stream(name)
+        except NotFoundError:
+            pass
+        except Exception as exc:
+            raise SiteJobError(f"site job {job}: cannot delete {name}: {_why(exc)}") from None
+    try:
+        await js.delete_object_store(output_bucket(job))
+    except NotFoundError:
+        pass
+    except Exception as exc:
+        raise SiteJobError(f"site job {job}: cannot delete its objects: {_why(exc)}") from None
 
 
 def range_of(record: JobRecord, task: int, generation: int = 0) -> RangeMsg:
@@ -238,9 +314,27 @@ async def job_ids(js: Any) -> list[str]:
 
 
 async def stream_subjects(js: Any, job: str) -> dict[str, int]:
-    """Messages in the job's ranges stream, by subject (``swarm.site.ID.range.N``)."""
-    info = await js.stream_info(ranges_stream(job), subjects_filter=">")
-    return dict(info.state.subjects or {})
+    """Messages in the job's ranges stream, by subject (``swarm.site.ID.range.N``).
+
+    The server answers at most 100 000 subjects at a time (``limit``, with
+    ``total``): the rest are asked for page by page (nats-py's
+    ``stream_info`` reads the first page only). Each page is one request with
+    the client's deadline.
+
+    Raises:
+        nats.js.errors.NotFoundError: the stream is gone.
+        nats.errors.TimeoutError: the broker did not answer.
+    """
+    subject = f"$JS.API.STREAM.INFO.{ranges_stream(job)}"
+    subjects: dict[str, int] = {}
+    while True:
+        request = {"subjects_filter": ">", "offset": len(subjects)}
+        # nats-py has no public call for a page; _api_request maps API errors.
+        resp = await js._api_request(subject, json.dumps(request).encode(), timeout=js._timeout)
+        page = (resp.get("state") or {}).get("subjects") or {}
+        subjects.update(page)
+        if not page or len(subjects) >= int(resp.get("total") or 0):
+            return subjects
 
 
 async def put_status(js: Any, job: str, payload: bytes) -> None:
