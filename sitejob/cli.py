@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
-import inspect
 import json
 import os
 import secrets
@@ -236,18 +234,27 @@ def cmd_list(a: argparse.Namespace) -> int:
 def cmd_gather(a: argparse.Namespace) -> int:
     site = load_site(a.config)
     output = check_directory(a.output, "--output")
-    # Loaded here: the gather is its own module, needed only by this command.
-    run_gather: Any = importlib.import_module("sitejob.gather").run_gather
+    from sitejob.gather import run_gather  # its own module, needed only by this command
 
     tty = sys.stderr.isatty()
+    shown = [0.0]
 
-    def progress(info: Any) -> None:
-        if tty:
-            sys.stderr.write(f"\r  {info} ")
-            sys.stderr.flush()
+    def progress(info: dict[str, Any]) -> None:
+        # A line that rewrites itself on a terminal; one line every 30 s in a log.
+        now = time.monotonic()
+        if not tty and now - shown[0] < 30:
+            return
+        shown[0] = now
+        ranges = info.get("ranges", {})
+        line = (
+            f"  {info.get('events_committed', 0)}/{info.get('events_planned', '?')} events"
+            f" committed, {ranges.get('retrying', 0)} ranges retrying,"
+            f" {ranges.get('abandoned', 0)} abandoned"
+        )
+        sys.stderr.write(f"\r{line} " if tty else line + "\n")
+        sys.stderr.flush()
 
-    result = run_gather(site, a.id, output, progress=progress)
-    report = asyncio.run(result) if inspect.iscoroutine(result) else result
+    report = run_gather(site, a.id, output, progress=progress)
     if tty:
         sys.stderr.write("\n")
     if a.json:
@@ -258,7 +265,7 @@ def cmd_gather(a: argparse.Namespace) -> int:
             + ("complete" if report.complete else f"{len(report.abandoned)} ranges abandoned")
             + f" -> {output}"
         )
-    return 0 if report.complete else 1
+    return 0 if report.complete and not report.abandoned else 1
 
 
 # -- swarm site-broker ---------------------------------------------------------------

@@ -121,9 +121,7 @@ async def create_job(js: Any, record: JobRecord) -> None:
                 durable_name=WORKERS,
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=record.ack_wait,
-                # Crashes of whole nodes: failures the node reports are retried
-                # by the gather's ledger (a new generation), not redelivered.
-                max_deliver=record.max_attempts + 2,
+                max_deliver=max_deliver(record.max_attempts),
                 max_ack_pending=-1,
             ),
         )
@@ -214,6 +212,17 @@ async def remove_job_data(js: Any, job: str) -> None:
         pass
     except Exception as exc:
         raise SiteJobError(f"site job {job}: cannot delete its objects: {_why(exc)}") from None
+
+
+def max_deliver(max_attempts: int) -> int:
+    """Deliveries of one range message before the server gives up on it.
+
+    They count crashes of whole nodes (failures a node reports are retried by
+    the gather's ledger with a new generation, not redelivered) and
+    hand-backs (a nak at a lease's end or a node's stop), hence the room
+    above ``max_attempts``.
+    """
+    return 2 * max_attempts + 4
 
 
 def range_of(record: JobRecord, task: int, generation: int = 0) -> RangeMsg:

@@ -4,7 +4,6 @@ exit statuses ``swarm --help`` documents."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -188,10 +187,6 @@ def test_site_broker_runs_until_sigterm_with_a_private_token(tmp_path: Path) -> 
     one_line_error(r, 2, "--token-file", "no token")
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("sitejob.gather") is None,
-    reason="sitejob/gather.py is written on another branch (the lead enables this at merge)",
-)
 def test_gather_of_an_unknown_job_is_one_line(broker: Broker, tmp_path: Path) -> None:
     _server, cfg = broker
     assert cfg.token_file is not None

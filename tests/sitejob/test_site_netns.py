@@ -5,7 +5,6 @@ and restart. (The site-job e2e tests build on this harness.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -86,10 +85,6 @@ def test_a_restarted_broker_is_listening_when_start_broker_returns(tmp_path: Pat
             assert site.broker_host.run(["bash", "-c", probe]).returncode == 0
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("sitejob.gather") is None,
-    reason="sitejob/gather.py is written on another branch (the lead enables this at merge)",
-)
 def test_the_harness_kills_and_restarts_a_gather(tmp_path: Path) -> None:
     spec = tmp_path / "job.toml"
     spec.write_text(spec_text("mc", max_events=20))
