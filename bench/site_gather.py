@@ -193,7 +193,7 @@ def bench_gather(tmp: Path, *, ranges: int = 5000, latency_ranges: int = 200) ->
     """Both measures (see the module docstring) with a broker in ``tmp``.
 
     Raises:
-        sitejob.natsd.BrokerError: no nats-server, or it did not start.
+        sitejob.exceptions.BrokerError: no nats-server, or it did not start.
         RuntimeError: a gather did not complete.
     """
     token = secrets.token_hex(16)

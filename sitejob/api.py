@@ -32,8 +32,7 @@ from sitejob.control import (
     RANGE_STATES,
     SiteControl,
 )
-from sitejob.natsd import BrokerError
-from sitejob.store import SiteJobError, UnknownSiteJob
+from sitejob.exceptions import BrokerError, SiteJobError, UnknownSiteJob
 from swarm.exceptions import ConfigError
 
 _CONTROL: web.AppKey[SiteControl] = web.AppKey("sitejob.control", SiteControl)

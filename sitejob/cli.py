@@ -39,7 +39,8 @@ from runner.exceptions import JobSpecError
 from runner.spec import MAX_EVENTS, MAX_SPEC_BYTES
 from sitejob import control
 from sitejob.config import SiteConfig, connect, site_config
-from sitejob.natsd import BrokerError, NatsServer
+from sitejob.exceptions import BrokerError
+from sitejob.natsd import NatsServer
 from sitejob.protocol import JobRecord
 from sitejob.store import PUBLISH_WINDOW
 from swarm.address import Address, AddressError

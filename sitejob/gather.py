@@ -64,6 +64,7 @@ from runner.scatter import Plan, TaskSet
 from runner.workdir import fsync_dir, gather_output, open_journal
 from sitejob import store
 from sitejob.config import SiteConfig, connect
+from sitejob.exceptions import GatherBusy, GatherError, ProtocolError, SiteJobError
 from sitejob.ledger import (
     Decision,
     LedgerReplay,
@@ -76,7 +77,6 @@ from sitejob.ledger import (
 from sitejob.protocol import (
     GATHER,
     JobRecord,
-    ProtocolError,
     ResultMsg,
     beat_subject,
     dead_stream,
@@ -91,7 +91,6 @@ from sitejob.protocol import (
     ranges_stream,
     results_stream,
 )
-from sitejob.store import SiteJobError
 
 if TYPE_CHECKING:
     from _typeshed import ReadableBuffer
@@ -109,14 +108,6 @@ OBJECT_RATE = 16 * 1024 * 1024  # bytes/s an object get must reach (beside the r
 OBJECT_GETS = 4  # object-store downloads of one batch at once
 FINISH_TRIES = 20  # attempts to tell the broker a job is complete (x RETRY_PAUSE apart)
 RIVAL_QUIET = 10.0  # another gather whose status is younger than this is alive
-
-
-class GatherError(SiteJobError):
-    """The gather cannot run or finish (one line: what and why)."""
-
-
-class GatherBusy(GatherError):
-    """Another gather owns the output directory or gathers the job."""
 
 
 @dataclass
@@ -1012,9 +1003,9 @@ async def gather_job(
         GatherBusy: another gather holds ``output`` or gathers the job elsewhere.
         GatherError: ``output`` belongs to another job or plan, cannot be
             written, or the job's streams are gone before it was complete.
-        sitejob.store.UnknownSiteJob: no such job.
-        sitejob.store.SiteJobError: its record is unreadable.
-        sitejob.natsd.BrokerError: the broker cannot be reached at start.
+        sitejob.exceptions.UnknownSiteJob: no such job.
+        sitejob.exceptions.SiteJobError: its record is unreadable.
+        sitejob.exceptions.BrokerError: the broker cannot be reached at start.
         swarm.exceptions.ConfigError: the token or credentials cannot be read.
     """
     problem = job_id_problem(job)

@@ -65,13 +65,13 @@ from runner.node_run import RunReport, run_job
 from runner.spec import JobSpec, decode_spec, parse_spec
 from runner.stop import StopRequest
 from sitejob.config import SiteConfig
+from sitejob.exceptions import ProtocolError, SiteJobError
 from sitejob.protocol import (
     INLINE_MAX,
     MAX_REASON,
     WORKERS,
     BeatMsg,
     JobRecord,
-    ProtocolError,
     RangeMsg,
     ResultMsg,
     beat_subject,
@@ -82,7 +82,7 @@ from sitejob.protocol import (
     ranges_stream,
     result_subject,
 )
-from sitejob.store import SiteJobError, get_status, job_ids, load_job
+from sitejob.store import get_status, job_ids, load_job
 from swarm.status import RangeReport, SiteReport
 
 log = logging.getLogger("sitejob.worker")

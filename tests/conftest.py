@@ -37,7 +37,8 @@ def _nginx_missing() -> str | None:
 
 
 def _nats_missing() -> str | None:
-    from sitejob.natsd import BrokerError, find_nats_server
+    from sitejob.exceptions import BrokerError
+    from sitejob.natsd import find_nats_server
 
     try:
         find_nats_server()

@@ -16,10 +16,10 @@ import pytest
 from runner.exceptions import JobSpecError
 from sitejob import control, store
 from sitejob.config import SiteConfig, connect
-from sitejob.control import NotConnected, SiteControl, new_job_id, plan_job, summarize
-from sitejob.natsd import BrokerError, NatsServer
+from sitejob.control import SiteControl, new_job_id, plan_job, summarize
+from sitejob.exceptions import BrokerError, NotConnected, UnknownSiteJob
+from sitejob.natsd import NatsServer
 from sitejob.protocol import WORKERS, decode_range, ranges_stream, results_stream
-from sitejob.store import UnknownSiteJob
 from swarm.exceptions import ConfigError
 
 T = TypeVar("T")

@@ -28,7 +28,8 @@ import pytest
 from runner.scatter import replay_journal
 from sitejob import store
 from sitejob.config import SiteConfig, connect
-from sitejob.gather import GatherBusy, GatherReport, gather_job
+from sitejob.exceptions import GatherBusy
+from sitejob.gather import GatherReport, gather_job
 from sitejob.natsd import NatsServer
 from sitejob.protocol import (
     WORKERS,
