@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import io
 import json
@@ -60,19 +59,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from runner.exceptions import JournalError
-from runner.scatter import Plan, TaskSet
-from runner.workdir import fsync_dir, gather_output, open_journal
+from runner.scatter import Plan
 from sitejob import store
 from sitejob.config import SiteConfig, connect
 from sitejob.exceptions import GatherBusy, GatherError, ProtocolError, SiteJobError
+from sitejob.gather_dir import DirLock, GatherDir, Staged, open_gather_dir
 from sitejob.ledger import (
     Decision,
-    LedgerReplay,
     RangeLedger,
     Verdict,
     journal_commit_line,
-    nodes_from_journal,
-    replay_ledger,
 )
 from sitejob.protocol import (
     GATHER,
@@ -152,137 +148,6 @@ class GatherReport:
         }
 
 
-class _DirLock:
-    """``flock`` on ``DIR/.lock``, dropped by the kernel when its holder dies."""
-
-    def __init__(self, output: Path) -> None:
-        self.path = output / ".lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise GatherBusy(
-                f"{self.path.parent} is in use by another gather (pid {holder})"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
-class _Staged:
-    """A verified output waiting to be committed."""
-
-    task: int
-    node: str
-    generation: int
-    tmp: str
-    data: bytes | None  # inline output still to write to ``tmp``; None: written
-    object: str | None
-
-
-class _GatherDir:
-    """``DIR``'s files (blocking: called in a worker thread, one call at a time)."""
-
-    def __init__(self, output: Path, plan: Plan) -> None:
-        self.output = output
-        self.tasks = output / "tasks"
-        self.tasks.mkdir(parents=True, exist_ok=True)
-        for stale in self.tasks.glob("*.tmp"):  # a dead gather's: never committed
-            stale.unlink()
-        journal_plan, self.committed = open_journal(output, plan)
-        if journal_plan != plan:
-            raise GatherError(
-                f"{output} holds a journal of job {plan.job} with another plan "
-                f"({journal_plan.to_json()})"
-            )
-        self.plan = plan
-        with open(output / "journal.jsonl", encoding="utf-8", errors="replace") as f:
-            self.nodes = nodes_from_journal(f)
-        ledger = output / "ledger.jsonl"
-        if ledger.exists():
-            with open(ledger, "rb") as fb:
-                self.history = replay_ledger(fb, plan)
-            if ledger.stat().st_size != self.history.good_bytes:
-                os.truncate(ledger, self.history.good_bytes)  # a torn last line
-        else:
-            self.history = LedgerReplay()
-        self.ledger = open(ledger, "ab")  # noqa: SIM115 (closed in close)
-        fsync_dir(output)
-        self.journal = open(output / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-
-    def commit(
-        self, staged: list[_Staged], ledger_lines: list[str], journal_lines: list[str]
-    ) -> None:
-        """Outputs into place and durable, then the ledger lines, then the journal lines."""
-        fds = []
-        try:
-            for s in staged:
-                if s.data is not None:
-                    fd = os.open(s.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                    try:
-                        _write_all(fd, s.data)
-                    finally:
-                        os.close(fd)
-                final = f"{self.tasks}/{s.task:06d}.out"
-                os.replace(s.tmp, final)
-                fds.append(os.open(final, os.O_RDONLY | os.O_CLOEXEC))
-            for fd in fds:
-                os.fsync(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if staged:
-            fsync_dir(self.tasks)
-        if ledger_lines:
-            self.append_ledger(ledger_lines)
-        if journal_lines:
-            self.journal.write("".join(journal_lines))
-            self.journal.flush()
-            os.fsync(self.journal.fileno())
-
-    def append_ledger(self, lines: list[str]) -> None:
-        self.ledger.write("".join(lines).encode())
-        self.ledger.flush()
-        os.fsync(self.ledger.fileno())
-
-    def finish(self, committed: TaskSet, report: dict[str, Any]) -> Path:
-        """``events.out`` and ``report.json`` (each temporary file, fsync, rename)."""
-        out = gather_output(self.output, self.plan, committed)
-        tmp = self.output / "report.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.output / "report.json")
-        fsync_dir(self.output)
-        return out
-
-    def close(self) -> None:
-        self.ledger.close()
-        self.journal.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 class _TooLong(Exception):
     """An object longer than its result says."""
 
@@ -353,7 +218,7 @@ class _Gather:
         cfg: SiteConfig,
         nc: Any,
         record: JobRecord,
-        files: _GatherDir,
+        files: GatherDir,
         output: Path,
         progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
@@ -531,10 +396,10 @@ class _Gather:
             if res.object is not None:
                 used.append(res.object)
 
-        staged: list[_Staged] = []
+        staged: list[Staged] = []
         outcomes = await asyncio.gather(*(self.verify(res) for _, res in accepted))
         for (msg, res), outcome in zip(accepted, outcomes, strict=True):
-            if isinstance(outcome, _Staged):
+            if isinstance(outcome, Staged):
                 staged.append(outcome)
                 acks.append((msg, "ack"))
             elif isinstance(outcome, _Refused):
@@ -585,7 +450,7 @@ class _Gather:
         for name in used:
             await self.delete_object(name)
 
-    async def verify(self, res: ResultMsg) -> _Staged | _Refused | None:
+    async def verify(self, res: ResultMsg) -> Staged | _Refused | None:
         """Check the output of an accepted result against its size and SHA-256.
 
         Returns the staged output, the refusal, or None when the broker did
@@ -601,12 +466,12 @@ class _Gather:
                 return _Refused("size mismatch", f"{len(data)} bytes, {res.size} reported")
             if hashlib.sha256(data).hexdigest() != res.sha256:
                 return _Refused("sha256 mismatch", "the output's SHA-256 is not the one reported")
-            return _Staged(res.task, res.node, res.generation, tmp, data, None)
+            return Staged(res.task, res.node, res.generation, tmp, data, None)
         assert res.object is not None
         async with self.gets:
             return await self.fetch_object(res, tmp)
 
-    async def fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
+    async def fetch_object(self, res: ResultMsg, tmp: str) -> Staged | _Refused | None:
         """Download the object of ``res`` into ``tmp``, hashing it on the way
         (anything but a good output leaves no ``tmp`` behind).
 
@@ -614,12 +479,12 @@ class _Gather:
             GatherError: ``tmp`` cannot be written (the disk, not the result).
         """
         outcome = await self._fetch_object(res, tmp)
-        if not isinstance(outcome, _Staged):
+        if not isinstance(outcome, Staged):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         return outcome
 
-    async def _fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
+    async def _fetch_object(self, res: ResultMsg, tmp: str) -> Staged | _Refused | None:
         from nats.js.errors import DigestMismatchError, ObjectNotFoundError
 
         assert res.object is not None
@@ -668,7 +533,7 @@ class _Gather:
             return _Refused(
                 "sha256 mismatch", f"object {res.object}'s SHA-256 is not the one reported"
             )
-        return _Staged(res.task, res.node, res.generation, tmp, None, res.object)
+        return Staged(res.task, res.node, res.generation, tmp, None, res.object)
 
     async def delete_object(self, name: str) -> None:
         if self.objects is None:
@@ -973,18 +838,6 @@ class _Gather:
         )
 
 
-async def _open_dir(output: Path, plan: Plan) -> _GatherDir:
-    """:class:`_GatherDir` built in a thread; cancelled meanwhile, it is closed
-    once the thread is done (the thread cannot be stopped)."""
-    opening = asyncio.ensure_future(asyncio.to_thread(_GatherDir, output, plan))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            (await opening).close()
-        raise
-
-
 async def gather_job(
     cfg: SiteConfig,
     job: str,
@@ -1016,7 +869,7 @@ async def gather_job(
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GatherError(f"cannot create {output}: {exc.strerror}") from None
-    lock = _DirLock(output)
+    lock = DirLock(output)
     lock.acquire()
     try:
         nc = await connect(cfg, name=f"swarm-gather-{job}")
@@ -1025,7 +878,7 @@ async def gather_job(
             record = await store.load_job(js, job)
             plan = Plan(job, record.first_event, record.events, record.events_per_task)
             try:
-                files = await _open_dir(output, plan)
+                files = await open_gather_dir(output, plan)
             except JournalError as exc:
                 raise GatherError(f"{output}: {exc}") from None
             except OSError as exc:
