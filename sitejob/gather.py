@@ -53,10 +53,10 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from runner.exceptions import JournalError
 from runner.scatter import Plan
@@ -64,9 +64,9 @@ from sitejob import store
 from sitejob.config import SiteConfig, connect
 from sitejob.exceptions import GatherBusy, GatherError, ProtocolError, SiteJobError
 from sitejob.gather_dir import DirLock, GatherDir, Staged, open_gather_dir
+from sitejob.gather_session import FETCH_WAIT, RETRY_PAUSE, GatherSession
 from sitejob.ledger import (
     Decision,
-    RangeLedger,
     Verdict,
     journal_commit_line,
 )
@@ -82,7 +82,6 @@ from sitejob.protocol import (
     inline_bytes,
     job_id_problem,
     output_bucket,
-    range_subject,
     range_task,
     ranges_stream,
     results_stream,
@@ -93,12 +92,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sitejob.gather")
 
-T = TypeVar("T")
-
 FETCH_BATCH = 256  # results fetched (and committed as one group) at once
-FETCH_WAIT = 1.0  # seconds a fetch waits for messages: an idle gather wakes this often
 DRAIN_WAIT = 0.5  # seconds a fetch of results known to be ready may take
-RETRY_PAUSE = 0.5  # seconds between attempts while the broker is away
 STATUS_INTERVAL = 1.0  # seconds between status reports
 OBJECT_RATE = 16 * 1024 * 1024  # bytes/s an object get must reach (beside the request timeout)
 OBJECT_GETS = 4  # object-store downloads of one batch at once
@@ -210,7 +205,7 @@ def _honour_cancellation() -> None:
         raise asyncio.CancelledError
 
 
-class _Gather:
+class _Gather(GatherSession):
     """One run of the gather over a connected client; see the module docstring."""
 
     def __init__(
@@ -222,94 +217,11 @@ class _Gather:
         output: Path,
         progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
-        self.cfg = cfg
-        self.nc = nc
-        self.js = nc.jetstream(timeout=cfg.request_timeout)
-        self.record = record
-        self.job = record.id
-        self.files = files
-        self.output = output
+        super().__init__(cfg, nc, record, files, output)
         self.progress = progress
-        self.t0 = time.monotonic()
-        self.ledger = RangeLedger(
-            files.plan,
-            ack_wait=record.ack_wait,
-            max_attempts=record.max_attempts,
-            started=self.t0,
-            committed=files.committed,
-            history=files.history,
-            nodes=files.nodes,
-        )
-        self.closing = asyncio.Event()
-        self.done = asyncio.Event()
-        self.ledger_lock = asyncio.Lock()  # one writer of ledger.jsonl at a time
         self.live: dict[str, int] = {}  # ready/running from the workers consumer
-        self.warned: dict[str, float] = {}
         self.gets = asyncio.Semaphore(OBJECT_GETS)
         self.objects: Any = None
-
-    # --- small tools
-    async def call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """``aw`` with a deadline (the request timeout by default).
-
-        Raises:
-            TimeoutError: no answer in time (the message names ``what``).
-        """
-        limit = timeout or self.cfg.request_timeout
-        try:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a
-            # cancellation that arrives as the awaited call completes.
-            async with asyncio.timeout(limit):
-                return await aw
-        except TimeoutError:
-            raise TimeoutError(f"{what}: the broker did not answer in {limit:g} s") from None
-
-    def warn(self, key: str, text: str, *args: object) -> None:
-        """Log a broker trouble once per ``key`` every 30 s (it may last)."""
-        now = time.monotonic()
-        if now - self.warned.get(key, -1e9) >= 30:
-            self.warned[key] = now
-            log.warning(text, *args)
-
-    def refused(self, kind: str, text: str, *args: object) -> None:
-        n = self.ledger.refused[kind]
-        if n <= 20 or n & (n - 1) == 0:  # a flood is counted, not logged line by line
-            log.warning("refused (%s, #%d): " + text, kind, n, *args)
-
-    async def pause(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.closing.wait(), seconds)
-
-    async def write_ledger(self, lines: list[str]) -> None:
-        async with self.ledger_lock:
-            await asyncio.to_thread(self.files.append_ledger, lines)
-
-    async def publish(self, tasks: list[tuple[int, int]]) -> None:
-        """Publish ranges (their ledger lines are durable); a failure is left
-        to the reconciler (they are neither in the stream nor heard of)."""
-        if not tasks:
-            return
-        try:
-            await self.call("publish", store.publish_ranges(self.js, self.record, tasks), 30)
-        except (TimeoutError, SiteJobError) as exc:
-            self.warn(
-                "publish",
-                "publishing %d range(s) failed (the reconciler will): %s",
-                len(tasks),
-                exc,
-            )
-
-    async def purge(self, task: int) -> None:
-        """Remove every message of range ``task`` from the ranges stream (abandoned)."""
-        try:
-            await self.call(
-                "purge",
-                self.js.purge_stream(
-                    ranges_stream(self.job), subject=range_subject(self.job, task)
-                ),
-            )
-        except Exception as exc:
-            self.warn("purge", "cannot purge range %d from the stream: %s", task, exc)
 
     # --- results
     async def results_loop(self) -> None:
@@ -615,17 +527,6 @@ class _Gather:
                 await self.settle(msg, "ack")
             if self.ledger.finished:
                 self.done.set()
-
-    async def settle(self, msg: Any, kind: str) -> None:
-        try:
-            if kind == "ack":
-                await msg.ack()
-            elif kind == "term":
-                await msg.term()
-            else:
-                await msg.nak(delay=RETRY_PAUSE)
-        except Exception as exc:
-            self.warn("ack", "acking failed: %s", exc or type(exc).__name__)
 
     # --- reconciler
     async def reconcile_loop(self) -> None:
