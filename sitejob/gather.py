@@ -45,8 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import io
 import json
 import logging
 import os
@@ -64,6 +62,7 @@ from sitejob import store
 from sitejob.config import SiteConfig, connect
 from sitejob.exceptions import GatherBusy, GatherError, ProtocolError, SiteJobError
 from sitejob.gather_dir import DirLock, GatherDir, Staged, open_gather_dir
+from sitejob.gather_outputs import OutputFetcher, Refused
 from sitejob.gather_session import FETCH_WAIT, RETRY_PAUSE, GatherSession
 from sitejob.ledger import (
     Decision,
@@ -79,24 +78,20 @@ from sitejob.protocol import (
     decode_beat,
     decode_max_deliveries,
     decode_result,
-    inline_bytes,
     job_id_problem,
-    output_bucket,
     range_task,
     ranges_stream,
     results_stream,
 )
 
 if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+    pass
 
 log = logging.getLogger("sitejob.gather")
 
 FETCH_BATCH = 256  # results fetched (and committed as one group) at once
 DRAIN_WAIT = 0.5  # seconds a fetch of results known to be ready may take
 STATUS_INTERVAL = 1.0  # seconds between status reports
-OBJECT_RATE = 16 * 1024 * 1024  # bytes/s an object get must reach (beside the request timeout)
-OBJECT_GETS = 4  # object-store downloads of one batch at once
 FINISH_TRIES = 20  # attempts to tell the broker a job is complete (x RETRY_PAUSE apart)
 RIVAL_QUIET = 10.0  # another gather whose status is younger than this is alive
 
@@ -143,47 +138,6 @@ class GatherReport:
         }
 
 
-class _TooLong(Exception):
-    """An object longer than its result says."""
-
-
-class _HashingFile(io.BufferedIOBase):
-    """Where an object-store get writes: hashes and counts as it writes, and
-    refuses more than ``limit`` bytes (an object bigger than it claims)."""
-
-    def __init__(self, path: str, limit: int) -> None:
-        super().__init__()
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by close)
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.limit = limit
-        self.error: OSError | None = None
-
-    def write(self, data: ReadableBuffer) -> int:
-        chunk = bytes(data)
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise _TooLong(f"object longer than the {self.limit} bytes reported")
-        self.sha.update(chunk)
-        try:
-            return self.file.write(chunk)
-        except OSError as exc:
-            self.error = exc  # the disk's fault, not the object's
-            raise
-
-    def close(self) -> None:
-        self.file.close()
-        super().close()
-
-
-class _Refused(Exception):
-    """An output that does not match its result: ``kind`` for the counters."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
 def _refusal_kind(data: bytes, job: str) -> str:
     """Why a result that the plan refused was refused, as a counter name."""
     try:
@@ -220,8 +174,7 @@ class _Gather(GatherSession):
         super().__init__(cfg, nc, record, files, output)
         self.progress = progress
         self.live: dict[str, int] = {}  # ready/running from the workers consumer
-        self.gets = asyncio.Semaphore(OBJECT_GETS)
-        self.objects: Any = None
+        self.outputs = OutputFetcher(self)
 
     # --- results
     async def results_loop(self) -> None:
@@ -309,12 +262,12 @@ class _Gather(GatherSession):
                 used.append(res.object)
 
         staged: list[Staged] = []
-        outcomes = await asyncio.gather(*(self.verify(res) for _, res in accepted))
+        outcomes = await asyncio.gather(*(self.outputs.verify(res) for _, res in accepted))
         for (msg, res), outcome in zip(accepted, outcomes, strict=True):
             if isinstance(outcome, Staged):
                 staged.append(outcome)
                 acks.append((msg, "ack"))
-            elif isinstance(outcome, _Refused):
+            elif isinstance(outcome, Refused):
                 d = self.ledger.output_refused(
                     res.task, res.generation, outcome.kind, str(outcome), now
                 )
@@ -360,98 +313,7 @@ class _Gather(GatherSession):
         for task in purge:
             await self.purge(task)
         for name in used:
-            await self.delete_object(name)
-
-    async def verify(self, res: ResultMsg) -> Staged | _Refused | None:
-        """Check the output of an accepted result against its size and SHA-256.
-
-        Returns the staged output, the refusal, or None when the broker did
-        not answer in time (the result is redelivered).
-        """
-        tmp = f"{self.files.tasks}/{res.task:06d}.{os.getpid()}.tmp"
-        if res.inline is not None:
-            try:
-                data = inline_bytes(res)
-            except ProtocolError as exc:
-                return _Refused("malformed", str(exc))
-            if len(data) != res.size:
-                return _Refused("size mismatch", f"{len(data)} bytes, {res.size} reported")
-            if hashlib.sha256(data).hexdigest() != res.sha256:
-                return _Refused("sha256 mismatch", "the output's SHA-256 is not the one reported")
-            return Staged(res.task, res.node, res.generation, tmp, data, None)
-        assert res.object is not None
-        async with self.gets:
-            return await self.fetch_object(res, tmp)
-
-    async def fetch_object(self, res: ResultMsg, tmp: str) -> Staged | _Refused | None:
-        """Download the object of ``res`` into ``tmp``, hashing it on the way
-        (anything but a good output leaves no ``tmp`` behind).
-
-        Raises:
-            GatherError: ``tmp`` cannot be written (the disk, not the result).
-        """
-        outcome = await self._fetch_object(res, tmp)
-        if not isinstance(outcome, Staged):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return outcome
-
-    async def _fetch_object(self, res: ResultMsg, tmp: str) -> Staged | _Refused | None:
-        from nats.js.errors import DigestMismatchError, ObjectNotFoundError
-
-        assert res.object is not None
-        try:
-            if self.objects is None:
-                self.objects = await self.call(
-                    "object store", self.js.object_store(output_bucket(self.job))
-                )
-            info = await self.call("object info", self.objects.get_info(res.object))
-        except ObjectNotFoundError:
-            return _Refused(
-                "unknown object", f"no object {res.object} in {output_bucket(self.job)}"
-            )
-        except Exception as exc:
-            self.warn("object", "cannot reach object %s (retrying later): %s", res.object, exc)
-            return None
-        if info.size != res.size:
-            return _Refused(
-                "size mismatch", f"object {res.object} of {info.size} bytes, {res.size} reported"
-            )
-        try:
-            sink = await asyncio.to_thread(_HashingFile, tmp, res.size)
-        except OSError as exc:
-            raise GatherError(f"cannot write {tmp}: {exc.strerror}") from None
-        try:
-            deadline = self.cfg.request_timeout + res.size / OBJECT_RATE
-            await self.call("object get", self.objects.get(res.object, writeinto=sink), deadline)
-        except ObjectNotFoundError:
-            return _Refused("unknown object", f"object {res.object} went away")
-        except DigestMismatchError:
-            return _Refused("sha256 mismatch", f"object {res.object} does not match its own digest")
-        except _TooLong as exc:
-            return _Refused("size mismatch", str(exc))
-        except Exception as exc:
-            if sink.error is not None:
-                raise GatherError(f"cannot write {tmp}: {sink.error.strerror}") from None
-            self.warn("object", "cannot fetch object %s (retrying later): %s", res.object, exc)
-            return None
-        finally:
-            sink.close()
-        if sink.size != res.size:
-            return _Refused(
-                "size mismatch", f"object {res.object}: {sink.size} bytes, {res.size} reported"
-            )
-        if sink.sha.hexdigest() != res.sha256:
-            return _Refused(
-                "sha256 mismatch", f"object {res.object}'s SHA-256 is not the one reported"
-            )
-        return Staged(res.task, res.node, res.generation, tmp, None, res.object)
-
-    async def delete_object(self, name: str) -> None:
-        if self.objects is None:
-            return
-        with contextlib.suppress(Exception):  # left over: removed with the store at the end
-            await self.call("object delete", self.objects.delete(name))
+            await self.outputs.delete_object(name)
 
     # --- heartbeats
     async def on_beat(self, msg: Any) -> None:
