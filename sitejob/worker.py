@@ -12,7 +12,8 @@ and only when
 * the range fits the lease: ``estimate x 1.2 <= time left - end reserve``,
   the estimate being this node's smoothed wall seconds per event of this job
   times the range's events, or before any measurement
-  ``cpu_work_per_event / power_per_core`` per event.
+  ``cpu_work_per_event / power_per_core`` per event (the rule and the pace:
+  the pure ``sitejob/pacing.py``).
 
 A range runs exactly like a node task: :func:`runner.node_run.run_job` with
 one task of the range's events on one core, confined as the node's jobs are
@@ -27,7 +28,8 @@ Invariants (the order is what makes a node's death cost at most a re-run):
 * a result is published with the message id ``<job>.<task>.<node>.<seq>``
   and stored (PubAck) *before* its range is acked: a node dying in between
   leaves the range to be redelivered, never a range acked without a result;
-* an output above ``INLINE_MAX`` is in the object store before its result;
+* an output above ``INLINE_MAX`` is in the object store before its result
+  (both carried out by :class:`sitejob.range_report.RangeReporter`);
 * a range that cannot finish before the lease ends (less the end reserve),
   or is still running when the daemon stops after the runner's grace, is cut
   and ``nak``-ed: redelivered at once to another node, not reported;
@@ -62,6 +64,7 @@ from runner.exceptions import JobSpecError, RunnerError, TaskError
 from runner.lease import Lease
 from runner.node_run import RunReport, run_job
 from runner.spec import JobSpec, decode_spec, parse_spec
+from sitejob import pacing
 from sitejob.config import SiteConfig
 from sitejob.exceptions import ProtocolError, SiteJobError
 from sitejob.protocol import (
@@ -82,8 +85,6 @@ from swarm.status import RangeReport, SiteReport
 
 log = logging.getLogger("sitejob.worker")
 
-MARGIN = 1.2  # an estimate x this must fit before the lease's end (less the reserve)
-_EWMA = 0.3  # weight of the newest range in this node's pace of a job
 NODE_FAULT_DELAY = 10.0  # seconds before a range this node could not run is redelivered
 _MAX_REFUSAL_KINDS = 32  # distinct refusal reasons counted; the rest go under "other"
 
@@ -211,17 +212,16 @@ class SiteWorker:
         return self._lease.at(self._lease.now + (now - self._lease_read))
 
     def _per_event(self, job: _Job, lease: Lease) -> float:
-        measured = self.pace.get(job.record.id)
-        if measured is not None:
-            return measured
-        return job.spec.cpu_work_per_event / lease.power_per_core
+        return pacing.per_event(
+            self.pace.get(job.record.id), job.spec.cpu_work_per_event, lease.power_per_core
+        )
 
     def _usable(self, lease: Lease) -> float:
         """Seconds from now until ranges must be done."""
-        return lease.time_left - end_reserve(lease.time_left, self.reserve_floor)
+        return pacing.usable(lease.time_left, self.reserve_floor)
 
     def _fits(self, job: _Job, lease: Lease, count: int) -> bool:
-        return self._per_event(job, lease) * count * MARGIN <= self._usable(lease)
+        return pacing.fits(self._per_event(job, lease), count, self._usable(lease))
 
     # --- the job list
     async def _refresh_jobs(self) -> None:
@@ -587,8 +587,7 @@ class SiteWorker:
         if await self.reporter.report(r, result):
             self.counters.reported += 1
             per_event = (self.clock() - r.started) / r.msg.count
-            was = self.pace.get(r.job)
-            self.pace[r.job] = per_event if was is None else (1 - _EWMA) * was + _EWMA * per_event
+            self.pace[r.job] = pacing.smoothed(self.pace.get(r.job), per_event)
 
     # --- stopping
     async def stop(self, grace: float | None = None) -> None:
