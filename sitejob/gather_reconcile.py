@@ -28,7 +28,7 @@ from typing import Any
 
 from sitejob import store
 from sitejob.exceptions import GatherError, ProtocolError
-from sitejob.gather_session import FETCH_WAIT, RETRY_PAUSE, GatherSession
+from sitejob.gather_session import FETCH_WAIT, GatherConsumer, GatherSession
 from sitejob.protocol import (
     GATHER,
     dead_stream,
@@ -61,22 +61,14 @@ class Reconciler:
     async def dead_loop(self) -> None:
         from nats.js.errors import NotFoundError
 
-        sub: Any = None
+        async def fetch(sub: Any) -> list[Any]:
+            msgs: list[Any] = await sub.fetch(16, timeout=FETCH_WAIT)
+            return msgs
+
+        advisories = GatherConsumer(self.s, dead_stream(self.s.job), fetch, "dead", "advisories")
         while not self.s.closing.is_set():
-            try:
-                if sub is None:
-                    sub = await self.s.call(
-                        "bind",
-                        self.s.js.pull_subscribe_bind(GATHER, stream=dead_stream(self.s.job)),
-                    )
-                msgs = await sub.fetch(16, timeout=FETCH_WAIT)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                self.s.warn(
-                    "dead", "fetching advisories failed (retrying): %s", exc or type(exc).__name__
-                )
-                await self.s.pause(RETRY_PAUSE)
+            msgs = await advisories.next_batch()
+            if msgs is None:
                 continue
             for msg in msgs:
                 try:

@@ -29,9 +29,9 @@ from typing import Any
 from sitejob.exceptions import GatherError, ProtocolError
 from sitejob.gather_dir import Staged
 from sitejob.gather_outputs import OutputFetcher, Refused
-from sitejob.gather_session import FETCH_WAIT, RETRY_PAUSE, GatherSession
+from sitejob.gather_session import FETCH_WAIT, GatherConsumer, GatherSession
 from sitejob.ledger import Decision, Verdict, journal_commit_line
-from sitejob.protocol import GATHER, ResultMsg, decode_result, results_stream
+from sitejob.protocol import ResultMsg, decode_result, results_stream
 
 log = logging.getLogger("sitejob.gather")
 
@@ -56,22 +56,12 @@ class ResultsLoop:
         self.outputs = OutputFetcher(session)
 
     async def results_loop(self) -> None:
-        sub: Any = None
+        results = GatherConsumer(
+            self.s, results_stream(self.s.job), self.fetch_batch, "fetch", "results"
+        )
         while not self.s.closing.is_set():
-            try:
-                if sub is None:
-                    sub = await self.s.call(
-                        "bind",
-                        self.s.js.pull_subscribe_bind(GATHER, stream=results_stream(self.s.job)),
-                    )
-                msgs = await self.fetch_batch(sub)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                self.s.warn(
-                    "fetch", "fetching results failed (retrying): %s", exc or type(exc).__name__
-                )
-                await self.s.pause(RETRY_PAUSE)
+            msgs = await results.next_batch()
+            if msgs is None:
                 continue
             await self.handle_batch(msgs)
             if self.s.ledger.finished:
@@ -178,16 +168,8 @@ class ResultsLoop:
             self.s.ledger.commit(s.task, s.node)
             if s.object is not None:
                 used.append(s.object)
-        for msg, kind in acks:
-            try:
-                if kind == "ack":
-                    await msg.ack()
-                elif kind == "term":
-                    await msg.term()
-                else:
-                    await msg.nak(delay=RETRY_PAUSE)
-            except Exception as exc:  # redelivered later: a duplicate then
-                self.s.warn("ack", "acking a result failed: %s", exc or type(exc).__name__)
+        for msg, kind in acks:  # one that fails is redelivered later: a duplicate then
+            await self.s.settle(msg, kind, "acking a result")
         await self.s.publish(publish)
         for task in purge:
             await self.s.purge(task)

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from sitejob.config import SiteConfig
 from sitejob.exceptions import SiteJobError
 from sitejob.gather_dir import GatherDir
 from sitejob.ledger import RangeLedger
-from sitejob.protocol import JobRecord, range_subject, ranges_stream
+from sitejob.protocol import GATHER, JobRecord, range_subject, ranges_stream
 
 log = logging.getLogger("sitejob.gather")
 
@@ -143,8 +143,9 @@ class GatherSession:
         except Exception as exc:
             self.warn("purge", "cannot purge range %d from the stream: %s", task, exc)
 
-    async def settle(self, msg: Any, kind: str) -> None:
-        """``ack``, ``term`` or ``nak`` ``msg``; a failure is logged (it is redelivered)."""
+    async def settle(self, msg: Any, kind: str, what: str = "acking") -> None:
+        """``ack``, ``term`` or ``nak`` ``msg``; a failure is logged as ``what``
+        failed (the message is redelivered)."""
         try:
             if kind == "ack":
                 await msg.ack()
@@ -153,4 +154,47 @@ class GatherSession:
             else:
                 await msg.nak(delay=RETRY_PAUSE)
         except Exception as exc:
-            self.warn("ack", "acking failed: %s", exc or type(exc).__name__)
+            self.warn("ack", f"{what} failed: %s", exc or type(exc).__name__)
+
+
+class GatherConsumer:
+    """The ``gather`` consumer of one of the job's streams, bound on first use.
+
+    :meth:`next_batch` fetches with ``fetch(subscription)``; a broker failure
+    is logged under ``key`` (as fetching ``what``) and paused for.
+    """
+
+    def __init__(
+        self,
+        session: GatherSession,
+        stream: str,
+        fetch: Callable[[Any], Awaitable[list[Any]]],
+        key: str,
+        what: str,
+    ) -> None:
+        self.s = session
+        self.stream = stream
+        self.fetch = fetch
+        self.key = key
+        self.what = what
+        self.sub: Any = None
+
+    async def next_batch(self) -> list[Any] | None:
+        """The next messages, or None: nothing came in time, or the broker
+        failed (after :data:`RETRY_PAUSE`); the caller tries again."""
+        try:
+            if self.sub is None:
+                self.sub = await self.s.call(
+                    "bind", self.s.js.pull_subscribe_bind(GATHER, stream=self.stream)
+                )
+            return await self.fetch(self.sub)
+        except TimeoutError:
+            return None
+        except Exception as exc:
+            self.s.warn(
+                self.key,
+                f"fetching {self.what} failed (retrying): %s",
+                exc or type(exc).__name__,
+            )
+            await self.s.pause(RETRY_PAUSE)
+            return None
