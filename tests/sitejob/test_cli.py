@@ -18,9 +18,9 @@ import pytest
 
 from sitejob.config import SiteConfig
 from swarm.config import render_config
+from swarm_testing.broker import free_port
 from swarm_testing.waiting import eventually
 from tests.sitejob.broker_client import Broker
-from tests.sitejob.conftest import free_port
 from tests.sitejob.test_control import spec_text
 
 pytestmark = pytest.mark.nats

@@ -579,7 +579,7 @@ def test_the_node_daemon_runs_site_ranges(broker: Broker, open_dir: Path) -> Non
 def test_a_node_whose_broker_is_unreachable_starts_and_says_why(
     broker: Broker, open_dir: Path
 ) -> None:
-    from tests.sitejob.conftest import free_port
+    from swarm_testing.broker import free_port
 
     _server, site = broker
 
