@@ -142,6 +142,7 @@ class _Gather(GatherSession):
 
     # --- status
     def status(self) -> dict[str, Any]:
+        """The ledger's status, the workers consumer's counts, and who gathers."""
         st = self.ledger.status()
         st["ranges"].update(self.live)
         st["gather"] = {
@@ -156,6 +157,7 @@ class _Gather(GatherSession):
         await self.call("status", store.put_status(self.js, self.job, json.dumps(st).encode()))
 
     async def status_loop(self) -> None:
+        """Write the status to the KV (and ``progress``) about once a second."""
         from nats.js.api import ConsumerInfo
 
         while not self.closing.is_set():
@@ -197,6 +199,11 @@ class _Gather(GatherSession):
                 )
 
     async def run(self, stop: asyncio.Event | None) -> GatherReport:
+        """Run the loops until the job is finished or ``stop`` is set.
+
+        Raises:
+            As :func:`gather_job`.
+        """
         if self.ledger.finished:
             return await self.finish()
         await self.check_rival()
@@ -248,6 +255,12 @@ class _Gather(GatherSession):
         return self.report(st, stopped="stopped before the job was complete")
 
     async def finish(self) -> GatherReport:
+        """``events.out`` and ``report.json``, the complete status, the streams removed.
+
+        Raises:
+            GatherError: the directory cannot be written, or the broker cannot
+                be told the job is complete.
+        """
         st = self.status()
         report = self.report(st)
         try:

@@ -49,6 +49,7 @@ class Reconciler:
         self.s = session
 
     async def on_beat(self, msg: Any) -> None:
+        """A heartbeat: the range is alive (a malformed one is counted, refused)."""
         try:
             beat = decode_beat(msg.data)
         except ProtocolError as exc:
@@ -59,6 +60,11 @@ class Reconciler:
             self.s.ledger.heard_of(beat.task, time.monotonic())
 
     async def dead_loop(self) -> None:
+        """Abandon the ranges of max-deliveries advisories until the run closes.
+
+        Raises:
+            GatherError: the ledger cannot be written.
+        """
         from nats.js.errors import NotFoundError
 
         async def fetch(sub: Any) -> list[Any]:
@@ -116,6 +122,12 @@ class Reconciler:
                 self.s.done.set()
 
     async def reconcile_loop(self) -> None:
+        """Reconcile every ~ack_wait until the run closes.
+
+        Raises:
+            GatherError: the job's streams are gone before it is complete, or
+                the ledger cannot be written.
+        """
         from nats.js.errors import NotFoundError
 
         interval = min(max(self.s.record.ack_wait, 0.5), 60.0)

@@ -56,6 +56,12 @@ class ResultsLoop:
         self.outputs = OutputFetcher(session)
 
     async def results_loop(self) -> None:
+        """Fetch and handle batches until the run closes; sets ``done`` once
+        every range is committed or abandoned.
+
+        Raises:
+            GatherError: the directory cannot be written.
+        """
         results = GatherConsumer(
             self.s, results_stream(self.s.job), self.fetch_batch, "fetch", "results"
         )
@@ -89,6 +95,12 @@ class ResultsLoop:
         return msgs
 
     async def handle_batch(self, msgs: list[Any]) -> None:
+        """Decide, verify and commit ``msgs``, then settle each (see the module
+        docstring for the order).
+
+        Raises:
+            GatherError: the directory cannot be written (nothing is acked).
+        """
         now = time.monotonic()
         acks: list[tuple[Any, str]] = []  # (message, "ack" | "term" | "nak")
         lines: list[str] = []
