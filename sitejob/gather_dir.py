@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runner.pid_lock import take_pid_lock
 from runner.scatter import Plan, TaskSet
 from runner.workdir import fsync_dir, gather_output, open_journal
 from sitejob.exceptions import GatherBusy, GatherError
@@ -50,21 +50,12 @@ class DirLock:
             GatherBusy: another live gather holds it (the message names its pid).
             OSError: the lock file cannot be opened.
         """
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise GatherBusy(
+        self.fd = take_pid_lock(
+            self.path,
+            lambda holder: GatherBusy(
                 f"{self.path.parent} is in use by another gather (pid {holder})"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+            ),
+        )
 
     def release(self) -> None:
         if self.fd is not None:
