@@ -92,6 +92,14 @@ def add_job_routes(
     app.router.add_get("/v1/jobs/{id}", get_job)
 
 
+SPEC_BODY = {  # an OpenAPI request body: a job spec in TOML
+    "required": True,
+    "content": {
+        "application/toml": {"schema": {"type": "string"}},
+        "text/plain": {"schema": {"type": "string"}},
+    },
+}
+
 ERROR_RESPONSE = {  # an OpenAPI response: JSON {"error": "..."}
     "description": "error",
     "content": {
@@ -159,13 +167,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
         "post": {
             "summary": "submit an elastic job: the body is its TOML spec",
             "security": [{"bearer": []}],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/toml": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                },
-            },
+            "requestBody": SPEC_BODY,
             "responses": {
                 "201": _json(_JOB, "queued; Location is the job's URL"),
                 "400": ERROR_RESPONSE,

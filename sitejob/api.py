@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.api import ERROR_RESPONSE
+from runner.api import ERROR_RESPONSE, SPEC_BODY
 from runner.exceptions import JobSpecError
 from sitejob.control import (
     DEFAULT_ACK_WAIT,
@@ -222,13 +222,7 @@ SITE_JOB_OPENAPI_PATHS: dict[str, Any] = {
                     "description": "failed runs of one range before it is abandoned",
                 },
             ],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/toml": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                },
-            },
+            "requestBody": SPEC_BODY,
             "responses": {
                 "201": _json(_SUBMITTED, "published; Location is the job's status URL"),
                 "400": ERROR_RESPONSE,
