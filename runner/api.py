@@ -33,6 +33,18 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def spec_body_text(body: bytes) -> str | web.Response:
+    """A request body as the text of a TOML job spec, or the 400 answer that
+    says why it is not one (not UTF-8, empty)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(400, "the job spec must be UTF-8 TOML text")
+    if not text.strip():
+        return _error(400, "the request body must be a TOML job spec; it is empty")
+    return text
+
+
 def add_job_routes(
     app: web.Application,
     service: JobService,
@@ -54,13 +66,9 @@ def add_job_routes(
 
     async def submit(request: web.Request) -> web.Response:
         require_token(request)
-        body = await request.read()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return _error(400, "the job spec must be UTF-8 TOML text")
-        if not text.strip():
-            return _error(400, "the request body must be a TOML job spec; it is empty")
+        text = spec_body_text(await request.read())
+        if isinstance(text, web.Response):
+            return text
         try:
             job_id = await asyncio.to_thread(service.submit, text)
         except JobSpecError as exc:

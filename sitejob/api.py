@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.api import ERROR_RESPONSE, SPEC_BODY
+from runner.api import ERROR_RESPONSE, SPEC_BODY, spec_body_text
 from runner.exceptions import JobSpecError
 from sitejob.control import (
     DEFAULT_ACK_WAIT,
@@ -79,13 +79,9 @@ def add_site_job_routes(
 
     async def submit(request: web.Request) -> web.Response:
         require_token(request)
-        body = await request.read()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return _error(400, "the job spec must be UTF-8 TOML text")
-        if not text.strip():
-            return _error(400, "the request body must be a TOML job spec; it is empty")
+        text = spec_body_text(await request.read())
+        if isinstance(text, web.Response):
+            return text
         q = request.query
         unknown = sorted(set(q) - {"events", "ack_wait", "max_attempts"})
         if unknown:
