@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import json
 import os
-import secrets
 import statistics
 import sys
 import tempfile
@@ -34,11 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.util import free_port, say
+from bench.util import say
 from sitejob import store
 from sitejob.config import SiteConfig, connect
 from sitejob.gather import gather_job
-from sitejob.natsd import NatsServer
 from sitejob.protocol import (
     WORKERS,
     JobRecord,
@@ -49,6 +47,7 @@ from sitejob.protocol import (
     ranges_stream,
     result_subject,
 )
+from swarm_testing.broker import local_broker
 
 RESULTS = Path(__file__).with_name("results")
 THROUGHPUT_GOAL = 500.0  # ranges/s
@@ -193,29 +192,14 @@ def bench_gather(tmp: Path, *, ranges: int = 5000, latency_ranges: int = 200) ->
     """Both measures (see the module docstring) with a broker in ``tmp``.
 
     Raises:
-        sitejob.natsd.BrokerError: no nats-server, or it did not start.
+        sitejob.exceptions.BrokerError: no nats-server, or it did not start.
         RuntimeError: a gather did not complete.
     """
-    token = secrets.token_hex(16)
-    token_file = tmp / "nats.token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
-    server = NatsServer(tmp / "nats", token, port=free_port())
-    server.start()
-    cfg = SiteConfig(
-        servers=(server.url,),
-        token_file=token_file,
-        credentials=None,
-        node_name="bench",
-        request_timeout=5.0,
-    )
-    try:
+    with local_broker(tmp, node_name="bench") as (_server, cfg):
         throughput = asyncio.run(_throughput(cfg, tmp / "throughput", ranges))
         say(f"site gather: {throughput['ranges_per_second']} ranges/s")
         overhead = asyncio.run(_overhead(cfg, tmp / "overhead", latency_ranges))
         say(f"site gather: {overhead['median_ms']} ms median publish -> commit")
-    finally:
-        server.stop()
     return {
         "throughput": throughput,
         "overhead": overhead,

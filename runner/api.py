@@ -33,6 +33,18 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def spec_body_text(body: bytes) -> str | web.Response:
+    """A request body as the text of a TOML job spec, or the 400 answer that
+    says why it is not one (not UTF-8, empty)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(400, "the job spec must be UTF-8 TOML text")
+    if not text.strip():
+        return _error(400, "the request body must be a TOML job spec; it is empty")
+    return text
+
+
 def add_job_routes(
     app: web.Application,
     service: JobService,
@@ -54,13 +66,9 @@ def add_job_routes(
 
     async def submit(request: web.Request) -> web.Response:
         require_token(request)
-        body = await request.read()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return _error(400, "the job spec must be UTF-8 TOML text")
-        if not text.strip():
-            return _error(400, "the request body must be a TOML job spec; it is empty")
+        text = spec_body_text(await request.read())
+        if isinstance(text, web.Response):
+            return text
         try:
             job_id = await asyncio.to_thread(service.submit, text)
         except JobSpecError as exc:
@@ -91,6 +99,14 @@ def add_job_routes(
     app.router.add_post("/v1/jobs/stop", stop)
     app.router.add_get("/v1/jobs/{id}", get_job)
 
+
+SPEC_BODY = {  # an OpenAPI request body: a job spec in TOML
+    "required": True,
+    "content": {
+        "application/toml": {"schema": {"type": "string"}},
+        "text/plain": {"schema": {"type": "string"}},
+    },
+}
 
 ERROR_RESPONSE = {  # an OpenAPI response: JSON {"error": "..."}
     "description": "error",
@@ -159,13 +175,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
         "post": {
             "summary": "submit an elastic job: the body is its TOML spec",
             "security": [{"bearer": []}],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/toml": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                },
-            },
+            "requestBody": SPEC_BODY,
             "responses": {
                 "201": _json(_JOB, "queued; Location is the job's URL"),
                 "400": ERROR_RESPONSE,

@@ -32,7 +32,6 @@ process: it goes back to the queue at once and resumes from its journal
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from runner.cores import CoreLedger
 from runner.elastic import END_RESERVE, run_elastic_job
 from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueBusy, RunnerError
 from runner.lease import Lease
+from runner.pid_lock import take_pid_lock
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
 from runner.stop import StopRequest
@@ -92,22 +92,12 @@ class QueueLock:
         """
         for sub in ("", "running", "done", "rejected"):
             (self.queue / sub).mkdir(parents=True, exist_ok=True)
-        path = self.queue / ".lock"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise QueueBusy(
+        self._fd = take_pid_lock(
+            self.queue / ".lock",
+            lambda holder: QueueBusy(
                 f"queue {self.queue} is in use by another pilot or job service (pid {holder})"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._fd = fd
+            ),
+        )
         return recover_orphans(self.queue)
 
     def release(self) -> None:

@@ -207,6 +207,16 @@ def load_spec(path: str | Path) -> JobSpec:
             is not TOML, or fails validation (``field`` is ``"<file>"`` for the
             first three).
     """
+    return parse_spec(decode_spec(read_spec_file(path), "<file>", f"{path} "))
+
+
+def read_spec_file(path: str | Path) -> bytes:
+    """The bytes of a spec file, at most ``MAX_SPEC_BYTES`` (not yet decoded).
+
+    Raises:
+        JobSpecError: the file cannot be read or is larger than
+            ``MAX_SPEC_BYTES`` (field ``"<file>"``).
+    """
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_SPEC_BYTES + 1)
@@ -214,7 +224,7 @@ def load_spec(path: str | Path) -> JobSpec:
         raise JobSpecError("<file>", f"cannot read {path}: {exc.strerror}") from exc
     if len(raw) > MAX_SPEC_BYTES:
         raise JobSpecError("<file>", f"{path} is larger than {MAX_SPEC_BYTES} bytes")
-    return parse_spec(decode_spec(raw, "<file>", f"{path} "))
+    return raw
 
 
 def decode_spec(raw: bytes, field: str = "<spec>", what: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from runner.api import ERROR_RESPONSE
+from runner.api import ERROR_RESPONSE, SPEC_BODY, spec_body_text
 from runner.exceptions import JobSpecError
 from sitejob.control import (
     DEFAULT_ACK_WAIT,
@@ -32,8 +32,7 @@ from sitejob.control import (
     RANGE_STATES,
     SiteControl,
 )
-from sitejob.natsd import BrokerError
-from sitejob.store import SiteJobError, UnknownSiteJob
+from sitejob.exceptions import BrokerError, SiteJobError, UnknownSiteJob
 from swarm.exceptions import ConfigError
 
 _CONTROL: web.AppKey[SiteControl] = web.AppKey("sitejob.control", SiteControl)
@@ -80,13 +79,9 @@ def add_site_job_routes(
 
     async def submit(request: web.Request) -> web.Response:
         require_token(request)
-        body = await request.read()
-        try:
-            text = body.decode("utf-8")
-        except UnicodeDecodeError:
-            return _error(400, "the job spec must be UTF-8 TOML text")
-        if not text.strip():
-            return _error(400, "the request body must be a TOML job spec; it is empty")
+        text = spec_body_text(await request.read())
+        if isinstance(text, web.Response):
+            return text
         q = request.query
         unknown = sorted(set(q) - {"events", "ack_wait", "max_attempts"})
         if unknown:
@@ -223,13 +218,7 @@ SITE_JOB_OPENAPI_PATHS: dict[str, Any] = {
                     "description": "failed runs of one range before it is abandoned",
                 },
             ],
-            "requestBody": {
-                "required": True,
-                "content": {
-                    "application/toml": {"schema": {"type": "string"}},
-                    "text/plain": {"schema": {"type": "string"}},
-                },
-            },
+            "requestBody": SPEC_BODY,
             "responses": {
                 "201": _json(_SUBMITTED, "published; Location is the job's status URL"),
                 "400": ERROR_RESPONSE,

@@ -36,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from runner.exceptions import JobSpecError
-from runner.spec import MAX_EVENTS, MAX_SPEC_BYTES
+from runner.spec import MAX_EVENTS, read_spec_file
 from sitejob import control
 from sitejob.config import SiteConfig, connect, site_config
-from sitejob.natsd import BrokerError, NatsServer
+from sitejob.exceptions import BrokerError
+from sitejob.natsd import NatsServer
 from sitejob.protocol import JobRecord
 from sitejob.store import PUBLISH_WINDOW
 from swarm.address import Address, AddressError
@@ -90,13 +91,7 @@ def read_spec(path: Path) -> str:
         JobSpecError: unreadable, larger than ``MAX_SPEC_BYTES`` or not UTF-8
             (field ``"<file>"``).
     """
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_SPEC_BYTES + 1)
-    except OSError as exc:
-        raise JobSpecError("<file>", f"cannot read {path}: {exc.strerror}") from None
-    if len(raw) > MAX_SPEC_BYTES:
-        raise JobSpecError("<file>", f"{path} is larger than {MAX_SPEC_BYTES} bytes")
+    raw = read_spec_file(path)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from sitejob.exceptions import BrokerError
 from sitejob.protocol import node_name_problem
 from swarm.exceptions import ConfigError
 from swarm.options import ValueRangeError, parse_count, parse_seconds
@@ -155,11 +156,9 @@ async def connect(cfg: SiteConfig, *, name: str | None = None, reconnect: bool =
 
     Raises:
         ConfigError: the token or credentials cannot be read.
-        sitejob.natsd.BrokerError: no server could be reached or authentication failed.
+        sitejob.exceptions.BrokerError: no server could be reached or authentication failed.
     """
     from nats.aio.client import Client
-
-    from sitejob.natsd import BrokerError
 
     kwargs: dict[str, Any] = {}
     token = cfg.token()

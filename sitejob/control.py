@@ -22,8 +22,8 @@ Invariants:
 
 Errors: :class:`runner.exceptions.JobSpecError` (the spec; names the field),
 :class:`swarm.exceptions.ConfigError` (a submit option; names it),
-:class:`sitejob.store.UnknownSiteJob`, :class:`sitejob.store.SiteJobError`
-(the broker refused), :class:`sitejob.natsd.BrokerError` (the broker cannot
+:class:`sitejob.exceptions.UnknownSiteJob`, :class:`sitejob.exceptions.SiteJobError`
+(the broker refused), :class:`sitejob.exceptions.BrokerError` (the broker cannot
 be reached or did not answer in time).
 """
 
@@ -39,9 +39,8 @@ from typing import Any
 from runner.exceptions import JobSpecError
 from runner.spec import MAX_EVENTS, decode_spec, parse_spec
 from sitejob import store
-from sitejob.natsd import BrokerError
+from sitejob.exceptions import BrokerError, NotConnected, SiteJobError, UnknownSiteJob
 from sitejob.protocol import WORKERS, JobRecord, job_id_problem, ranges_stream
-from sitejob.store import SiteJobError, UnknownSiteJob
 from swarm.exceptions import ConfigError
 from swarm.options import ValueRangeError, parse_count, parse_seconds
 
@@ -290,10 +289,6 @@ async def list_jobs(js: Any) -> list[dict[str, Any]]:
             st = summarize(record, await store.get_status(js, job), None)
             out.append({**{k: st[k] for k in keys}, "complete": st["complete"]})
     return out
-
-
-class NotConnected(BrokerError):
-    """The node holds no connection to the broker right now."""
 
 
 class SiteControl:

@@ -1,122 +1,71 @@
 """The gather of one site job: results -> verified outputs -> journal -> ``events.out``.
 
-``swarm site-job gather ID --output DIR`` runs :func:`run_gather`. The gather
-owns ``DIR`` (an ``flock`` on ``DIR/.lock``: a second gather on it is
-refused) and keeps there (``docs/SITE_JOBS.md``, "The gather")::
+``swarm site-job gather ID --output DIR`` runs :func:`run_gather`; this
+module is the driver: it takes ``DIR`` (its lock, journal and ledger:
+``sitejob/gather_dir.py``), connects, refuses to run beside a live gather
+of the same job elsewhere, runs the loops until every range is committed or
+abandoned (or it is stopped), then writes ``events.out`` and
+``report.json``, tells the broker the job is complete and removes its
+streams (``docs/SITE_JOBS.md``, "The gather").
 
-    journal.jsonl    header (the plan) + one line per committed range
-                     (runner/scatter.py's format plus "node" and "generation")
-    ledger.jsonl     retries, re-publications, abandonments (sitejob/ledger.py)
-    tasks/NNNNNN.out output of committed range NNNNNN
-    events.out       every committed range's output in event order (at the end)
-    report.json      the final report
+What is decided lives in the pure :class:`~sitejob.ledger.RangeLedger`; the
+gather is its adapter to the broker and the disk. Four loops share it
+through a :class:`~sitejob.gather_session.GatherSession`:
 
-What is decided lives in the pure :class:`~sitejob.ledger.RangeLedger`; this
-module is its adapter to the broker and the disk. Four loops share it:
-
-* results: fetch a batch from the ``gather`` consumer, decode each result
-  against the job's record, verify size and SHA-256 of its output (inline,
-  or from the object store, each get with a deadline), write
-  ``tasks/NNNNNN.out`` (temporary file, rename), fsync the outputs and
-  ``tasks/``, append and fsync the ledger lines then the journal lines,
-  THEN ack the batch; then publish the retries and delete used objects;
-* dead letters: the server's max-deliveries advisories (kept in the job's
-  ``SITE_<ID>_DEAD`` stream, so none is missed while the gather is down):
-  abandon the range, then purge its messages from the ranges stream;
-* reconciler, every ~ack_wait: which ranges are in the ranges stream, then
-  (once every result published before that was processed) republish what
-  the ledger says is lost;
-* status, about once a second: the ledger's status to the KV and to the
-  ``progress`` callback.
+* results (``sitejob/gather_results.py``): fetch, verify
+  (``sitejob/gather_outputs.py``), commit, THEN ack;
+* dead letters and the reconciler (``sitejob/gather_reconcile.py``): abandon
+  what killed its runners, republish what was lost;
+* status (here), about once a second: the ledger's status to the KV and to
+  the ``progress`` callback.
 
 Invariants: a range is committed exactly when its journal line is durable,
 and its output was renamed into place and fsynced before; a result is acked
-only after what it caused is durable (its journal line, or its ledger
-line), so a gather killed at any instant and restarted commits every range
-once (a redelivered result of a committed range is a duplicate). A ledger
-line is durable before the publication or purge it records. Bad input is
-refused (counted by kind in the status, logged, acked with ``term``), never
-committed, never a crash. Every broker call has a deadline; a broker that
-goes away is waited for (the client reconnects; failed calls are retried
-after :data:`RETRY_PAUSE`), it never ends the gather.
+only after what it caused is durable, so a gather killed at any instant and
+restarted commits every range once. A ledger line is durable before the
+publication or purge it records. Every broker call has a deadline; a broker
+that goes away is waited for (the client reconnects; failed calls are
+retried after :data:`~sitejob.gather_session.RETRY_PAUSE`), it never ends
+the gather. A stopped gather ends its loops at their next wakeup and never
+cuts a commit in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
-import hashlib
-import io
 import json
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 from runner.exceptions import JournalError
-from runner.scatter import Plan, TaskSet
-from runner.workdir import fsync_dir, gather_output, open_journal
+from runner.scatter import Plan
 from sitejob import store
 from sitejob.config import SiteConfig, connect
-from sitejob.ledger import (
-    Decision,
-    LedgerReplay,
-    RangeLedger,
-    Verdict,
-    journal_commit_line,
-    nodes_from_journal,
-    replay_ledger,
-)
+from sitejob.exceptions import GatherBusy, GatherError, SiteJobError
+from sitejob.gather_dir import DirLock, GatherDir, open_gather_dir
+from sitejob.gather_reconcile import Reconciler
+from sitejob.gather_results import ResultsLoop
+from sitejob.gather_session import FETCH_WAIT, RETRY_PAUSE, GatherSession
 from sitejob.protocol import (
-    GATHER,
     JobRecord,
-    ProtocolError,
-    ResultMsg,
     beat_subject,
-    dead_stream,
-    decode_beat,
-    decode_max_deliveries,
-    decode_result,
-    inline_bytes,
     job_id_problem,
-    output_bucket,
-    range_subject,
-    range_task,
     ranges_stream,
-    results_stream,
 )
-from sitejob.store import SiteJobError
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
 
 log = logging.getLogger("sitejob.gather")
 
-T = TypeVar("T")
-
-FETCH_BATCH = 256  # results fetched (and committed as one group) at once
-FETCH_WAIT = 1.0  # seconds a fetch waits for messages: an idle gather wakes this often
-DRAIN_WAIT = 0.5  # seconds a fetch of results known to be ready may take
-RETRY_PAUSE = 0.5  # seconds between attempts while the broker is away
 STATUS_INTERVAL = 1.0  # seconds between status reports
-OBJECT_RATE = 16 * 1024 * 1024  # bytes/s an object get must reach (beside the request timeout)
-OBJECT_GETS = 4  # object-store downloads of one batch at once
 FINISH_TRIES = 20  # attempts to tell the broker a job is complete (x RETRY_PAUSE apart)
 RIVAL_QUIET = 10.0  # another gather whose status is younger than this is alive
-
-
-class GatherError(SiteJobError):
-    """The gather cannot run or finish (one line: what and why)."""
-
-
-class GatherBusy(GatherError):
-    """Another gather owns the output directory or gathers the job."""
 
 
 @dataclass
@@ -161,187 +110,6 @@ class GatherReport:
         }
 
 
-class _DirLock:
-    """``flock`` on ``DIR/.lock``, dropped by the kernel when its holder dies."""
-
-    def __init__(self, output: Path) -> None:
-        self.path = output / ".lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise GatherBusy(
-                f"{self.path.parent} is in use by another gather (pid {holder})"
-            ) from None
-        except BaseException:
-            os.close(fd)
-            raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-@dataclass
-class _Staged:
-    """A verified output waiting to be committed."""
-
-    task: int
-    node: str
-    generation: int
-    tmp: str
-    data: bytes | None  # inline output still to write to ``tmp``; None: written
-    object: str | None
-
-
-class _GatherDir:
-    """``DIR``'s files (blocking: called in a worker thread, one call at a time)."""
-
-    def __init__(self, output: Path, plan: Plan) -> None:
-        self.output = output
-        self.tasks = output / "tasks"
-        self.tasks.mkdir(parents=True, exist_ok=True)
-        for stale in self.tasks.glob("*.tmp"):  # a dead gather's: never committed
-            stale.unlink()
-        journal_plan, self.committed = open_journal(output, plan)
-        if journal_plan != plan:
-            raise GatherError(
-                f"{output} holds a journal of job {plan.job} with another plan "
-                f"({journal_plan.to_json()})"
-            )
-        self.plan = plan
-        with open(output / "journal.jsonl", encoding="utf-8", errors="replace") as f:
-            self.nodes = nodes_from_journal(f)
-        ledger = output / "ledger.jsonl"
-        if ledger.exists():
-            with open(ledger, "rb") as fb:
-                self.history = replay_ledger(fb, plan)
-            if ledger.stat().st_size != self.history.good_bytes:
-                os.truncate(ledger, self.history.good_bytes)  # a torn last line
-        else:
-            self.history = LedgerReplay()
-        self.ledger = open(ledger, "ab")  # noqa: SIM115 (closed in close)
-        fsync_dir(output)
-        self.journal = open(output / "journal.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-
-    def commit(
-        self, staged: list[_Staged], ledger_lines: list[str], journal_lines: list[str]
-    ) -> None:
-        """Outputs into place and durable, then the ledger lines, then the journal lines."""
-        fds = []
-        try:
-            for s in staged:
-                if s.data is not None:
-                    fd = os.open(s.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-                    try:
-                        _write_all(fd, s.data)
-                    finally:
-                        os.close(fd)
-                final = f"{self.tasks}/{s.task:06d}.out"
-                os.replace(s.tmp, final)
-                fds.append(os.open(final, os.O_RDONLY | os.O_CLOEXEC))
-            for fd in fds:
-                os.fsync(fd)
-        finally:
-            for fd in fds:
-                os.close(fd)
-        if staged:
-            fsync_dir(self.tasks)
-        if ledger_lines:
-            self.append_ledger(ledger_lines)
-        if journal_lines:
-            self.journal.write("".join(journal_lines))
-            self.journal.flush()
-            os.fsync(self.journal.fileno())
-
-    def append_ledger(self, lines: list[str]) -> None:
-        self.ledger.write("".join(lines).encode())
-        self.ledger.flush()
-        os.fsync(self.ledger.fileno())
-
-    def finish(self, committed: TaskSet, report: dict[str, Any]) -> Path:
-        """``events.out`` and ``report.json`` (each temporary file, fsync, rename)."""
-        out = gather_output(self.output, self.plan, committed)
-        tmp = self.output / "report.json.tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.output / "report.json")
-        fsync_dir(self.output)
-        return out
-
-    def close(self) -> None:
-        self.ledger.close()
-        self.journal.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-class _TooLong(Exception):
-    """An object longer than its result says."""
-
-
-class _HashingFile(io.BufferedIOBase):
-    """Where an object-store get writes: hashes and counts as it writes, and
-    refuses more than ``limit`` bytes (an object bigger than it claims)."""
-
-    def __init__(self, path: str, limit: int) -> None:
-        super().__init__()
-        self.file = open(path, "wb")  # noqa: SIM115 (closed by close)
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self.limit = limit
-        self.error: OSError | None = None
-
-    def write(self, data: ReadableBuffer) -> int:
-        chunk = bytes(data)
-        self.size += len(chunk)
-        if self.size > self.limit:
-            raise _TooLong(f"object longer than the {self.limit} bytes reported")
-        self.sha.update(chunk)
-        try:
-            return self.file.write(chunk)
-        except OSError as exc:
-            self.error = exc  # the disk's fault, not the object's
-            raise
-
-    def close(self) -> None:
-        self.file.close()
-        super().close()
-
-
-class _Refused(Exception):
-    """An output that does not match its result: ``kind`` for the counters."""
-
-    def __init__(self, kind: str, reason: str) -> None:
-        super().__init__(reason)
-        self.kind = kind
-
-
-def _refusal_kind(data: bytes, job: str) -> str:
-    """Why a result that the plan refused was refused, as a counter name."""
-    try:
-        msg = decode_result(data)
-    except ProtocolError:
-        return "malformed"
-    return "other job" if msg.job != job else "not in the plan"
-
-
 def _honour_cancellation() -> None:
     """Raise CancelledError if this task was cancelled and a call swallowed it.
 
@@ -354,7 +122,7 @@ def _honour_cancellation() -> None:
         raise asyncio.CancelledError
 
 
-class _Gather:
+class _Gather(GatherSession):
     """One run of the gather over a connected client; see the module docstring."""
 
     def __init__(
@@ -362,474 +130,19 @@ class _Gather:
         cfg: SiteConfig,
         nc: Any,
         record: JobRecord,
-        files: _GatherDir,
+        files: GatherDir,
         output: Path,
         progress: Callable[[dict[str, Any]], None] | None,
     ) -> None:
-        self.cfg = cfg
-        self.nc = nc
-        self.js = nc.jetstream(timeout=cfg.request_timeout)
-        self.record = record
-        self.job = record.id
-        self.files = files
-        self.output = output
+        super().__init__(cfg, nc, record, files, output)
         self.progress = progress
-        self.t0 = time.monotonic()
-        self.ledger = RangeLedger(
-            files.plan,
-            ack_wait=record.ack_wait,
-            max_attempts=record.max_attempts,
-            started=self.t0,
-            committed=files.committed,
-            history=files.history,
-            nodes=files.nodes,
-        )
-        self.closing = asyncio.Event()
-        self.done = asyncio.Event()
-        self.ledger_lock = asyncio.Lock()  # one writer of ledger.jsonl at a time
         self.live: dict[str, int] = {}  # ready/running from the workers consumer
-        self.warned: dict[str, float] = {}
-        self.gets = asyncio.Semaphore(OBJECT_GETS)
-        self.objects: Any = None
-
-    # --- small tools
-    async def call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """``aw`` with a deadline (the request timeout by default).
-
-        Raises:
-            TimeoutError: no answer in time (the message names ``what``).
-        """
-        limit = timeout or self.cfg.request_timeout
-        try:
-            # asyncio.timeout, not wait_for: Python 3.11's wait_for loses a
-            # cancellation that arrives as the awaited call completes.
-            async with asyncio.timeout(limit):
-                return await aw
-        except TimeoutError:
-            raise TimeoutError(f"{what}: the broker did not answer in {limit:g} s") from None
-
-    def warn(self, key: str, text: str, *args: object) -> None:
-        """Log a broker trouble once per ``key`` every 30 s (it may last)."""
-        now = time.monotonic()
-        if now - self.warned.get(key, -1e9) >= 30:
-            self.warned[key] = now
-            log.warning(text, *args)
-
-    def refused(self, kind: str, text: str, *args: object) -> None:
-        n = self.ledger.refused[kind]
-        if n <= 20 or n & (n - 1) == 0:  # a flood is counted, not logged line by line
-            log.warning("refused (%s, #%d): " + text, kind, n, *args)
-
-    async def pause(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.closing.wait(), seconds)
-
-    async def write_ledger(self, lines: list[str]) -> None:
-        async with self.ledger_lock:
-            await asyncio.to_thread(self.files.append_ledger, lines)
-
-    async def publish(self, tasks: list[tuple[int, int]]) -> None:
-        """Publish ranges (their ledger lines are durable); a failure is left
-        to the reconciler (they are neither in the stream nor heard of)."""
-        if not tasks:
-            return
-        try:
-            await self.call("publish", store.publish_ranges(self.js, self.record, tasks), 30)
-        except (TimeoutError, SiteJobError) as exc:
-            self.warn(
-                "publish",
-                "publishing %d range(s) failed (the reconciler will): %s",
-                len(tasks),
-                exc,
-            )
-
-    async def purge(self, task: int) -> None:
-        """Remove every message of range ``task`` from the ranges stream (abandoned)."""
-        try:
-            await self.call(
-                "purge",
-                self.js.purge_stream(
-                    ranges_stream(self.job), subject=range_subject(self.job, task)
-                ),
-            )
-        except Exception as exc:
-            self.warn("purge", "cannot purge range %d from the stream: %s", task, exc)
-
-    # --- results
-    async def results_loop(self) -> None:
-        sub: Any = None
-        while not self.closing.is_set():
-            try:
-                if sub is None:
-                    sub = await self.call(
-                        "bind", self.js.pull_subscribe_bind(GATHER, stream=results_stream(self.job))
-                    )
-                msgs = await self.fetch_batch(sub)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                self.warn(
-                    "fetch", "fetching results failed (retrying): %s", exc or type(exc).__name__
-                )
-                await self.pause(RETRY_PAUSE)
-                continue
-            await self.handle_batch(msgs)
-            if self.ledger.finished:
-                self.done.set()
-
-    async def fetch_batch(self, sub: Any) -> list[Any]:
-        """The next results: waits (up to FETCH_WAIT) for one, then takes what
-        else is there, at most FETCH_BATCH in all.
-
-        nats-py's ``fetch(n)`` waits until it has ``n`` messages or its timeout
-        passes: one lone result would wait a whole FETCH_WAIT. So: fetch one,
-        ask the consumer how many more are ready, fetch exactly those.
-
-        Raises:
-            TimeoutError: nothing came within FETCH_WAIT.
-        """
-        msgs: list[Any] = await sub.fetch(1, timeout=FETCH_WAIT)
-        try:
-            info = await self.call("gather consumer", sub.consumer_info())
-            more = min(info.num_pending or 0, FETCH_BATCH - 1)
-            if more:
-                msgs += await sub.fetch(more, timeout=DRAIN_WAIT)
-        except Exception:  # TimeoutError included: what we have is a batch
-            pass
-        return msgs
-
-    async def handle_batch(self, msgs: list[Any]) -> None:
-        now = time.monotonic()
-        acks: list[tuple[Any, str]] = []  # (message, "ack" | "term" | "nak")
-        lines: list[str] = []
-        publish: list[tuple[int, int]] = []
-        purge: list[int] = []
-        used: list[str] = []  # objects to delete once the batch is acked
-        accepted: list[tuple[Any, ResultMsg]] = []
-
-        def act(d: Decision, msg: Any, kind: str = "ack") -> None:
-            if d.line is not None:
-                lines.append(d.line)
-            if d.verdict is Verdict.RETRY:
-                publish.append((d.task, d.generation))
-                log.info(
-                    "range %d failed (%s): retrying as generation %d",
-                    d.task,
-                    d.reason,
-                    d.generation,
-                )
-            elif d.verdict is Verdict.ABANDON:
-                purge.append(d.task)
-                log.warning("range %d abandoned: %s", d.task, d.reason)
-            acks.append((msg, kind))
-
-        for msg in msgs:
-            try:
-                res = decode_result(msg.data, self.record)
-            except ProtocolError as exc:
-                kind = _refusal_kind(msg.data, self.job)
-                self.ledger.refuse(kind)
-                self.refused(kind, "%s", exc)
-                acks.append((msg, "term"))
-                continue
-            d = self.ledger.on_result(res.task, res.generation, res.ok, res.node, res.reason, now)
-            if d.verdict is Verdict.ACCEPT:
-                accepted.append((msg, res))
-                continue
-            act(d, msg)
-            if res.object is not None:
-                used.append(res.object)
-
-        staged: list[_Staged] = []
-        outcomes = await asyncio.gather(*(self.verify(res) for _, res in accepted))
-        for (msg, res), outcome in zip(accepted, outcomes, strict=True):
-            if isinstance(outcome, _Staged):
-                staged.append(outcome)
-                acks.append((msg, "ack"))
-            elif isinstance(outcome, _Refused):
-                d = self.ledger.output_refused(
-                    res.task, res.generation, outcome.kind, str(outcome), now
-                )
-                self.refused(outcome.kind, "range %d from %s: %s", res.task, res.node, outcome)
-                act(d, msg, "term")
-                if res.object is not None:
-                    used.append(res.object)
-            else:  # the broker failed us: not the result's fault, it comes back
-                self.ledger.release(res.task)
-                acks.append((msg, "nak"))
-
-        journal = [
-            journal_commit_line(
-                self.ledger.plan,
-                s.task,
-                node=s.node,
-                generation=s.generation,
-                attempt=self.ledger.attempt_of(s.task),
-            )
-            for s in staged
-        ]
-        if staged or lines:
-            async with self.ledger_lock:
-                try:
-                    await asyncio.to_thread(self.files.commit, staged, lines, journal)
-                except OSError as exc:
-                    raise GatherError(f"cannot write {self.output}: {exc}") from None
-        for s in staged:
-            self.ledger.commit(s.task, s.node)
-            if s.object is not None:
-                used.append(s.object)
-        for msg, kind in acks:
-            try:
-                if kind == "ack":
-                    await msg.ack()
-                elif kind == "term":
-                    await msg.term()
-                else:
-                    await msg.nak(delay=RETRY_PAUSE)
-            except Exception as exc:  # redelivered later: a duplicate then
-                self.warn("ack", "acking a result failed: %s", exc or type(exc).__name__)
-        await self.publish(publish)
-        for task in purge:
-            await self.purge(task)
-        for name in used:
-            await self.delete_object(name)
-
-    async def verify(self, res: ResultMsg) -> _Staged | _Refused | None:
-        """Check the output of an accepted result against its size and SHA-256.
-
-        Returns the staged output, the refusal, or None when the broker did
-        not answer in time (the result is redelivered).
-        """
-        tmp = f"{self.files.tasks}/{res.task:06d}.{os.getpid()}.tmp"
-        if res.inline is not None:
-            try:
-                data = inline_bytes(res)
-            except ProtocolError as exc:
-                return _Refused("malformed", str(exc))
-            if len(data) != res.size:
-                return _Refused("size mismatch", f"{len(data)} bytes, {res.size} reported")
-            if hashlib.sha256(data).hexdigest() != res.sha256:
-                return _Refused("sha256 mismatch", "the output's SHA-256 is not the one reported")
-            return _Staged(res.task, res.node, res.generation, tmp, data, None)
-        assert res.object is not None
-        async with self.gets:
-            return await self.fetch_object(res, tmp)
-
-    async def fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
-        """Download the object of ``res`` into ``tmp``, hashing it on the way
-        (anything but a good output leaves no ``tmp`` behind).
-
-        Raises:
-            GatherError: ``tmp`` cannot be written (the disk, not the result).
-        """
-        outcome = await self._fetch_object(res, tmp)
-        if not isinstance(outcome, _Staged):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        return outcome
-
-    async def _fetch_object(self, res: ResultMsg, tmp: str) -> _Staged | _Refused | None:
-        from nats.js.errors import DigestMismatchError, ObjectNotFoundError
-
-        assert res.object is not None
-        try:
-            if self.objects is None:
-                self.objects = await self.call(
-                    "object store", self.js.object_store(output_bucket(self.job))
-                )
-            info = await self.call("object info", self.objects.get_info(res.object))
-        except ObjectNotFoundError:
-            return _Refused(
-                "unknown object", f"no object {res.object} in {output_bucket(self.job)}"
-            )
-        except Exception as exc:
-            self.warn("object", "cannot reach object %s (retrying later): %s", res.object, exc)
-            return None
-        if info.size != res.size:
-            return _Refused(
-                "size mismatch", f"object {res.object} of {info.size} bytes, {res.size} reported"
-            )
-        try:
-            sink = await asyncio.to_thread(_HashingFile, tmp, res.size)
-        except OSError as exc:
-            raise GatherError(f"cannot write {tmp}: {exc.strerror}") from None
-        try:
-            deadline = self.cfg.request_timeout + res.size / OBJECT_RATE
-            await self.call("object get", self.objects.get(res.object, writeinto=sink), deadline)
-        except ObjectNotFoundError:
-            return _Refused("unknown object", f"object {res.object} went away")
-        except DigestMismatchError:
-            return _Refused("sha256 mismatch", f"object {res.object} does not match its own digest")
-        except _TooLong as exc:
-            return _Refused("size mismatch", str(exc))
-        except Exception as exc:
-            if sink.error is not None:
-                raise GatherError(f"cannot write {tmp}: {sink.error.strerror}") from None
-            self.warn("object", "cannot fetch object %s (retrying later): %s", res.object, exc)
-            return None
-        finally:
-            sink.close()
-        if sink.size != res.size:
-            return _Refused(
-                "size mismatch", f"object {res.object}: {sink.size} bytes, {res.size} reported"
-            )
-        if sink.sha.hexdigest() != res.sha256:
-            return _Refused(
-                "sha256 mismatch", f"object {res.object}'s SHA-256 is not the one reported"
-            )
-        return _Staged(res.task, res.node, res.generation, tmp, None, res.object)
-
-    async def delete_object(self, name: str) -> None:
-        if self.objects is None:
-            return
-        with contextlib.suppress(Exception):  # left over: removed with the store at the end
-            await self.call("object delete", self.objects.delete(name))
-
-    # --- heartbeats
-    async def on_beat(self, msg: Any) -> None:
-        try:
-            beat = decode_beat(msg.data)
-        except ProtocolError as exc:
-            self.ledger.refuse("malformed heartbeat")
-            self.refused("malformed heartbeat", "%s", exc)
-            return
-        if beat.job == self.job:
-            self.ledger.heard_of(beat.task, time.monotonic())
-
-    # --- dead letters
-    async def dead_loop(self) -> None:
-        from nats.js.errors import NotFoundError
-
-        sub: Any = None
-        while not self.closing.is_set():
-            try:
-                if sub is None:
-                    sub = await self.call(
-                        "bind", self.js.pull_subscribe_bind(GATHER, stream=dead_stream(self.job))
-                    )
-                msgs = await sub.fetch(16, timeout=FETCH_WAIT)
-            except TimeoutError:
-                continue
-            except Exception as exc:
-                self.warn(
-                    "dead", "fetching advisories failed (retrying): %s", exc or type(exc).__name__
-                )
-                await self.pause(RETRY_PAUSE)
-                continue
-            for msg in msgs:
-                try:
-                    adv = decode_max_deliveries(msg.data, self.job)
-                except ProtocolError as exc:
-                    self.ledger.refuse("malformed advisory")
-                    self.refused("malformed advisory", "%s", exc)
-                    await self.settle(msg, "term")
-                    continue
-                try:
-                    raw = await self.call(
-                        "get range", self.js.get_msg(ranges_stream(self.job), adv.stream_seq)
-                    )
-                    task = range_task(self.job, raw.subject)
-                except NotFoundError:
-                    await self.settle(msg, "ack")  # acked, deleted or purged since
-                    continue
-                except ProtocolError as exc:
-                    self.ledger.refuse("malformed advisory")
-                    self.refused("malformed advisory", "%s", exc)
-                    await self.settle(msg, "term")
-                    continue
-                except Exception as exc:
-                    self.warn(
-                        "dead", "cannot read a dead range (retrying): %s", exc or type(exc).__name__
-                    )
-                    await self.settle(msg, "nak")
-                    continue
-                d = self.ledger.max_deliveries(task, adv.deliveries)
-                if d is not None and d.line is not None:
-                    try:
-                        await self.write_ledger([d.line])
-                    except OSError as exc:
-                        raise GatherError(f"cannot write {self.output}: {exc}") from None
-                    log.warning("range %d abandoned: %s", task, d.reason)
-                    await self.purge(task)
-                else:
-                    with contextlib.suppress(Exception):
-                        await self.call(
-                            "delete", self.js.delete_msg(ranges_stream(self.job), adv.stream_seq)
-                        )
-                await self.settle(msg, "ack")
-            if self.ledger.finished:
-                self.done.set()
-
-    async def settle(self, msg: Any, kind: str) -> None:
-        try:
-            if kind == "ack":
-                await msg.ack()
-            elif kind == "term":
-                await msg.term()
-            else:
-                await msg.nak(delay=RETRY_PAUSE)
-        except Exception as exc:
-            self.warn("ack", "acking failed: %s", exc or type(exc).__name__)
-
-    # --- reconciler
-    async def reconcile_loop(self) -> None:
-        from nats.js.errors import NotFoundError
-
-        interval = min(max(self.record.ack_wait, 0.5), 60.0)
-        while not self.closing.is_set():
-            await self.pause(interval)
-            if self.closing.is_set():
-                return
-            try:
-                await self.reconcile_once()
-            except NotFoundError:
-                if not self.ledger.finished:
-                    raise GatherError(
-                        f"site job {self.job}: its streams are gone "
-                        "(gathered elsewhere, or removed)"
-                    ) from None
-            except OSError as exc:
-                raise GatherError(f"cannot write {self.output}: {exc}") from None
-            except Exception as exc:
-                self.warn(
-                    "reconcile", "reconciling failed (retrying): %s", exc or type(exc).__name__
-                )
-
-    async def reconcile_once(self) -> None:
-        """One round: the ranges in the stream, then, once every result published
-        before the snapshot was processed, the ledger's republications."""
-        subjects = await self.call("stream", store.stream_subjects(self.js, self.job))
-        info = await self.call("results", self.js.stream_info(results_stream(self.job)))
-        last = info.state.last_seq or 0
-        deadline = time.monotonic() + self.record.ack_wait
-        while True:
-            ci = await self.call(
-                "gather consumer", self.js.consumer_info(results_stream(self.job), GATHER)
-            )
-            if (ci.ack_floor.stream_seq or 0) >= last or ci.num_pending == ci.num_ack_pending == 0:
-                break
-            if time.monotonic() > deadline:
-                return  # a backlog: next round
-            await self.pause(0.1)
-            if self.closing.is_set():
-                return
-        in_stream = set()
-        for subject in subjects:
-            with contextlib.suppress(ProtocolError):
-                in_stream.add(range_task(self.job, subject))
-        decisions = self.ledger.reconcile(time.monotonic(), in_stream)
-        if not decisions:
-            return
-        await self.write_ledger([d.line for d in decisions if d.line is not None])
-        log.warning(
-            "republishing %d lost range(s) (first: %s)",
-            len(decisions),
-            ", ".join(str(d.task) for d in decisions[:10]),
-        )
-        await self.publish([(d.task, d.generation) for d in decisions])
+        self.results = ResultsLoop(self)
+        self.lost = Reconciler(self)
 
     # --- status
     def status(self) -> dict[str, Any]:
+        """The ledger's status, the workers consumer's counts, and who gathers."""
         st = self.ledger.status()
         st["ranges"].update(self.live)
         st["gather"] = {
@@ -844,6 +157,7 @@ class _Gather:
         await self.call("status", store.put_status(self.js, self.job, json.dumps(st).encode()))
 
     async def status_loop(self) -> None:
+        """Write the status to the KV (and ``progress``) about once a second."""
         from nats.js.api import ConsumerInfo
 
         while not self.closing.is_set():
@@ -885,6 +199,11 @@ class _Gather:
                 )
 
     async def run(self, stop: asyncio.Event | None) -> GatherReport:
+        """Run the loops until the job is finished or ``stop`` is set.
+
+        Raises:
+            As :func:`gather_job`.
+        """
         if self.ledger.finished:
             return await self.finish()
         await self.check_rival()
@@ -895,15 +214,15 @@ class _Gather:
         beats = None
         try:
             beats = await self.call(
-                "subscribe", self.nc.subscribe(beat_subject(self.job), cb=self.on_beat)
+                "subscribe", self.nc.subscribe(beat_subject(self.job), cb=self.lost.on_beat)
             )
         except Exception as exc:
             self.warn("beat", "cannot hear heartbeats: %s", exc)
         _honour_cancellation()
         loops = [
-            asyncio.create_task(self.results_loop(), name="results"),
-            asyncio.create_task(self.dead_loop(), name="dead letters"),
-            asyncio.create_task(self.reconcile_loop(), name="reconciler"),
+            asyncio.create_task(self.results.results_loop(), name="results"),
+            asyncio.create_task(self.lost.dead_loop(), name="dead letters"),
+            asyncio.create_task(self.lost.reconcile_loop(), name="reconciler"),
             asyncio.create_task(self.status_loop(), name="status"),
         ]
         waits = [asyncio.create_task(self.done.wait())]
@@ -936,6 +255,12 @@ class _Gather:
         return self.report(st, stopped="stopped before the job was complete")
 
     async def finish(self) -> GatherReport:
+        """``events.out`` and ``report.json``, the complete status, the streams removed.
+
+        Raises:
+            GatherError: the directory cannot be written, or the broker cannot
+                be told the job is complete.
+        """
         st = self.status()
         report = self.report(st)
         try:
@@ -982,18 +307,6 @@ class _Gather:
         )
 
 
-async def _open_dir(output: Path, plan: Plan) -> _GatherDir:
-    """:class:`_GatherDir` built in a thread; cancelled meanwhile, it is closed
-    once the thread is done (the thread cannot be stopped)."""
-    opening = asyncio.ensure_future(asyncio.to_thread(_GatherDir, output, plan))
-    try:
-        return await asyncio.shield(opening)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            (await opening).close()
-        raise
-
-
 async def gather_job(
     cfg: SiteConfig,
     job: str,
@@ -1012,9 +325,9 @@ async def gather_job(
         GatherBusy: another gather holds ``output`` or gathers the job elsewhere.
         GatherError: ``output`` belongs to another job or plan, cannot be
             written, or the job's streams are gone before it was complete.
-        sitejob.store.UnknownSiteJob: no such job.
-        sitejob.store.SiteJobError: its record is unreadable.
-        sitejob.natsd.BrokerError: the broker cannot be reached at start.
+        sitejob.exceptions.UnknownSiteJob: no such job.
+        sitejob.exceptions.SiteJobError: its record is unreadable.
+        sitejob.exceptions.BrokerError: the broker cannot be reached at start.
         swarm.exceptions.ConfigError: the token or credentials cannot be read.
     """
     problem = job_id_problem(job)
@@ -1025,7 +338,7 @@ async def gather_job(
         output.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise GatherError(f"cannot create {output}: {exc.strerror}") from None
-    lock = _DirLock(output)
+    lock = DirLock(output)
     lock.acquire()
     try:
         nc = await connect(cfg, name=f"swarm-gather-{job}")
@@ -1034,7 +347,7 @@ async def gather_job(
             record = await store.load_job(js, job)
             plan = Plan(job, record.first_event, record.events, record.events_per_task)
             try:
-                files = await _open_dir(output, plan)
+                files = await open_gather_dir(output, plan)
             except JournalError as exc:
                 raise GatherError(f"{output}: {exc}") from None
             except OSError as exc:

@@ -31,13 +31,10 @@ import sys
 import time
 from pathlib import Path
 
+from sitejob.exceptions import BrokerError
 from sitejob.protocol import MAX_MESSAGE
 
 _CANDIDATES = ("/usr/sbin/nats-server", "/usr/bin/nats-server")
-
-
-class BrokerError(Exception):
-    """The NATS server could not be found, started or reached."""
 
 
 def find_nats_server() -> str:

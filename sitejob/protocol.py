@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 
 from runner.spec import MAX_EVENTS
+from sitejob.exceptions import ProtocolError
 
 KV_BUCKET = "SWARM_SITE"
 WORKERS = "workers"  # the ranges stream's durable consumer, shared by all nodes
@@ -48,10 +49,6 @@ MAX_NODE_NAME = 64
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}")
 _NODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-
-
-class ProtocolError(ValueError):
-    """A message that is not a valid message of this protocol (the text says why)."""
 
 
 def job_id_problem(job: str) -> str | None:

@@ -32,7 +32,7 @@ from runner.confine import Confinement
 from runner.cores import CoreLedger
 from runner.lease import Lease
 from sitejob.config import SiteConfig, connect
-from sitejob.natsd import BrokerError
+from sitejob.exceptions import BrokerError
 from sitejob.worker import SiteWorker
 from swarm.exceptions import ConfigError
 from swarm.status import SiteReport

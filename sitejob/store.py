@@ -20,13 +20,13 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from sitejob.exceptions import ProtocolError, SiteJobError, UnknownSiteJob
 from sitejob.protocol import (
     GATHER,
     KV_BUCKET,
     MAX_MESSAGE,
     WORKERS,
     JobRecord,
-    ProtocolError,
     RangeMsg,
     dead_stream,
     decode_job,
@@ -45,14 +45,6 @@ from sitejob.protocol import (
 DUPLICATE_WINDOW = 600.0  # seconds the server remembers message ids
 PUBLISH_WINDOW = 256  # range publications in flight at once
 GATHER_ACK_WAIT = 60.0  # a result fetched by a gather that died is redelivered after this
-
-
-class SiteJobError(Exception):
-    """A site job cannot be created, found or reached in the broker (one line)."""
-
-
-class UnknownSiteJob(SiteJobError):
-    """No site job with that id in the broker."""
 
 
 def _why(exc: BaseException) -> str:

@@ -12,7 +12,8 @@ and only when
 * the range fits the lease: ``estimate x 1.2 <= time left - end reserve``,
   the estimate being this node's smoothed wall seconds per event of this job
   times the range's events, or before any measurement
-  ``cpu_work_per_event / power_per_core`` per event.
+  ``cpu_work_per_event / power_per_core`` per event (the rule and the pace:
+  the pure ``sitejob/pacing.py``).
 
 A range runs exactly like a node task: :func:`runner.node_run.run_job` with
 one task of the range's events on one core, confined as the node's jobs are
@@ -27,7 +28,8 @@ Invariants (the order is what makes a node's death cost at most a re-run):
 * a result is published with the message id ``<job>.<task>.<node>.<seq>``
   and stored (PubAck) *before* its range is acked: a node dying in between
   leaves the range to be redelivered, never a range acked without a result;
-* an output above ``INLINE_MAX`` is in the object store before its result;
+* an output above ``INLINE_MAX`` is in the object store before its result
+  (both carried out by :class:`sitejob.range_report.RangeReporter`);
 * a range that cannot finish before the lease ends (less the end reserve),
   or is still running when the daemon stops after the runner's grace, is cut
   and ``nak``-ed: redelivered at once to another node, not reported;
@@ -46,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import shutil
@@ -63,32 +64,27 @@ from runner.exceptions import JobSpecError, RunnerError, TaskError
 from runner.lease import Lease
 from runner.node_run import RunReport, run_job
 from runner.spec import JobSpec, decode_spec, parse_spec
-from runner.stop import StopRequest
+from sitejob import pacing
 from sitejob.config import SiteConfig
+from sitejob.exceptions import ProtocolError, SiteJobError
 from sitejob.protocol import (
     INLINE_MAX,
     MAX_REASON,
     WORKERS,
     BeatMsg,
     JobRecord,
-    ProtocolError,
-    RangeMsg,
-    ResultMsg,
     beat_subject,
     decode_range,
     encode,
     encode_inline,
-    output_bucket,
     ranges_stream,
-    result_subject,
 )
-from sitejob.store import SiteJobError, get_status, job_ids, load_job
+from sitejob.range_report import RangeReporter, RunningRange, reason_of, size_and_sha256
+from sitejob.store import get_status, job_ids, load_job
 from swarm.status import RangeReport, SiteReport
 
 log = logging.getLogger("sitejob.worker")
 
-MARGIN = 1.2  # an estimate x this must fit before the lease's end (less the reserve)
-_EWMA = 0.3  # weight of the newest range in this node's pace of a job
 NODE_FAULT_DELAY = 10.0  # seconds before a range this node could not run is redelivered
 _MAX_REFUSAL_KINDS = 32  # distinct refusal reasons counted; the rest go under "other"
 
@@ -100,22 +96,6 @@ class _Job:
     record: JobRecord
     spec: JobSpec
     sub: Any = None  # the pull subscription, bound on first use
-
-
-@dataclass
-class _Range:
-    """A range this node runs."""
-
-    job: str
-    msg: RangeMsg
-    seq: int
-    delivered: int  # how many times the broker had delivered it (this delivery's count)
-    delivery: Any  # the broker's message of the latest delivery (ack, nak, in-progress)
-    started: float
-    estimate: float  # seconds
-    stop: StopRequest = field(default_factory=StopRequest)
-    hand_back: str | None = None  # why it is cut and given back
-    node_fault: str | None = None  # why this node could not run it at all
 
 
 @dataclass
@@ -131,10 +111,6 @@ class _Counters:
         if key not in self.refused and len(self.refused) >= _MAX_REFUSAL_KINDS:
             key = "other reasons"
         self.refused[key] = self.refused.get(key, 0) + 1
-
-
-def _why(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__)[:MAX_REASON]
 
 
 class SiteWorker:
@@ -183,8 +159,9 @@ class SiteWorker:
         self.jobs: dict[str, _Job] = {}
         self.unusable: dict[str, str] = {}  # job -> why this node does not pull it
         self.pace: dict[str, float] = {}
-        self.running: dict[tuple[str, int, int], _Range] = {}
+        self.running: dict[tuple[str, int, int], RunningRange] = {}
         self.counters = _Counters()
+        self.reporter = RangeReporter(js, cfg.node_name, cfg.request_timeout, clock)
         self.not_pulling: str | None = "starting"
         self.problem: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -235,17 +212,16 @@ class SiteWorker:
         return self._lease.at(self._lease.now + (now - self._lease_read))
 
     def _per_event(self, job: _Job, lease: Lease) -> float:
-        measured = self.pace.get(job.record.id)
-        if measured is not None:
-            return measured
-        return job.spec.cpu_work_per_event / lease.power_per_core
+        return pacing.per_event(
+            self.pace.get(job.record.id), job.spec.cpu_work_per_event, lease.power_per_core
+        )
 
     def _usable(self, lease: Lease) -> float:
         """Seconds from now until ranges must be done."""
-        return lease.time_left - end_reserve(lease.time_left, self.reserve_floor)
+        return pacing.usable(lease.time_left, self.reserve_floor)
 
     def _fits(self, job: _Job, lease: Lease, count: int) -> bool:
-        return self._per_event(job, lease) * count * MARGIN <= self._usable(lease)
+        return pacing.fits(self._per_event(job, lease), count, self._usable(lease))
 
     # --- the job list
     async def _refresh_jobs(self) -> None:
@@ -321,7 +297,7 @@ class SiteWorker:
                 pulled = await self._round()
                 self.problem = None
             except Exception as exc:  # a broker error: retry after a short sleep
-                self.problem = _why(exc)
+                self.problem = reason_of(exc)
                 self.not_pulling = f"broker error: {self.problem}"
                 log.warning("site worker: %s", self.problem)
                 pulled = False
@@ -418,7 +394,7 @@ class SiteWorker:
                 await self._refuse(job, msg, str(exc))
                 return
             meta = msg.metadata
-            r = _Range(
+            r = RunningRange(
                 job=job.record.id,
                 msg=rng,
                 seq=int(meta.sequence.stream),
@@ -454,7 +430,7 @@ class SiteWorker:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(msg.term(), self.timeout)
 
-    async def _give_back(self, r: _Range, why: str, delay: float | None = None) -> None:
+    async def _give_back(self, r: RunningRange, why: str, delay: float | None = None) -> None:
         """``nak``: the broker redelivers the range at once (after ``delay``).
 
         When the node stops, not before this node's last pull request has
@@ -469,9 +445,11 @@ class SiteWorker:
             await asyncio.wait_for(r.delivery.nak(delay), self.timeout)
             await asyncio.wait_for(self.nc.flush(self.timeout), self.timeout + 1)
         except Exception as exc:  # AckWait redelivers it anyway
-            log.warning("site job %s: nak of range %d failed: %s", r.job, r.msg.task, _why(exc))
+            log.warning(
+                "site job %s: nak of range %d failed: %s", r.job, r.msg.task, reason_of(exc)
+            )
 
-    async def _run_range(self, job: _Job, r: _Range, lease: Lease) -> None:
+    async def _run_range(self, job: _Job, r: RunningRange, lease: Lease) -> None:
         key = (r.job, r.msg.task, r.seq)
         work = self.root / r.job / f"{r.msg.task}.{r.seq}"
         self.running[key] = r
@@ -509,7 +487,7 @@ class SiteWorker:
             self.running.pop(key, None)
 
     def _run_blocking(
-        self, spec: JobSpec, r: _Range, work: Path, memory: int | None, deadline: float
+        self, spec: JobSpec, r: RunningRange, work: Path, memory: int | None, deadline: float
     ) -> RunReport | str:
         """The range's run (a worker thread): its report, or why it could not run."""
         try:
@@ -532,16 +510,16 @@ class SiteWorker:
             r.node_fault = f"this node cannot run it: {exc}"
             return r.node_fault
 
-    async def _beat(self, r: _Range) -> None:
+    async def _beat(self, r: RunningRange) -> None:
         """In-progress ack and heartbeat; a broker hiccup only costs this one."""
         try:
             await asyncio.wait_for(r.delivery.in_progress(), self.timeout)
             beat = BeatMsg(job=r.job, task=r.msg.task, node=self.cfg.node_name)
             await asyncio.wait_for(self.nc.publish(beat_subject(r.job), encode(beat)), self.timeout)
         except Exception as exc:
-            log.warning("site job %s: heartbeat of range %d: %s", r.job, r.msg.task, _why(exc))
+            log.warning("site job %s: heartbeat of range %d: %s", r.job, r.msg.task, reason_of(exc))
 
-    async def _check_lease(self, r: _Range) -> None:
+    async def _check_lease(self, r: RunningRange) -> None:
         """Cut a range that cannot finish before the lease ends (less the reserve)."""
         if r.hand_back is not None:
             return
@@ -558,7 +536,9 @@ class SiteWorker:
             )
             r.stop.request(r.hand_back, 0)
 
-    async def _conclude(self, job: _Job, r: _Range, work: Path, outcome: RunReport | str) -> None:
+    async def _conclude(
+        self, job: _Job, r: RunningRange, work: Path, outcome: RunReport | str
+    ) -> None:
         report = outcome if isinstance(outcome, RunReport) else None
         if report is not None and report.complete and report.tasks_committed == 1:
             await self._report_success(job, r, work, report)
@@ -576,34 +556,26 @@ class SiteWorker:
             else:
                 reasons = next(iter(report.abandoned.values()), None) or report.failures
                 why = "; ".join(reasons) or "the run failed"
-            await self._report(r, self._result(r, ok=False, reason=why[:MAX_REASON]))
+            await self.reporter.report(
+                r, self.reporter.result(r, ok=False, reason=why[:MAX_REASON])
+            )
             self.counters.failed += 1
         await asyncio.to_thread(shutil.rmtree, work, True)
 
-    def _result(self, r: _Range, **kw: Any) -> ResultMsg:
-        return ResultMsg(
-            job=r.job,
-            task=r.msg.task,
-            first=r.msg.first,
-            count=r.msg.count,
-            generation=r.msg.generation,
-            node=self.cfg.node_name,
-            delivery=r.delivered,
-            **kw,
-        )
-
-    async def _report_success(self, job: _Job, r: _Range, work: Path, report: RunReport) -> None:
+    async def _report_success(
+        self, job: _Job, r: RunningRange, work: Path, report: RunReport
+    ) -> None:
         output = Path(report.output)
-        size, digest = await asyncio.to_thread(_size_and_sha256, output)
+        size, digest = await asyncio.to_thread(size_and_sha256, output)
         extra: dict[str, Any] = {}
         if size <= INLINE_MAX:
             extra["inline"] = encode_inline(await asyncio.to_thread(output.read_bytes))
         else:
             name = f"{r.msg.task}.{self.cfg.node_name}.{r.seq}"
-            if not await self._put_object(r, name, output, size):
+            if not await self.reporter.put_object(r, name, output, size):
                 return  # not reported, not acked: AckWait redelivers it elsewhere
             extra["object"] = name
-        result = self._result(
+        result = self.reporter.result(
             r,
             ok=True,
             size=size,
@@ -612,72 +584,10 @@ class SiteWorker:
             cpu=report.cpu_seconds,
             **extra,
         )
-        if await self._report(r, result):
+        if await self.reporter.report(r, result):
             self.counters.reported += 1
             per_event = (self.clock() - r.started) / r.msg.count
-            was = self.pace.get(r.job)
-            self.pace[r.job] = per_event if was is None else (1 - _EWMA) * was + _EWMA * per_event
-
-    async def _put_object(self, r: _Range, name: str, output: Path, size: int) -> bool:
-        # A generous deadline for the bytes: 10 MB/s at least, on top of a request's.
-        deadline = self.timeout + size / 10e6
-        for attempt in range(3):
-            try:
-                store = await asyncio.wait_for(
-                    self.js.object_store(output_bucket(r.job)), self.timeout
-                )
-                with open(output, "rb") as f:
-                    await asyncio.wait_for(store.put(name, f), deadline)
-                return True
-            except Exception as exc:
-                log.warning(
-                    "site job %s: range %d: storing its output (try %d): %s",
-                    r.job,
-                    r.msg.task,
-                    attempt + 1,
-                    _why(exc),
-                )
-                await asyncio.sleep(1.0)
-        return False
-
-    async def _report(self, r: _Range, result: ResultMsg) -> bool:
-        """Publish ``result`` (stored: PubAck), then ack the range.
-
-        A broker that does not answer is retried (the range kept in progress)
-        for an AckWait at least; then the range is left to its redelivery.
-        """
-        msg_id = f"{r.job}.{r.msg.task}.{self.cfg.node_name}.{r.seq}"
-        data = encode(result)
-        patience = self.clock() + max(30.0, 3 * self.timeout)
-        while True:
-            try:
-                await asyncio.wait_for(
-                    self.js.publish(
-                        result_subject(r.job),
-                        data,
-                        headers={"Nats-Msg-Id": msg_id},
-                        timeout=self.timeout,
-                    ),
-                    self.timeout + 1,
-                )
-                break
-            except Exception as exc:
-                if self.clock() >= patience:
-                    log.warning(
-                        "site job %s: range %d: result not stored, left to redelivery: %s",
-                        r.job,
-                        r.msg.task,
-                        _why(exc),
-                    )
-                    return False
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(r.delivery.in_progress(), self.timeout)
-                await asyncio.sleep(0.5)
-        try:
-            await asyncio.wait_for(r.delivery.ack_sync(timeout=self.timeout), self.timeout + 1)
-        except Exception as exc:  # stored already: a redelivery's result is a duplicate
-            log.warning("site job %s: ack of range %d: %s", r.job, r.msg.task, _why(exc))
-        return True
+            self.pace[r.job] = pacing.smoothed(self.pace.get(r.job), per_event)
 
     # --- stopping
     async def stop(self, grace: float | None = None) -> None:
@@ -696,13 +606,3 @@ class SiteWorker:
             await asyncio.wait(tasks, timeout=g + 4 * self.timeout + 35.0)
         for job in list(self.jobs):
             await self._forget(job, "the node stops")
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-            size += len(block)
-    return size, h.hexdigest()

@@ -31,8 +31,7 @@ from runner.cli import add_runner_commands
 from runner.exceptions import RunnerError
 from runner.sizes import size_argument
 from sitejob.cli import add_site_commands
-from sitejob.natsd import BrokerError
-from sitejob.store import SiteJobError
+from sitejob.exceptions import BrokerError, SiteJobError
 from swarm.address import Address, AddressError
 from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, FetchError, SwarmError

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,8 @@ def _nginx_missing() -> str | None:
 
 
 def _nats_missing() -> str | None:
-    from sitejob.natsd import BrokerError, find_nats_server
+    from sitejob.exceptions import BrokerError
+    from sitejob.natsd import find_nats_server
 
     try:
         find_nats_server()
@@ -64,3 +67,15 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if os.environ.get("SWARM_REQUIRE_ALL") == "1":
             pytest.fail(f"capability {name!r} required (SWARM_REQUIRE_ALL=1): {why}")
         pytest.skip(f"no {name}: {why}")
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory every user can reach (pytest's tmp_path is mode 0700; a root
+    node's job user works below it)."""
+    d = Path(tempfile.mkdtemp(prefix="swarm-test-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

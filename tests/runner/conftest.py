@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,17 +22,6 @@ def _missing(why: str) -> None:
 def as_root() -> None:
     if os.geteuid() != 0:
         _missing("needs root (tasks switch to the job user)")
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user can reach (pytest's tmp_path is mode 0700)."""
-    d = Path(tempfile.mkdtemp(prefix="swarm-runner-test-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def _hierarchy() -> tuple[int, Path] | None:

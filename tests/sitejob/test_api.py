@@ -16,13 +16,12 @@ from aiohttp.test_utils import TestClient, TestServer
 from sitejob.api import SITE_JOB_OPENAPI_PATHS, add_site_job_routes
 from sitejob.config import SiteConfig, connect
 from sitejob.control import SiteControl
-from sitejob.natsd import NatsServer
 from swarm.api import NodeView, make_api_app
+from tests.sitejob.broker_client import Broker
 from tests.sitejob.test_control import spec_text
 
 TOKEN = "s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-Broker = tuple[NatsServer, SiteConfig]
 Client = TestClient[web.Request, web.Application]
 
 

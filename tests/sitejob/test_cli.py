@@ -17,14 +17,13 @@ from typing import Any
 import pytest
 
 from sitejob.config import SiteConfig
-from sitejob.natsd import NatsServer
 from swarm.config import render_config
+from swarm_testing.broker import free_port
 from swarm_testing.waiting import eventually
-from tests.sitejob.conftest import free_port
+from tests.sitejob.broker_client import Broker
 from tests.sitejob.test_control import spec_text
 
 pytestmark = pytest.mark.nats
-Broker = tuple[NatsServer, SiteConfig]
 
 
 def swarm(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:

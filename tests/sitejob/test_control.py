@@ -16,14 +16,13 @@ import pytest
 from runner.exceptions import JobSpecError
 from sitejob import control, store
 from sitejob.config import SiteConfig, connect
-from sitejob.control import NotConnected, SiteControl, new_job_id, plan_job, summarize
-from sitejob.natsd import BrokerError, NatsServer
+from sitejob.control import SiteControl, new_job_id, plan_job, summarize
+from sitejob.exceptions import BrokerError, NotConnected, UnknownSiteJob
 from sitejob.protocol import WORKERS, decode_range, ranges_stream, results_stream
-from sitejob.store import UnknownSiteJob
 from swarm.exceptions import ConfigError
+from tests.sitejob.broker_client import Broker, jetstream
 
 T = TypeVar("T")
-Broker = tuple[NatsServer, SiteConfig]
 
 
 def spec_text(name: str = "mc", *, max_events: int = 50, per_task: int = 10, **extra: Any) -> str:
@@ -40,11 +39,8 @@ def spec_text(name: str = "mc", *, max_events: int = 50, per_task: int = 10, **e
 
 def with_js(cfg: SiteConfig, body: Callable[[Any], Awaitable[T]]) -> T:
     async def main() -> T:
-        nc = await connect(cfg, reconnect=False)
-        try:
-            return await body(nc.jetstream(timeout=cfg.request_timeout))
-        finally:
-            await nc.close()
+        async with jetstream(cfg) as js:
+            return await body(js)
 
     return asyncio.run(main())
 

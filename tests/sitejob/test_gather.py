@@ -28,8 +28,8 @@ import pytest
 from runner.scatter import replay_journal
 from sitejob import store
 from sitejob.config import SiteConfig, connect
-from sitejob.gather import GatherBusy, GatherReport, gather_job
-from sitejob.natsd import NatsServer
+from sitejob.exceptions import GatherBusy
+from sitejob.gather import GatherReport, gather_job
 from sitejob.protocol import (
     WORKERS,
     BeatMsg,
@@ -45,10 +45,11 @@ from sitejob.protocol import (
     result_subject,
 )
 from swarm_testing.waiting import eventually_async
+from tests.sitejob import broker_client
+from tests.sitejob.broker_client import Broker, jetstream
 
 pytestmark = pytest.mark.nats
 
-Broker = tuple[NatsServer, SiteConfig]
 DRIVER = str(Path(__file__).with_name("gather_driver.py"))
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,13 +80,8 @@ def record(
 
 
 async def submit(cfg: SiteConfig, rec: JobRecord) -> None:
-    nc = await connect(cfg, reconnect=False)
-    try:
-        js = nc.jetstream(timeout=cfg.request_timeout)
-        await store.create_job(js, rec)
-        await store.publish_ranges(js, rec, ((t, 0) for t in range(rec.tasks)))
-    finally:
-        await nc.close()
+    async with jetstream(cfg) as js:
+        await broker_client.submit(js, rec)
 
 
 def result_of(
@@ -250,27 +246,20 @@ def check_output(rec: JobRecord, out: Path, missing: set[int] = frozenset()) -> 
 async def streams_gone(cfg: SiteConfig, job: str) -> bool:
     from nats.js.errors import NotFoundError
 
-    nc = await connect(cfg, reconnect=False)
-    try:
-        js = nc.jetstream(timeout=cfg.request_timeout)
+    async with jetstream(cfg) as js:
         try:
             await js.stream_info(ranges_stream(job))
         except NotFoundError:
             return await store.load_job(js, job) is not None
         return False
-    finally:
-        await nc.close()
 
 
 async def kv_status(cfg: SiteConfig, job: str) -> dict[str, Any]:
-    nc = await connect(cfg, reconnect=False)
-    try:
-        raw = await store.get_status(nc.jetstream(timeout=cfg.request_timeout), job)
+    async with jetstream(cfg) as js:
+        raw = await store.get_status(js, job)
         assert raw is not None
         result: dict[str, Any] = json.loads(raw)
         return result
-    finally:
-        await nc.close()
 
 
 def test_a_complete_job_gathers_every_event_once_in_order_and_removes_its_streams(

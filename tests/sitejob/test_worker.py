@@ -15,13 +15,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -31,7 +29,6 @@ from runner.cores import CoreLedger
 from runner.lease import Lease
 from runner.service import JobService
 from sitejob.config import SiteConfig, connect
-from sitejob.natsd import NatsServer
 from sitejob.protocol import (
     GATHER,
     INLINE_MAX,
@@ -53,25 +50,13 @@ from swarm.config import render_config
 from swarm.status import NodeStatus, render
 from swarm_testing.waiting import eventually, eventually_async
 from tests.harness import NodeProcess
+from tests.sitejob.broker_client import Broker, submit
 
 SYNTH = Path(__file__).resolve().parent.parent / "runner" / "synth_events.py"
 TIMED = Path(__file__).resolve().parent / "timed_events.py"
 
 pytestmark = pytest.mark.nats
 T = TypeVar("T")
-
-Broker = tuple[NatsServer, SiteConfig]  # tests/sitejob/conftest.py's fixture
-
-
-@pytest.fixture
-def open_dir() -> Iterator[Path]:
-    """A directory every user can reach (a root node's job user works below it)."""
-    d = Path(tempfile.mkdtemp(prefix="swarm-site-test-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def synth(*extra: str) -> list[str]:
@@ -104,11 +89,6 @@ def record(
         ack_wait=ack_wait,
         max_attempts=3,
     )
-
-
-async def submit(js: Any, rec: JobRecord) -> None:
-    await create_job(js, rec)
-    await publish_ranges(js, rec, [(t, 0) for t in range(rec.tasks)])
 
 
 def lease(cores: int = 2, time_left: float = 600.0) -> Callable[[float], Lease]:
@@ -599,7 +579,7 @@ def test_the_node_daemon_runs_site_ranges(broker: Broker, open_dir: Path) -> Non
 def test_a_node_whose_broker_is_unreachable_starts_and_says_why(
     broker: Broker, open_dir: Path
 ) -> None:
-    from tests.sitejob.conftest import free_port
+    from swarm_testing.broker import free_port
 
     _server, site = broker
 
