@@ -14,11 +14,14 @@ namespace, running ``nats-server`` (:class:`sitejob.natsd.NatsServer`: JetStream
 with ``sync_interval: always``, token auth) on ``ADDR:4222``; hosts 1..N are
 the nodes' namespaces, each running ``swarm node --config`` with no repository
 and no mount, its API, listen and peer ports on its own address, a
-``[runner]`` table (cores, time left... per node) and a ``[site]`` table
+``[runner]`` table (cores, time left... per node), a ``[site]`` table
 (the broker's URL, the token file, the node's name ``wn<i>``, a short
-request timeout). Commands (``swarm site-job ...``) run in any namespace with
-a node's configuration or the control configuration (``[site]`` with
-``work = false``, no daemon).
+request timeout) and optionally more environment (an MJF directory).
+Commands (``swarm site-job ...``) run in any namespace with a node's
+configuration or the control configuration (``[site]`` with ``work =
+false``, no daemon); :meth:`SiteNet.node_status` reads a node's
+``GET /v1/status`` (its worker's ``site`` section) and :meth:`SiteNet.publish`
+puts raw bytes into JetStream as a token holder (bad-input tests).
 
 Invariants: every process is started here and ended by its PID (nodes and
 gathers SIGTERM then SIGKILL, the broker by :meth:`NatsServer.stop`), also
@@ -439,7 +442,14 @@ class SiteNet:
         """
         node = self.nodes[i]
         r = node.host.run(
-            ["curl", "-sS", "--fail", "--max-time", "10", f"http://{node.host.addr}:7000/v1/status"],
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "10",
+                f"http://{node.host.addr}:7000/v1/status",
+            ],
             capture_output=True,
             text=True,
             timeout=30,
@@ -463,7 +473,8 @@ class SiteNet:
             "    nc = await nats.connect(sys.argv[1], token=sys.argv[2], allow_reconnect=False,\n"
             "                            connect_timeout=5)\n"
             "    try:\n"
-            "        ack = await nc.jetstream(timeout=5).publish(sys.argv[3], sys.stdin.buffer.read())\n"
+            "        js = nc.jetstream(timeout=5)\n"
+            "        ack = await js.publish(sys.argv[3], sys.stdin.buffer.read())\n"
             "        print(ack.seq)\n"
             "    finally:\n"
             "        await nc.close()\n"

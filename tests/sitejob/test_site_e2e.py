@@ -148,10 +148,25 @@ def site_of(site: SiteNet, i: int) -> dict[str, Any]:
     return section
 
 
+def workers_ready(site: SiteNet) -> None:
+    """Wait until every node's worker is connected and waiting for a job (a
+    daemon is ready before its worker has connected): a job submitted then
+    finds every node pulling."""
+
+    def waiting() -> bool:
+        return all(
+            site_of(site, i)["not_pulling"] == "no site job to pull from"
+            for i in range(len(site.nodes))
+        )
+
+    eventually("every node's worker to wait for a job", waiting, 60, 0.1)
+
+
 def test_a_jobs_events_are_spread_over_all_nodes(place: Path) -> None:
     events = 90  # 18 ranges of 5 events, about 0.6 s each
     spec = job_spec(place, "spread")
     with SiteNet(place / "site", nodes=3, runner=RUNNER) as site:
+        workers_ready(site)
         job = submit(site, spec, events)
         report = gathered(site, site.start_gather(job, place / "out"))
         st = site.status(job, on=2)
@@ -172,6 +187,7 @@ def test_a_node_killed_mid_range_has_its_range_redone_elsewhere_and_loses_one_ra
     def runs_a_range() -> dict[str, Any] | None:
         """A range node 1 runs whose command has started (it logged its start)
         and has not ended: about a second of it is left when the kill lands."""
+        held: dict[str, Any]
         for held in site_of(site, 1)["running"]:
             mine = [r for r in read_runs(place) if r.node == 1]
             if any(task_of(r, per_range) == held["task"] and r.end is None for r in mine):
@@ -179,6 +195,7 @@ def test_a_node_killed_mid_range_has_its_range_redone_elsewhere_and_loses_one_ra
         return None
 
     with SiteNet(place / "site", nodes=3, runner=RUNNER) as site:
+        workers_ready(site)
         job = submit(site, spec, events)
         g = site.start_gather(job, place / "out")
         held = eventually("node 1 to run a range", runs_a_range, 30, interval=0.02)
@@ -203,6 +220,7 @@ def test_a_gather_killed_mid_job_and_restarted_commits_every_event_once(place: P
     spec = job_spec(place, "regather")
     out = place / "out"
     with SiteNet(place / "site", nodes=3, runner=RUNNER) as site:
+        workers_ready(site)
         job = submit(site, spec, events)
         first = site.start_gather(job, out)
         eventually("the gather to commit a few ranges", lambda: committed(out) >= 3, 60, 0.02)
@@ -224,6 +242,7 @@ def test_a_broker_killed_mid_job_and_restarted_loses_nothing_and_the_job_complet
     spec = job_spec(place, "broker")
     out = place / "out"
     with SiteNet(place / "site", nodes=3, runner=RUNNER) as site:
+        workers_ready(site)
         job = submit(site, spec, events)
         g = site.start_gather(job, out)
 
@@ -251,13 +270,14 @@ def test_a_node_whose_lease_ends_stops_pulling_and_loses_nothing(place: Path) ->
     every time the worker reads its lease); it is moved to now while the node
     runs a range, as a site draining the machine does. (A ``time_left`` in
     ``[runner]`` counts from each reading: it never ends.)"""
-    events, per_range = 120, 10
+    events, per_range = 180, 10  # 18 ranges of about 1 s: the job outlasts node 2's lease
     spec = job_spec(place, "lease", per_range)
     mjf = place / "mjf"
     mjf.mkdir()
     (mjf / "shutdowntime").write_text(f"{int(time.time()) + 3600}\n")
     per_node = [{}, {}, {"env": {"MACHINEFEATURES": str(mjf)}}]
     with SiteNet(place / "site", nodes=3, runner=RUNNER, per_node=per_node) as site:
+        workers_ready(site)
         job = submit(site, spec, events)
         g = site.start_gather(job, place / "out")
         eventually("node 2 to run a range", lambda: site_of(site, 2)["running"], 30, 0.05)
@@ -280,7 +300,8 @@ def test_a_node_whose_lease_ends_stops_pulling_and_loses_nothing(place: Path) ->
     assert after["ranges_run"] == ended["ranges_run"] >= 1  # nothing taken once it ended
     assert after["ranges_failed"] == 0
     runs = [r for r in read_runs(place) if r.node == 2]
-    assert len(runs) == after["ranges_run"] and all(r.start < ended_at for r in runs)
+    # (A range cut before its command started left no run.)
+    assert len(runs) <= after["ranges_run"] and all(r.start < ended_at for r in runs)
     # What it held was finished (and committed) or handed back (and run elsewhere).
     handed_back = [r for r in runs if by_task[task_of(r, per_range)] != "wn2"]
     assert len(handed_back) <= after["ranges_handed_back"]
