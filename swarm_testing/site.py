@@ -14,11 +14,14 @@ namespace, running ``nats-server`` (:class:`sitejob.natsd.NatsServer`: JetStream
 with ``sync_interval: always``, token auth) on ``ADDR:4222``; hosts 1..N are
 the nodes' namespaces, each running ``swarm node --config`` with no repository
 and no mount, its API, listen and peer ports on its own address, a
-``[runner]`` table (cores, time left... per node) and a ``[site]`` table
+``[runner]`` table (cores, time left... per node), a ``[site]`` table
 (the broker's URL, the token file, the node's name ``wn<i>``, a short
-request timeout). Commands (``swarm site-job ...``) run in any namespace with
-a node's configuration or the control configuration (``[site]`` with
-``work = false``, no daemon).
+request timeout) and optionally more environment (an MJF directory).
+Commands (``swarm site-job ...``) run in any namespace with a node's
+configuration or the control configuration (``[site]`` with ``work =
+false``, no daemon); :meth:`SiteNet.node_status` reads a node's
+``GET /v1/status`` (its worker's ``site`` section) and :meth:`SiteNet.publish`
+puts raw bytes into JetStream as a token holder (bad-input tests).
 
 Invariants: every process is started here and ended by its PID (nodes and
 gathers SIGTERM then SIGKILL, the broker by :meth:`NatsServer.stop`), also
@@ -62,6 +65,7 @@ class NodeHandle:
     dir: Path
     runner: dict[str, Any]
     site: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)  # added to the daemon's environment
     proc: subprocess.Popen[Any] | None = None
     logs: list[IO[bytes]] = field(default_factory=list)
 
@@ -104,8 +108,9 @@ class SiteNet:
     """A broker and ``nodes`` node daemons in namespaces; see the module docstring.
 
     ``runner`` is every node's ``[runner]`` table, ``per_node[i]`` adds to node
-    ``i``'s (``{"runner": {...}, "site": {...}}``); ``site`` adds keys to every
-    node's ``[site]`` table. ``start_nodes=False`` leaves the daemons to
+    ``i``'s (``{"runner": {...}, "site": {...}, "env": {...}}``: ``env`` goes
+    into its daemon's environment, e.g. ``MACHINEFEATURES``); ``site`` adds
+    keys to every node's ``[site]`` table. ``start_nodes=False`` leaves the daemons to
     :meth:`start_node`.
     """
 
@@ -146,6 +151,7 @@ class SiteNet:
                         **(site or {}),
                         **extra.get("site", {}),
                     },
+                    env=dict(extra.get("env", {})),
                 )
             )
         self.gathers: list[GatherHandle] = []
@@ -293,6 +299,7 @@ class SiteNet:
         node.logs.append(log)
         node.proc = node.host.popen(
             [PY, "-m", "swarm", "node", "--config", node.config],
+            env={**os.environ, **node.env},
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
@@ -425,6 +432,62 @@ class SiteNet:
         except ValueError:
             report = None
         return code, report
+
+    def node_status(self, i: int) -> dict[str, Any]:
+        """Node ``i``'s ``GET /v1/status`` (its ``site`` section says what its
+        worker runs), read from inside its namespace.
+
+        Raises:
+            AssertionError: no answer within 10 s (the message says what came back).
+        """
+        node = self.nodes[i]
+        r = node.host.run(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--max-time",
+                "10",
+                f"http://{node.host.addr}:7000/v1/status",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert r.returncode == 0, f"node {i}'s status: curl exited {r.returncode}: {r.stderr}"
+        doc: dict[str, Any] = json.loads(r.stdout)
+        return doc
+
+    def publish(self, subject: str, data: bytes, *, on: int | None = None) -> int:
+        """Publish ``data`` on ``subject`` into JetStream as a token holder (a
+        plain nats-py client with the site's token, from the namespace of node
+        ``on``; None: the broker's); the stream sequence it was stored at.
+
+        Raises:
+            AssertionError: the broker did not store it (the message says why).
+        """
+        host = self.broker_host if on is None else self.nodes[on].host
+        code = (
+            "import asyncio, sys, nats\n"
+            "async def main():\n"
+            "    nc = await nats.connect(sys.argv[1], token=sys.argv[2], allow_reconnect=False,\n"
+            "                            connect_timeout=5)\n"
+            "    try:\n"
+            "        js = nc.jetstream(timeout=5)\n"
+            "        ack = await js.publish(sys.argv[3], sys.stdin.buffer.read())\n"
+            "        print(ack.seq)\n"
+            "    finally:\n"
+            "        await nc.close()\n"
+            "asyncio.run(main())\n"
+        )
+        r = host.run(
+            [PY, "-c", code, self.url, self.token, subject],
+            input=data,
+            capture_output=True,
+            timeout=COMMAND_TIMEOUT,
+        )
+        assert r.returncode == 0, f"publish on {subject}: {r.stderr.decode(errors='replace')}"
+        return int(r.stdout)
 
     def connect_without_token(self, on: int | None = None, token: str | None = None) -> str:
         """Try a plain nats-py client (``token``: None for none) from a
