@@ -72,6 +72,13 @@ def markdown(service: dict[str, Any], gather: dict[str, Any] | None) -> str:
             f" {d['redone_on']} started it: AckWait, then a free core) | | info"
             f" (range + AckWait = {goal} s) | {'within' if (delay or 0) <= goal else 'above'} |"
         )
+    s_eff = s["committed_event_cpu"] / sum(s["node_cpu_used"])
+    n_eff = n["committed_event_cpu"] / sum(n["node_cpu_used"])
+    s_occ = sum(s["busy_seconds"]) / sum(s["available_seconds"])
+    known = [i for i, r in enumerate(n["per_node"]) if r["busy_seconds"] is not None]
+    n_occ = sum(n["per_node"][i]["busy_seconds"] for i in known) / sum(
+        n["available_seconds"][i] for i in known
+    )
     node_busy = [
         "-" if r["busy_seconds"] is None else f"{r['busy_seconds']:.1f}" for r in n["per_node"]
     ]
@@ -102,6 +109,10 @@ def markdown(service: dict[str, Any], gather: dict[str, Any] | None) -> str:
         f" ({', '.join(f'{x:.1f}' for x in s['node_cpu_used'])} CPU s)"
         f" | {_pct(sum(n['node_cpu_used']) / n['granted_cpu'])}"
         f" ({', '.join(f'{x:.1f}' for x in n['node_cpu_used'])} CPU s) | | info |",
+        f"| committed event CPU / CPU the nodes' cgroups got | {_pct(s_eff)} | {_pct(n_eff)}"
+        " | | info |",
+        f"| occupancy: busy / available (nodes with a known busy time) | {_pct(s_occ)}"
+        f" | {_pct(n_occ)} | | info |",
         f"| range wall time, median | {s['range_wall_median']} s (nominal"
         f" {p['range_seconds_nominal']:g} s) | | | info |",
         f"| ranges committed per node | {s['nodes_committed']} | | | info |",
@@ -121,7 +132,9 @@ def markdown(service: dict[str, Any], gather: dict[str, Any] | None) -> str:
         "Method: see `bench/README.md` (site event service) and the docstring of"
         " `bench/site_service.py`. Work lost to a death = sum over each"
         " range the dead node held: kill - start of its run there (range time thrown away);"
-        " its delay = start of the committed run elsewhere - start on the dead node.",
+        " its delay = start of the committed run elsewhere - start on the dead node."
+        " Utilisation ~ occupancy x (CPU the cgroups got / granted) x (committed event CPU /"
+        " CPU got): on a shared machine the second factor is the machine's, not ours.",
         "",
     ]
     return "\n".join(lines)
