@@ -398,7 +398,8 @@ class Bench:
                         continue
                     # the run's report (a job the lease cut stays queued for a later lease)
                     rep = node.data_dir / "jobs" / "work" / ids[node.index] / "report.json"
-                    if rep.exists():
+                    # runner/node_run.py writes report.json in place: read until whole
+                    with contextlib.suppress(OSError, ValueError):
                         reports[node.index] = json.loads(rep.read_text())
                         reports[node.index]["done_at"] = round(time.time() - t0, 2)
                 time.sleep(0.2)
