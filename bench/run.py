@@ -7,7 +7,8 @@ image of the same tree).  See ``bench/README.md`` for what each row means.
 
 This module is the command line and runs the sections in order: the lease trace
 (:mod:`bench.lease_trace`), the swarm's distribution and streaming
-(:mod:`bench.distribution`, :mod:`bench.image_streaming`), then the release
+(:mod:`bench.distribution`, :mod:`bench.image_streaming`), the site event
+service (:mod:`bench.site_gather`, :mod:`bench.site_service`), then the release
 sections (:mod:`bench.release_bench` holds their state, :mod:`bench.release_sections`
 the timed sections, :mod:`bench.report` the results files).
 """
@@ -89,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="*",
-        choices=["find", "read", "import", "lease", "distribution", "streaming"],
+        choices=["find", "read", "import", "lease", "distribution", "streaming", "site"],
         help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")
@@ -131,14 +132,34 @@ def _swarm_sections(args: argparse.Namespace) -> int:
     return rc
 
 
+def _site_sections(args: argparse.Namespace) -> int:
+    """The site event service (issue 10): the gather's own costs
+    (:mod:`bench.site_gather`), then four namespaced nodes with a death and an
+    early lease end, as a site job and as node jobs (:mod:`bench.site_service`)."""
+    from bench import site_gather, site_service
+
+    if args.only and "site" not in args.only:
+        return 0
+    seconds = "60" if args.quick else "150"
+    say(f"site: the gather's costs, then a site job of ~{seconds} s on 4 nodes")
+    command = "python -m bench.run " + " ".join(sys.argv[1:])
+    try:
+        rc = site_gather.main([])
+    except Exception as exc:  # a broker that did not start, a gather that did not finish
+        say(f"site gather failed: {exc}")
+        rc = 1
+    return rc | site_service.main(["--seconds", seconds], command=command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         lease = lease_trace.from_bench_run(args.quick, args.only)  # runner: bench/lease_trace.py
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
+        site = _site_sections(args)  # the site event service: bench/site_service.py
         if args.only and not {"find", "read", "import"} & set(args.only):
-            return lease or swarm
-        return run_releases(args) or lease or swarm
+            return lease or swarm or site
+        return run_releases(args) or lease or swarm or site
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -15,8 +15,9 @@ temporary directory (token auth, ``sync_interval: always``) and measures:
   broker's round trips, the gather's verify + fsyncs, no work). Goal: median
   < 20 ms.
 
-Results: ``bench/results/site_gather.json`` (and the dict returned). Not yet
-a section of ``python -m bench.run``.
+Results: ``bench/results/site_gather.json`` (and the dict returned). A
+section of ``python -m bench.run`` (``--only site``), before
+:mod:`bench.site_service`, whose ``SITE_SERVICE.md`` shows both.
 """
 
 from __future__ import annotations
