@@ -48,6 +48,7 @@ from runner.pid_lock import take_pid_lock
 from runner.sizing import WorkHistory
 from runner.spec import load_spec
 from runner.stop import StopRequest
+from trust.durable import write_file_atomic
 
 log = logging.getLogger("runner.masonry")
 
@@ -138,14 +139,8 @@ def recover_orphans(queue: Path) -> list[str]:
     return back
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _reject(qdir: Path, current: Path, spec: Path, reason: str) -> None:
-    _write_atomic(qdir / "rejected" / f"{spec.stem}.reason", reason + "\n")
+    write_file_atomic(qdir / "rejected" / f"{spec.stem}.reason", (reason + "\n").encode())
     os.replace(current, qdir / "rejected" / spec.name)
 
 
@@ -338,7 +333,9 @@ def _run_pilot(
                 break
             summary = {"spec": path.name, **result.to_json()}
             # The report first: whoever sees the spec in done/ finds its report.
-            _write_atomic(qdir / "done" / f"{path.stem}.report.json", json.dumps(summary, indent=1))
+            write_file_atomic(
+                qdir / "done" / f"{path.stem}.report.json", json.dumps(summary, indent=1).encode()
+            )
             os.replace(running, qdir / "done" / path.name)
             report.jobs_run.append(summary)
             ran = True

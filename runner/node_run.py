@@ -35,6 +35,7 @@ from runner.scatter import Plan, ScatterGather
 from runner.spec import JobSpec
 from runner.stop import StopRequest
 from runner.workdir import gather_output, open_journal
+from trust.durable import write_file_atomic
 
 
 @dataclass
@@ -203,5 +204,6 @@ def run_job(
         seconds_per_event=gather.per_event if gather.paced else None,
         tasks_abandoned=sg.abandoned_count,
     )
-    (work / "report.json").write_text(json.dumps(report.to_json(), indent=1))
+    # Replaced atomically: the service and status readers may read it at any time.
+    write_file_atomic(work / "report.json", json.dumps(report.to_json(), indent=1).encode())
     return report

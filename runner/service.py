@@ -167,13 +167,21 @@ class JobService:
         return out
 
     def jobs(self) -> list[dict[str, Any]]:
-        """Every job (queued, running, done, rejected), in submission order."""
-        found: dict[str, dict[str, Any]] = {}
-        for state in STATES:
-            for path in self._paths(state):
-                # A job moving between states may be seen twice: the later state wins.
-                found[path.stem] = self._describe(path, state)
-        return [found[k] for k in sorted(found)]
+        """Every job (queued, running, done, rejected), in submission order.
+
+        The directories are listed one after the other while the masonry
+        thread moves specs between them, so one listing can miss a job that
+        moved the other way meanwhile (running back to queued when it does
+        not fit). So the names are listed twice and every job seen is kept,
+        in the state seen last; a job is missed only if it moved back during
+        both listings.
+        """
+        states: dict[str, tuple[Path, str]] = {}
+        for _ in range(2):
+            for state in STATES:
+                for path in self._paths(state):
+                    states[path.stem] = (path, state)
+        return [self._describe(*states[k]) for k in sorted(states)]
 
     def job(self, job_id: str) -> dict[str, Any]:
         """One job by id.
