@@ -36,6 +36,7 @@ from swarm.address import Address, AddressError
 from swarm.config import parse_origin
 from swarm.exceptions import ConfigError, FetchError, SwarmError
 from swarm.image_cli import add_image_commands
+from swarm.logs import add_log_format_option, configure_logging, subcommand
 from swarm.options import (
     OneLineParser,
     check_directory,
@@ -47,6 +48,8 @@ from trust.exceptions import TrustConfigError, TrustError, TrustTransportError, 
 from trust.names import repo_name_problem
 
 log = logging.getLogger("swarm")
+# The commands that run until stopped, whose logs a collector reads.
+LONG_RUNNING = (("node",), ("serve",), ("mount",), ("site-job", "gather"), ("pilot",))
 MAX_ROOT_KEYS = 64  # a root signed by more keys than this is a typo, not a policy
 
 # Exit statuses by cause: the first row whose class an error is an instance of
@@ -265,11 +268,12 @@ def cmd_resign(a: argparse.Namespace) -> int:
 
 def cmd_serve(a: argparse.Namespace) -> int:
     from swarm.origin import serve
+    from swarm.readiness import notify_ready
 
     listen: Address = a.listen
     existing_directory(a.store, "store")
     print(f"serving {a.store} on http://{listen}/", flush=True)
-    serve(a.store, listen.host, listen.port)
+    serve(a.store, listen.host, listen.port, ready=notify_ready)
     return 0
 
 
@@ -318,6 +322,7 @@ def cmd_mount(a: argparse.Namespace) -> int:
     ]
     if a.tag:
         argv += ["--tag", a.tag]
+    argv += ["--log-format", a.log_format]
     if a.debug:
         argv.insert(0, "--debug")
     check_mount_config(cfg)  # a bad option is reported here, not in the child's log
@@ -584,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
     add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
     add_site_commands(sub)  # site-job submit / status / list / gather, site-broker (sitejob/cli.py)
+    for path in LONG_RUNNING:  # --log-format text|json (swarm/logs.py)
+        add_log_format_option(subcommand(p, *path))
     return p
 
 
@@ -596,10 +603,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING)
         return cmd_trust_client(argparse.Namespace(), rest)
     a = parser.parse_args(args_in)
-    logging.basicConfig(
-        level=logging.DEBUG if a.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(debug=a.debug, log_format=getattr(a, "log_format", "text"))
     try:
         code: int = a.func(a)
         return code

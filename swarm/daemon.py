@@ -3,7 +3,9 @@
 :func:`run_node` reads the configuration, checks the node's paths before
 anything is created, builds the libtorrent session (``[tuning]``), the job
 service (``[runner]``) and the image policy, and runs :func:`build_node`'s
-daemon until SIGTERM/SIGINT.  :func:`build_node` is the one place the node
+daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
+tells systemd ``READY=1`` when started as a ``Type=notify`` unit
+(``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).  :func:`build_node` is the one place the node
 meets its HTTP API (swarm.api depends only on the :class:`swarm.api.NodeView`
 protocol, and swarm.node does not import swarm.api).
 """
@@ -22,6 +24,7 @@ from swarm.exceptions import ConfigError
 from swarm.follower import TorrentParser
 from swarm.node import Node, check_paths
 from swarm.options import ValueRangeError, parse_count, parse_seconds
+from swarm.readiness import notify_ready
 from swarm.transfer import TransferSession
 from trust.exceptions import TrustError
 from trust.policy import ImagePolicy
@@ -83,10 +86,12 @@ def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
 
 
 def run_node(config_path: Path) -> None:
-    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
+    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
+    tells systemd ``READY=1`` when started as a ``Type=notify`` unit
+    (``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).
 
-    Raises:
-        ConfigError: a bad configuration or an unusable path or address.
+        Raises:
+            ConfigError: a bad configuration or an unusable path or address.
     """
     import resource
 
@@ -158,6 +163,7 @@ def run_node(config_path: Path) -> None:
         )
         try:
             await node.start()
+            notify_ready()  # systemd's Type=notify: the API answers from here on
             await node.run()
         finally:
             await node.stop()

@@ -13,7 +13,9 @@ store works behind any web server, e.g. nginx with ``root STORE``.
 
 from __future__ import annotations
 
+import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -23,6 +25,7 @@ from trust.names import is_repo_name
 _OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}")
 _METADATA = re.compile(r"(?:[0-9]+\.)?(?:root|targets|snapshot|timestamp)\.json")
 _IMAGE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9._-]{0,127}/){2}[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
+log = logging.getLogger(__name__)
 _IMMUTABLE = "public, max-age=31536000, immutable"
 
 
@@ -59,6 +62,14 @@ def make_app(store: Path) -> web.Application:
     return app
 
 
-def serve(store: Path, host: str, port: int) -> None:
-    """Serve until interrupted (blocks)."""
-    web.run_app(make_app(store), host=host, port=port, print=None, access_log=None)
+def serve(store: Path, host: str, port: int, *, ready: Callable[[], object] | None = None) -> None:
+    """Serve until interrupted (blocks); call ``ready`` once the port listens."""
+
+    def listening(_banner: str) -> None:
+        # run_app "prints" its banner right after every site has started,
+        # the one moment the port accepts connections: readiness, not output.
+        log.info("origin serving %s on http://%s:%d/", store, host, port)
+        if ready is not None:
+            ready()
+
+    web.run_app(make_app(store), host=host, port=port, print=listening, access_log=None)
