@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install system-packages demo test lint format bench clean
+.PHONY: install system-packages demo test lint format bench clean install-units
 
 install: system-packages $(VENV)/.installed
 
@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m swarm.demo
 
-test: EXTRA_PACKAGES := nginx iproute2
+test: EXTRA_PACKAGES := nginx iproute2 systemd
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -46,6 +46,21 @@ format: install
 bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# systemd units for `swarm node` and `swarm serve` (contrib/systemd, docs/NODE.md):
+# `make install-units` as root, then `systemctl enable --now swarm-node`.
+# UNIT_DIR: where to install; SWARM_BIN: the swarm the units run.
+UNIT_DIR ?= /etc/systemd/system
+SWARM_BIN ?= $(or $(shell command -v swarm),$(abspath $(VENV)/bin/swarm))
+install-units:
+	@test -x "$(SWARM_BIN)" || { echo "install-units: $(SWARM_BIN) is not executable (set SWARM_BIN)"; exit 2; }
+	install -d "$(UNIT_DIR)"
+	@for unit in contrib/systemd/*.service; do \
+	  sed 's|/usr/local/bin/swarm|$(SWARM_BIN)|g' "$$unit" > "$(UNIT_DIR)/$$(basename $$unit)"; \
+	  chmod 644 "$(UNIT_DIR)/$$(basename $$unit)"; \
+	  echo "installed $(UNIT_DIR)/$$(basename $$unit)"; \
+	done
+	@if [ "$(UNIT_DIR)" = /etc/systemd/system ] && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Capability markers: a test marked ``fuse``, ``netns``, ``nginx`` or ``nats``
+"""Capability markers: a test marked ``fuse``, ``netns``, ``nginx``, ``nats`` or ``systemd_analyze``
 is skipped when the machine lacks the capability, and fails instead when
 ``SWARM_REQUIRE_ALL=1`` (as in CI), so a missing capability can never pass
 silently."""
@@ -38,6 +38,12 @@ def _nginx_missing() -> str | None:
     return None
 
 
+def _systemd_analyze_missing() -> str | None:
+    if shutil.which("systemd-analyze") is None:
+        return "systemd-analyze is not installed (apt-get install systemd)"
+    return None
+
+
 def _nats_missing() -> str | None:
     from sitejob.exceptions import BrokerError
     from sitejob.natsd import find_nats_server
@@ -54,6 +60,7 @@ _CAPABILITIES = {
     "netns": _netns_missing,
     "nginx": _nginx_missing,
     "nats": _nats_missing,
+    "systemd_analyze": _systemd_analyze_missing,
 }
 
 

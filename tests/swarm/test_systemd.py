@@ -5,7 +5,6 @@ service answers (``swarm serve``, ``swarm node``), and the unit files in
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -120,3 +119,40 @@ def test_node_notifies_ready_once_its_api_answers(
         assert body.startswith(b"{")
     finally:
         _stop(proc)
+
+
+@pytest.mark.systemd_analyze
+def test_installed_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """``make install-units`` writes units that systemd accepts without a word.
+    systemd-analyze exits 0 even for a misspelt setting (it only warns), so
+    its output must be empty too."""
+    root = UNITS.parents[1]
+    swarm = str(Path(sys.executable).parent / "swarm")  # this checkout's, not one on PATH
+    unit_dir = tmp_path / "units"
+    done = subprocess.run(
+        [
+            "make",
+            "-s",
+            "-C",
+            str(root),
+            "install-units",
+            f"UNIT_DIR={unit_dir}",
+            f"SWARM_BIN={swarm}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    units = sorted(unit_dir.glob("*.service"))
+    assert [u.name for u in units] == ["swarm-node.service", "swarm-serve.service"]
+    for unit in units:
+        text = unit.read_text()
+        assert f"ExecStart={swarm} " in text and "/usr/local/bin/swarm" not in text
+        assert "Type=notify" in text and "Restart=on-failure" in text
+        verified = subprocess.run(
+            ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
+        )
+        assert verified.returncode == 0 and not (verified.stdout + verified.stderr).strip(), (
+            f"{unit.name}: {verified.stdout}{verified.stderr}"
+        )
