@@ -34,6 +34,7 @@ from sitejob.cli import add_site_commands
 from sitejob.exceptions import BrokerError, SiteJobError
 from swarm.address import Address, AddressError
 from swarm.config import parse_origin
+from swarm.doctor import add_doctor_command
 from swarm.exceptions import ConfigError, FetchError, SwarmError
 from swarm.image_cli import add_image_commands
 from swarm.logs import add_log_format_option, configure_logging, subcommand
@@ -588,6 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
     add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
+    add_doctor_command(sub)  # doctor: can this node run (swarm/doctor.py)
     add_site_commands(sub)  # site-job submit / status / list / gather, site-broker (sitejob/cli.py)
     for path in LONG_RUNNING:  # --log-format text|json (swarm/logs.py)
         add_log_format_option(subcommand(p, *path))
