@@ -5,8 +5,9 @@ anything is created, builds the libtorrent session (``[tuning]``), the job
 service (``[runner]``) and the image policy, and runs :func:`build_node`'s
 daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
 tells systemd ``READY=1`` when started as a ``Type=notify`` unit
-(``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).  :func:`build_node` is the one place the node
-meets its HTTP API (swarm.api depends only on the :class:`swarm.api.NodeView`
+(``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).
+:func:`build_node` is the one place the node meets its HTTP API (swarm.api
+depends only on the :class:`swarm.api.NodeView`
 protocol, and swarm.node does not import swarm.api).
 """
 
@@ -86,12 +87,10 @@ def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
 
 
 def run_node(config_path: Path) -> None:
-    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
-    tells systemd ``READY=1`` when started as a ``Type=notify`` unit
-    (``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).
+    """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
 
-        Raises:
-            ConfigError: a bad configuration or an unusable path or address.
+    Raises:
+        ConfigError: a bad configuration or an unusable path or address.
     """
     import resource
 

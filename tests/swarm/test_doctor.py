@@ -9,7 +9,7 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,8 +28,8 @@ REPO = "sw.example.org"
 def write_config(
     tmp: Path,
     settings: dict[str, object],
-    repositories: dict[str, dict[str, object]] | None = None,
-    **tables: dict[str, object],
+    repositories: Mapping[str, Mapping[str, object]] | None = None,
+    **tables: Mapping[str, object],
 ) -> Path:
     """A node config whose defaults make every check pass or skip: ports 0, no
     repository, no mount, the runner disabled."""
@@ -41,7 +41,8 @@ def write_config(
         "dht": False,
     }
     tables.setdefault("runner", {"enabled": False})
-    text = render_config(base | settings, repositories or {}) + "\n" + tomli_w.dumps(tables)
+    extra = tomli_w.dumps({k: dict(v) for k, v in tables.items()})
+    text = render_config(base | settings, repositories or {}) + "\n" + extra
     path = tmp / "node.toml"
     path.write_text(text)
     return path

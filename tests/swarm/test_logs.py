@@ -51,9 +51,9 @@ def test_serve_log_format_json_writes_one_json_object_per_line(tmp_path: Path) -
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     for r in records:
         assert {"time", "level", "logger", "message"} <= r.keys()
-    serving = [r for r in records if r["logger"] == "swarm.origin"]
-    assert serving and f"127.0.0.1:{port}" in serving[0]["message"]
-    assert serving[0]["level"] == "INFO"
+    origin = [r for r in records if r["logger"] == "swarm.origin"]
+    assert origin and f"127.0.0.1:{port}" in origin[0]["message"]
+    assert origin[0]["level"] == "INFO"
 
 
 def test_json_formatter_carries_the_fields_a_log_call_names() -> None:
