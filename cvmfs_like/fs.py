@@ -95,7 +95,14 @@ def _path(raw: bytes | str) -> bytes:
 def log_read_failure(path: str, exc: ObjectVerificationError | ObjectUnavailable) -> None:
     """The log line a reader's EIO corresponds to: which object, and why."""
     what = "failed verification" if isinstance(exc, ObjectVerificationError) else "unavailable"
-    log.error("EIO on %s: object %s %s: %s", path, exc.digest, what, exc.reason)
+    log.error(
+        "EIO on %s: object %s %s: %s",
+        path,
+        exc.digest,
+        what,
+        exc.reason,
+        extra={"object": exc.digest},
+    )
 
 
 class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]

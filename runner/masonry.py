@@ -125,11 +125,19 @@ def recover_orphans(queue: Path) -> list[str]:
     for spec in sorted((queue / "running").glob("*.toml")):
         target = queue / spec.name
         if target.exists():  # never clobber a spec: keep the queued one
-            log.warning("job %s is both queued and orphaned in running/: kept queued", spec.stem)
+            log.warning(
+                "job %s is both queued and orphaned in running/: kept queued",
+                spec.stem,
+                extra={"job": spec.stem},
+            )
             continue
         os.replace(spec, target)
         back.append(spec.name)
-        log.warning("job %s was running when its runner died: queued again", spec.stem)
+        log.warning(
+            "job %s was running when its runner died: queued again",
+            spec.stem,
+            extra={"job": spec.stem},
+        )
     if back:
         fd = os.open(queue, os.O_RDONLY | os.O_DIRECTORY)
         try:

@@ -285,7 +285,12 @@ class _Gather(GatherSession):
             await self.call("cleanup", store.remove_job_data(self.js, self.job), 30)
         except (TimeoutError, SiteJobError) as exc:
             report.warnings.append(f"the job's streams were not removed: {exc}")
-            log.warning("site job %s: the streams were not removed: %s", self.job, exc)
+            log.warning(
+                "site job %s: the streams were not removed: %s",
+                self.job,
+                exc,
+                extra={"job": self.job},
+            )
         return report
 
     def report(self, st: dict[str, Any], stopped: str | None = None) -> GatherReport:

@@ -251,7 +251,7 @@ class SiteWorker:
                 log.warning("site job %s: not pulled: %s", job, exc)
                 continue
             self.jobs[job] = _Job(record, spec)
-            log.info("site job %s: pulling its ranges", job)
+            log.info("site job %s: pulling its ranges", job, extra={"job": job})
 
     async def _finished(self, job: str) -> bool:
         """The gather says it is complete, or its ranges stream is gone."""
@@ -273,7 +273,7 @@ class SiteWorker:
         j = self.jobs.pop(job, None)
         if j is None:
             return
-        log.info("site job %s: no longer pulled (%s)", job, why)
+        log.info("site job %s: no longer pulled (%s)", job, why, extra={"job": job})
         self.pace.pop(job, None)
         if j.sub is not None:
             with contextlib.suppress(Exception):
@@ -440,7 +440,13 @@ class SiteWorker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._pull_ended.wait(), self.poll + self.timeout + 1)
         self.counters.handed_back += 1
-        log.info("site job %s: range %d handed back: %s", r.job, r.msg.task, why)
+        log.info(
+            "site job %s: range %d handed back: %s",
+            r.job,
+            r.msg.task,
+            why,
+            extra={"job": r.job, "range": r.msg.task},
+        )
         try:
             await asyncio.wait_for(r.delivery.nak(delay), self.timeout)
             await asyncio.wait_for(self.nc.flush(self.timeout), self.timeout + 1)

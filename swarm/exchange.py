@@ -161,7 +161,12 @@ class SourceScores:
             record.bad_data += 1
             record.problem, record.at = text, time.time()
         if not repeated:
-            log.warning("%s sent bad data, asked last from now on: %s", source, text)
+            log.warning(
+                "%s sent bad data, asked last from now on: %s",
+                source,
+                text,
+                extra={"peer": source},
+            )
 
     def unreachable(self, source: str, why: str) -> None:
         with self._lock:

@@ -235,7 +235,13 @@ class Follower:
                 raise TransferError(
                     f"{where}: torrent {ref.sha256[:12]} unavailable: {exc}"
                 ) from exc
-            log.info("%s: torrent %s from %s", self.name, ref.sha256[:12], src)
+            log.info(
+                "%s: torrent %s from %s",
+                self.name,
+                ref.sha256[:12],
+                src,
+                extra={"repository": self.name, "peer": src},
+            )
         meta = self.ctx.parse_torrent(data)
         ref.check(data, meta)
         tmp = path.with_suffix(".tmp")

@@ -122,7 +122,13 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         )
         cache, mounted = repo.cache, repo.mounted
         rev = mounted.start()
-        log.info("%s: revision %d, catalog %s", cfg.name, rev.release.revision, rev.release.catalog)
+        log.info(
+            "%s: revision %d, catalog %s",
+            cfg.name,
+            rev.release.revision,
+            rev.release.catalog,
+            extra={"repository": cfg.name, "revision": rev.release.revision},
+        )
 
         def ready() -> None:
             if ready_fd is not None:

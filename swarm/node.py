@@ -377,7 +377,7 @@ class Node:
                 try:
                     await self.refresh(name)
                 except Exception:  # one repository's failure must not stop the others
-                    log.exception("%s: refresh failed", name)
+                    log.exception("%s: refresh failed", name, extra={"repository": name})
 
     async def refresh(self, name: str) -> RepositoryStatus:
         """Refresh one repository's metadata now and switch to a newer revision.

@@ -9,9 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from swarm.logs import JsonFormatter
 from swarm_testing.broker import free_port
 from swarm_testing.waiting import eventually
+from tests.harness import MountProcess, OriginServer
+from trust.keys import init_keys
 
 
 def test_serve_log_format_json_writes_one_json_object_per_line(tmp_path: Path) -> None:
@@ -80,3 +84,51 @@ def test_json_formatter_carries_the_fields_a_log_call_names() -> None:
     )
     assert r["level"] == "WARNING" and r["logger"] == "swarm.node"
     assert "job" not in r
+
+
+@pytest.mark.fuse
+def test_mount_log_format_json_names_the_repository_and_revision(tmp_path: Path) -> None:
+    """A real mount's JSON log carries the repository and revision as fields."""
+    repo = "sw.example.org"
+    keys = init_keys(tmp_path / "keys", repo).parent
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "swarm",
+            "publish",
+            str(src),
+            "--repo",
+            repo,
+            "--keys",
+            str(keys),
+            "--store",
+            str(tmp_path / "store"),
+            "--quiet",
+            "--no-torrent",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    with OriginServer(tmp_path / "store") as origin:
+        mount = MountProcess(
+            repo,
+            tmp_path / "mnt",
+            origin.url,
+            keys / "root.json",
+            tmp_path / "cache",
+            "--log-format",
+            "json",
+        )
+        try:
+            assert (tmp_path / "mnt" / "hello").read_text() == "hello\n"
+        finally:
+            mount.close()
+    records = [json.loads(x) for x in mount.log_path.read_text().splitlines()]
+    revision = [r for r in records if r.get("revision") == 1]
+    assert revision and revision[0]["repository"] == repo
+    assert revision[0]["logger"] == "swarm.mount_service"
