@@ -71,8 +71,9 @@ EPILOG = f"""\
 exit status:
   0    done
   1    an error (one line on stderr); `status`: a mount is dead or does not answer;
-       `site-job gather`: some ranges were abandoned
-  {USAGE}    bad usage: an option, a config key or value, a path, local keys or state
+       `site-job gather`: some ranges were abandoned; `doctor`: a check warned
+  {USAGE}    bad usage: an option, a config key or value, a path, local keys or state;
+       `doctor`: a check failed
   {runner_cli.JOB_REFUSED}    `job run`: the job does not fit the lease, nothing ran
   {runner_cli.JOB_INCOMPLETE}    `job run`: the job was stopped or did not finish every event
   {VERIFICATION_FAILED}    untrusted data failed verification (signature, hash, rollback,
