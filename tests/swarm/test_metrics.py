@@ -7,7 +7,9 @@ a slow job queue cannot hold a scrape."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import re
 import threading
 import time
 import urllib.error
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from cvmfs_like.exceptions import ObjectVerificationError
@@ -25,7 +28,8 @@ from cvmfs_like.store import OriginStore
 from runner.confine import Confinement
 from runner.service import JobService
 from swarm.config import render_config
-from swarm.metrics import JobsReader
+from swarm.metrics import JobsReader, NodeSnapshot, OriginMeters, node_families
+from swarm.status import RangeReport, SiteReport
 from swarm_testing.waiting import eventually, eventually_async
 from tests.harness import NodeProcess, OriginServer, unmount_all
 from tests.runner.test_service import fixed_lease, spec_text
@@ -284,3 +288,72 @@ def test_a_read_through_the_mount_of_a_node_daemon_shows_in_its_metrics(tmp_path
         finally:
             node.close()
             unmount_all(mp)
+
+
+SITE = SiteReport(
+    broker=["nats://127.0.0.1:4222"],
+    node_name="n1",
+    connected=True,
+    problem=None,
+    work=True,
+    not_pulling=None,
+    jobs=["sim"],
+    running=[RangeReport("sim", 3, 17, 1, 2.0, 10.0)],
+    ranges_run=7,
+    ranges_reported=5,
+    ranges_failed=1,
+    ranges_handed_back=1,
+    refused={"bad spec": 2},
+    pace={"sim": 0.5},
+    cores={"capacity": 4, "node": 1, "site": 2, "node_waiting": 0, "peak": 3},
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _documented() -> set[str]:
+    """Series names in docs/NODE.md's metrics tables."""
+    text = (ROOT / "docs" / "NODE.md").read_text()
+    section = text[text.index("## Metrics (Prometheus)") :]
+    names: set[str] = set()
+    for line in section.splitlines():
+        if line.startswith("| `swarm_"):
+            names |= set(re.findall(r"`(swarm_\w+)`", line.split("|")[1]))
+    return names
+
+
+def test_site_series_documented_series_and_the_dashboard_agree(site: Site) -> None:
+    # node_families is pure: a real node's status with a site report as the
+    # site service gives it (sitejob.service), every series there is.
+    async def main() -> list[Metric]:
+        async with running(site.node(0)) as a:
+            snap = NodeSnapshot(
+                dataclasses.replace(a.status(), site=SITE), a.peers(), 0.0, [], True
+            )
+            return [*node_families(snap), *a.meters.collect()]
+
+    families = asyncio.run(main())
+    samples: Samples = {}
+    for f in families:
+        for s in f.samples:
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    assert value(samples, "swarm_site_connected") == 1
+    assert value(samples, "swarm_site_ranges_running") == 1
+    assert value(samples, "swarm_site_ranges_run_total") == 7
+    assert value(samples, "swarm_site_ranges_reported_total") == 5
+    assert value(samples, "swarm_site_ranges_failed_total") == 1
+    assert value(samples, "swarm_site_ranges_handed_back_total") == 1
+    assert value(samples, "swarm_site_ranges_refused_total", reason="bad spec") == 2
+    assert value(samples, "swarm_site_cores", kind="site") == 2
+
+    origin = OriginMeters().registry.collect()
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in [*families, *origin]}
+    documented = _documented()
+    assert exported == documented, (exported - documented, documented - exported)
+    dashboard = json.loads((ROOT / "contrib" / "grafana" / "swarm-node.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    read = {
+        re.sub(r"_(bucket|count|sum)$", "", n) for e in exprs for n in re.findall(r"swarm_\w+", e)
+    }
+    assert read <= documented, read - documented
+    assert {n for n in documented if "site" in n or "job" in n or "origin" in n} <= read
