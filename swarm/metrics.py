@@ -387,14 +387,15 @@ class NodeCollector(Collector):
     """The node's series of the snapshot the scrape took (:func:`node_families`)
     and the node's :class:`FetchMeters`."""
 
-    def __init__(self, meters: FetchMeters) -> None:
-        self.meters = meters
+    def __init__(self) -> None:
         self.snapshot: NodeSnapshot | None = None
+        self.meters: FetchMeters | None = None
 
     def collect(self) -> Iterable[Metric]:
         if self.snapshot is not None:
             yield from node_families(self.snapshot)
-        yield from self.meters.collect()
+        if self.meters is not None:
+            yield from self.meters.collect()
 
 
 def _origin_bytes(meters: FetchMeters) -> float:
@@ -420,7 +421,7 @@ def _exposition(registry: CollectorRegistry) -> web.Response:
 def add_node_metrics(app: web.Application, node: MetricsView) -> None:
     """``GET /metrics`` (no token, read-only) on the node's API application."""
     registry = CollectorRegistry(auto_describe=False)
-    collector = NodeCollector(node.meters)
+    collector = NodeCollector()  # the node is read at scrape time, never before
     registry.register(collector)
     app[_REGISTRY] = registry
     service = node.job_service
@@ -430,9 +431,11 @@ def add_node_metrics(app: web.Application, node: MetricsView) -> None:
         jobs = None if reader is None else await reader.jobs()
         running = None if service is None else bool(service.status()["running"])
         # No await from here to the rendering: concurrent scrapes do not mix.
+        meters = node.meters
         collector.snapshot = NodeSnapshot(
-            node.status(), node.peers(), _origin_bytes(node.meters), jobs, running
+            node.status(), node.peers(), _origin_bytes(meters), jobs, running
         )
+        collector.meters = meters
         return _exposition(registry)
 
     app.router.add_get("/metrics", metrics)
