@@ -123,6 +123,7 @@ class NodeSnapshot:
     origin_bytes: float
     jobs: list[dict[str, Any]] | None  # None: no job service (or never read)
     job_service_running: bool | None
+    now: float  # epoch seconds of the snapshot
 
 
 class JobsReader:
@@ -140,6 +141,9 @@ class JobsReader:
         """The current job list, or the last one read if reading is slow or failed."""
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(asyncio.to_thread(self._read))
+            # A read that fails after its scrape stopped waiting is seen here,
+            # not reported as never retrieved.
+            self._task.add_done_callback(_retrieve)
         try:
             self._last = await asyncio.wait_for(asyncio.shield(self._task), self._wait)
         except TimeoutError:
@@ -149,6 +153,11 @@ class JobsReader:
         except Exception as exc:  # any failure of the queue: the scrape still answers
             log.warning("metrics: the job queue could not be listed: %s", exc)
         return self._last
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("metrics: the job queue could not be listed: %s", task.exception())
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -166,7 +175,7 @@ def node_families(snap: NodeSnapshot) -> list[Metric]:
     out: list[Metric] = []
 
     start = _gauge("swarm_node_start_time_seconds", "When the daemon started, epoch seconds")
-    start.add_metric([], time.time() - st.uptime)
+    start.add_metric([], snap.now - st.uptime)
     mounted = _gauge("swarm_mounted", "1 if the read-only mount is up")
     mounted.add_metric([], 1.0 if st.mounted else 0.0)
     out += [start, mounted]
@@ -433,7 +442,7 @@ def add_node_metrics(app: web.Application, node: MetricsView) -> None:
         # No await from here to the rendering: concurrent scrapes do not mix.
         meters = node.meters
         collector.snapshot = NodeSnapshot(
-            node.status(), node.peers(), _origin_bytes(meters), jobs, running
+            node.status(), node.peers(), _origin_bytes(meters), jobs, running, time.time()
         )
         collector.meters = meters
         return _exposition(registry)

@@ -142,6 +142,34 @@ def test_bytes_that_fail_verification_are_counted(site: Site) -> None:
     asyncio.run(main())
 
 
+def test_objects_the_origin_delivers_when_the_swarm_stalls_count_as_origin_bytes(
+    site: Site,
+) -> None:
+    async def main() -> None:
+        async with running(site.node(0, fetch_timeout=1)) as a:
+            base = f"http://127.0.0.2:{a.api_port}"
+            before = await scrape(base)
+            assert value(before, "swarm_received_bytes_total", source="origin") == 0
+            site.world.stalled = True  # the swarm hangs: the origin takes over at 0.5 s
+            want = (site.src / "bin/hello").read_bytes()
+            assert await asyncio.to_thread(read_file, a.namespace, f"{REPO}/bin/hello") == want
+            st = a.repo_status(REPO)
+            assert st.objects_from_origin >= 1
+            got = await scrape(base)
+            assert value(got, "swarm_received_bytes_total", source="origin") > 0
+            assert value(got, "swarm_object_fetch_seconds_count", source="origin") == (
+                st.objects_from_origin
+            )
+            assert value(got, "swarm_object_fetch_failures_total", source="swarm") == (
+                st.objects_from_origin
+            )
+            assert value(got, "swarm_objects_fetched_total", repository=REPO, source="origin") == (
+                st.objects_from_origin
+            )
+
+    asyncio.run(main())
+
+
 def test_a_jobs_committed_events_show_in_the_node_metrics(site: Site, tmp_path: Path) -> None:
     async def main() -> None:
         node = site.node(0)
@@ -196,6 +224,26 @@ def test_a_slow_job_queue_does_not_hold_a_scrape() -> None:
         release.set()
 
     asyncio.run(main())
+
+
+def test_a_job_queue_that_cannot_be_listed_leaves_the_last_list_and_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    calls: list[int] = []
+
+    def read() -> list[dict[str, object]]:
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(5, "Input/output error")
+        return [{"id": "x", "state": "done"}]
+
+    async def main() -> None:
+        reader = JobsReader(read, wait=5)
+        assert await reader.jobs() == [{"id": "x", "state": "done"}]
+        assert await reader.jobs() == [{"id": "x", "state": "done"}]
+
+    asyncio.run(main())
+    assert "the job queue could not be listed: [Errno 5] Input/output error" in caplog.text
 
 
 def test_swarm_serve_counts_requests_and_bytes_served(tmp_path: Path) -> None:
@@ -328,7 +376,7 @@ def test_site_series_documented_series_and_the_dashboard_agree(site: Site) -> No
     async def main() -> list[Metric]:
         async with running(site.node(0)) as a:
             snap = NodeSnapshot(
-                dataclasses.replace(a.status(), site=SITE), a.peers(), 0.0, [], True
+                dataclasses.replace(a.status(), site=SITE), a.peers(), 0.0, [], True, time.time()
             )
             return [*node_families(snap), *a.meters.collect()]
 
