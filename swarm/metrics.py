@@ -415,9 +415,6 @@ def _origin_bytes(meters: FetchMeters) -> float:
     return 0.0
 
 
-_REGISTRY: web.AppKey[CollectorRegistry] = web.AppKey("metrics_registry")
-
-
 def _exposition(registry: CollectorRegistry) -> web.Response:
     resp = web.Response(body=generate_latest(registry))
     # Prometheus text format 0.0.4 (prometheus_client.CONTENT_TYPE_LATEST), set in
@@ -432,7 +429,6 @@ def add_node_metrics(app: web.Application, node: MetricsView) -> None:
     registry = CollectorRegistry(auto_describe=False)
     collector = NodeCollector()  # the node is read at scrape time, never before
     registry.register(collector)
-    app[_REGISTRY] = registry
     service = node.job_service
     reader = None if service is None else JobsReader(service.jobs)
 
@@ -506,7 +502,7 @@ class _CountedFile(web.FileResponse):
     async def prepare(self, request: web.BaseRequest) -> Any:
         try:
             writer = await super().prepare(request)  # sends the file (sendfile)
-        except BaseException:
+        except BaseException:  # the client went away, or the file could not be read
             self._counted_by.done(self._counted_kind, 500, self._counted_since)
             raise
         if request.method == "GET" and self.status in (200, 206):
@@ -516,7 +512,6 @@ class _CountedFile(web.FileResponse):
 
 
 _ORIGIN_METERS: web.AppKey[OriginMeters] = web.AppKey("origin_meters")
-_START: web.RequestKey[float] = web.RequestKey("metrics_start", float)
 
 
 def served_file(request: web.Request, path: Any, **kw: Any) -> web.FileResponse:
@@ -525,7 +520,8 @@ def served_file(request: web.Request, path: Any, **kw: Any) -> web.FileResponse:
     meters = request.app.get(_ORIGIN_METERS)
     if meters is None:
         return web.FileResponse(path, **kw)
-    return _CountedFile(path, meters, _origin_kind(request), request[_START], **kw)
+    # Timed from here: the handler before it only matched the path (and a stat).
+    return _CountedFile(path, meters, _origin_kind(request), time.monotonic(), **kw)
 
 
 def add_origin_metrics(app: web.Application) -> None:
@@ -543,7 +539,6 @@ def add_origin_metrics(app: web.Application) -> None:
             resp: web.StreamResponse = await handler(request)
             return resp
         start = time.monotonic()
-        request[_START] = start
         code = 500
         try:
             resp = await handler(request)
