@@ -187,6 +187,7 @@ class ObjectCache:
         self.misses = 0
         self.evictions = 0
         self.failures = 0
+        self.rejected = 0  # of the failures: bytes that did not match their hash
         self.dropped = 0
         try:
             for i in range(256):
@@ -374,6 +375,8 @@ class ObjectCache:
             verify(digest, size, data)
         except Exception as exc:
             self.failures += 1
+            if isinstance(exc, ObjectVerificationError):
+                self.rejected += 1
             log.error("fetch refused: %s", exc)
             if isinstance(exc, ObjectUnavailable):
                 self._remember_unavailable(digest, exc.reason)
@@ -492,5 +495,6 @@ class ObjectCache:
                 "misses": self.misses,
                 "evictions": self.evictions,
                 "failures": self.failures,
+                "rejected": self.rejected,
                 "dropped": self.dropped,
             }

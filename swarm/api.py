@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from runner.api import ERROR_RESPONSE
+from swarm.metrics import FetchMeters, add_node_metrics
 from swarm.status import (
     CacheStats,
     ImageReport,
@@ -34,6 +35,9 @@ class NodeView(Protocol):
 
     @property
     def job_service(self) -> Any: ...
+
+    @property
+    def meters(self) -> FetchMeters: ...
 
     def check_token(self, presented: str | None) -> bool: ...
 
@@ -210,6 +214,7 @@ def make_api_app(node: NodeView) -> web.Application:
     app.router.add_get("/v1/transfers", transfers)
     app.router.add_get("/v1/cache", cache)
     app.router.add_post("/v1/shutdown", shutdown)
+    add_node_metrics(app, node)  # GET /metrics, Prometheus text (swarm.metrics)
     if node.job_service is not None:
         from runner.api import JOB_OPENAPI_PATHS, add_job_routes
 

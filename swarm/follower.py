@@ -38,6 +38,7 @@ from swarm.config import RepositoryConfig
 from swarm.exceptions import SwarmError, TransferError
 from swarm.exchange import ExchangeFetcher
 from swarm.layout import RepositoryURLs
+from swarm.metrics import FetchMeters
 from swarm.reads import Holding, LoopBridge, NodeImage, SwarmObjectSource
 from swarm.release_torrent import TorrentRef
 from swarm.status import CacheStats, RepositoryStatus, RevisionReport
@@ -91,6 +92,7 @@ class FollowContext:
     show_repository: Callable[[str, MountedRelease], None]  # first revision loaded
     invalidate: Callable[[list[bytes]], None]  # paths whose kernel cache is stale
     images_changed: Callable[[], None]
+    meters: FetchMeters = field(default_factory=FetchMeters)  # fetch latencies (swarm.metrics)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Follower:
             images=sorted(f"{n}/{v}" for n, v in self.images),
             refused_images=dict(self.refused_images),
             cache=CacheStats(**self.cache.stats()),
+            metadata_expires=self.trusted.expires(),
         )
 
     def revisions(self) -> list[RevisionReport]:
@@ -330,4 +333,5 @@ class Follower:
             transfer,
             self.ctx.bridge,
             self.ctx.fetch_timeout,
+            self.ctx.meters,
         )

@@ -48,6 +48,7 @@ from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.exchange import PeerExchange
 from swarm.follower import FollowContext, Follower, TorrentParser
+from swarm.metrics import FetchMeters
 from swarm.origin_client import OriginObjectSource
 from swarm.reads import LoopBridge, SwarmObjectSource
 from swarm.repository import RepositorySpec, open_repository
@@ -108,6 +109,7 @@ class Node:
         self._extra_peers: set[str] = set()
         # One mount serves every repository: their caches share its gate.
         self._fetch_gate = FetchGate.for_threads(MOUNT_THREADS)
+        self.meters = FetchMeters()  # what no status report holds (GET /metrics)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Node:
             self._show_repository,
             self._invalidate,
             self._publish_images,
+            self.meters,
         )
         for name, rc in cfg.repositories.items():
             self.repos[name] = self._open_repo(rc, ctx)
@@ -210,7 +213,9 @@ class Node:
             if rc.origin is not None
             else None
         )
-        source = SwarmObjectSource(rc.name, ctx.bridge, origin, timeout=self.config.fetch_timeout)
+        source = SwarmObjectSource(
+            rc.name, ctx.bridge, origin, timeout=self.config.fetch_timeout, meters=ctx.meters
+        )
         repo = open_repository(
             spec,
             source,

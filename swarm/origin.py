@@ -9,6 +9,8 @@ objects, versioned metadata and image versions are immutable and cacheable
 forever; ``timestamp.json`` must be revalidated, so a
 site proxy (squid) in front never freezes a node on an old revision.  The same
 store works behind any web server, e.g. nginx with ``root STORE``.
+``GET /metrics`` counts requests, bytes sent and answer times (Prometheus text,
+swarm.metrics).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from swarm.metrics import add_origin_metrics, served_file
 from trust.names import is_repo_name
 
 _OBJECT = re.compile(r"[0-9a-f]{2}/[0-9a-f]{64}")
@@ -50,7 +53,7 @@ def make_app(store: Path) -> web.Application:
         path = root / repo / kind / rest
         if not path.is_file():
             raise web.HTTPNotFound()
-        return web.FileResponse(path, headers={"Cache-Control": cache})
+        return served_file(request, path, headers={"Cache-Control": cache})
 
     async def index(request: web.Request) -> web.Response:
         repos = sorted(p.name for p in root.iterdir() if (p / "metadata").is_dir())
@@ -59,6 +62,7 @@ def make_app(store: Path) -> web.Application:
     app = web.Application()
     app.router.add_get("/", index)
     app.router.add_get("/{repo}/{kind}/{rest:.+}", handle)
+    add_origin_metrics(app)  # GET /metrics, and every answer counted (swarm.metrics)
     return app
 
 

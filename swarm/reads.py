@@ -24,11 +24,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from cvmfs_like.exceptions import ObjectUnavailable
 from swarm.exceptions import TransferError
+from swarm.metrics import FetchMeters
 from swarm.origin_client import OriginObjectSource
 from swarm.transfer import Transfer
 
@@ -79,8 +80,10 @@ class SwarmObjectSource:
         origin: OriginObjectSource | None,
         *,
         timeout: float,
+        meters: FetchMeters | None = None,
     ) -> None:
         self.repo = repo
+        self.meters = FetchMeters() if meters is None else meters
         self.bridge = bridge
         self.origin = origin
         self.timeout = timeout
@@ -106,18 +109,23 @@ class SwarmObjectSource:
                     held.transfer.read(held.file_index, 0, size), start + swarm_time
                 )
                 self.from_swarm += 1
+                self.meters.object_fetch.labels("swarm").observe(self.bridge.clock() - start)
                 return data
             except TimeoutError:
                 swarm_error = f"the swarm did not deliver within {swarm_time:g} s"
             except TransferError as exc:
                 swarm_error = f"swarm: {exc}"
+            self.meters.object_fetch_failures.labels("swarm").inc()
         if self.origin is None:
             raise ObjectUnavailable(digest, f"{swarm_error}, and no origin is configured")
         try:
             data = self.origin.fetch(digest, size, deadline=deadline)
         except ObjectUnavailable as exc:
+            self.meters.object_fetch_failures.labels("origin").inc()
             raise ObjectUnavailable(digest, f"{swarm_error}; {exc.reason}") from exc
         self.from_origin += 1
+        self.meters.object_fetch.labels("origin").observe(self.bridge.clock() - start)
+        self.meters.origin_bytes.inc(len(data))
         return data
 
 
@@ -134,6 +142,7 @@ class NodeImage:
     transfer: Transfer
     bridge: LoopBridge
     timeout: float
+    meters: FetchMeters = field(default_factory=FetchMeters)
 
     def read(self, offset: int, size: int) -> bytes:
         """Bytes of the image, within ``timeout`` seconds.
@@ -142,15 +151,20 @@ class NodeImage:
             ObjectUnavailable: the pieces did not arrive in time, or the
                 torrent failed.
         """
-        deadline = self.bridge.clock() + self.timeout
+        start = self.bridge.clock()
+        deadline = start + self.timeout
         try:
-            return self.bridge.run(self.transfer.read(0, offset, size), deadline)
+            data = self.bridge.run(self.transfer.read(0, offset, size), deadline)
         except TimeoutError:
+            self.meters.image_read_failures.inc()
             raise ObjectUnavailable(
                 self.transfer.meta.info_hash, f"image pieces not delivered in {self.timeout:g} s"
             ) from None
         except TransferError as exc:
+            self.meters.image_read_failures.inc()
             raise ObjectUnavailable(self.transfer.meta.info_hash, str(exc)) from exc
+        self.meters.image_read.observe(self.bridge.clock() - start)
+        return data
 
     def xattrs(self) -> dict[str, bytes]:
         return {

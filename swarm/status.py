@@ -31,6 +31,7 @@ class CacheStats:
     misses: int
     evictions: int
     failures: int
+    rejected: int  # fetched bytes that failed verification (counted in failures too)
     dropped: int
 
 
@@ -63,6 +64,7 @@ class RepositoryStatus:
     images: list[str]  # "name/version" in the mount
     refused_images: dict[str, str]  # "name/version" -> why
     cache: CacheStats
+    metadata_expires: dict[str, float]  # trusted role -> expiry, epoch seconds
 
 
 @dataclass(frozen=True)

@@ -529,6 +529,15 @@ class TrustedRepository:
         with self._lock:
             return 0 if self._state is None else self._state.targets.version
 
+    def expires(self) -> dict[str, float]:
+        """Each trusted role's expiry, epoch seconds (empty before any verification)."""
+        with self._lock:
+            if self._state is None:
+                return {}
+            state = self._state
+            signed = (state.root, state.timestamp, state.snapshot, state.targets)
+            return {s.type: s.expires.timestamp() for s in signed}
+
     def expired_roles(self) -> tuple[str, ...]:
         """Roles of the trusted state that are expired now (offline mode only)."""
         with self._lock:
