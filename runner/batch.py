@@ -350,8 +350,8 @@ def parse_lsf_bjobs(text: str, now: float) -> BatchLimits:
         BatchParseError: not a ``Job <ID>`` description, or a malformed value.
     """
     t = _lsf_unwrapped(text)
-    if not re.search(r"^Job <", t, re.M):
-        raise BatchParseError(f"no 'Job <ID>' in {text[:60]!r}")
+    if not re.search(r"^Job <[^>]*>, User <", t, re.M):
+        raise BatchParseError(f"no 'Job <ID>, User <...>' in {text[:60]!r}")
     end = None
     if m := re.search(r"RUNLIMIT\s*\n\s*([\d.]+) min", t):
         started = re.search(r"^(\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d(?: \d{4})?): Started", t, re.M)
