@@ -449,7 +449,7 @@ def _slurm_squeue(environ: Mapping[str, str]) -> Callable[[str, float], BatchLim
 def _job_id(value: str) -> str | None:
     """A job id as batch systems print them (``12``, ``12.server``, ``12[3]``), else None."""
     v = value.strip()
-    return v if re.fullmatch(r"[\w.\[\]-]{1,128}", v) else None
+    return v if re.fullmatch(r"\w[\w.\[\]-]{0,127}", v) else None  # never an option
 
 
 def detect(environ: Mapping[str, str]) -> Detected | None:

@@ -240,7 +240,12 @@ def test_a_job_id_that_is_not_an_id_is_never_passed_to_a_command() -> None:
     found = detect({"SLURM_JOB_ID": "12 --all"})
     assert found is not None and found.probes == ()
     calls: list[Sequence[str]] = []
-    reading = read_batch({"SLURM_JOB_ID": "-o%all"}, NOW, lambda a, t: calls.append(a) or "")
+
+    def run(argv: Sequence[str], timeout: float) -> str:
+        calls.append(argv)
+        return ""
+
+    reading = read_batch({"SLURM_JOB_ID": "-oall"}, NOW, run)
     assert calls == [] and reading is not None and "not a plain id" in reading.warnings[0]
 
 
