@@ -50,6 +50,9 @@ COMMAND_TIMEOUT = 10.0  # seconds a batch command may take before it is killed
 REFRESH = 10.0  # seconds a reading is reused before the batch system is asked again
 _MAX_OUTPUT = 1 << 20  # bytes of a command's output or a job ad that are parsed
 _MAX_SECONDS = 10 * 365 * 86400  # a limit beyond ten years is no limit we can use
+# Slurm counts a job's run time in whole seconds, truncated: the time left it
+# prints may be up to a second more than is left.
+_SLURM_ROUNDING = 1.0
 
 
 class BatchParseError(RunnerError):
@@ -187,7 +190,7 @@ def _ctime_like(text: str, now: float) -> float:
 def parse_squeue(text: str, now: float) -> BatchLimits:
     """``squeue -h -j ID -o "%L %C %m"``: time left, CPUs, minimum memory.
 
-    ``%m`` is per node unless the job asked memory per CPU; that case is told
+    The end is a second early (``_SLURM_ROUNDING``). ``%m`` is per node unless the job asked memory per CPU; that case is told
     apart by the caller (``SLURM_MEM_PER_CPU``), so here memory is per node.
 
     Raises:
@@ -199,7 +202,7 @@ def parse_squeue(text: str, now: float) -> BatchLimits:
     left, cpus, mem = lines[0].split()
     seconds = parse_slurm_duration(left)
     return BatchLimits(
-        end=None if seconds is None else now + seconds,
+        end=None if seconds is None else now + seconds - _SLURM_ROUNDING,
         cores=_whole(cpus, "CPUs"),
         memory=_size(mem, "memory"),
     )
@@ -234,7 +237,8 @@ def parse_scontrol_job(text: str, now: float) -> BatchLimits:
     elif "MinMemoryCPU" in kv and cores is not None:
         per_cpu = _size(kv["MinMemoryCPU"], "MinMemoryCPU")
         memory = None if per_cpu is None else per_cpu * cores
-    return BatchLimits(end=None if limit is None else now + limit - run, cores=cores, memory=memory)
+    end = None if limit is None else now + limit - run - _SLURM_ROUNDING
+    return BatchLimits(end=end, cores=cores, memory=memory)
 
 
 def _class_ad(text: str) -> dict[str, str]:
