@@ -190,8 +190,9 @@ def _ctime_like(text: str, now: float) -> float:
 def parse_squeue(text: str, now: float) -> BatchLimits:
     """``squeue -h -j ID -o "%L %C %m"``: time left, CPUs, minimum memory.
 
-    The end is a second early (``_SLURM_ROUNDING``). ``%m`` is per node unless the job asked memory per CPU; that case is told
-    apart by the caller (``SLURM_MEM_PER_CPU``), so here memory is per node.
+    The end is a second early (``_SLURM_ROUNDING``). ``%m`` is per node
+    unless the job asked memory per CPU; that case is told apart by the
+    caller (``SLURM_MEM_PER_CPU``), so here memory is per node.
 
     Raises:
         BatchParseError: not one line of three fields.
