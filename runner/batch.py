@@ -581,8 +581,11 @@ def read_batch(
 class BatchReader:
     """:func:`read_batch`, asked again at most every ``refresh`` seconds.
 
-    A failed reading is kept just as long: a batch system that hangs costs
-    one deadline per ``refresh``, not one per lease read. Thread-safe.
+    Only the first reading of a job is waited for (bounded by the commands'
+    deadlines); later ones are refreshed in a background thread while the
+    last reading is returned, so a lease re-read (once a second, from a
+    running job's gather loop) never waits on a slow or hanging batch system.
+    A failed reading is kept just as long as a good one. Thread-safe.
     """
 
     def __init__(
@@ -596,8 +599,11 @@ class BatchReader:
         self._run, self._refresh, self._timeout, self._clock = run, refresh, timeout, clock
         self._lock = threading.Lock()
         self._last: tuple[tuple[str, ...] | None, float, BatchReading | None] | None = None
+        self._refreshing = False
 
     def read(self, environ: Mapping[str, str], now: float) -> BatchReading | None:
+        """The batch system's word on this job as of at most ``refresh`` s ago
+        (or as of the running refresh); None outside a batch system."""
         found = detect(environ)
         key = (
             None
@@ -605,11 +611,32 @@ class BatchReader:
             else (found.system, found.job, *(p.describe() for p in found.probes))
         )
         with self._lock:
-            t = self._clock()
-            if self._last is not None:
-                was, at, reading = self._last
-                if was == key and t - at < self._refresh:
-                    return reading
+            last = self._last
+            if last is not None and last[0] == key:
+                if self._clock() - last[1] >= self._refresh and not self._refreshing:
+                    self._refreshing = True
+                    threading.Thread(
+                        target=self._refresh_in_background,
+                        args=(dict(environ), now, key),
+                        name="batch-lease",
+                        daemon=True,  # bounded by the deadlines; never holds up an exit
+                    ).start()
+                return last[2]
+        reading = read_batch(environ, now, self._run, self._timeout)
+        with self._lock:
+            self._last = (key, self._clock(), reading)
+        return reading
+
+    def _refresh_in_background(
+        self, environ: Mapping[str, str], now: float, key: tuple[str, ...] | None
+    ) -> None:
+        # ``now`` is the clock when the refresh was asked for, before the
+        # command ran: a time left measured later gives an end that is early,
+        # never late.
+        try:
             reading = read_batch(environ, now, self._run, self._timeout)
-            self._last = (key, t, reading)
-            return reading
+            with self._lock:
+                self._last = (key, self._clock(), reading)
+        finally:
+            with self._lock:
+                self._refreshing = False

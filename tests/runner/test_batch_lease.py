@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from runner.batch import (
     BatchParseError,
     BatchReader,
+    BatchReading,
     CommandFailed,
     detect,
     parse_condor_job_ad,
@@ -398,6 +400,15 @@ def test_lease_command_names_the_batch_source(
     assert "memory" in out and str(2 << 30) in out
 
 
+def _next_reading(reader: BatchReader, env: dict[str, str], now: float, old: object) -> object:
+    """The reading once the background refresh has replaced ``old`` (5 s at most)."""
+    end = time.monotonic() + 5.0
+    while (reading := reader.read(env, now)) is old:
+        assert time.monotonic() < end, "the refresh never arrived"
+        time.sleep(0.01)
+    return reading
+
+
 def test_reader_asks_again_only_after_refresh() -> None:
     calls: list[str] = []
     clock = [0.0]
@@ -412,6 +423,34 @@ def test_reader_asks_again_only_after_refresh() -> None:
     clock[0] = 9.0
     assert reader.read(env, NOW + 9) is first and calls == ["squeue"]
     clock[0] = 10.0
-    shortened = reader.read(env, NOW + 10)
-    assert shortened is not None and shortened.limits.end == NOW + 10 + 300 - 1
+    shortened = _next_reading(reader, env, NOW + 10, first)
+    assert isinstance(shortened, BatchReading) and shortened.limits.end == NOW + 10 + 300 - 1
     assert calls == ["squeue", "squeue"]
+
+
+def test_a_hanging_batch_command_never_blocks_a_lease_reread() -> None:
+    # A pilot re-reads its lease once a second from the running job's gather
+    # loop: waiting there on a hanging squeue would hold up dispatch, reaping
+    # and the job's own deadline.
+    release = threading.Event()
+    calls: list[str] = []
+
+    def run(argv: Sequence[str], timeout: float) -> str:
+        calls.append(argv[0])
+        if len(calls) > 1:
+            release.wait(5.0)  # hangs until the test lets it go
+        return "10:00 2 0" if len(calls) == 1 else "5:00 2 0"
+
+    clock = [0.0]
+    reader = BatchReader(run, refresh=10.0, clock=lambda: clock[0])
+    env = {"SLURM_JOB_ID": "1"}
+    first = reader.read(env, NOW)
+    clock[0] = 10.0
+    started = time.monotonic()
+    for _ in range(3):  # the refresh hangs: each read still returns at once
+        assert reader.read(env, NOW + 10) is first
+    assert time.monotonic() - started < 2.0
+    release.set()
+    refreshed = _next_reading(reader, env, NOW + 10, first)
+    assert isinstance(refreshed, BatchReading) and refreshed.limits.end == NOW + 10 + 300 - 1
+    assert calls == ["squeue", "squeue"]  # one refresh in flight at a time
