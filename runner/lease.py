@@ -1,12 +1,14 @@
 """The node's lease: how many cores, how fast, for how long, how much memory.
 
-A lease is assembled from up to four kinds of source, in this order of trust:
+A lease is assembled from up to five kinds of source, in this order of trust:
 
 1. explicit options (command line, API),
 2. WLCG Machine/Job Features (``$MACHINEFEATURES``, ``$JOBFEATURES``: directories
    of one-value files, see HEPiX MJF, CERN-IT-Note-2016-001),
-3. the node's configuration mapping,
-4. what the machine itself says (``os.cpu_count()``, a benchmark).
+3. the batch system the node runs in (Slurm, HTCondor, PBS, LSF, SGE:
+   :mod:`runner.batch`),
+4. the node's configuration mapping,
+5. what the machine itself says (``os.cpu_count()``, a benchmark).
 
 Single-valued fields (cores, power per core, memory) take the first source that
 gives a usable value. Values an operator gives (the ``[runner]`` config keys,
@@ -31,6 +33,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+from runner.batch import BatchReader, BatchReading
 from runner.exceptions import LeaseError, RunnerConfigError
 from runner.sizes import SizeError, parse_size
 
@@ -289,10 +292,14 @@ def assemble_lease(
     job: FeatureDir | None = None,
     config: Mapping[str, object] | None = None,
     options: LeaseOptions | None = None,
+    batch: BatchReading | None = None,
     detected_cores: int | None = None,
     benchmark: Callable[[int], tuple[float, str]] | None = None,
 ) -> Lease:
     """Build a lease from every source given (pure: no I/O of its own).
+
+    ``batch`` is what the batch system said (:func:`runner.batch.read_batch`):
+    its end is a limit like MJF's, its cores and memory come after MJF's.
 
     ``config`` may hold ``cores``, ``power_per_core``, ``time_left`` (seconds
     from ``now``), ``shutdowntime`` (epoch seconds) and ``memory`` (bytes).
@@ -306,14 +313,18 @@ def assemble_lease(
     options = options or LeaseOptions()
     c = _Collector(machine, job)
     sources: dict[str, str] = {}
+    limits = batch.limits if batch is not None else None
+    if batch is not None:
+        c.problems.extend(("time_left", w) for w in batch.warnings)
 
-    # --- cores: option > allocated_cpu (job) > config > total_cpu (machine) > detected
+    # --- cores: option > allocated_cpu (job) > batch > config > total_cpu (machine) > detected
     total_cpu = c.feature("MACHINEFEATURES", "total_cpu", "cores", integer=True)
     cores_f = _first_source(
         "cores",
         sources,
         lambda: _given(options.cores, "option cores"),
         lambda: c.sourced("JOBFEATURES", "allocated_cpu", "cores", integer=True),
+        lambda: _given(limits.cores if limits else None, batch.source if batch else ""),
         lambda: _given(_config_number(config, "cores", c.problems, "cores"), "config cores"),
         lambda: _given(total_cpu, c.source("MACHINEFEATURES", "total_cpu") if total_cpu else ""),
         lambda: _given(detected_cores or None, "detected (os.cpu_count)"),
@@ -370,6 +381,8 @@ def assemble_lease(
                 "$JOBFEATURES/jobstart_secs + $JOBFEATURES/cpu_limit_secs / cores",
             )
         )
+    if batch is not None and limits is not None and limits.end is not None:
+        candidates.append((limits.end - now, batch.source))
     v = _config_number(config, "time_left", c.problems, "time_left")
     if v is not None:
         candidates.append((v, "config time_left"))
@@ -381,12 +394,13 @@ def assemble_lease(
         time_left, sources["time_left"] = min(candidates, key=lambda t: t[0])
         time_left = max(0.0, time_left)
 
-    # --- memory: option > max_rss_bytes (job) > config > none
+    # --- memory: option > max_rss_bytes (job) > batch > config > none
     memory_f = _first_source(
         "memory",
         sources,
         lambda: _given(options.memory, "option memory"),
         lambda: c.sourced("JOBFEATURES", "max_rss_bytes", "memory", integer=True),
+        lambda: _given(limits.memory if limits else None, batch.source if batch else ""),
         lambda: _given(_config_number(config, "memory", c.problems, "memory"), "config memory"),
     )
     memory = None if memory_f is None else int(memory_f)
@@ -446,8 +460,11 @@ def discover_lease(
     options: LeaseOptions | None = None,
     detected_cores: int | None = None,
     benchmark: Callable[[int], tuple[float, str]] | None = None,
+    batch: BatchReader | None = None,
 ) -> Lease:
-    """Read MJF directories named in ``environ`` and assemble the lease.
+    """Read MJF directories named in ``environ``, ask the batch system named
+    there (``batch``, default: one reader per process, asked at most every
+    ``runner.batch.REFRESH`` seconds) and assemble the lease.
 
     Raises:
         LeaseError: as :func:`assemble_lease`.
@@ -463,9 +480,15 @@ def discover_lease(
         job=job,
         config=config,
         options=options,
+        batch=(batch or _BATCH).read(environ, now),
         detected_cores=detected_cores,
         benchmark=benchmark,
     )
+
+
+# The process's batch reader: a pilot re-reads its lease once a second, the
+# batch system is asked at most every REFRESH seconds.
+_BATCH = BatchReader()
 
 
 def shutdown_probe(

@@ -1,4 +1,5 @@
-"""Capability markers: a test marked ``fuse``, ``netns``, ``nginx``, ``nats`` or ``systemd_analyze``
+"""Capability markers: a test marked ``fuse``, ``netns``, ``nginx``, ``nats``,
+``systemd_analyze`` or ``slurm``
 is skipped when the machine lacks the capability, and fails instead when
 ``SWARM_REQUIRE_ALL=1`` (as in CI), so a missing capability can never pass
 silently."""
@@ -55,12 +56,22 @@ def _nats_missing() -> str | None:
     return None
 
 
+def _slurm_missing() -> str | None:
+    if os.geteuid() != 0:
+        return "a single-host Slurm (slurmd launching jobs) needs root"
+    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol"):
+        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
+            return f"{tool} is not installed (apt-get install slurm-wlm munge)"
+    return None
+
+
 _CAPABILITIES = {
     "fuse": _fuse_missing,
     "netns": _netns_missing,
     "nginx": _nginx_missing,
     "nats": _nats_missing,
     "systemd_analyze": _systemd_analyze_missing,
+    "slurm": _slurm_missing,
 }
 
 
