@@ -3,30 +3,37 @@ by Selenium through chromium-driver) against a real node daemon with a
 published repository, a FUSE mount and its job service: the page loads
 without a console error, shows the figures the JSON API gives, follows a
 transfer as it progresses, draws finished jobs in the masonry chart, and
-sends an action only with the token the person typed."""
+sends an action only with the token the person typed; and, over the real
+API application with a stand-in node, shows a hostile peer's client name as
+text."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import tempfile
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+from aiohttp import web
 
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
+from swarm.api import NodeView, make_api_app
 from swarm.release_torrent import torrent_extension
+from swarm.status import NodeStatus, PeerReport
 from swarm_testing.waiting import eventually
 from tests.conftest import CHROMEDRIVER, CHROMIUM
 from tests.harness import NodeProcess, OriginServer, unmount_all
 from tests.trees import build_sample_tree
 from trust.keys import init_keys
 
-pytestmark = [pytest.mark.chromium, pytest.mark.fuse]
+pytestmark = pytest.mark.chromium
 REPO = "sw.example.org"
 JOB = """
 name = "mc-sim"
@@ -145,6 +152,7 @@ def shown(driver: Any, script: str) -> Any:
     return driver.execute_script(script)
 
 
+@pytest.mark.fuse
 def test_the_page_shows_the_nodes_figures_and_follows_a_transfer(node: Node, browser: Any) -> None:
     browser.get(node.url + "/")  # redirected to /dashboard
     assert browser.current_url.endswith("/dashboard")
@@ -192,6 +200,7 @@ def test_the_page_shows_the_nodes_figures_and_follows_a_transfer(node: Node, bro
     assert console_errors(browser) == []
 
 
+@pytest.mark.fuse
 def test_finished_jobs_fill_the_masonry_chart_and_actions_need_the_typed_token(
     node: Node, browser: Any
 ) -> None:
@@ -230,4 +239,80 @@ def test_finished_jobs_fill_the_masonry_chart_and_actions_need_the_typed_token(
         15,
     )
     assert node.token not in browser.page_source  # typed, kept in memory, never in the page
+    assert console_errors(browser) == []
+
+
+HOSTILE = '<img src="x" onerror="window.pwned = 1"><b id="injected">x</b>'
+
+
+class HostilePeerNode:
+    """A stand-in node (swarm.api.NodeView) one of whose peers named its
+    client with markup: a peer chooses its client string."""
+
+    job_service = None
+
+    def check_token(self, presented: str | None) -> bool:
+        return False
+
+    def repo_names(self) -> list[str]:
+        return []
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            pid=1, uptime=5.0, listen="127.0.0.1:6881", api="127.0.0.1:7000",
+            peer="127.0.0.1:6880", mount=None, mounted=False, bootstrap=[], session={},
+            banned=[], repositories={}, transfers=[],
+        )  # fmt: skip
+
+    def peers(self) -> list[PeerReport]:
+        return [PeerReport("127.0.0.9:6881", HOSTILE, 1, 10, 20)]
+
+    def images(self) -> list[Any]:
+        return []
+
+    def transfers(self) -> list[Any]:
+        return []
+
+    def cache(self) -> dict[str, Any]:
+        return {}
+
+
+@pytest.fixture
+def hostile_api() -> Iterator[str]:
+    """The real API application over :class:`HostilePeerNode`, on 127.0.0.1."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    runner = web.AppRunner(make_api_app(cast(NodeView, HostilePeerNode())), access_log=None)
+
+    async def start() -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.Server)
+        return int(server.sockets[0].getsockname()[1])
+
+    try:
+        port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def test_a_peers_client_name_with_markup_is_shown_as_text_never_run(
+    hostile_api: str, browser: Any
+) -> None:
+    browser.get(hostile_api + "/dashboard")
+    eventually(
+        "the peer's row",
+        lambda: "127.0.0.9:6881" in browser.find_element("id", "peers").text,
+        15,
+    )
+    assert HOSTILE in browser.find_element("id", "peers").text  # the characters, as text
+    assert shown(browser, "return document.getElementById('injected')") is None
+    assert shown(browser, "return window.pwned === undefined") is True
     assert console_errors(browser) == []
