@@ -5,7 +5,7 @@ without a console error, shows the figures the JSON API gives, follows a
 transfer as it progresses, draws finished jobs in the masonry chart, and
 sends an action only with the token the person typed; and, over the real
 API application with a stand-in node, shows a hostile peer's client name as
-text."""
+text; and a node's site jobs (a real nats-server) in their table."""
 
 from __future__ import annotations
 
@@ -25,8 +25,10 @@ from aiohttp import web
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.api import NodeView, make_api_app
+from swarm.config import render_config
 from swarm.release_torrent import torrent_extension
 from swarm.status import NodeStatus, PeerReport
+from swarm_testing.broker import local_broker
 from swarm_testing.waiting import eventually
 from tests.conftest import CHROMEDRIVER, CHROMIUM
 from tests.harness import NodeProcess, OriginServer, unmount_all
@@ -316,3 +318,57 @@ def test_a_peers_client_name_with_markup_is_shown_as_text_never_run(
     assert shown(browser, "return document.getElementById('injected')") is None
     assert shown(browser, "return window.pwned === undefined") is True
     assert console_errors(browser) == []
+
+
+@pytest.mark.nats
+def test_a_nodes_site_jobs_are_shown(open_dir: Path, browser: Any) -> None:
+    with local_broker(open_dir) as (server, site):
+        assert site.token_file is not None
+        data = open_dir / "node"
+        cfg = open_dir / "node.toml"
+        settings: dict[str, object] = {
+            "data_dir": data,
+            "api": "127.0.0.1:0",
+            "listen": "127.0.0.1:0",
+            "peer": "127.0.0.1:0",
+            "dht": False,
+        }
+        cfg.write_text(
+            render_config(settings, {})
+            + "\n[runner]\ncores = 1\npower_per_core = 10.0\ntime_left = 600\n"
+            + f"\n[site]\nnats = {json.dumps(server.url)}\n"
+            + f"token_file = {json.dumps(str(site.token_file))}\nwork = false\n"
+        )
+        with NodeProcess(cfg, data, None, open_dir / "node.log"):
+            url = json.loads((data / "node.json").read_text())["api"].rstrip("/")
+            token = (data / "api.token").read_text().strip()
+
+            def status() -> Any:
+                with urllib.request.urlopen(url + "/v1/status", timeout=10) as r:
+                    return json.loads(r.read())
+
+            eventually("the node to reach its broker", lambda: status()["site"]["connected"], 20)
+            spec = 'name = "mc"\ncommand = ["/bin/true", "{first}", "{count}", "{output}"]\n'
+            spec += "cpu_work_per_event = 1.0\nmax_events = 30\nevents_per_task = 10\n"
+            req = urllib.request.Request(
+                url + "/v1/site-jobs",
+                data=spec.encode(),
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            with urllib.request.urlopen(req, timeout=10) as r:
+                job = json.loads(r.read())
+            browser.get(url + "/dashboard")
+            row = eventually(
+                "the site job's row",
+                lambda: next(
+                    (
+                        tr.text
+                        for tr in browser.find_elements("css selector", "#site-jobs tr")
+                        if job["id"] in tr.text
+                    ),
+                    None,
+                ),
+                15,
+            )
+            assert " mc " in f" {row} " and "/ 30" in row
+            assert console_errors(browser) == []
