@@ -35,6 +35,7 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -289,6 +290,7 @@ def _run_pilot(
                     break
                 job_lease = replace(lease, cores=held)
             running = qdir / "running" / path.name
+            started_at = time.time()  # epoch, for the dashboard's masonry chart
             try:
                 os.replace(path, running)
                 result = run_elastic_job(
@@ -323,6 +325,7 @@ def _run_pilot(
                     assert cores is not None
                     cores.release_node(held)
             report.refused.pop(path.name, None)
+            when = {"started_at": started_at, "ended_at": time.time()}
             measured_pace = result.report.seconds_per_event
             if measured_pace is not None:
                 pace[spec.name] = measured_pace
@@ -335,11 +338,11 @@ def _run_pilot(
                 # queue; its journal resumes it later (on this node or the next
                 # lease). Not in this pilot: a smaller job may still fit.
                 os.replace(running, path)
-                report.jobs_run.append({"spec": path.name, **result.to_json()})
+                report.jobs_run.append({"spec": path.name, **result.to_json(), **when})
                 deferred.add(path.name)
                 ran = True
                 break
-            summary = {"spec": path.name, **result.to_json()}
+            summary = {"spec": path.name, **result.to_json(), **when}
             # The report first: whoever sees the spec in done/ finds its report.
             write_file_atomic(
                 qdir / "done" / f"{path.stem}.report.json", json.dumps(summary, indent=1).encode()

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from runner.api import ERROR_RESPONSE
+from swarm.dashboard import add_dashboard_routes
 from swarm.metrics import FetchMeters, add_node_metrics
 from swarm.status import (
     CacheStats,
@@ -215,6 +216,7 @@ def make_api_app(node: NodeView) -> web.Application:
     app.router.add_get("/v1/cache", cache)
     app.router.add_post("/v1/shutdown", shutdown)
     add_node_metrics(app, node)  # GET /metrics, Prometheus text (swarm.metrics)
+    add_dashboard_routes(app, node.job_service, doc)
     if node.job_service is not None:
         from runner.api import JOB_OPENAPI_PATHS, add_job_routes
 

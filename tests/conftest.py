@@ -1,5 +1,5 @@
 """Capability markers: a test marked ``fuse``, ``netns``, ``nginx``, ``nats``,
-``systemd_analyze`` or ``slurm``
+``systemd_analyze``, ``slurm`` or ``chromium``
 is skipped when the machine lacks the capability, and fails instead when
 ``SWARM_REQUIRE_ALL=1`` (as in CI), so a missing capability can never pass
 silently."""
@@ -65,6 +65,21 @@ def _slurm_missing() -> str | None:
     return None
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+
+
+def _chromium_missing() -> str | None:
+    for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not os.access(path, os.X_OK):
+            return f"{path} is not installed (apt-get install {package})"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install -e '.[dev]')"
+    return None
+
+
 _CAPABILITIES = {
     "fuse": _fuse_missing,
     "netns": _netns_missing,
@@ -72,6 +87,7 @@ _CAPABILITIES = {
     "nats": _nats_missing,
     "systemd_analyze": _systemd_analyze_missing,
     "slurm": _slurm_missing,
+    "chromium": _chromium_missing,
 }
 
 
