@@ -90,6 +90,19 @@ class OriginServer:
         self.close()
 
 
+def publish_hello(tmp_path: Path, repo: str, keys: Path) -> Path:
+    """Publish a one-file tree (``hello``) with ``swarm publish`` (no torrent)
+    into ``tmp_path/store``; returns the store."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello").write_text("hello\n")
+    store = tmp_path / "store"
+    argv = [sys.executable, "-m", "swarm", "publish", str(src), "--repo", repo, "--keys",
+            str(keys), "--store", str(store), "--quiet", "--no-torrent"]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    return store
+
+
 def mounts_at(mountpoint: Path) -> int:
     """How many mounts are stacked at ``mountpoint`` (/proc/self/mountinfo)."""
     target = os.path.realpath(mountpoint)

@@ -19,7 +19,7 @@ import tomli_w
 from swarm.config import render_config
 from swarm.doctor import Level, Probe, run_checks
 from swarm_testing.broker import free_port
-from tests.harness import NodeProcess, OriginServer
+from tests.harness import NodeProcess, OriginServer, publish_hello
 from trust.keys import Expiry, init_keys
 
 REPO = "sw.example.org"
@@ -193,29 +193,7 @@ def test_json_output_carries_every_line_and_the_status(tmp_path: Path) -> None:
 
 @pytest.fixture
 def origin(tmp_path: Path, keys: Path) -> Iterator[OriginServer]:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "hello").write_text("hello\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarm",
-            "publish",
-            str(src),
-            "--repo",
-            REPO,
-            "--keys",
-            str(keys.parent),
-            "--store",
-            str(tmp_path / "store"),
-            "--quiet",
-            "--no-torrent",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    publish_hello(tmp_path, REPO, keys.parent)
     server = OriginServer(tmp_path / "store").start()
     try:
         yield server

@@ -14,7 +14,7 @@ import pytest
 from swarm.logs import JsonFormatter
 from swarm_testing.broker import free_port
 from swarm_testing.waiting import eventually
-from tests.harness import MountProcess, OriginServer
+from tests.harness import MountProcess, OriginServer, publish_hello
 from trust.keys import init_keys
 
 
@@ -91,29 +91,7 @@ def test_mount_log_format_json_names_the_repository_and_revision(tmp_path: Path)
     """A real mount's JSON log carries the repository and revision as fields."""
     repo = "sw.example.org"
     keys = init_keys(tmp_path / "keys", repo).parent
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "hello").write_text("hello\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "swarm",
-            "publish",
-            str(src),
-            "--repo",
-            repo,
-            "--keys",
-            str(keys),
-            "--store",
-            str(tmp_path / "store"),
-            "--quiet",
-            "--no-torrent",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
+    publish_hello(tmp_path, repo, keys)
     with OriginServer(tmp_path / "store") as origin:
         mount = MountProcess(
             repo,
