@@ -133,7 +133,6 @@ class SiteNet:
         self.token = secrets.token_urlsafe(24)
         self.token_file = tmp / "nats.token"
         self.broker: NatsServer | None = None
-        self._broker_runs = 0
         self._start_nodes = start_nodes
         base_runner = {"cores": 1, "time_left": 3600, "power_per_core": 10.0, **(runner or {})}
         self.nodes: list[NodeHandle] = []
@@ -225,12 +224,6 @@ class SiteNet:
 
     def start_broker(self) -> NatsServer:
         """Start (or restart, on the same store) the broker in namespace 0."""
-        log = self.tmp / "broker" / "nats.log"
-        if log.exists():
-            # NatsServer, in a namespace, waits for "Server is ready" in its
-            # log's tail: after a SIGKILL the last run's line is still there.
-            log.rename(log.with_name(f"nats.{self._broker_runs}.log"))
-        self._broker_runs += 1
         self.broker = NatsServer(
             self.tmp / "broker",
             self.token,

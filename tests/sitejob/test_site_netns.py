@@ -75,8 +75,8 @@ def _alive(pid: int) -> bool:
 def test_a_restarted_broker_is_listening_when_start_broker_returns(tmp_path: Path) -> None:
     # NatsServer in a namespace waits for "Server is ready" in its log; after
     # a SIGKILL the previous run's line is still in the tail, so a restart
-    # returned at once, before the new server listened (the harness moves the
-    # old log aside).
+    # returned at once, before the new server listened (NatsServer now reads
+    # only what this start logged).
     with SiteNet(tmp_path / "site", nodes=1, start_nodes=False) as site:
         for _ in range(2):
             site.kill_broker()
