@@ -44,6 +44,7 @@ from aiohttp import web
 from cvmfs_like.cache import MOUNT_THREADS, FetchGate
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
+from runner.pid_lock import take_pid_lock
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError
 from swarm.exchange import PeerExchange
@@ -110,6 +111,7 @@ class Node:
         # One mount serves every repository: their caches share its gate.
         self._fetch_gate = FetchGate.for_threads(MOUNT_THREADS)
         self.meters = FetchMeters()  # what no status report holds (GET /metrics)
+        self._lock_fd: int | None = None  # data_dir/node.lock, held while started
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -127,6 +129,7 @@ class Node:
             cfg.data_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"data_dir: {cfg.data_dir}: {exc.strerror}") from None
+        self._take_data_dir()
         self._token = self._load_token()
         ctx = FollowContext(
             self.session,
@@ -156,6 +159,26 @@ class Node:
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
         self._write_state_file()
         log.info("node ready: api %s, peer %s, listen %s", cfg.api, cfg.peer, cfg.listen)
+
+    def _take_data_dir(self) -> None:
+        """Hold ``data_dir/node.lock`` for this node's life: two daemons on one
+        data directory would share caches, torrents and the job queue, each
+        believing it alone writes them.  The kernel drops the lock when this
+        process dies, so a crashed node never blocks the next start.
+
+        Raises:
+            ConfigError: another live process holds the data directory.
+        """
+        path = self.config.data_dir / "node.lock"
+
+        def busy(pid: str) -> ConfigError:
+            holder = f"the node with pid {pid}" if pid else "another node"
+            return ConfigError(f"data_dir: {self.config.data_dir} is in use by {holder}")
+
+        try:
+            self._lock_fd = take_pid_lock(path, busy)
+        except OSError as exc:
+            raise ConfigError(f"data_dir: cannot lock {path}: {exc.strerror}") from None
 
     def _load_token(self) -> str:
         """The API token from its file, made (0600) if missing or empty.  A
@@ -299,6 +322,9 @@ class Node:
         await self.session.close()
         with contextlib.suppress(OSError):
             (self.config.data_dir / "node.json").unlink()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # last: the data directory is free now
+            self._lock_fd = None
 
     # -- peers ---------------------------------------------------------------------------
 

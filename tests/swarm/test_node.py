@@ -20,6 +20,7 @@ from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
 from swarm.config import parse_config
 from swarm.daemon import build_node
+from swarm.exceptions import ConfigError
 from swarm.node import Node
 from swarm.release_torrent import torrent_extension
 from swarm.status import NodeStatus, render
@@ -479,3 +480,20 @@ def test_the_api_token_file_is_created_0600_atomically(site: Site) -> None:
     finally:
         os.umask(old_umask)
     assert [p.name for p in token.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused_and_the_first_keeps_its_state(
+    site: Site,
+) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            state = (a.config.data_dir / "node.json").read_bytes()
+            with pytest.raises(ConfigError, match=rf"in use by the node with pid {os.getpid()}$"):
+                await site.node(0).start()  # same data_dir, other addresses unused yet
+            assert (a.config.data_dir / "node.json").read_bytes() == state
+            assert a.repo_status(REPO).revision == 1
+        # Stopped: the data directory is free for the next start.
+        async with running(site.node(0)) as b:
+            assert b.repo_status(REPO).revision == 1
+
+    asyncio.run(main())
