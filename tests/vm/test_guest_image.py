@@ -353,6 +353,10 @@ def test_reopened_port_gets_hello_again_and_nothing_resent(boot: Callable[..., G
     g.speaker.wait_for("HELLO", is_hello, BOOT_DEADLINE)
     give_files(g, "echo once > $JOBOUTPUTS/first\n" + LOOPING_PAYLOAD)
     g.speaker.wait_for("first output", lambda x: x.startswith("FILE joboutputs/first "), 30)
+    # The agent ships in name order, so a heartbeat after "first" means it has also
+    # recorded "first" as shipped (a close during a line's write ships that file again).
+    g.speaker.received.clear()
+    g.speaker.wait_for("heartbeat", lambda x: x.startswith("FILE joboutputs/vm-heartbeat "), 30)
     g.speaker.close()  # as a daemon restart does
     g.speaker.received.clear()
     # A close and reconnect faster than the guest's kernel can tell it apart from no

@@ -164,12 +164,15 @@ handle_line() {
 # end, or has not opened it yet), then again. The host port stays open while
 # reading: the kernel drops what it buffered for a port when the port is closed.
 reader() {
+    closes=0
     while :; do
         {
             send "HELLO $AGENT_VERSION" || log "HELLO not sent"
             while IFS= read -r line; do handle_line "$line"; done
         } <"$HOST_PORT"
         log "end of file on the host port: reopening it"
+        closes=$((closes + 1)) # counted for ship_outputs
+        echo $closes >"$STATE/closes.new" && mv -f "$STATE/closes.new" "$STATE/closes"
         sleep 1
     done
 }
@@ -187,9 +190,15 @@ ship_outputs() {
         [ "$sig" = "$(cat "$STATE/shipped/$name" 2>/dev/null)" ] && continue
         if [ "${sig%% *}" -gt $MAX_OUTPUT ]; then
             log "not shipping $name: ${sig%% *} bytes is over $MAX_OUTPUT"
-        elif ! send_file "joboutputs/$name" "$f"; then
-            log "shipping $name failed; retrying"
-            continue
+        else
+            # A line written while the host closed its end may reach it torn (part on
+            # the old connection, part on the new): ship it again if that happened.
+            before=$(cat "$STATE/closes" 2>/dev/null)
+            if ! send_file "joboutputs/$name" "$f"; then
+                log "shipping $name failed; retrying"
+                continue
+            fi
+            [ "$before" = "$(cat "$STATE/closes" 2>/dev/null)" ] || continue
         fi
         printf '%s' "$sig" >"$STATE/shipped/$name"
     done
@@ -250,7 +259,7 @@ main() {
     setup_system
     find_ports || return 1
     log "version $AGENT_VERSION: ports $HOST_PORT (host) $GUEST_PORT (guest)"
-    rm -f "$STATE/ready" "$STATE/stop"
+    rm -f "$STATE/ready" "$STATE/stop" "$STATE/closes"
     rmdir "$STATE/lock" 2>/dev/null
 
     # STOP by other means than the port: SIGTERM (a real init shutting down) and the
