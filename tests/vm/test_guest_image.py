@@ -312,15 +312,33 @@ def test_guest_reads_mjf_runs_software_ships_heartbeat_and_200_then_powers_off(
     print(f"boot to HELLO under TCG: {boot_s:.1f} s")
 
 
-def test_user_data_exiting_without_shutdown_message_gets_none_invented(
+def test_user_data_exit_ships_outputs_within_the_line_limit_and_invents_no_code(
     boot: Callable[..., Guest],
 ) -> None:
+    """user_data exits without a shutdown_message: none is invented. An output whose
+    base64 fills the 1 MiB line exactly is shipped, one byte more is not; a FILE from
+    the host outside machinefeatures/jobfeatures/user_data is refused."""
     g = boot()
     g.speaker.wait_for("HELLO", is_hello, BOOT_DEADLINE)
-    give_files(g, "echo hi > $JOBOUTPUTS/said\n")
+    g.speaker.send_file("machinefeatures/../../../tmp/evil", b"x")
+    g.speaker.send_file("jobfeatures/Bad-Key", b"x")
+    give_files(
+        g,
+        "echo hi > $JOBOUTPUTS/said\n"
+        "head -c 786432 /dev/zero > $JOBOUTPUTS/fits\n"
+        "head -c 786433 /dev/zero > $JOBOUTPUTS/too_big\n"
+        "ls /tmp /run/vac/jobfeatures > $JOBOUTPUTS/listing\n",
+    )
     g.speaker.wait_for("DONE", lambda line: line == "DONE", STEP_DEADLINE)
     assert g.wait_exit(STEP_DEADLINE) == 0
-    assert g.speaker.outputs() == {"said": b"hi\n"}
+    outputs = g.speaker.outputs()
+    assert sorted(outputs) == ["fits", "listing", "said"]
+    assert outputs["said"] == b"hi\n"
+    assert outputs["fits"] == bytes(786432)
+    assert max(len(line) for line in g.speaker.received) <= 1024 * 1024 + 1024
+    listing = outputs["listing"].decode()
+    assert "evil" not in listing and "Bad-Key" not in listing
+    assert "wall_limit_secs" in listing
 
 
 LOOPING_PAYLOAD = "while :; do touch $JOBOUTPUTS/vm-heartbeat; sleep 1; done\n"
