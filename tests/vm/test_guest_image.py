@@ -355,6 +355,18 @@ def test_stop_ends_the_payload_with_100_and_powers_off(boot: Callable[..., Guest
     assert g.speaker.outputs()["shutdown_message"] == b"100 Shutdown as requested by the host\n"
 
 
+def test_stop_before_ready_gives_100_without_running_user_data(
+    boot: Callable[..., Guest],
+) -> None:
+    g = boot()
+    g.speaker.wait_for("HELLO", is_hello, BOOT_DEADLINE)
+    g.speaker.send_file("user_data", b"touch $JOBOUTPUTS/ran\n")
+    g.speaker.send("STOP")
+    g.speaker.wait_for("DONE", lambda line: line == "DONE", STEP_DEADLINE)
+    assert g.wait_exit(STEP_DEADLINE) == 0
+    assert g.speaker.outputs() == {"shutdown_message": b"100 Shutdown as requested by the host\n"}
+
+
 def test_acpi_power_button_stops_like_stop(boot: Callable[..., Guest]) -> None:
     g = boot()
     g.speaker.wait_for("HELLO", is_hello, BOOT_DEADLINE)
