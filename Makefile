@@ -30,7 +30,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m swarm.demo
 
-test: EXTRA_PACKAGES := nginx iproute2 systemd slurm-wlm munge chromium chromium-driver
+test: EXTRA_PACKAGES := nginx iproute2 systemd slurm-wlm munge chromium chromium-driver qemu-system-x86 qemu-utils
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -1,5 +1,5 @@
 """Capability markers: a test marked ``fuse``, ``netns``, ``nginx``, ``nats``,
-``systemd_analyze``, ``slurm`` or ``chromium``
+``systemd_analyze``, ``slurm``, ``chromium`` or ``qemu``
 is skipped when the machine lacks the capability, and fails instead when
 ``SWARM_REQUIRE_ALL=1`` (as in CI), so a missing capability can never pass
 silently."""
@@ -80,6 +80,13 @@ def _chromium_missing() -> str | None:
     return None
 
 
+def _qemu_missing() -> str | None:
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install {package})"
+    return None
+
+
 _CAPABILITIES = {
     "fuse": _fuse_missing,
     "netns": _netns_missing,
@@ -88,6 +95,7 @@ _CAPABILITIES = {
     "systemd_analyze": _systemd_analyze_missing,
     "slurm": _slurm_missing,
     "chromium": _chromium_missing,
+    "qemu": _qemu_missing,
 }
 
 
