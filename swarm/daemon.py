@@ -2,8 +2,8 @@
 
 :func:`run_node` reads the configuration, checks the node's paths before
 anything is created, builds the libtorrent session (``[tuning]``), the job
-service (``[runner]``) and the image policy, and runs :func:`build_node`'s
-daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
+service (``[runner]``), the VM service (``[vm]``) and the image policy, and
+runs :func:`build_node`'s daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
 tells systemd ``READY=1`` when started as a ``Type=notify`` unit
 (``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).
 :func:`build_node` is the one place the node meets its HTTP API (swarm.api
@@ -39,19 +39,27 @@ def build_node(
     image_policy: ImagePolicy | None = None,
     job_service: Any = None,
     site: Any = None,
+    vms: Any = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Node:
-    """The daemon with its HTTP API (``start`` it inside a running loop)."""
-    return Node(
+    """The daemon with its HTTP API (``start`` it inside a running loop).
+    ``vms``: a :class:`vm.manager.VmService`; it finds images in this node."""
+    node = Node(
         config,
         session,
         parse_torrent=parse_torrent,
         image_policy=image_policy,
         job_service=job_service,
         site=site,
+        vms=vms,
         clock=clock,
         api=make_api_app,
     )
+    if vms is not None:
+        from vm.manager import node_image_finder
+
+        vms.find_image = node_image_finder(node)
+    return node
 
 
 _NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
@@ -151,6 +159,30 @@ def run_node(config_path: Path) -> None:
             grace=settings.grace,
         )
 
+    vms = None
+    vm_table = dict(cfg.vm)
+    if vm_table.get("enabled", True):
+        from vm.config import vm_settings
+        from vm.exceptions import VmError
+        from vm.manager import VmService
+
+        try:
+            vm_cfg = vm_settings(vm_table, base=config_path.resolve().parent)
+            lease_at = (
+                jobs.lease_at
+                if jobs is not None
+                else runner_settings(runner_table, cfg.data_dir).lease_at
+            )
+        except (VmError, RunnerError) as exc:
+            raise ConfigError(f"{config_path}: {exc}") from None
+        vms = VmService(
+            vm_cfg,
+            data_dir=cfg.data_dir,
+            cores=cores,
+            lease_at=lease_at,
+            software=cfg.mount,  # build_node gives it the node's images
+        )
+
     async def main() -> None:
         node = build_node(
             cfg,
@@ -159,6 +191,7 @@ def run_node(config_path: Path) -> None:
             image_policy=policy,
             job_service=jobs,
             site=site,
+            vms=vms,
         )
         try:
             await node.start()

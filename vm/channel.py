@@ -138,7 +138,7 @@ def decode_guest_line(line: bytes) -> GuestEvent:
             text = name.decode("ascii")
         except UnicodeDecodeError:
             text = ""
-        if not OUTPUT_NAME.match(text):
+        if not OUTPUT_NAME.match(text) or text in (".", ".."):
             return Refused(f"output name {name[:80]!r} is not [A-Za-z0-9._-]{{1,64}}")
         if len(payload) % 4 or not _B64.match(payload):
             return Refused(f"FILE joboutputs/{text}: the content is not base64")

@@ -177,7 +177,7 @@ class OutputLimits:
     def check(self, name: str, size: int) -> str | None:
         """None: store it; else why it is refused (also kept in ``refused``)."""
         problem = None
-        if not OUTPUT_NAME.match(name):
+        if not OUTPUT_NAME.match(name) or name in (".", ".."):
             problem = f"output name {name[:80]!r} is not [A-Za-z0-9._-]{{1,64}}"
         elif size > MAX_OUTPUT_BYTES:
             problem = f"output {name} is {size} bytes (at most {MAX_OUTPUT_BYTES})"

@@ -65,6 +65,7 @@ class QemuSpec:
     accelerator: str  # "kvm" or "tcg"
     software: Path | None = None  # the node's mount root, exported read-only over 9p
     disk: str = "virtio"  # the drive's interface
+    qmp: bool = True  # the KVM probe runs without a monitor
 
 
 def _opt(value: object) -> str:
@@ -108,9 +109,9 @@ def command_line(spec: QemuSpec) -> list[str]:
         f"file,id=console,path={SERIAL_LOG}",
         "-serial",
         "chardev:console",
-        "-qmp",
-        f"unix:{QMP_SOCKET},server=on,wait=off",
     ]
+    if spec.qmp:
+        argv += ["-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
     if spec.software is not None:
         argv += [
             "-fsdev",
