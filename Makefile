@@ -30,7 +30,11 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m swarm.demo
 
-test: EXTRA_PACKAGES := nginx iproute2 systemd slurm-wlm munge chromium chromium-driver qemu-system-x86 qemu-utils
+# qemu and what swarm_testing/guest_image.py builds the test VM image with (busybox for
+# its initramfs, syslinux + mtools + dosfstools for the boot disk, binutils for the
+# KVM probe guest).
+VM_PACKAGES := qemu-system-x86 qemu-utils busybox-static syslinux syslinux-common mtools dosfstools binutils
+test: EXTRA_PACKAGES := nginx iproute2 systemd slurm-wlm munge chromium chromium-driver $(VM_PACKAGES)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -43,7 +47,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl
+bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl $(VM_PACKAGES)
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 

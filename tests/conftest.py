@@ -81,9 +81,13 @@ def _chromium_missing() -> str | None:
 
 
 def _qemu_missing() -> str | None:
-    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils")):
+    for tool in ("qemu-system-x86_64", "qemu-img"):
         if shutil.which(tool) is None:
-            return f"{tool} is not installed (apt-get install {package})"
+            return f"{tool} is not installed (apt-get install qemu-system-x86 qemu-utils)"
+    try:
+        import qemu.qmp  # noqa: F401
+    except ImportError:
+        return "qemu.qmp is not installed (pip install -e '.[dev]')"
     return None
 
 
