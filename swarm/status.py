@@ -298,6 +298,7 @@ class VmReport:
     ends: float | None = None  # its lifetime or the lease's end, the earlier
     stopped: float | None = None
     agent: str | None = None  # the guest agent's HELLO version
+    booted: float | None = None  # the agent's first HELLO (epoch seconds)
     last_heartbeat: float | None = None
     code: int | None = None  # the outcome: shutdown_message code (700 for a stale heartbeat)
     outcome: str | None = None

@@ -16,6 +16,7 @@
     grace = 30                     # STOP + ACPI power button, then this, then quit, kill
     fizzle_seconds = 600           # stopped this soon without a code: an abort
     heartbeat_seconds = 600        # no vm-heartbeat this long: destroyed, 700 heartbeat
+    boot_seconds = 600             # no agent HELLO this long after the start: the same
     backoff_seconds = 600          # no VM of a type that aborted, this long
     software = true                # export the node's mount read-only (9p, swarm-software)
     start_timeout = 30             # qemu-img and qemu's QMP must answer within this
@@ -62,6 +63,7 @@ class VmSettings:
     grace: float = 30.0
     fizzle_seconds: float = 600.0
     heartbeat_seconds: float = 600.0
+    boot_seconds: float = 600.0
     backoff_seconds: float = 600.0
     software: bool = True
     start_timeout: float = 30.0
@@ -131,7 +133,7 @@ def vm_settings(table: Mapping[str, Any], *, base: Path = Path("/")) -> VmSettin
     for key in ("probe_seconds", "start_timeout"):
         if key in table:
             out[key] = _seconds(f"vm.{key}", table[key], minimum=1.0, maximum=600.0)
-    for key in ("fizzle_seconds", "heartbeat_seconds", "backoff_seconds"):
+    for key in ("fizzle_seconds", "heartbeat_seconds", "boot_seconds", "backoff_seconds"):
         if key in table:  # 0 turns the rule off
             out[key] = _seconds(f"vm.{key}", table[key], maximum=MAX_LIFETIME)
     if "grace" in table:

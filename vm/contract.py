@@ -291,14 +291,26 @@ def judge(
 
 
 def heartbeat_stale(
-    *, now: float, started: float, last_heartbeat: float | None, heartbeat_seconds: float
+    *,
+    now: float,
+    started: float,
+    hello: float | None,
+    last_heartbeat: float | None,
+    heartbeat_seconds: float,
+    boot_seconds: float,
 ) -> bool:
     """Whether a VM's heartbeat is stale: none for ``heartbeat_seconds``
-    (counted from its start until the first one). 0 turns the check off."""
-    if heartbeat_seconds <= 0:
-        return False
-    since = started if last_heartbeat is None else max(started, last_heartbeat)
-    return now - since > heartbeat_seconds
+    since the last one, or since the agent's first HELLO before the first
+    one (a boot under software emulation may take long); a guest whose
+    agent never said HELLO is stale ``boot_seconds`` after its start.
+    0 turns a rule off."""
+    if heartbeat_seconds > 0 and last_heartbeat is not None:
+        return now - last_heartbeat > heartbeat_seconds
+    if heartbeat_seconds > 0 and hello is not None:
+        return now - hello > heartbeat_seconds
+    if boot_seconds > 0 and hello is None:
+        return now - started > boot_seconds
+    return False
 
 
 @dataclass

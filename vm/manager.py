@@ -372,7 +372,7 @@ class VmService:
 
     async def _on_event(self, vm: _Vm, event: GuestEvent) -> None:
         if isinstance(event, Hello):
-            self._update(vm, agent=event.version)
+            self._update(vm, agent=event.version, booted=vm.report.booted or self.clock())
             if vm.link is not None:
                 await vm.link.send(self._greeting(vm))
         elif isinstance(event, OutputFile):
@@ -417,8 +417,10 @@ class VmService:
                 if heartbeat_stale(
                     now=now,
                     started=vm.share.started,
+                    hello=vm.report.booted,
                     last_heartbeat=vm.report.last_heartbeat,
                     heartbeat_seconds=s.heartbeat_seconds,
+                    boot_seconds=s.boot_seconds,
                 ):
                     log.warning("vm %s: heartbeat stale: destroyed", vm.report.id)
                     vm.stale = True

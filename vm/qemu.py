@@ -93,6 +93,7 @@ def command_line(spec: QemuSpec) -> list[str]:
         "none",
         "-nic",
         "none",
+        "-no-reboot",  # a guest that reboots (or panics) has ended
         "-drive",
         f"file={_opt(spec.overlay)},format=qcow2,if={spec.disk},cache=writeback",
         "-chardev",

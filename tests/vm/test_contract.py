@@ -132,13 +132,22 @@ def test_a_stale_heartbeat_is_700_heartbeat_whatever_the_guest_wrote() -> None:
     assert (out.code, out.text, out.aborted) == (700, "heartbeat", True)
 
 
-def test_heartbeat_staleness_counts_from_the_start_until_the_first_beat() -> None:
-    assert not heartbeat_stale(now=T0 + 9, started=T0, last_heartbeat=None, heartbeat_seconds=10)
-    assert heartbeat_stale(now=T0 + 11, started=T0, last_heartbeat=None, heartbeat_seconds=10)
-    assert not heartbeat_stale(now=T0 + 19, started=T0, last_heartbeat=T0 + 10,
-                               heartbeat_seconds=10)  # fmt: skip
-    assert heartbeat_stale(now=T0 + 21, started=T0, last_heartbeat=T0 + 10, heartbeat_seconds=10)
-    assert not heartbeat_stale(now=T0 + 1e6, started=T0, last_heartbeat=None, heartbeat_seconds=0)
+def stale(now: float, hello: float | None, beat: float | None) -> bool:
+    return heartbeat_stale(now=T0 + now, started=T0, hello=None if hello is None else T0 + hello,
+                           last_heartbeat=None if beat is None else T0 + beat,
+                           heartbeat_seconds=10, boot_seconds=100)  # fmt: skip
+
+
+def test_heartbeat_staleness_counts_from_the_agents_hello_until_the_first_beat() -> None:
+    assert not stale(99, hello=None, beat=None)  # still booting
+    assert stale(101, hello=None, beat=None)  # no agent within boot_seconds
+    assert not stale(59, hello=50, beat=None)
+    assert stale(61, hello=50, beat=None)
+    assert not stale(69, hello=50, beat=60)
+    assert stale(71, hello=50, beat=60)
+    off = heartbeat_stale(now=T0 + 1e6, started=T0, hello=T0, last_heartbeat=None,
+                          heartbeat_seconds=0, boot_seconds=100)  # fmt: skip
+    assert not off
 
 
 def test_an_abort_backs_off_the_vm_type_and_a_good_end_clears_it() -> None:
