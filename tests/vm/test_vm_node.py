@@ -10,7 +10,6 @@ still names.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -177,14 +176,14 @@ def vm_node(
                     os.kill(pid, signal.SIGKILL)
 
 
-WORK = """#!/bin/sh
+WORK = f"""#!/bin/sh
 cat $MACHINEFEATURES/shutdowntime > $JOBOUTPUTS/mjf_shutdowntime
 cat $JOBFEATURES/allocated_cpu > $JOBOUTPUTS/mjf_allocated_cpu
 cat $JOBFEATURES/max_rss_bytes > $JOBOUTPUTS/mjf_max_rss_bytes
 touch $JOBOUTPUTS/vm-heartbeat
-sh $SWARM_SOFTWARE/{repo}/bin/payload > $JOBOUTPUTS/result
+sh $SWARM_SOFTWARE/{REPO}/bin/payload > $JOBOUTPUTS/result
 echo "200 Success" > $JOBOUTPUTS/shutdown_message
-""".format(repo=REPO)
+"""
 
 LOOP = """#!/bin/sh
 while true; do
