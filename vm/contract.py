@@ -256,9 +256,10 @@ def judge(
 
     Rules (Vac's): a stale heartbeat is ``700 heartbeat`` whatever the guest
     wrote; a well-formed code is the outcome, an abort from
-    :data:`ABORT_FROM` on; without a (well-formed) code, a VM that stopped
-    within ``fizzle_seconds`` of its start fizzled (an abort), a later one
-    did not.
+    :data:`ABORT_FROM` on; without a (well-formed) code, a VM the host
+    stopped is no abort, and one that stopped by itself (or whose qemu
+    exited) within ``fizzle_seconds`` of its start fizzled (an abort), a
+    later one did not.
     """
     if ending is Ending.HEARTBEAT:
         return Outcome(700, "heartbeat", aborted=True)
@@ -271,13 +272,18 @@ def judge(
         else:
             return Outcome(parsed.code, parsed.text, aborted=parsed.code >= ABORT_FROM)
     ran = stopped - started
+    what = "a malformed shutdown_message" if problem else "no shutdown_message"
+    if ending is Ending.HOST_STOP:  # the host's doing, not the guest's: never a fizzle
+        return Outcome(
+            None, f"the host stopped it after {ran:.0f} s with {what}", False,
+            message_problem=problem,
+        )  # fmt: skip
     why = {
         Ending.GUEST: "the guest stopped",
         Ending.HOST_STOP: "the host stopped it",
         Ending.CRASHED: "qemu exited",
         Ending.HEARTBEAT: "",
     }[ending]
-    what = "a malformed shutdown_message" if problem else "no shutdown_message"
     if ran < fizzle_seconds:
         return Outcome(
             None,

@@ -118,6 +118,13 @@ def test_a_vm_that_stops_within_fizzle_seconds_without_a_code_is_an_abort() -> N
     assert not late.aborted and not late.fizzled
 
 
+def test_a_vm_the_host_stopped_without_a_code_is_no_abort() -> None:
+    out = judge(started=T0, stopped=T0 + 3, ending=Ending.HOST_STOP, message=None,
+                fizzle_seconds=60)  # fmt: skip
+    assert (out.code, out.aborted, out.fizzled) == (None, False, False)
+    assert out.text == "the host stopped it after 3 s with no shutdown_message"
+
+
 def test_a_malformed_message_is_recorded_as_such_and_judged_as_no_code() -> None:
     out = judge(started=T0, stopped=T0 + 10, ending=Ending.GUEST, message=b"2OO ok",
                 fizzle_seconds=60)  # fmt: skip
