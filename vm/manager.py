@@ -342,6 +342,7 @@ class VmService:
         vm.tasks = [
             asyncio.create_task(vm.link.run()),
             asyncio.create_task(self._watch(vm)),
+            asyncio.create_task(self._watch_disk(vm)),
         ]
 
     def _greeting(self, vm: _Vm) -> list[bytes]:
@@ -431,6 +432,27 @@ class VmService:
             await vm.qemu.wait(WATCH_TICK)
         await self._finish(vm)
 
+    async def _watch_disk(self, vm: _Vm) -> None:
+        """A full overlay file system: qemu pauses the guest (its ENOSPC
+        policy); the node records why and ends the VM at once."""
+        assert vm.qemu is not None
+        while vm.qemu.running:
+            try:
+                data = await vm.qemu.block_io_error()
+            except QemuError:
+                return
+            if not data.get("nospace"):
+                log.warning("vm %s: disk I/O error: %s", vm.report.id, data)
+                continue
+            why = (
+                f"overlay disk full: no space left for {vm.dir / OVERLAY} on the node"
+                " (qemu paused the guest)"
+            )
+            log.error("vm %s: %s", vm.report.id, why)
+            self._update(vm, error=why)
+            self._begin_stop(vm, 0.0, why, ask=False)
+            return
+
     def _lease_end(self) -> float:
         return self.node_share.lease_end if self.node_share else float("inf")
 
@@ -484,7 +506,7 @@ class VmService:
         assert vm.qemu is not None
         vm.stop_requested = True
         if vm.state is State.RUNNING:
-            self._update(vm, state=State.STOPPING, error=why if not ask else vm.report.error)
+            self._update(vm, state=State.STOPPING, error=vm.report.error or (None if ask else why))
         log.info("vm %s: stopping (%s), grace %g s", vm.report.id, why, grace)
         if ask:
             if vm.link is not None:
@@ -518,10 +540,14 @@ class VmService:
         status = vm.qemu.proc.returncode
         if vm.link is not None:
             vm.link.close()
-        for t in [*vm.tasks, vm.stopping_task]:
-            if t is not None and t is not asyncio.current_task():
+        for t in vm.tasks:  # the link ends on close; the disk watch waits on an event
+            if t is not asyncio.current_task():
+                t.cancel()
+        waits: list[asyncio.Task[Any] | None] = [*vm.tasks, vm.stopping_task]
+        for w in waits:
+            if w is not None and w is not asyncio.current_task():
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await asyncio.wait_for(t, 5.0)
+                    await asyncio.wait_for(w, 5.0)
         vm.qemu.close()
         self.cores.release_vm(vm.report.cores)
         if vm.stale:

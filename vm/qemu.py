@@ -268,6 +268,19 @@ class QemuProcess:
         except (QMPError, OSError) as exc:
             raise QemuError(f"{command}: {exc}") from None
 
+    async def block_io_error(self) -> dict[str, Any]:
+        """The data of qemu's next ``BLOCK_IO_ERROR`` event (waits until one
+        comes; the caller cancels it when qemu is gone).
+
+        Raises:
+            QemuError: no QMP connection.
+        """
+        if self._qmp is None:
+            raise QemuError("BLOCK_IO_ERROR: no QMP connection")
+        with self._qmp.listener("BLOCK_IO_ERROR") as listener:
+            event = await listener.get()
+        return dict(event.get("data", {}))
+
     @property
     def running(self) -> bool:
         return self.proc.returncode is None

@@ -11,7 +11,7 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -204,3 +204,55 @@ def test_physical_cores_are_counted_from_cpuinfo() -> None:
     )
     assert physical_cores(info, 8) == 4
     assert physical_cores("processor : 0\n", 3) == 3
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs (root only), unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mp = tmp_path / "small"
+    mp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mp)], check=True)
+    try:
+        yield mp
+    finally:
+        subprocess.run(["umount", "-l", str(mp)], check=False)
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(180)
+def test_an_overlay_that_fills_its_file_system_is_named_and_the_vm_ended(
+    tmp_path: Path, small_fs: Path
+) -> None:
+    from swarm_testing.guest_image import build_guest_image
+
+    guest = build_guest_image(pad_bytes=64 << 20)  # room on /dev/vda to write into
+
+    async def main() -> None:
+        svc = VmService(
+            VmSettings(accelerator="tcg", grace=1.0, software=False),
+            data_dir=small_fs / "data",
+            cores=CoreLedger(),
+            lease_at=lease_for(3600),
+            find_image=lambda image: ImageLookup(guest.path, "raw"),
+        )
+        await svc.start()
+        try:
+            fill = (
+                "#!/bin/sh\ntouch $JOBOUTPUTS/vm-heartbeat\n"
+                "dd if=/dev/urandom of=/dev/vda bs=1M seek=16 count=48 conv=fsync\n"
+                "echo '200 wrote it all' > $JOBOUTPUTS/shutdown_message\n"
+            )
+            a = await svc.start_vm(VmRequest(IMAGE, user_data=fill.encode()))
+            await asyncio.wait_for(svc.vms[a.id].done.wait(), 150)
+            done = svc.get(a.id)
+            assert done.state == "stopped" and done.code != 200, done
+            assert (done.error or "").startswith("overlay disk full: no space left"), done
+            assert svc.cores.snapshot().vm == 0
+            assert not (Path(done.dir) / "disk.qcow2").exists()  # the space is given back
+            assert json.loads((Path(done.dir) / "record.json").read_text())["error"] == done.error
+        finally:
+            await svc.stop()
+
+    asyncio.run(main())
