@@ -85,6 +85,15 @@ sync
 poweroff -f
 """.replace("{GUEST_AGENT}", GUEST_AGENT)
 
+PROBE_LINE = "swarm-probe: linux ok"
+PROBE_INIT = f"""\
+#!/bin/busybox sh
+# swarm-grid accelerator probe: PID 1 of a Linux guest. Reaching this line at all is
+# the answer; then power off so qemu exits by itself.
+echo "{PROBE_LINE}"
+/bin/busybox poweroff -f
+"""
+
 SYSLINUX_CFG = """\
 DEFAULT swarm
 PROMPT 0
@@ -247,7 +256,9 @@ def _run(
             **kw,  # type: ignore[call-overload]
         )
     except FileNotFoundError as exc:
-        raise GuestImageError(f"{what}: {argv[0]} is not installed (make test installs it)") from exc
+        raise GuestImageError(
+            f"{what}: {argv[0]} is not installed (make test installs it)"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise GuestImageError(f"{what}: `{cmd}` did not finish within {timeout:g} s") from exc
     if r.returncode != 0:
@@ -298,11 +309,12 @@ def _kernel_deb(cache: Path, timeout: float) -> Path:
     return final
 
 
-def _inputs(cache: Path, pad_bytes: int, cmdline: str, timeout: float) -> dict[str, str]:
+def _inputs(cache: Path, kind: str, pad_bytes: int, cmdline: str, timeout: float) -> dict[str, str]:
     busybox = Path("/bin/busybox")
     if not busybox.exists():
         raise GuestImageError("busybox-static is not installed (/bin/busybox missing)")
     return {
+        "kind": kind,
         "kernel_deb": _kernel_deb(cache, timeout).name,
         "busybox": hashlib.sha256(busybox.read_bytes()).hexdigest(),
         "syslinux": _package_version("syslinux", timeout)
@@ -323,7 +335,8 @@ def build_guest_image(
     cache: Path | None = None,
     timeout: float = 300.0,
 ) -> GuestImage:
-    """The test guest image, built once per set of inputs and cached.
+    """The test guest image (the agent in an initramfs), built once per set of inputs
+    and cached.
 
     ``pad_bytes`` of incompressible filler are appended after the boot file system
     (rounded up to whole 512-byte sectors). ``console`` is the kernel console
@@ -336,11 +349,29 @@ def build_guest_image(
     if pad_bytes < 0:
         raise GuestImageError(f"pad_bytes must be >= 0, not {pad_bytes}")
     pad_bytes = -(-pad_bytes // SECTOR) * SECTOR
+    return _cached_build("guest", pad_bytes, kernel_cmdline(console, extra_cmdline), cache, timeout)
+
+
+def build_probe_image(*, cache: Path | None = None, timeout: float = 300.0) -> GuestImage:
+    """The accelerator probe guest: the same kernel and boot loader as the test image,
+    and an init that only writes :data:`PROBE_LINE` on ttyS0 and powers off. A Linux
+    boot, because on these machines KVM runs a tiny non-Linux guest (real, protected
+    and long mode, port I/O) while a Linux boot fails under it: only a Linux guest
+    tells whether Linux guests work (docs/VMS.md, "The accelerator probe").
+
+    Raises:
+        GuestImageError: as :func:`build_guest_image`.
+    """
+    return _cached_build("probe", 0, kernel_cmdline("ttyS0"), cache, timeout)
+
+
+def _cached_build(
+    kind: str, pad_bytes: int, cmdline: str, cache: Path | None, timeout: float
+) -> GuestImage:
     cache = cache if cache is not None else DEFAULT_CACHE
-    cmdline = kernel_cmdline(console, extra_cmdline)
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        inputs = _inputs(cache, pad_bytes, cmdline, timeout)
+        inputs = _inputs(cache, kind, pad_bytes, cmdline, timeout)
     except OSError as exc:
         raise GuestImageError(f"cache {cache}: {exc}") from exc
     key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
@@ -348,7 +379,8 @@ def build_guest_image(
     if not (final / "manifest.json").exists():
         tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".build-{key}-"))
         try:
-            _build(tmp, cache / "debs" / inputs["kernel_deb"], pad_bytes, cmdline, key, timeout)
+            deb = cache / "debs" / inputs["kernel_deb"]
+            _build(tmp, deb, kind, pad_bytes, cmdline, key, timeout)
             (tmp / "inputs.json").write_text(json.dumps(inputs, indent=1, sort_keys=True))
             os.chmod(tmp, 0o755)
             try:
@@ -373,7 +405,9 @@ def build_guest_image(
     )
 
 
-def _build(out: Path, deb: Path, pad_bytes: int, cmdline: str, key: str, timeout: float) -> None:
+def _build(
+    out: Path, deb: Path, kind: str, pad_bytes: int, cmdline: str, key: str, timeout: float
+) -> None:
     work = out / "work"
     root = work / "kernel"
     root.mkdir(parents=True)
@@ -382,7 +416,7 @@ def _build(out: Path, deb: Path, pad_bytes: int, cmdline: str, key: str, timeout
     if len(vmlinuz) != 1:
         raise GuestImageError(f"unpack the kernel package: {deb.name} has {vmlinuz} as vmlinuz")
     version = vmlinuz[0].name.removeprefix("vmlinuz-")
-    initrd = gzip.compress(newc_archive(_initramfs(root / "lib/modules" / version)), mtime=0)
+    initrd = gzip.compress(newc_archive(_initramfs(root / "lib/modules" / version, kind)), mtime=0)
 
     files = {
         "vmlinuz": vmlinuz[0].read_bytes(),
@@ -421,9 +455,21 @@ def _build(out: Path, deb: Path, pad_bytes: int, cmdline: str, key: str, timeout
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def _initramfs(moddir: Path) -> list[CpioEntry]:
+def _initramfs(moddir: Path, kind: str) -> list[CpioEntry]:
     """The initramfs members: directories, /dev/console, busybox, the modules and their
-    modules.dep, the load order, /init and the agent."""
+    modules.dep, the load order, /init and the agent (for the probe: only /init,
+    /dev/console and busybox)."""
+    d, f, x = 0o040755, 0o100644, 0o100755
+    base = [
+        CpioEntry("dev", d),
+        CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
+        CpioEntry("bin", d),
+        CpioEntry("bin/busybox", x, Path("/bin/busybox").read_bytes()),
+        CpioEntry("bin/sh", 0o120777, b"busybox"),
+        CpioEntry("proc", d),
+    ]
+    if kind == "probe":
+        return [*base, CpioEntry("init", x, PROBE_INIT.encode())]
     paths: dict[str, str] = {}
     for ko in (moddir / "kernel").rglob("*.ko*"):
         paths.setdefault(module_name(ko), str(ko.relative_to(moddir)))
@@ -434,20 +480,15 @@ def _initramfs(moddir: Path) -> list[CpioEntry]:
         name = todo.pop()
         if name in depends or name not in paths:
             continue
-        depends[name] = [d.replace("-", "_") for d in modinfo_depends((moddir / paths[name]).read_bytes())]
+        depends[name] = [
+            d.replace("-", "_") for d in modinfo_depends((moddir / paths[name]).read_bytes())
+        ]
         todo.extend(depends[name])
     order = load_order(GUEST_MODULES, depends)
 
-    d, f, x = 0o040755, 0o100644, 0o100755
     version = moddir.name
-    entries = [
-        CpioEntry(p, d)
-        for p in ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "usr/lib", "usr/lib/swarm")
-        + ("dev", "proc", "sys", "run", "tmp", "etc", "lib", "lib/modules", "swarm")
-    ]
-    entries.append(CpioEntry("dev/console", 0o020600, rdev=(5, 1)))
-    entries.append(CpioEntry("bin/busybox", x, Path("/bin/busybox").read_bytes()))
-    entries.append(CpioEntry("bin/sh", 0o120777, b"busybox"))
+    dirs = "sbin usr usr/bin usr/sbin usr/lib usr/lib/swarm sys run tmp etc lib lib/modules swarm"
+    entries = base + [CpioEntry(p, d) for p in dirs.split()]
     made = {"lib/modules"}
     for name in order:
         rel = Path(f"lib/modules/{version}") / paths[name]
@@ -458,8 +499,9 @@ def _initramfs(moddir: Path) -> list[CpioEntry]:
         entries.append(CpioEntry(str(rel), f, (moddir / paths[name]).read_bytes()))
     dep = modules_dep(order, paths, depends).encode()
     entries.append(CpioEntry(f"lib/modules/{version}/modules.dep", f, dep))
-    entries.append(CpioEntry("etc/swarm-modules", f, "".join(f"{paths[n]}\n" for n in order).encode()))
+    entries.append(
+        CpioEntry("etc/swarm-modules", f, "".join(f"{paths[n]}\n" for n in order).encode())
+    )
     entries.append(CpioEntry("init", x, INIT.encode()))
     entries.append(CpioEntry(GUEST_AGENT.lstrip("/"), x, AGENT_PATH.read_bytes()))
     return entries
-

@@ -169,6 +169,7 @@ reader() {
             send "HELLO $AGENT_VERSION" || log "HELLO not sent"
             while IFS= read -r line; do handle_line "$line"; done
         } <"$HOST_PORT"
+        log "end of file on the host port: reopening it"
         sleep 1
     done
 }
