@@ -8,7 +8,7 @@
     qemu_img = "qemu-img"
     accelerator = "auto"           # auto | kvm | tcg (auto: probe KVM once, else tcg)
     probe_image = "/etc/swarm/kvm-probe.img"   # auto: a guest that prints probe_line
-    probe_line = "swarm-kvm-probe-ok"          # ... on its serial console
+    probe_line = "swarm-probe: linux ok"          # ... on its serial console
     probe_seconds = 20             # ... within this
     cores = 1                      # a VM's default cores and memory
     memory = "128M"
@@ -55,7 +55,7 @@ class VmSettings:
     qemu_img: str = "qemu-img"
     accelerator: str = "auto"
     probe_image: Path | None = None
-    probe_line: str = "swarm-kvm-probe-ok"
+    probe_line: str = "swarm-probe: linux ok"
     probe_seconds: float = 20.0
     cores: int = 1
     memory: int = 128 << 20

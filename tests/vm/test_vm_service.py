@@ -256,3 +256,49 @@ def test_an_overlay_that_fills_its_file_system_is_named_and_the_vm_ended(
             await svc.stop()
 
     asyncio.run(main())
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(120)
+def test_auto_probes_kvm_once_with_a_linux_guest_and_falls_back_to_software_emulation(
+    tmp_path: Path,
+) -> None:
+    # On these machines /dev/kvm opens but Linux hangs under it: the probe's
+    # line never comes and every VM gets TCG. Where KVM works the probe says so.
+    from swarm_testing.guest_image import PROBE_LINE, build_probe_image
+
+    probe = build_probe_image()
+
+    async def main() -> None:
+        svc = service(
+            tmp_path, lease_for(3600), accelerator="auto", probe_image=probe.path,
+            probe_line=PROBE_LINE, probe_seconds=12.0,
+        )  # fmt: skip
+        await svc.start()
+        try:
+            a = await svc.start_vm(VmRequest(IMAGE))
+            b = await svc.start_vm(VmRequest(IMAGE))
+            chosen = svc.status()
+            assert a.accelerator == b.accelerator == chosen.accelerator
+            assert a.accelerator_why == chosen.accelerator_why
+            why = chosen.accelerator_why or ""
+            if a.accelerator == "tcg":
+                assert why.startswith("software emulation: "), why
+                assert "KVM unusable" in why or f"no {PROBE_LINE!r} on its console" in why
+            else:
+                assert why.startswith("KVM: the probe guest booted"), why
+            probes = [
+                p for p in os.listdir("/proc") if p.isdigit() and _cwd(p).endswith(".kvm-probe")
+            ]
+            assert probes == []  # the probe was killed by its PID
+        finally:
+            await svc.stop()
+
+    asyncio.run(main())
+
+
+def _cwd(pid: str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
