@@ -8,6 +8,7 @@
     qemu_img = "qemu-img"
     accelerator = "auto"           # auto | kvm | tcg (auto: probe KVM once, else tcg)
     probe_image = "/etc/swarm/kvm-probe.img"   # auto: a guest that prints probe_line
+                                               # (none: the first VM is the probe)
     probe_line = "swarm-probe: linux ok"          # ... on its serial console
     probe_seconds = 20             # ... within this
     cores = 1                      # a VM's default cores and memory

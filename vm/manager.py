@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.cores import CoreLedger
+from runner.exceptions import RunnerError
 from runner.lease import Lease
 from swarm.status import VmReport, VmsReport, to_json
 from trust.durable import write_file_atomic
@@ -89,6 +90,7 @@ from vm.qemu import (
     FROM_GUEST_SOCKET,
     QMP_SOCKET,
     TO_GUEST_SOCKET,
+    Accelerator,
     AcceleratorChoice,
     QemuProcess,
     QemuSpec,
@@ -164,6 +166,7 @@ class _Vm:
         self.stopping_task: asyncio.Task[None] | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.booted = asyncio.Event()  # its start ended (running or failed)
+        self.hello = asyncio.Event()  # its agent said HELLO
         self.done = asyncio.Event()  # qemu gone, outcome recorded
 
 
@@ -199,6 +202,7 @@ class VmService:
         self.phys_cores, self.log_cores = _host_cores()
         self._lease_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._trial = asyncio.Lock()  # held while the first VM tries KVM
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -232,7 +236,8 @@ class VmService:
         Raises:
             ImageRefused: the site policy refuses the image (nothing started).
             VmRefused: unknown image, backed-off type, no free cores, no time
-                left in the lease, the node shutting down (nothing started).
+                left in the lease or no lease, the node shutting down (nothing
+                started).
             QemuError: the overlay or qemu could not start; the VM is
                 recorded as failed with why.
         """
@@ -244,7 +249,10 @@ class VmService:
         why = self.backoff.refusal(vm_type, now)
         if why is not None:
             raise VmRefused(why)
-        lease = await asyncio.to_thread(self.lease_at, time.monotonic())
+        try:
+            lease = await asyncio.to_thread(self.lease_at, time.monotonic())
+        except RunnerError as exc:  # no source gives the lease: no VM can be sized
+            raise VmRefused(f"the node's lease is unknown: {exc}") from None
         node = self._node_share(lease)
         s = self.settings
         cores = request.cores or s.cores
@@ -300,10 +308,47 @@ class VmService:
         return vm.report
 
     async def _boot(self, vm: _Vm, image: ImageLookup, node: NodeShare) -> None:
+        """The accelerator, then qemu; KVM on trial (``auto`` without a probe
+        guest): the first VM boots under KVM while every other start waits,
+        and is restarted under TCG if its agent says no HELLO in time."""
+        if self.accelerator.chosen is not None:
+            await self._run_qemu(vm, image, node, self.accelerator.chosen)
+        else:
+            async with self._trial:
+                accel = await self.accelerator.choose()
+                await self._run_qemu(vm, image, node, accel)
+                if accel.provisional:
+                    await self._try_kvm(vm, image, node)
+        vm.tasks.append(asyncio.create_task(self._watch(vm)))
+
+    async def _try_kvm(self, vm: _Vm, image: ImageLookup, node: NodeShare) -> None:
+        seconds = self.accelerator.probe_seconds
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(vm.hello.wait(), seconds)
+        if vm.hello.is_set():
+            verdict = Accelerator(
+                "kvm", f"KVM: the first VM's agent said HELLO within {seconds:g} s"
+            )
+            self.accelerator.settle(verdict)
+            self._update(vm, accelerator_why=verdict.why)
+            return
+        verdict = Accelerator(
+            "tcg",
+            f"software emulation: no agent HELLO within {seconds:g} s under KVM"
+            " (the first VM was restarted under TCG)",
+        )
+        self.accelerator.settle(verdict)
+        log.warning("vm %s: %s", vm.report.id, verdict.why)
+        await self._discard_qemu(vm)
+        await self._run_qemu(vm, image, node, verdict)
+
+    async def _run_qemu(
+        self, vm: _Vm, image: ImageLookup, node: NodeShare, accel: Accelerator
+    ) -> None:
         s = self.settings
-        accel = await self.accelerator.choose()
         self._update(vm, accelerator=accel.name, accelerator_why=accel.why)
         overlay = vm.dir / OVERLAY
+        overlay.unlink(missing_ok=True)  # a VM restarted after a KVM trial starts afresh
         await create_overlay(s.qemu_img, image.path, image.format, overlay, s.start_timeout)
         spec = QemuSpec(
             qemu=s.qemu,
@@ -316,12 +361,11 @@ class VmService:
         vm.qemu = await QemuProcess.start(command_line(spec), vm.dir, deadline=s.start_timeout)
         assert vm.share is not None
         vm.sent = machine_job_features(vm.share, node)
-        started = self.clock()
         self._update(
             vm,
             state=State.RUNNING,
             pid=vm.qemu.pid,
-            started=started,
+            started=self.clock(),
             ends=vm_end(vm.share, node),
         )
         log.info(
@@ -341,9 +385,25 @@ class VmService:
         )
         vm.tasks = [
             asyncio.create_task(vm.link.run()),
-            asyncio.create_task(self._watch(vm)),
             asyncio.create_task(self._watch_disk(vm)),
         ]
+
+    async def _discard_qemu(self, vm: _Vm) -> None:
+        """End a qemu that is not the VM's to keep (a failed KVM trial)."""
+        if vm.link is not None:
+            vm.link.close()
+        for t in vm.tasks:
+            t.cancel()
+        for t in vm.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(t, 5.0)
+        vm.tasks, vm.link = [], None
+        if vm.qemu is not None:
+            await vm.qemu.kill()
+            vm.qemu.close()
+            vm.qemu = None
+        self._cleanup_files(vm)  # its sockets too: the next qemu binds them afresh
+        self._update(vm, pid=None, agent=None, booted=None)
 
     def _greeting(self, vm: _Vm) -> list[bytes]:
         lines = [encode_file(k, v) for k, v in sorted(vm.sent.items())]
@@ -373,6 +433,7 @@ class VmService:
 
     async def _on_event(self, vm: _Vm, event: GuestEvent) -> None:
         if isinstance(event, Hello):
+            vm.hello.set()
             self._update(vm, agent=event.version, booted=vm.report.booted or self.clock())
             if vm.link is not None:
                 await vm.link.send(self._greeting(vm))
@@ -515,7 +576,7 @@ class VmService:
         await vm.qemu.end(grace)
 
     async def _stop(self, vm: _Vm, grace: float | None, why: str) -> None:
-        if vm.state is State.STARTING:  # its start is still underway
+        if not vm.booted.is_set():  # its start (a KVM trial too) is still underway
             await vm.booted.wait()  # every step of a start has a deadline
         if vm.state not in LIVE or vm.qemu is None:
             return

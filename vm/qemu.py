@@ -19,9 +19,10 @@ end qemu in time.
 :class:`AcceleratorChoice` decides KVM or TCG once per daemon: ``kvm`` and
 ``tcg`` are taken as configured; ``auto`` boots a probe guest under KVM that
 must print a line on its serial console within a deadline, and falls back to
-TCG (software emulation) when ``/dev/kvm`` is unusable, no probe guest is
-configured, or the probe fails (on some machines a Linux guest hangs under
-KVM right after the BIOS).
+TCG (software emulation) when ``/dev/kvm`` is unusable or the probe fails (on
+some machines a Linux guest hangs under KVM right after the BIOS); without a
+probe guest the first VM itself is the probe (its agent must say HELLO in
+time under KVM, else it is restarted under TCG).
 """
 
 from __future__ import annotations
@@ -339,6 +340,7 @@ class QemuProcess:
 class Accelerator:
     name: str  # "kvm" or "tcg"
     why: str  # how it was chosen (shown in the VM's status)
+    provisional: bool = False  # KVM on trial: the first VM's agent must say HELLO in time
 
 
 def kvm_usable(path: str = "/dev/kvm") -> str | None:
@@ -352,11 +354,14 @@ def kvm_usable(path: str = "/dev/kvm") -> str | None:
 
 
 class AcceleratorChoice:
-    """KVM or TCG, decided once per daemon (see the module docstring).
+    r"""KVM or TCG, decided once per daemon (see the module docstring).
 
     ``probe(deadline)`` boots the probe guest under KVM and returns None if it
-    printed its line within ``deadline`` seconds, else why not; None: no
-    probe guest is configured.
+    printed its line within ``deadline`` seconds, else why not. Without a
+    probe guest, ``auto`` with a usable ``/dev/kvm`` gives KVM *on trial*
+    (``provisional``): the caller boots the first VM under KVM and
+    :meth:`settle`\ s the verdict (its agent said HELLO within
+    ``probe_seconds``, or it is restarted under TCG).
     """
 
     def __init__(
@@ -378,14 +383,22 @@ class AcceleratorChoice:
 
     @property
     def chosen(self) -> Accelerator | None:
+        """The verdict, once there is one (never a provisional choice)."""
         return self._chosen
 
     async def choose(self) -> Accelerator:
         async with self._lock:
-            if self._chosen is None:
-                self._chosen = await self._decide()
-                log.info("vm accelerator: %s (%s)", self._chosen.name, self._chosen.why)
-            return self._chosen
+            if self._chosen is not None:
+                return self._chosen
+            decided = await self._decide()
+            if not decided.provisional:
+                self.settle(decided)
+            return decided
+
+    def settle(self, verdict: Accelerator) -> None:
+        """The accelerator every VM of this daemon gets from now on."""
+        self._chosen = verdict
+        log.info("vm accelerator: %s (%s)", verdict.name, verdict.why)
 
     async def _decide(self) -> Accelerator:
         if self.setting != "auto":
@@ -394,7 +407,12 @@ class AcceleratorChoice:
         if problem is not None:
             return Accelerator("tcg", f"software emulation: KVM unusable ({problem})")
         if self._probe is None:
-            return Accelerator("tcg", "software emulation: no KVM probe guest configured")
+            return Accelerator(
+                "kvm",
+                f"KVM on trial: the first VM's agent must say HELLO within"
+                f" {self.probe_seconds:g} s",
+                provisional=True,
+            )
         failed = await self._probe(self.probe_seconds)
         if failed is not None:
             return Accelerator("tcg", f"software emulation: the KVM probe failed ({failed})")

@@ -13,6 +13,7 @@ from vm.qemu import (
     FROM_GUEST_SOCKET,
     QMP_SOCKET,
     TO_GUEST_SOCKET,
+    Accelerator,
     AcceleratorChoice,
     QemuProcess,
     QemuSpec,
@@ -66,8 +67,11 @@ def test_the_accelerator_is_chosen_once_and_falls_back_to_software_emulation() -
             "auto", failing_probe, probe_seconds=5, kvm_problem=lambda: "/dev/kvm: No such file"
         )
         assert "KVM unusable" in (await gone.choose()).why and probes == [5]
-        none = AcceleratorChoice("auto", None, probe_seconds=5, kvm_problem=lambda: None)
-        assert (await none.choose()).name == "tcg"
+        trial = AcceleratorChoice("auto", None, probe_seconds=5, kvm_problem=lambda: None)
+        on_trial = await trial.choose()
+        assert on_trial.name == "kvm" and on_trial.provisional and trial.chosen is None
+        trial.settle(Accelerator("tcg", "no HELLO"))
+        assert (await trial.choose()).name == "tcg"
 
         async def good(deadline: float) -> str | None:
             return None

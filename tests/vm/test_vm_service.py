@@ -302,3 +302,46 @@ def _cwd(pid: str) -> str:
         return os.readlink(f"/proc/{pid}/cwd")
     except OSError:
         return ""
+
+
+@pytest.mark.qemu
+@pytest.mark.timeout(180)
+def test_without_a_probe_guest_the_first_vm_tries_kvm_and_is_restarted_under_tcg(
+    tmp_path: Path,
+) -> None:
+    from swarm_testing.guest_image import build_guest_image
+
+    guest = build_guest_image()
+
+    async def main() -> None:
+        svc = VmService(
+            VmSettings(accelerator="auto", probe_seconds=15.0, software=False),
+            data_dir=tmp_path / "data",
+            cores=CoreLedger(),
+            lease_at=lease_for(3600),
+            find_image=lambda image: ImageLookup(guest.path, "raw"),
+        )
+        await svc.start()
+        try:
+            work = b"#!/bin/sh\necho '200 ran' > $JOBOUTPUTS/shutdown_message\n"
+            first = asyncio.create_task(svc.start_vm(VmRequest(IMAGE, user_data=work)))
+            await asyncio.sleep(1.0)
+            second = asyncio.create_task(svc.start_vm(VmRequest(IMAGE, user_data=work)))
+            a, b = await asyncio.wait_for(asyncio.gather(first, second), 60)
+            verdict = svc.accelerator.chosen
+            assert verdict is not None and not verdict.provisional
+            assert a.accelerator == b.accelerator == verdict.name
+            assert b.accelerator_why == verdict.why  # the second waited for the verdict
+            if verdict.name == "tcg":  # on these machines Linux hangs under KVM
+                assert (
+                    "no agent HELLO within 15 s under KVM" in verdict.why
+                    or "KVM unusable" in verdict.why
+                ), verdict.why
+            for vm in (a, b):
+                await asyncio.wait_for(svc.vms[vm.id].done.wait(), 90)
+                done = svc.get(vm.id)
+                assert (done.code, done.outcome) == (200, "ran"), done
+        finally:
+            await svc.stop()
+
+    asyncio.run(main())
