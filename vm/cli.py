@@ -82,6 +82,8 @@ def call(
             message = f"HTTP {exc.code}"
         if exc.code == 400:
             raise VmConfigError(message) from None
+        if exc.code == 404 and not path.startswith("v1/vms/"):
+            message = f"the node at {base} has no VM service ([vm] enabled = false)"
         raise VmError(message) from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         why = getattr(exc, "reason", exc)
