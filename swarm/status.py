@@ -309,6 +309,11 @@ class VmReport:
     outputs: list[str] = dataclasses.field(default_factory=list)  # $JOBOUTPUTS names kept
     refused: list[str] = dataclasses.field(default_factory=list)  # lines and outputs refused
     dir: str = ""  # its directory on the node (record.json, joboutputs/, logs)
+    software: bool = False  # the node's mount is exported to it (9p, swarm-software)
+    migrated_from: str | None = None  # a migration's destination: the source node
+    migrated_to: str | None = None  # a migration's source: the destination node
+    migration_seconds: float | None = None  # mirror + memory, as the source saw it
+    migration_downtime_ms: float | None = None  # the guest's pause (qemu's downtime)
 
 
 @dataclass(frozen=True)

@@ -238,3 +238,66 @@ def parse_request(doc: object) -> VmRequest:
         else _seconds("lifetime", doc["lifetime"], minimum=1.0, maximum=MAX_LIFETIME),
         user_data=user_data,
     )
+
+
+# -- a migration's destination -----------------------------------------------------------
+
+_VM_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """What the destination of a migration needs: the VM as its source runs it."""
+
+    vm_id: str
+    image: ImageName
+    cores: int
+    memory: int
+    accelerator: str  # the source's: memory moves only between the same kind
+    software: bool  # the source exports the software mount (the destination must too)
+    started: float  # epoch seconds
+    ends: float
+    source: str  # who sends it (shown in the record)
+
+
+INCOMING_KEYS = ("id", "image", "cores", "memory", "accelerator", "software", "started", "ends",
+                 "source")  # fmt: skip
+
+
+def parse_incoming(doc: object) -> IncomingRequest:
+    """``POST /v1/vms/incoming``'s body.
+
+    Raises:
+        VmConfigError: a missing, unknown or bad field (named).
+    """
+    if not isinstance(doc, dict):
+        raise VmConfigError("the request must be a JSON object")
+    unknown = sorted(set(doc) - set(INCOMING_KEYS))
+    if unknown:
+        raise VmConfigError(f"{unknown[0]}: unknown field (known: {', '.join(INCOMING_KEYS)})")
+    missing = [k for k in INCOMING_KEYS if k not in doc]
+    if missing:
+        raise VmConfigError(f"{missing[0]}: missing (required)")
+    if not isinstance(doc["id"], str) or not _VM_ID.match(doc["id"]):
+        raise VmConfigError(f"id: not a VM id: {str(doc['id'])[:40]!r}")
+    if doc["accelerator"] not in ("kvm", "tcg"):
+        raise VmConfigError(f"accelerator: expected kvm or tcg, got {doc['accelerator']!r}")
+    if not isinstance(doc["software"], bool):
+        raise VmConfigError("software: expected true or false")
+    times = []
+    for key in ("started", "ends"):
+        v = doc[key]
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1e11:
+            raise VmConfigError(f"{key}: expected epoch seconds, got {v!r}")
+        times.append(float(v))
+    return IncomingRequest(
+        vm_id=doc["id"],
+        image=parse_image_name(doc["image"]),
+        cores=_cores("cores", doc["cores"]),
+        memory=_memory("memory", doc["memory"]),
+        accelerator=doc["accelerator"],
+        software=doc["software"],
+        started=times[0],
+        ends=times[1],
+        source=_text("source", doc["source"])[:200],
+    )

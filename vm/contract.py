@@ -195,20 +195,28 @@ class OutputLimits:
 
 class State(enum.Enum):
     STARTING = "starting"  # overlay, qemu, QMP
+    INCOMING = "incoming"  # a migration's destination: waiting for the memory
     RUNNING = "running"
+    MIGRATING = "migrating"  # the source of a migration: disk mirror, then memory
     STOPPING = "stopping"  # STOP and the power button sent; waiting the grace
     STOPPED = "stopped"  # qemu is gone; the outcome is known
-    FAILED = "failed"  # it never ran: qemu or the overlay could not start
+    MIGRATED = "migrated"  # it runs on another node now; this qemu is gone
+    FAILED = "failed"  # it never ran here: qemu, the overlay or the migration failed
 
 
 TRANSITIONS: Mapping[State, frozenset[State]] = {
-    State.STARTING: frozenset({State.RUNNING, State.STOPPING, State.FAILED, State.STOPPED}),
-    State.RUNNING: frozenset({State.STOPPING, State.STOPPED}),
+    State.STARTING: frozenset(
+        {State.RUNNING, State.INCOMING, State.STOPPING, State.FAILED, State.STOPPED}
+    ),
+    State.INCOMING: frozenset({State.RUNNING, State.FAILED}),
+    State.RUNNING: frozenset({State.MIGRATING, State.STOPPING, State.STOPPED}),
+    State.MIGRATING: frozenset({State.RUNNING, State.MIGRATED, State.STOPPED}),
     State.STOPPING: frozenset({State.STOPPED}),
     State.STOPPED: frozenset(),
+    State.MIGRATED: frozenset(),
     State.FAILED: frozenset(),
 }
-LIVE = frozenset({State.STARTING, State.RUNNING, State.STOPPING})
+LIVE = frozenset({State.STARTING, State.INCOMING, State.RUNNING, State.MIGRATING, State.STOPPING})
 
 
 def next_state(now: State, to: State) -> State:

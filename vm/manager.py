@@ -67,7 +67,7 @@ from vm.channel import (
     Refused,
     encode_file,
 )
-from vm.config import ImageName, VmRequest, VmSettings
+from vm.config import ImageName, IncomingRequest, VmRequest, VmSettings
 from vm.contract import (
     HEARTBEAT_FILE,
     LIVE,
@@ -101,6 +101,7 @@ from vm.qemu import (
 
 log = logging.getLogger("vm.manager")
 
+MIGRATE_DEADLINE = 300.0  # seconds for the disk mirror, and again for the memory
 LEASE_RECHECK = 5.0  # seconds between reads of the lease (a moved shutdowntime)
 WATCH_TICK = 1.0  # seconds between a VM's checks (heartbeat, end of its time)
 OVERLAY = "disk.qcow2"
@@ -164,6 +165,7 @@ class _Vm:
         self.stale = False
         self.stop_grace: float | None = None
         self.stopping_task: asyncio.Task[None] | None = None
+        self.migrated_to: str | None = None
         self.tasks: list[asyncio.Task[Any]] = []
         self.booted = asyncio.Event()  # its start ended (running or failed)
         self.hello = asyncio.Event()  # its agent said HELLO
@@ -278,6 +280,7 @@ class VmService:
             memory=memory,
             created=now,
             dir=str(vm_dir),
+            software=self.software is not None,
         )
         try:
             vm_dir.mkdir(parents=True)
@@ -611,6 +614,15 @@ class VmService:
                     await asyncio.wait_for(w, 5.0)
         vm.qemu.close()
         self.cores.release_vm(vm.report.cores)
+        if vm.migrated_to is not None:  # it runs on the destination now: no outcome here
+            self._cleanup_files(vm)
+            self._update(
+                vm, state=State.MIGRATED, pid=None, stopped=self.clock(),
+                outcome=f"migrated to {vm.migrated_to}",
+            )  # fmt: skip
+            log.info("vm %s: migrated to %s", vm.report.id, vm.migrated_to)
+            vm.done.set()
+            return
         if vm.stale:
             ending = Ending.HEARTBEAT
         elif vm.stop_requested:
@@ -651,6 +663,164 @@ class VmService:
         for name in (OVERLAY, QMP_SOCKET, TO_GUEST_SOCKET, FROM_GUEST_SOCKET):
             with contextlib.suppress(OSError):
                 (vm.dir / name).unlink()
+
+    # -- live migration ----------------------------------------------------------------------
+
+    async def incoming(self, req: IncomingRequest, *, host: str) -> tuple[VmReport, int, int]:
+        """Destination of a migration: the VM's qemu waiting for its disk (NBD
+        export of an empty overlay over this node's own copy of the signed
+        base image) and its memory; (its report, the NBD port, the migration
+        port), both on ``host``. It runs here once the memory arrived.
+
+        Raises:
+            ImageRefused, VmRefused: as for :meth:`start_vm` (this node's policy,
+                mount and cores decide), or the id is already here.
+            QemuError: the overlay or qemu could not start (recorded as failed).
+        """
+        if self._closing:
+            raise VmRefused("the node is shutting down")
+        if req.vm_id in self.vms:
+            raise VmRefused(f"VM {req.vm_id} is already on this node")
+        if req.software and self.software is None:
+            raise VmRefused("the VM has the software mount (9p); this node exports none")
+        image = self.find_image(req.image)
+        try:
+            lease = await asyncio.to_thread(self.lease_at, time.monotonic())
+        except RunnerError as exc:
+            raise VmRefused(f"the node's lease is unknown: {exc}") from None
+        node = self._node_share(lease)
+        if not self.cores.claim_vm(lease.cores, req.cores):
+            raise VmRefused(f"{req.cores} cores asked, not free of the lease's {lease.cores}")
+        now = self.clock()
+        vm_dir = self.root / req.vm_id
+        report = VmReport(
+            id=req.vm_id, image=str(req.image), state=State.STARTING.value, cores=req.cores,
+            memory=req.memory, created=now, dir=str(vm_dir), software=req.software,
+            accelerator=req.accelerator, accelerator_why=f"as on {req.source} (migrated)",
+            migrated_from=req.source,
+        )  # fmt: skip
+        try:
+            vm_dir.mkdir(parents=True)
+            (vm_dir / "joboutputs").mkdir()
+        except OSError as exc:
+            self.cores.release_vm(req.cores)
+            raise VmError(f"cannot make {vm_dir}: {exc.strerror}") from None
+        vm = _Vm(report, vm_dir, None)
+        vm.share = VmShare(req.vm_id, req.cores, req.memory, req.started,
+                           req.ends - req.started, self.settings.grace)  # fmt: skip
+        self.vms[req.vm_id] = vm
+        self._save(vm)
+        s = self.settings
+        try:
+            overlay = vm.dir / OVERLAY
+            await create_overlay(s.qemu_img, image.path, image.format, overlay, s.start_timeout)
+            spec = QemuSpec(
+                qemu=s.qemu, overlay=overlay, memory=req.memory, cores=req.cores,
+                accelerator=req.accelerator, software=self.software if req.software else None,
+                incoming=True,
+            )  # fmt: skip
+            vm.qemu = await QemuProcess.start(command_line(spec), vm.dir, deadline=s.start_timeout)
+            nbd_port, migrate_port = _free_port(host), _free_port(host)
+            await vm.qemu.export_disk(host, nbd_port)
+            await vm.qemu.incoming_from(host, migrate_port)
+        except BaseException as exc:
+            await self._fail(vm, exc)
+            raise
+        vm.sent = machine_job_features(vm.share, node)
+        self._update(vm, state=State.INCOMING, pid=vm.qemu.pid, ends=vm_end(vm.share, node))
+        vm.tasks = [asyncio.create_task(self._await_incoming(vm))]
+        return vm.report, nbd_port, migrate_port
+
+    async def _fail(self, vm: _Vm, exc: BaseException) -> None:
+        if vm.qemu is not None:
+            await vm.qemu.kill()
+            vm.qemu.close()
+        self.cores.release_vm(vm.report.cores)
+        self._cleanup_files(vm)
+        error = str(exc) if isinstance(exc, VmError) else f"{type(exc).__name__}: {exc}"
+        self._update(vm, state=State.FAILED, error=error, pid=None, stopped=self.clock())
+        vm.done.set()
+        vm.booted.set()
+
+    async def _await_incoming(self, vm: _Vm) -> None:
+        """Destination: wait for the memory; then run the VM here."""
+        assert vm.qemu is not None
+        q = vm.qemu
+        end = time.monotonic() + 2 * MIGRATE_DEADLINE
+        try:
+            while True:
+                if not q.running:
+                    raise QemuError(f"qemu exited during the migration: {q.log_tail() or '-'}")
+                if time.monotonic() > end:
+                    raise QemuError("the migration did not arrive in time")
+                if (await q.execute("query-status")).get("status") == "running":
+                    break
+                await asyncio.sleep(0.1)
+            await q.end_export()
+        except (QemuError, Exception) as exc:
+            log.error("vm %s: incoming migration failed: %s", vm.report.id, exc)
+            vm.tasks = []
+            await self._fail(vm, exc)
+            return
+        # The agent says HELLO again when it sees the ports reopen; until then
+        # its heartbeat is counted from its arrival.
+        self._update(vm, state=State.RUNNING, started=self.clock(), booted=self.clock())
+        log.info("vm %s: arrived from %s", vm.report.id, vm.report.migrated_from)
+        vm.link = PortLink(
+            q.path(TO_GUEST_SOCKET), q.path(FROM_GUEST_SOCKET),
+            greeting=lambda: self._greeting(vm), on_event=lambda e: self._on_event(vm, e),
+            name=f"vm {vm.report.id}",
+        )  # fmt: skip
+        vm.tasks = [
+            asyncio.create_task(vm.link.run()),
+            asyncio.create_task(self._watch_disk(vm)),
+        ]
+        vm.booted.set()
+        await self._watch(vm)
+
+    async def migrate_vm(
+        self, vm_id: str, *, host: str, nbd_port: int, migrate_port: int, to: str
+    ) -> VmReport:
+        """Source of a migration: mirror the overlay into the destination's
+        NBD export, send the memory, end the qemu here; the report (state
+        ``migrated``). The guest keeps running throughout (paused for qemu's
+        downtime only); on failure it keeps running here.
+
+        Raises:
+            UnknownVm: no such VM.
+            VmRefused: it is not running.
+            QemuError: the mirror or the migration failed (it runs on here).
+        """
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise UnknownVm(f"no VM {vm_id!r} on this node")
+        if vm.state is not State.RUNNING or vm.qemu is None:
+            raise VmRefused(f"VM {vm_id} is {vm.state.value}: only a running VM migrates")
+        q = vm.qemu
+        self._update(vm, state=State.MIGRATING)
+        began = time.monotonic()
+        try:
+            await q.mirror_to(host, nbd_port, MIGRATE_DEADLINE)
+            info = await q.migrate_to(host, migrate_port, MIGRATE_DEADLINE)
+        except QemuError as exc:
+            await q.cancel_mirror()
+            if q.running:
+                self._update(vm, state=State.RUNNING)
+            raise QemuError(f"migration of {vm_id} to {to} failed: {exc}") from None
+        vm.migrated_to = to
+        await q.cancel_mirror()
+        self._update(
+            vm, migrated_to=to, migration_seconds=time.monotonic() - began,
+            migration_downtime_ms=info.get("downtime"),
+        )  # fmt: skip
+        with contextlib.suppress(QemuError):
+            await q.execute("quit")
+        try:
+            await asyncio.wait_for(vm.done.wait(), 15.0)  # _watch sees qemu gone
+        except TimeoutError:
+            await q.kill()
+            await vm.done.wait()
+        return vm.report
 
     # -- records ---------------------------------------------------------------------------
 
@@ -719,6 +889,15 @@ class VmService:
             backed_off=self.backoff.snapshot(self.clock()),
             vms=self.list(),
         )
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (qemu binds it a moment later)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 def _no_images(image: ImageName) -> ImageLookup:

@@ -51,6 +51,9 @@ QEMU_LOG = "qemu.log"
 SOFTWARE_TAG = "swarm-software"
 ACCELERATORS = ("auto", "kvm", "tcg")
 QMP_DEADLINE = 10.0  # seconds for one QMP command
+EXPORT = "swarm-disk"  # the destination's NBD export of its overlay
+MIRROR_JOB = "swarm-mirror"
+MIRROR_TARGET = "swarm-mirror-target"
 MiB = 1 << 20
 
 
@@ -67,6 +70,7 @@ class QemuSpec:
     software: Path | None = None  # the node's mount root, exported read-only over 9p
     disk: str = "virtio"  # the drive's interface
     qmp: bool = True  # the KVM probe runs without a monitor
+    incoming: bool = False  # a migration's destination: waits for migrate-incoming
 
 
 def _opt(value: object) -> str:
@@ -114,6 +118,8 @@ def command_line(spec: QemuSpec) -> list[str]:
     ]
     if spec.qmp:
         argv += ["-qmp", f"unix:{QMP_SOCKET},server=on,wait=off"]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     if spec.software is not None:
         argv += [
             "-fsdev",
@@ -281,6 +287,114 @@ class QemuProcess:
         with self._qmp.listener("BLOCK_IO_ERROR") as listener:
             event = await listener.get()
         return dict(event.get("data", {}))
+
+    # -- live migration (the libvirt way: NBD + blockdev-mirror sync=top, then migrate) --
+
+    async def disk_node(self) -> str:
+        """The node name of the VM's disk (its qcow2 overlay).
+
+        Raises:
+            QemuError: no disk, or QMP failed.
+        """
+        for b in await self.execute("query-block"):
+            inserted = b.get("inserted")
+            if inserted and inserted.get("node-name"):
+                return str(inserted["node-name"])
+        raise QemuError("query-block: the VM has no disk")
+
+    async def export_disk(self, host: str, port: int) -> None:
+        """Destination: serve the (empty) overlay over NBD, writable, for the
+        source's mirror.
+
+        Raises:
+            QemuError: QMP failed (the port taken, ...).
+        """
+        node = await self.disk_node()
+        addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
+        await self.execute("nbd-server-start", {"addr": addr})
+        await self.execute(
+            "block-export-add",
+            {"type": "nbd", "id": EXPORT, "node-name": node, "writable": True, "name": EXPORT},
+        )
+
+    async def end_export(self) -> None:
+        """Destination: stop serving the disk (errors ignored: it may be gone)."""
+        with contextlib.suppress(QemuError):
+            await self.execute("block-export-del", {"id": EXPORT, "mode": "hard"})
+        with contextlib.suppress(QemuError):
+            await self.execute("nbd-server-stop")
+
+    async def mirror_to(self, host: str, port: int, deadline: float) -> None:
+        """Source: mirror the overlay (``sync=top``: the base is the same
+        signed image on both sides) into the destination's NBD export, until
+        the mirror is in step (then every write goes to both).
+
+        Raises:
+            QemuError: QMP failed, the job failed, or not ready in time.
+        """
+        node = await self.disk_node()
+        server = {"type": "inet", "host": host, "port": str(port)}
+        await self.execute(
+            "blockdev-add",
+            {"driver": "nbd", "node-name": MIRROR_TARGET, "server": server, "export": EXPORT},
+        )
+        await self.execute(
+            "blockdev-mirror",
+            {"job-id": MIRROR_JOB, "device": node, "target": MIRROR_TARGET, "sync": "top"},
+        )
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            jobs = [j for j in await self.execute("query-block-jobs") if j["device"] == MIRROR_JOB]
+            if not jobs:
+                raise QemuError("the disk mirror ended before it was in step")
+            if jobs[0].get("ready"):
+                return
+            await asyncio.sleep(0.1)
+        raise QemuError(f"the disk mirror was not in step within {deadline:g} s")
+
+    async def cancel_mirror(self) -> None:
+        """Source: end the mirror and drop its target (errors ignored)."""
+        with contextlib.suppress(QemuError):
+            await self.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
+        for _ in range(50):
+            try:
+                jobs = await self.execute("query-block-jobs")
+            except QemuError:
+                return
+            if not any(j["device"] == MIRROR_JOB for j in jobs):
+                break
+            await asyncio.sleep(0.1)
+        with contextlib.suppress(QemuError):
+            await self.execute("blockdev-del", {"node-name": MIRROR_TARGET})
+
+    async def migrate_to(self, host: str, port: int, deadline: float) -> dict[str, Any]:
+        """Source: send the memory and device state; qemu's final report.
+
+        Raises:
+            QemuError: the migration failed or did not complete in time (it
+                is cancelled; the guest keeps running here).
+        """
+        await self.execute("migrate", {"uri": f"tcp:{host}:{port}"})
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            info: dict[str, Any] = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"migration {status}: {info.get('error-desc', 'no reason given')}")
+            await asyncio.sleep(0.05)
+        with contextlib.suppress(QemuError):
+            await self.execute("migrate_cancel")
+        raise QemuError(f"the migration did not complete within {deadline:g} s")
+
+    async def incoming_from(self, host: str, port: int) -> None:
+        """Destination: listen for the memory on ``host:port``.
+
+        Raises:
+            QemuError: QMP failed.
+        """
+        await self.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
 
     @property
     def running(self) -> bool:
