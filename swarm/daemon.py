@@ -181,6 +181,8 @@ def run_node(config_path: Path) -> None:
             cores=cores,
             lease_at=lease_at,
             software=cfg.mount,  # build_node gives it the node's images
+            # a migration's destination listens where the node's peers reach it
+            migration_host=cfg.listen.host,
         )
 
     async def main() -> None:

@@ -10,6 +10,10 @@ routes over a :class:`vm.manager.VmService`::
                               201 with the VM once qemu runs (token)
     POST /v1/vms/{id}/stop    body (optional): {"grace": S}; the VM once qemu is
                               gone, with its outcome (token)
+    POST /v1/vms/incoming     a migration's destination: body: the VM as its source
+                              runs it; 201 {"vm", "host", "nbd_port", "migrate_port"} (token)
+    POST /v1/vms/{id}/migrate a migration's source: body {"host", "nbd_port",
+                              "migrate_port", "to"}; the VM once it runs there (token)
 
 Errors are ``{"error": "..."}``: 400 a bad field (named), 404 an unknown VM,
 409 the node refuses the VM (the site policy's reason, an unknown image, no
@@ -27,7 +31,7 @@ from aiohttp import web
 
 from runner.api import ERROR_RESPONSE
 from swarm.status import VmReport, schema_of, to_json
-from vm.config import MAX_GRACE, parse_request
+from vm.config import MAX_GRACE, parse_incoming, parse_request
 from vm.exceptions import QemuError, UnknownVm, VmConfigError, VmError, VmRefused
 from vm.manager import VmService
 
@@ -57,6 +61,26 @@ def _grace(doc: Any) -> float | None:
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace <= MAX_GRACE:
         raise VmConfigError(f"grace: expected seconds from 0 to {MAX_GRACE:g}, got {grace!r}")
     return float(grace)
+
+
+def _migration_target(doc: Any) -> dict[str, Any]:
+    if not isinstance(doc, dict) or set(doc) != {"host", "nbd_port", "migrate_port", "to"}:
+        raise VmConfigError("the body must be {host, nbd_port, migrate_port, to}")
+    host, to = doc["host"], doc["to"]
+    if not isinstance(host, str) or not host or len(host) > 255 or any(c in host for c in ",: /"):
+        raise VmConfigError(f"host: expected an address, got {host!r}")
+    for key in ("nbd_port", "migrate_port"):
+        v = doc[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 65536:
+            raise VmConfigError(f"{key}: expected a port, got {v!r}")
+    if not isinstance(to, str) or not to or len(to) > 200:
+        raise VmConfigError("to: expected the destination's name")
+    return {
+        "host": host,
+        "nbd_port": doc["nbd_port"],
+        "migrate_port": doc["migrate_port"],
+        "to": to,
+    }
 
 
 def add_vm_routes(
@@ -103,6 +127,44 @@ def add_vm_routes(
         except UnknownVm as exc:
             return _error(404, str(exc))
 
+    async def incoming(request: web.Request) -> web.Response:
+        require_token(request)
+        try:
+            req = parse_incoming(await _body(request))
+            vm, nbd_port, migrate_port = await service.incoming(req, host=service.migration_host)
+        except VmConfigError as exc:
+            return _error(400, str(exc))
+        except VmRefused as exc:
+            return _error(409, str(exc))
+        except QemuError as exc:
+            return _error(502, str(exc))
+        except VmError as exc:
+            return _error(500, str(exc))
+        answer = {
+            "vm": to_json(vm),
+            "host": service.migration_host,
+            "nbd_port": nbd_port,
+            "migrate_port": migrate_port,
+        }
+        return web.json_response(answer, status=201)
+
+    async def migrate(request: web.Request) -> web.Response:
+        require_token(request)
+        try:
+            target = _migration_target(await _body(request))
+            vm = await service.migrate_vm(request.match_info["id"], **target)
+        except VmConfigError as exc:
+            return _error(400, str(exc))
+        except UnknownVm as exc:
+            return _error(404, str(exc))
+        except VmRefused as exc:
+            return _error(409, str(exc))
+        except QemuError as exc:
+            return _error(502, str(exc))
+        return web.json_response(to_json(vm))
+
+    app.router.add_post("/v1/vms/incoming", incoming)
+    app.router.add_post("/v1/vms/{id}/migrate", migrate)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", start)
     app.router.add_get("/v1/vms/{id}", get_vm)
@@ -161,6 +223,36 @@ VM_OPENAPI_PATHS: dict[str, Any] = {
             "summary": "one VM",
             "parameters": _ID,
             "responses": {**_ok(VmReport), "404": ERROR_RESPONSE},
+        }
+    },
+    "/v1/vms/incoming": {
+        "post": {
+            "summary": "a migration's destination: qemu waiting for the VM's disk and memory",
+            "security": [{"bearer": []}],
+            "requestBody": _JSON_BODY,
+            "responses": {
+                "201": {"description": "waiting: {vm, host, nbd_port, migrate_port}"},
+                "400": ERROR_RESPONSE,
+                "401": ERROR_RESPONSE,
+                "409": ERROR_RESPONSE,
+                "502": ERROR_RESPONSE,
+            },
+        }
+    },
+    "/v1/vms/{id}/migrate": {
+        "post": {
+            "summary": "a migration's source: mirror the overlay, send the memory, end here",
+            "security": [{"bearer": []}],
+            "parameters": _ID,
+            "requestBody": _JSON_BODY,
+            "responses": {
+                **_ok(VmReport),
+                "400": ERROR_RESPONSE,
+                "401": ERROR_RESPONSE,
+                "404": ERROR_RESPONSE,
+                "409": ERROR_RESPONSE,
+                "502": ERROR_RESPONSE,
+            },
         }
     },
     "/v1/vms/{id}/stop": {

@@ -1,4 +1,4 @@
-"""The ``swarm vm`` subcommands: start, list, status, stop, through the node's API.
+"""The ``swarm vm`` subcommands: start, list, status, stop, migrate, through the nodes' APIs.
 
 ::
 
@@ -7,6 +7,7 @@
     swarm vm list --config NODE_TOML [--json]
     swarm vm status ID --config NODE_TOML [--json]
     swarm vm stop ID --config NODE_TOML [--grace S] [--json]
+    swarm vm migrate ID --config NODE_TOML --to OTHER_NODE_TOML [--json]
 
 The node is found as ``swarm status`` finds it (``DATA_DIR/node.json``, else
 the configured ``api`` address); changing commands send the token of
@@ -14,6 +15,12 @@ the configured ``api`` address); changing commands send the token of
 deadline. Errors are one line: a bad option or value exits 2, a VM the node
 refuses (the site policy's reason, an unknown image, no cores, backed off)
 exits 1, a node that cannot be reached exits 6.
+
+``migrate`` reads both nodes' configurations (API and token of each): it
+asks the destination to wait for the VM (``POST /v1/vms/incoming``: qemu
+with an NBD export of an empty overlay over its own copy of the signed base
+image), then the source to send it (``POST /v1/vms/ID/migrate``: the overlay
+mirrored, then the memory).
 """
 
 from __future__ import annotations
@@ -146,6 +153,52 @@ def cmd_stop(a: argparse.Namespace) -> int:
     return 0
 
 
+MIGRATE_DEADLINE = 700.0  # the source's mirror and memory deadlines, and some
+
+
+def cmd_migrate(a: argparse.Namespace) -> int:
+    """Ask the destination to wait for the VM, then the source to send it."""
+    from urllib.parse import urlsplit
+
+    vm = call(a.config, "GET", f"v1/vms/{a.id}")
+    if vm.get("state") != "running":
+        raise VmError(f"VM {a.id} is {vm.get('state')}: only a running VM migrates")
+    source, _ = _node(a.config)
+    dest, _ = _node(a.to)
+    incoming = {
+        "id": vm["id"],
+        "image": vm["image"],
+        "cores": vm["cores"],
+        "memory": vm["memory"],
+        "accelerator": vm["accelerator"],
+        "software": vm.get("software", False),
+        "started": vm["created"],
+        "ends": vm["ends"],
+        "source": source,
+    }
+    waiting = call(a.to, "POST", "v1/vms/incoming", incoming, deadline=120)
+    host = waiting["host"]
+    if host in ("0.0.0.0", "::", ""):  # it listens everywhere: reach it as its API is reached
+        host = urlsplit(dest).hostname or "127.0.0.1"
+    target = {
+        "host": host,
+        "nbd_port": waiting["nbd_port"],
+        "migrate_port": waiting["migrate_port"],
+        "to": dest,
+    }
+    started = time.monotonic()
+    moved = call(a.config, "POST", f"v1/vms/{a.id}/migrate", target, deadline=MIGRATE_DEADLINE)
+    if a.json:
+        print(json.dumps(moved, indent=2))
+        return 0
+    pause = moved.get("migration_downtime_ms")
+    print(
+        f"vm {a.id} migrated to {dest} in {time.monotonic() - started:.1f} s"
+        + (f" (guest paused {pause} ms)" if pause is not None else "")
+    )
+    return 0
+
+
 def add_vm_commands(sub: Any) -> None:
     """Register ``swarm vm`` on the ``swarm`` parser's subcommands."""
     p = sub.add_parser("vm", help="VMs on this node: start, list, status, stop (docs/VMS.md)")
@@ -183,3 +236,8 @@ def add_vm_commands(sub: Any) -> None:
         help="seconds before it is ended (default: [vm] grace)",
     )
     s.set_defaults(func=cmd_stop)
+    s = vsub.add_parser("migrate", help="move a running VM to another node (live migration)")
+    s.add_argument("id", metavar="ID")
+    common(s)
+    s.add_argument("--to", type=Path, required=True, help="the destination node's configuration")
+    s.set_defaults(func=cmd_migrate)

@@ -184,6 +184,7 @@ class VmService:
         lease_at: Callable[[float], Lease],
         find_image: ImageFinder | None = None,
         software: Path | None = None,
+        migration_host: str = "127.0.0.1",
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.settings = settings
@@ -192,6 +193,7 @@ class VmService:
         self.lease_at = lease_at
         self.find_image: ImageFinder = find_image or _no_images
         self.software = software if settings.software else None
+        self.migration_host = migration_host  # where a migration's destination listens
         self.clock = clock
         self.backoff = BackOff(settings.backoff_seconds)
         self.accelerator = AcceleratorChoice(

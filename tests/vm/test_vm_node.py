@@ -288,3 +288,44 @@ def test_a_stale_heartbeat_is_700_a_fizzle_and_a_malformed_message_abort_and_bac
     _, nodestatus = n.api("GET", "v1/status")
     assert IMAGE in nodestatus["vms"]["backed_off"]
     assert qemu_pids(n.data_dir) == []
+
+
+COUNT = """#!/bin/sh
+i=0
+while true; do
+  i=$((i + 1))
+  echo $i > $JOBOUTPUTS/counter
+  touch $JOBOUTPUTS/vm-heartbeat
+  sleep 1
+done
+"""
+
+
+def count(n: VmNode, vm_id: str) -> int:
+    path = n.data_dir / "vms" / vm_id / "joboutputs" / "counter"
+    text = path.read_text().strip() if path.exists() else ""
+    return int(text) if text.isdigit() else 0  # the agent may ship it mid-write
+
+
+def test_swarm_vm_migrate_moves_a_running_vm_to_another_node_which_streams_the_image(
+    vm_node: Any,
+) -> None:
+    a: VmNode = vm_node(software=False)  # a mounted 9p export would block the migration
+    b: VmNode = vm_node(software=False)
+    vm = a.start(COUNT)
+    eventually("the guest counting on the first node", lambda: count(a, vm["id"]) >= 3, BOOT)
+    r = a.swarm("vm", "migrate", vm["id"], "--config", str(a.config), "--to", str(b.config))
+    assert r.returncode == 0, r.stderr
+    assert f"vm {vm['id']} migrated to {b.base}" in r.stdout and "guest paused" in r.stdout
+    gone = a.vm(vm["id"])
+    assert (gone["state"], gone["outcome"]) == ("migrated", f"migrated to {b.base}"), gone
+    last = count(a, vm["id"])
+    assert qemu_pids(a.data_dir) == []
+    here = b.wait(vm["id"], "running", lambda v: v["state"] == "running", 60)
+    assert here["migrated_from"] == a.base
+    eventually("the counter going on", lambda: count(b, vm["id"]) > last, 60)
+    _, images = b.api("GET", "v1/images")
+    assert any(i["name"] == "guest" and i["accepted"] for i in images)  # its own copy
+    stopped = b.api("POST", f"v1/vms/{vm['id']}/stop", {"grace": 20}, timeout=90)[1]
+    assert (stopped["state"], stopped["code"]) == ("stopped", 100), stopped
+    assert count(b, vm["id"]) > last  # never restarted: a reboot counts from 1
