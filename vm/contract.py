@@ -209,7 +209,8 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
         {State.RUNNING, State.INCOMING, State.STOPPING, State.FAILED, State.STOPPED}
     ),
     State.INCOMING: frozenset({State.RUNNING, State.FAILED}),
-    State.RUNNING: frozenset({State.MIGRATING, State.STOPPING, State.STOPPED}),
+    # RUNNING -> FAILED: its restart under TCG after a failed KVM trial failed
+    State.RUNNING: frozenset({State.MIGRATING, State.STOPPING, State.STOPPED, State.FAILED}),
     State.MIGRATING: frozenset({State.RUNNING, State.MIGRATED, State.STOPPED}),
     State.STOPPING: frozenset({State.STOPPED}),
     State.STOPPED: frozenset(),

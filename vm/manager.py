@@ -297,14 +297,7 @@ class VmService:
         try:
             await self._boot(vm, image, node)
         except BaseException as exc:
-            if vm.qemu is not None:
-                await vm.qemu.kill()
-                vm.qemu.close()
-            self.cores.release_vm(cores)
-            self._cleanup_files(vm)
-            error = str(exc) if isinstance(exc, VmError) else f"{type(exc).__name__}: {exc}"
-            self._update(vm, state=State.FAILED, error=error, stopped=self.clock())
-            vm.done.set()
+            await self._fail(vm, exc)
             raise
         finally:
             vm.booted.set()
@@ -734,6 +727,12 @@ class VmService:
         return vm.report, nbd_port, migrate_port
 
     async def _fail(self, vm: _Vm, exc: BaseException) -> None:
+        """A start (or an incoming migration) failed: end what began, record why."""
+        if vm.link is not None:
+            vm.link.close()
+        for t in vm.tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
         if vm.qemu is not None:
             await vm.qemu.kill()
             vm.qemu.close()
