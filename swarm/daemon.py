@@ -94,6 +94,15 @@ def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
+def _no_lease(why: str) -> Callable[[float], Any]:
+    from runner.exceptions import LeaseError
+
+    def lease_at(now: float) -> Any:
+        raise LeaseError(why)
+
+    return lease_at
+
+
 def run_node(config_path: Path) -> None:
     """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
 
@@ -116,6 +125,16 @@ def run_node(config_path: Path) -> None:
 
         site_cfg = site_config(cfg.site, base=config_path.parent)
         site_cfg.token()  # an unreadable token is a configuration error, now
+    vm_table = dict(cfg.vm)
+    vm_cfg = None
+    if vm_table.get("enabled", True):
+        from vm.config import vm_settings
+        from vm.exceptions import VmError
+
+        try:
+            vm_cfg = vm_settings(vm_table, base=config_path.resolve().parent)
+        except VmError as exc:
+            raise ConfigError(f"{config_path} [vm]: {exc}") from None
     check_paths(cfg)  # before the job service or the node create anything
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -160,21 +179,18 @@ def run_node(config_path: Path) -> None:
         )
 
     vms = None
-    vm_table = dict(cfg.vm)
-    if vm_table.get("enabled", True):
-        from vm.config import vm_settings
-        from vm.exceptions import VmError
+    if vm_cfg is not None:
         from vm.manager import VmService
 
-        try:
-            vm_cfg = vm_settings(vm_table, base=config_path.resolve().parent)
-            lease_at = (
-                jobs.lease_at
-                if jobs is not None
-                else runner_settings(runner_table, cfg.data_dir).lease_at
-            )
-        except (VmError, RunnerError) as exc:
-            raise ConfigError(f"{config_path}: {exc}") from None
+        if jobs is not None:
+            lease_at = jobs.lease_at
+        else:
+            try:
+                lease_at = runner_settings(runner_table, cfg.data_dir).lease_at
+            except RunnerError as exc:
+                # The job service is off and its table was never a reason to
+                # fail: VMs are refused, saying why, and the node starts.
+                lease_at = _no_lease(f"{config_path} [runner]: {exc}")
         vms = VmService(
             vm_cfg,
             data_dir=cfg.data_dir,
