@@ -143,7 +143,7 @@ def vm_node(
     nodes: list[VmNode] = []
     with OriginServer(store) as origin:
 
-        def make(**vm: Any) -> VmNode:
+        def make(policy: dict[str, Any] | None = None, **vm: Any) -> VmNode:
             data_dir = tmp_path / f"node{len(nodes)}"
             mp = tmp_path / f"mnt{len(nodes)}"
             config = tmp_path / f"node{len(nodes)}.toml"
@@ -157,7 +157,7 @@ def vm_node(
                         "dht": False,
                         "mount": mp,
                         "runner": {"cores": 2, "power_per_core": 10.0, "time_left": 3600},
-                        "image_policy": {"formats": ["raw"]},
+                        "image_policy": policy or {"formats": ["raw"]},
                         "vm": {"accelerator": "tcg", "grace": 10, "memory": "128M", **vm},
                     },
                     {REPO: {"origin": origin.url, "trust": root_json}},
@@ -281,6 +281,12 @@ def test_a_stale_heartbeat_is_700_a_fizzle_and_a_malformed_message_abort_and_bac
     assert "2OO done" in (fz["message_problem"] or "")
     status, doc = n.api("POST", "v1/vms", {"image": IMAGE})
     assert status == 409 and "backed off" in doc["error"], doc
+
+    # A site that does not accept the publisher starts nothing, saying why.
+    refusing: VmNode = vm_node(policy={"accept": []})
+    status, doc = refusing.api("POST", "v1/vms", {"image": IMAGE})
+    assert status == 409 and "not accepted for images by the site policy" in doc["error"], doc
+    assert refusing.api("GET", "v1/vms") == (200, []) and qemu_pids(refusing.data_dir) == []
 
     st = n.wait(silent["id"], "destroyed", lambda v: v["state"] == "stopped")
     assert (st["code"], st["outcome"], st["aborted"]) == (700, "heartbeat", True), st
