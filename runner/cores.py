@@ -1,4 +1,4 @@
-"""The node's cores, shared by node jobs (masonry) and site ranges (``sitejob.worker``).
+"""The node's cores, shared by node jobs (masonry), site ranges (``sitejob.worker``) and VMs.
 
 A node runs two kinds of work on the same lease: node jobs, sized and run
 by the masonry thread on several cores each, and site ranges, one core each,
@@ -7,14 +7,16 @@ account of who holds which cores.
 
 Invariants:
 
-* node jobs' cores + site ranges' cores <= the lease's cores as given at
-  each claim (a lease that shrank meanwhile gives no new claim until enough
+* node jobs' cores + site ranges' cores + VMs' cores <= the lease's cores
+  as given at each claim (a lease that shrank meanwhile gives no new claim until enough
   was released);
 * while a node job waits for cores no site range is started: site ranges
   are short, so the node job gets its cores within about one range's time;
 * a node job takes every core free when it starts (at least one): the site
   worker keeps pulling into cores freed later, so neither kind of work waits
-  for the other to finish everything.
+  for the other to finish everything;
+* a VM (``vm.manager``) takes the cores it asks for, all of them free now,
+  or none, and never waits: a VM the lease cannot hold is refused.
 
 Thread-safe (one condition variable); no call blocks except
 :meth:`CoreLedger.claim_node`, which waits with a deadline and rechecks its
@@ -41,6 +43,7 @@ class CoreUse:
     site: int  # site ranges running (one core each)
     node_waiting: int  # node jobs waiting for a core (site pulls pause meanwhile)
     peak: int  # the most cores ever held at once
+    vm: int = 0  # cores held by VMs
 
 
 class CoreLedger:
@@ -54,13 +57,19 @@ class CoreLedger:
         self._site = 0
         self._waiting = 0
         self._peak = 0
+        self._vm = 0
 
     def _held(self) -> None:
-        self._peak = max(self._peak, self._node + self._site)
+        self._peak = max(self._peak, self._node + self._site + self._vm)
 
     def snapshot(self) -> CoreUse:
         with self._cond:
-            return CoreUse(self._capacity, self._node, self._site, self._waiting, self._peak)
+            return CoreUse(
+                self._capacity, self._node, self._site, self._waiting, self._peak, self._vm
+            )
+
+    def _busy(self) -> int:
+        return self._node + self._site + self._vm
 
     # --- site ranges (the event loop; never blocks)
     def claim_site(self, capacity: int, limit: int | None = None) -> bool:
@@ -69,7 +78,7 @@ class CoreLedger:
         waits. False: nothing was taken."""
         with self._cond:
             self._capacity = capacity
-            if self._waiting or self._node + self._site >= capacity:
+            if self._waiting or self._busy() >= capacity:
                 return False
             if limit is not None and self._site >= limit:
                 return False
@@ -88,7 +97,7 @@ class CoreLedger:
         with self._cond:
             return (
                 not self._waiting
-                and self._node + self._site < capacity
+                and self._busy() < capacity
                 and (limit is None or self._site < limit)
             )
 
@@ -109,7 +118,7 @@ class CoreLedger:
             self._waiting += 1
             try:
                 while True:
-                    free = capacity - self._node - self._site
+                    free = capacity - self._busy()
                     if free > 0:
                         self._node += free
                         self._held()
@@ -127,4 +136,22 @@ class CoreLedger:
         with self._cond:
             assert 0 < cores <= self._node
             self._node -= cores
+            self._cond.notify_all()
+
+    # --- VMs (the event loop; never blocks)
+    def claim_vm(self, capacity: int, cores: int) -> bool:
+        """Take ``cores`` for a VM if that many are free of ``capacity`` and no
+        node job waits. False: nothing was taken."""
+        with self._cond:
+            self._capacity = capacity
+            if cores < 1 or self._waiting or self._busy() + cores > capacity:
+                return False
+            self._vm += cores
+            self._held()
+            return True
+
+    def release_vm(self, cores: int) -> None:
+        with self._cond:
+            assert 0 < cores <= self._vm
+            self._vm -= cores
             self._cond.notify_all()

@@ -229,4 +229,10 @@ def make_api_app(node: NodeView) -> web.Application:
 
         add_site_job_routes(app, SiteControl(lambda: site.js), require_token)
         doc["paths"].update(copy.deepcopy(SITE_JOB_OPENAPI_PATHS))
+    vms = getattr(node, "vms", None)  # the node's VMs; None: [vm] enabled = false
+    if vms is not None:
+        from vm.api import VM_OPENAPI_PATHS, add_vm_routes
+
+        add_vm_routes(app, vms, require_token)
+        doc["paths"].update(copy.deepcopy(VM_OPENAPI_PATHS))
     return app

@@ -47,6 +47,8 @@ from swarm.options import (
 )
 from trust.exceptions import TrustConfigError, TrustError, TrustTransportError, VerificationError
 from trust.names import repo_name_problem
+from vm.cli import add_vm_commands
+from vm.exceptions import VmConfigError, VmError
 
 log = logging.getLogger("swarm")
 # The commands that run until stopped, whose logs a collector reads.
@@ -59,6 +61,7 @@ USAGE, VERIFICATION_FAILED, UNAVAILABLE = 2, 5, 6
 EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ConfigError, USAGE),
     (TrustConfigError, USAGE),
+    (VmConfigError, USAGE),
     (VerificationError, VERIFICATION_FAILED),
     (ObjectVerificationError, VERIFICATION_FAILED),
     (FetchError, UNAVAILABLE),
@@ -66,7 +69,7 @@ EXIT_STATUSES: tuple[tuple[type[Exception], int], ...] = (
     (ObjectUnavailable, UNAVAILABLE),
     (BrokerError, UNAVAILABLE),
 )
-OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError, SiteJobError, BrokerError)
+OUR_ERRORS = (SwarmError, ReleaseError, TrustError, RunnerError, SiteJobError, BrokerError, VmError)
 EPILOG = f"""\
 exit status:
   0    done
@@ -592,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
     add_doctor_command(sub)  # doctor: can this node run (swarm/doctor.py)
     add_site_commands(sub)  # site-job submit / status / list / gather, site-broker (sitejob/cli.py)
+    add_vm_commands(sub)  # vm start / list / status / stop (vm/cli.py)
     for path in LONG_RUNNING:  # --log-format text|json (swarm/logs.py)
         add_log_format_option(subcommand(p, *path))
     return p

@@ -11,10 +11,10 @@ key's path and what it accepts, e.g.
 bytes, e.g. 4096, "512M", "10G", got 'lots'``, so a typo never silently
 falls back to a default.  :func:`render_config` is the inverse (``tomli-w``).
 
-The ``[image_policy]``, ``[runner]``, ``[tuning]`` and ``[site]`` tables are
-passed as they are to their owners' own validation (``trust/policy.py``,
-``runner/service.py``, ``swarm/node.py``, ``sitejob/config.py``), which name
-the table too.
+The ``[image_policy]``, ``[runner]``, ``[tuning]``, ``[site]`` and ``[vm]``
+tables are passed as they are to their owners' own validation
+(``trust/policy.py``, ``runner/service.py``, ``swarm/node.py``,
+``sitejob/config.py``, ``vm/config.py``), which name the table too.
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ class NodeConfig:
     runner: dict[str, Any] = field(default_factory=dict)
     tuning: dict[str, Any] = field(default_factory=dict)  # libtorrent session knobs
     site: dict[str, Any] = field(default_factory=dict)  # the site event service (sitejob)
+    vm: dict[str, Any] = field(default_factory=dict)  # VMs on demand (vm/config.py)
 
     @property
     def token_path(self) -> Path:
@@ -191,6 +192,7 @@ class _NodeTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     runner: dict[str, Any] = {}
     tuning: dict[str, Any] = {}
     site: dict[str, Any] = {}
+    vm: dict[str, Any] = {}
 
 
 # msgspec's names of TOML types, as a person reads them
@@ -292,6 +294,7 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
         runner=top.runner,
         tuning=top.tuning,
         site=top.site,
+        vm=top.vm,
     )
 
 

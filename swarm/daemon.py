@@ -2,8 +2,8 @@
 
 :func:`run_node` reads the configuration, checks the node's paths before
 anything is created, builds the libtorrent session (``[tuning]``), the job
-service (``[runner]``) and the image policy, and runs :func:`build_node`'s
-daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
+service (``[runner]``), the VM service (``[vm]``) and the image policy, and
+runs :func:`build_node`'s daemon until SIGTERM/SIGINT.  Once the node serves (its API answers), it
 tells systemd ``READY=1`` when started as a ``Type=notify`` unit
 (``swarm/readiness.py``, ``contrib/systemd/swarm-node.service``).
 :func:`build_node` is the one place the node meets its HTTP API (swarm.api
@@ -39,19 +39,27 @@ def build_node(
     image_policy: ImagePolicy | None = None,
     job_service: Any = None,
     site: Any = None,
+    vms: Any = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> Node:
-    """The daemon with its HTTP API (``start`` it inside a running loop)."""
-    return Node(
+    """The daemon with its HTTP API (``start`` it inside a running loop).
+    ``vms``: a :class:`vm.manager.VmService`; it finds images in this node."""
+    node = Node(
         config,
         session,
         parse_torrent=parse_torrent,
         image_policy=image_policy,
         job_service=job_service,
         site=site,
+        vms=vms,
         clock=clock,
         api=make_api_app,
     )
+    if vms is not None:
+        from vm.manager import node_image_finder
+
+        vms.find_image = node_image_finder(node)
+    return node
 
 
 _NOT_TUNING = {"listen", "bootstrap", "dht", "lsd"}
@@ -86,6 +94,15 @@ def _tuning(table: dict[str, Any], cls: type) -> dict[str, Any]:
     return out
 
 
+def _no_lease(why: str) -> Callable[[float], Any]:
+    from runner.exceptions import LeaseError
+
+    def lease_at(now: float) -> Any:
+        raise LeaseError(why)
+
+    return lease_at
+
+
 def run_node(config_path: Path) -> None:
     """``swarm node --config FILE``: run the daemon until SIGTERM/SIGINT.
 
@@ -108,6 +125,16 @@ def run_node(config_path: Path) -> None:
 
         site_cfg = site_config(cfg.site, base=config_path.parent)
         site_cfg.token()  # an unreadable token is a configuration error, now
+    vm_table = dict(cfg.vm)
+    vm_cfg = None
+    if vm_table.get("enabled", True):
+        from vm.config import vm_settings
+        from vm.exceptions import VmError
+
+        try:
+            vm_cfg = vm_settings(vm_table, base=config_path.resolve().parent)
+        except VmError as exc:
+            raise ConfigError(f"{config_path} [vm]: {exc}") from None
     check_paths(cfg)  # before the job service or the node create anything
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -151,6 +178,29 @@ def run_node(config_path: Path) -> None:
             grace=settings.grace,
         )
 
+    vms = None
+    if vm_cfg is not None:
+        from vm.manager import VmService
+
+        if jobs is not None:
+            lease_at = jobs.lease_at
+        else:
+            try:
+                lease_at = runner_settings(runner_table, cfg.data_dir).lease_at
+            except RunnerError as exc:
+                # The job service is off and its table was never a reason to
+                # fail: VMs are refused, saying why, and the node starts.
+                lease_at = _no_lease(f"{config_path} [runner]: {exc}")
+        vms = VmService(
+            vm_cfg,
+            data_dir=cfg.data_dir,
+            cores=cores,
+            lease_at=lease_at,
+            software=cfg.mount,  # build_node gives it the node's images
+            # a migration's destination listens where the node's peers reach it
+            migration_host=cfg.listen.host,
+        )
+
     async def main() -> None:
         node = build_node(
             cfg,
@@ -159,6 +209,7 @@ def run_node(config_path: Path) -> None:
             image_policy=policy,
             job_service=jobs,
             site=site,
+            vms=vms,
         )
         try:
             await node.start()

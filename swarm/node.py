@@ -80,13 +80,15 @@ class Node:
         image_policy: ImagePolicy | None = None,
         job_service: Any = None,
         site: Any = None,
+        vms: Any = None,
         clock: Callable[[], float] = time.monotonic,
         api: Callable[[Node], web.Application] | None = None,
     ) -> None:
         """``api`` builds the HTTP API's app over this node (swarm.daemon
         passes swarm.api.make_api_app); None: no API. ``site``: the node's
         :class:`sitejob.service.SiteService` (None without ``[site]``); its
-        ``js`` is the broker's JetStream context while connected."""
+        ``js`` is the broker's JetStream context while connected. ``vms``:
+        the node's :class:`vm.manager.VmService` (None: VMs turned off)."""
         self._api = api
         self.config = config
         self.session = session
@@ -94,6 +96,7 @@ class Node:
         self.image_policy = image_policy
         self.job_service = job_service
         self.site = site
+        self.vms = vms
         self.clock = clock
         self.repos: dict[str, Follower] = {}
         self.namespace = Namespace()
@@ -154,6 +157,8 @@ class Node:
             await self._mount(cfg.mount)
         if self.job_service is not None:
             self.job_service.start()
+        if self.vms is not None:
+            await self.vms.start()  # after the mount: VMs boot from images in it
         if self.site is not None:
             await self.site.start()  # connects in the background: a broker down is no failure
         self._tasks.append(asyncio.create_task(self._refresh_loop()))
@@ -307,6 +312,10 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self.vms is not None:
+            # Every VM: STOP and the power button, the grace, then ended; before
+            # the unmount, as they read their images and software from it.
+            await self.vms.stop()
         if self.site is not None:
             # Running ranges: the runner's grace, then cut and handed back.
             await self.site.stop()
@@ -548,6 +557,7 @@ class Node:
             repositories={n: self.repo_status(n) for n in self.repos},
             transfers=self.transfers(),
             site=None if self.site is None else self.site.status(),
+            vms=None if self.vms is None else self.vms.status(),
         )
 
     def cache(self) -> dict[str, CacheStats]:

@@ -159,6 +159,7 @@ class NodeStatus:
     repositories: dict[str, RepositoryStatus]
     transfers: list[TransferReport]
     site: SiteReport | None = None  # None: no [site] table
+    vms: VmsReport | None = None  # None: VMs turned off ([vm] enabled = false)
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> NodeStatus:
@@ -183,7 +184,12 @@ class NodeStatus:
         site = doc.get("site")
         if site is not None:
             site = SiteReport(**{**site, "running": [RangeReport(**r) for r in site["running"]]})
-        return cls(**{**doc, "repositories": repos, "transfers": transfers, "site": site})
+        vms = doc.get("vms")
+        if vms is not None:
+            vms = VmsReport(**{**vms, "vms": [VmReport(**v) for v in vms["vms"]]})
+        return cls(
+            **{**doc, "repositories": repos, "transfers": transfers, "site": site, "vms": vms}
+        )
 
 
 def render(st: NodeStatus) -> list[str]:
@@ -222,6 +228,32 @@ def render(st: NodeStatus) -> list[str]:
         )
     if st.site is not None:
         out += _render_site(st.site)
+    if st.vms is not None:
+        out += render_vms(st.vms)
+    return out
+
+
+def render_vm(v: VmReport) -> str:
+    """One VM on one line (``swarm status``, ``swarm vm list``)."""
+    end = ""
+    if v.code is not None or v.outcome:
+        end = f"; outcome: {v.code if v.code is not None else '-'} {v.outcome or ''}".rstrip()
+    if v.error:
+        end += f"; error: {v.error}"
+    return (
+        f"vm {v.id} {v.image}: {v.state}, {v.cores} cores, {v.memory >> 20} MiB,"
+        f" {v.accelerator or 'accelerator not chosen'}" + (f", pid {v.pid}" if v.pid else "") + end
+    )
+
+
+def render_vms(r: VmsReport) -> list[str]:
+    out = [
+        f"  vms: {r.running} running, {r.cores} cores held;"
+        f" accelerator {r.accelerator or 'not chosen yet'}"
+        + (f" ({r.accelerator_why})" if r.accelerator_why else "")
+    ]
+    out += [f"    VM type {t} backed off for {s:.0f} s more" for t, s in r.backed_off.items()]
+    out += [f"    {render_vm(v)}" for v in r.vms]
     return out
 
 
@@ -247,6 +279,53 @@ def _render_site(s: SiteReport) -> list[str]:
             for r in s.running
         ]
     return out
+
+
+@dataclass(frozen=True)
+class VmReport:
+    """One VM of the node (vm.manager): its request, its state and its outcome."""
+
+    id: str
+    image: str  # REPO/NAME/VERSION
+    state: str  # starting, running, stopping, stopped, failed (vm.contract.State)
+    cores: int
+    memory: int  # bytes
+    created: float  # epoch seconds
+    accelerator: str | None = None  # kvm or tcg
+    accelerator_why: str | None = None
+    pid: int | None = None  # qemu's, while it runs
+    started: float | None = None  # qemu started (epoch seconds)
+    ends: float | None = None  # its lifetime or the lease's end, the earlier
+    stopped: float | None = None
+    agent: str | None = None  # the guest agent's HELLO version
+    booted: float | None = None  # the agent's first HELLO (epoch seconds)
+    last_heartbeat: float | None = None
+    code: int | None = None  # the outcome: shutdown_message code (700 for a stale heartbeat)
+    outcome: str | None = None
+    aborted: bool = False
+    fizzled: bool = False
+    message_problem: str | None = None  # a malformed shutdown_message, as recorded
+    error: str | None = None  # why it failed to start or was ended
+    outputs: list[str] = dataclasses.field(default_factory=list)  # $JOBOUTPUTS names kept
+    refused: list[str] = dataclasses.field(default_factory=list)  # lines and outputs refused
+    dir: str = ""  # its directory on the node (record.json, joboutputs/, logs)
+    software: bool = False  # the node's mount is exported to it (9p, swarm-software)
+    migrated_from: str | None = None  # a migration's destination: the source node
+    migrated_to: str | None = None  # a migration's source: the destination node
+    migration_seconds: float | None = None  # mirror + memory, as the source saw it
+    migration_downtime_ms: float | None = None  # the guest's pause (qemu's downtime)
+
+
+@dataclass(frozen=True)
+class VmsReport:
+    """The node's VMs (``vms`` in the node status)."""
+
+    accelerator: str | None  # chosen once per daemon, at the first VM
+    accelerator_why: str | None
+    running: int
+    cores: int  # held by VMs
+    backed_off: dict[str, float]  # VM type -> seconds left
+    vms: list[VmReport]
 
 
 @dataclass(frozen=True)

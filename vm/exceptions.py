@@ -1,0 +1,48 @@
+"""Errors of the vm package, rooted by cause.
+
+VmError                   root of every error raised by ``vm``
+├── GuestDataError        untrusted data: a line, file or ``shutdown_message``
+│                         from a guest that is not what the contract allows
+│                         (also a ``ValueError``; the text says why)
+├── QemuError             qemu or qemu-img could not start, answer QMP, or do
+│                         what was asked within its deadline (transport to a child)
+├── VmRefused             the node will not start this VM: the image is unknown
+│   │                     or refused by the site policy, no cores are free, the
+│   │                     VM type is backed off (the text says which and why)
+│   └── ImageRefused      the site policy refuses the image (its reason)
+├── VmConfigError         local misuse: a ``[vm]`` key or a request value is bad
+│                         (names the key or field and what it accepts)
+└── UnknownVm             no VM with that id on this node
+
+Foreign errors (``OSError``, qemu.qmp's, ``asyncio.TimeoutError``) are mapped
+to these where they cross a public function; each such function says what it
+raises.
+"""
+
+
+class VmError(Exception):
+    """Root of every error raised by ``vm``."""
+
+
+class GuestDataError(VmError, ValueError):
+    """Data from a guest that the contract does not allow (the text says why)."""
+
+
+class QemuError(VmError):
+    """qemu or qemu-img failed or did not answer within its deadline."""
+
+
+class VmRefused(VmError):
+    """The node will not start this VM; the text says why."""
+
+
+class ImageRefused(VmRefused):
+    """The site's image policy refuses the image (the policy's reason)."""
+
+
+class VmConfigError(VmError):
+    """A ``[vm]`` key or a request field has a bad value (one line naming it)."""
+
+
+class UnknownVm(VmError):
+    """No VM with that id on this node."""
