@@ -27,13 +27,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-demo: install
-	$(PY) -m swarm.demo
-
 # qemu and what swarm_testing/guest_image.py builds the test VM image with (busybox for
 # its initramfs, syslinux + mtools + dosfstools for the boot disk, binutils for the
 # KVM probe guest).
 VM_PACKAGES := qemu-system-x86 qemu-utils busybox-static syslinux syslinux-common mtools dosfstools binutils
+# The demo boots a VM from the test guest image.
+demo: EXTRA_PACKAGES := $(VM_PACKAGES)
+demo: install
+	$(PY) -m swarm.demo
+
 test: EXTRA_PACKAGES := nginx iproute2 systemd slurm-wlm munge chromium chromium-driver $(VM_PACKAGES)
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -5,7 +5,8 @@ serves them; node A (a ``swarm node`` daemon on 127.0.0.2) fetches them
 through libtorrent with the origin as web seed; the origin goes down; node B
 (on 127.0.0.3) gets the metadata, the torrents and the data from A alone and
 mounts them; an elastic job sized to B's lease runs its program from B's
-mount; a forged image is refused; then a site job: a NATS JetStream broker
+mount; a forged image is refused; B boots a VM from the signed image, which
+runs the release's program from B's mount; then a site job: a NATS JetStream broker
 and three more node daemons share one job's events, one node is killed
 mid-job, the gather is killed and restarted once, and the output holds every
 event exactly once.
@@ -62,7 +63,7 @@ def _run(*args: str, check: bool = True, show: int = 30) -> subprocess.Completed
     lines = (r.stdout + r.stderr).rstrip().splitlines()
     for line in lines[:show]:
         print("  " + line, flush=True)
-    if len(lines) > show:
+    if show and len(lines) > show:
         print(f"  ... ({len(lines) - show} more lines)")
     if check and r.returncode != 0:
         raise SystemExit(f"demo: command failed with exit {r.returncode}")
@@ -94,6 +95,7 @@ def _node_config(
     origin: str,
     root_json: Path,
     bootstrap: list[str],
+    extra: dict[str, object] | None = None,
 ) -> Path:
     d = work / name
     (d / "mnt").mkdir(parents=True)
@@ -106,6 +108,7 @@ def _node_config(
         "mount": d / "mnt",
         "dht": False,
         "refresh_interval": 5,
+        **(extra or {}),
     }
     repo: dict[str, object] = {"origin": origin, "trust": root_json, "policy": "prefetch"}
     cfg = d / "node.toml"
@@ -176,8 +179,72 @@ def _until(what: str, check: Any, timeout: float = 60) -> Any:
     raise SystemExit(f"demo: {what} did not happen in {timeout:g} s")
 
 
+def _guest_image(work: Path) -> Path:
+    """The test guest image (swarm_testing/guest_image.py: built from Debian packages
+    once, then cached), copied into the demo's directory."""
+    r = subprocess.run(
+        [sys.executable, "-m", "swarm_testing.guest_image"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"demo: {r.stderr.strip() or 'the guest image could not be built'}")
+    image = work / "worker.img"
+    shutil.copyfile(r.stdout.strip(), image)
+    return image
+
+
+VM_USER_DATA = f"""#!/bin/sh
+# The VM's job: read its Machine/Job Features, run the release's program from
+# the node's verified mount (9p, read-only), heartbeat, and say how it ended.
+touch "$JOBOUTPUTS/vm-heartbeat"
+echo "cores $(cat "$MACHINEFEATURES/log_cores") hs06 $(cat "$MACHINEFEATURES/hs06")" \
+  "wall_limit_secs $(cat "$JOBFEATURES/wall_limit_secs")" > "$JOBOUTPUTS/features"
+"$SWARM_SOFTWARE/{REPO}/bin/simulate" --first 0 --count 5 --out "$JOBOUTPUTS/events"
+touch "$JOBOUTPUTS/vm-heartbeat"
+echo "200 Success: 5 events" > "$JOBOUTPUTS/shutdown_message"
+"""
+
+
+def _vm(work: Path, cfg: Path) -> None:
+    _step(
+        "9. B boots a VM from the signed image in its mount (qemu, software emulation); the"
+        " guest gets Machine/Job Features, runs the release's program from B's mount, and"
+        " ends with shutdown_message 200"
+    )
+    user_data = work / "vm-user-data.sh"
+    user_data.write_text(VM_USER_DATA)
+    r = _run(
+        "swarm",
+        "vm",
+        "start",
+        f"{REPO}/worker/1.0",
+        "--config",
+        str(cfg),
+        "--cores",
+        "1",
+        "--user-data",
+        str(user_data),
+        "--json",
+        show=0,
+    )
+    vm_id = json.loads(r.stdout)["id"]
+    print(f"  started VM {vm_id}; the guest boots (about 10-30 s under emulation)")
+
+    def ended() -> Any:
+        v = _api(cfg, f"/v1/vms/{vm_id}")
+        return v if v["state"] in ("stopped", "failed") else None
+
+    _until(f"VM {vm_id} to end", ended, timeout=300)
+    _run("swarm", "vm", "status", vm_id, "--config", str(cfg))
+    outputs = cfg.parent / "data" / "vms" / vm_id / "joboutputs"
+    _run("cat", str(outputs / "features"), str(outputs / "events"))
+
+
 def _site_job(work: Path, simulate: Path, procs: list[subprocess.Popen[bytes]]) -> None:
-    _step("9. The site's broker: NATS JetStream (token auth, every message fsynced)")
+    _step("10. The site's broker: NATS JetStream (token auth, every message fsynced)")
     port = _free_port("127.0.0.1")
     broker_dir = work / "broker"
     print(f"$ swarm site-broker --dir {broker_dir} --listen 127.0.0.1:{port} &", flush=True)
@@ -201,7 +268,7 @@ def _site_job(work: Path, simulate: Path, procs: list[subprocess.Popen[bytes]]) 
     _until("the broker's start", listening)
     url = f"nats://127.0.0.1:{port}"
 
-    _step("10. Three nodes (127.0.0.4-6) join the site; each pulls ranges while it has time")
+    _step("11. Three nodes (127.0.0.4-6) join the site; each pulls ranges while it has time")
     nodes = {}
     for i, name in enumerate(("c", "d", "e")):
         cfg = _site_node(work, name, f"127.0.0.{4 + i}", url, token)
@@ -209,7 +276,7 @@ def _site_job(work: Path, simulate: Path, procs: list[subprocess.Popen[bytes]]) 
         procs.append(nodes[name][1])
     cfg_c = nodes["c"][0]
 
-    _step("11. The VO submits one job of 600 events in ranges of 20, its program from B's mount")
+    _step("12. The VO submits one job of 600 events in ranges of 20, its program from B's mount")
     spec = work / "site-sim.toml"
     spec.write_text(
         f"""name = "site-sim"
@@ -235,7 +302,7 @@ events_per_task = 20
 
     gather = start_gather()
 
-    _step("12. Node e dies (SIGKILL) while it holds a range; the gather dies too, once")
+    _step("13. Node e dies (SIGKILL) while it holds a range; the gather dies too, once")
 
     def e_running() -> bool:  # e has reported a range and holds the next one
         site = _api(nodes["e"][0], "/v1/status").get("site") or {}
@@ -305,9 +372,11 @@ def main() -> int:
             "--json",
         )
 
-        _step("3. ... and a VM image, signed with its v2 info-hash and merkle root")
-        image = work / "worker.img"
-        image.write_bytes(os.urandom(16 << 20))
+        _step(
+            "3. ... and a VM image (a kernel, busybox and the Vacuum agent, built from Debian"
+            " packages), signed with its v2 info-hash and merkle root"
+        )
+        image = _guest_image(work)
         _run(
             "swarm",
             "image",
@@ -365,6 +434,11 @@ def main() -> int:
             origin=origin_url,
             root_json=root_json,
             bootstrap=["127.0.0.2:6881"],
+            # B also runs VMs (step 9): a lease of 2 cores for an hour, software emulation.
+            extra={
+                "runner": {"cores": 2, "power_per_core": 10.0, "time_left": 3600},
+                "vm": {"accelerator": "tcg", "memory": "128M", "grace": 10},
+            },
         )
         procs.append(_start_node(cfg_b))
         mnt_b = cfg_b.parent / "mnt"
@@ -422,13 +496,15 @@ events_per_task = 250
             check=False,
         )
 
+        _vm(work, cfg_b)
         _site_job(work, simulate, procs)
 
         _step("Done")
         print(
             "Published a release and an image, shared them peer-to-peer between two node"
             " daemons with the origin down, mounted them verified, ran an elastic job from"
-            " the mount, refused a forged image, and spread a site job over three nodes,"
+            " the mount, refused a forged image, booted a VM from the signed image, and"
+            " spread a site job over three nodes,"
             " exactly once through a node's death and a gather's restart.\n"
             "Next: `make test` runs the test suite; README.md and docs/ have every command."
         )

@@ -29,6 +29,7 @@ Invariants:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import hashlib
@@ -39,6 +40,7 @@ import random
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -505,3 +507,23 @@ def _initramfs(moddir: Path, kind: str) -> list[CpioEntry]:
     entries.append(CpioEntry("init", x, INIT.encode()))
     entries.append(CpioEntry(GUEST_AGENT.lstrip("/"), x, AGENT_PATH.read_bytes()))
     return entries
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m swarm_testing.guest_image``: build (or find cached) the test guest
+    image and print its path (``make demo`` boots it)."""
+
+    ap = argparse.ArgumentParser(prog="python -m swarm_testing.guest_image")
+    ap.add_argument("--pad-bytes", type=int, default=0, help="incompressible bytes appended")
+    args = ap.parse_args(argv)
+    try:
+        image = build_guest_image(pad_bytes=args.pad_bytes)
+    except GuestImageError as exc:
+        print(f"guest image: {exc}", file=sys.stderr)
+        return 1
+    print(image.path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
