@@ -113,7 +113,7 @@ def cpu_seconds(pid: int) -> float:
 def _get_json(url: str, timeout: float = 5.0) -> Any:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=timeout) as r:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.loads(r.read())
 
 
@@ -441,7 +441,8 @@ def markdown(rec: dict[str, Any]) -> str:
         lines += [
             f"| idle node RSS (2 repositories, 1 mount; {idle['processes']} process(es)),"
             f" max / median over {idle['window_seconds']:g} s | {_mb(idle['rss_bytes_max'])} /"
-            f" {_mb(idle['rss_bytes_median'])} | < 150 MB | {ok[idle['rss_bytes_max'] < RSS_GOAL]} |",
+            f" {_mb(idle['rss_bytes_median'])} | < 150 MB |"
+            f" {ok[idle['rss_bytes_max'] < RSS_GOAL]} |",
             f"| idle node CPU, after {idle['settle_seconds']:g} s settling |"
             f" {100 * idle['cpu_share_of_core']:.2f} % of a core | < 1 % |"
             f" {ok[idle['cpu_share_of_core'] < CPU_GOAL]} |",
@@ -466,6 +467,16 @@ def markdown(rec: dict[str, Any]) -> str:
         ]
     for name, err in rec.get("errors", {}).items():
         lines.append(f"| {name} | failed: {err} | | **FAIL** |")
+    lines += [
+        "",
+        "Each measure's run (a measure not run by the last command keeps its result):",
+        "",
+    ]
+    lines += [
+        f"- {name}: {rec[name]['date']}, `{rec[name]['command']}`"
+        for name in ("idle", "scrape", "slurm")
+        if name in rec and "date" in rec[name]
+    ]
     if sl:
         lines += ["", "Slurm pilot's jobs (seconds from the slot's start):", ""]
         lines += ["| spec | events planned | done | complete | started | ended | stopped |"]
@@ -513,11 +524,16 @@ def main(argv: list[str] | None = None, *, command: str = "") -> int:
         ("scrape", lambda: measure_scrape(a.nodes, size, 50.0)),
         ("slurm", lambda: measure_slurm(minutes, a.event_seconds)),
     ]
+    earlier: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        earlier = json.loads((RESULTS / "ops.json").read_text())
     for name, fn in sections:
         if a.only and name not in a.only:
+            if name in earlier:  # a measure not run now keeps its last result, dated
+                rec[name] = earlier[name]
             continue
         try:
-            rec[name] = fn()
+            rec[name] = fn() | {"date": rec["meta"]["date"], "command": rec["meta"]["command"]}
             say(f"ops {name}: {json.dumps({k: v for k, v in rec[name].items() if k != 'jobs'})}")
         except Exception as exc:  # recorded; the other measures still run
             say(traceback.format_exc().rstrip())

@@ -182,12 +182,13 @@ def node_families(snap: NodeSnapshot) -> list[Metric]:
 
     received = _counter(
         "swarm_received_bytes",
-        "Payload bytes received, by source: swarm (peers and the origin as web seed,"
-        " libtorrent's payload of the torrents held now), origin (objects fetched directly)",
+        "Payload bytes received, by source: peer (BitTorrent peers), web_seed (the origin"
+        " serving a torrent's files), origin (objects fetched from the origin directly)",
         ["source"],
     )
     ts = st.transfers
-    received.add_metric(["swarm"], float(sum(t.downloaded for t in ts)))
+    received.add_metric(["peer"], float(sess.get("received_from_peers", 0)))
+    received.add_metric(["web_seed"], float(sess.get("received_from_web_seeds", 0)))
     received.add_metric(["origin"], snap.origin_bytes)
     sent = _counter("swarm_sent_bytes", "Payload bytes sent to peers (torrents held now)")
     sent.add_metric([], float(sum(t.uploaded for t in ts)))
