@@ -2,8 +2,8 @@
 
 The queue is a directory of job spec files (``*.toml``). Each file is one job:
 the pilot takes the first one (in name order) that still fits the time left,
-moves it to ``running/`` while it runs and to ``done/`` afterwards, beside its
-report. A spec that does not fit stays queued for a node with a longer lease;
+moves it to ``running/`` while it runs (beside ``NAME.started``, when it
+started) and to ``done/`` afterwards, beside its report. A spec that does not fit stays queued for a node with a longer lease;
 a malformed spec goes to ``rejected/`` with the reason. The pilot stops when
 no queued job fits (at least ``min_events``), when the queue is empty, when
 jobs cannot be confined (a node problem: the job stays queued), or when asked
@@ -52,6 +52,10 @@ from runner.stop import StopRequest
 from trust.durable import write_file_atomic
 
 log = logging.getLogger("runner.masonry")
+
+# ``running/NAME.started`` holds when the running job NAME started (epoch
+# seconds), for views of the queue (the dashboard draws running jobs from it).
+STARTED_SUFFIX = ".started"
 
 
 @dataclass
@@ -123,6 +127,8 @@ def recover_orphans(queue: Path) -> list[str]:
     """Move every spec in ``running/`` back to the queue (the caller holds the
     queue, so no living process runs them). Returns their names."""
     back = []
+    for stale in (queue / "running").glob(f"*{STARTED_SUFFIX}"):
+        stale.unlink(missing_ok=True)  # its job is not running any more
     for spec in sorted((queue / "running").glob("*.toml")):
         target = queue / spec.name
         if target.exists():  # never clobber a spec: keep the queued one
@@ -291,7 +297,10 @@ def _run_pilot(
                 job_lease = replace(lease, cores=held)
             running = qdir / "running" / path.name
             started_at = time.time()  # epoch, for the dashboard's masonry chart
+            started = running.with_suffix(STARTED_SUFFIX)
             try:
+                # Before the spec moves: whoever sees it running finds when it started.
+                write_file_atomic(started, f"{started_at}\n".encode())
                 os.replace(path, running)
                 result = run_elastic_job(
                     spec,
@@ -321,6 +330,7 @@ def _run_pilot(
                 report.rejected[path.name] = str(exc)
                 continue
             finally:
+                started.unlink(missing_ok=True)
                 if held:
                     assert cores is not None
                     cores.release_node(held)
