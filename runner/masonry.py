@@ -7,8 +7,9 @@ started) and to ``done/`` afterwards, beside its report. A spec that does
 not fit stays queued for a node with a longer lease; a malformed spec goes
 to ``rejected/`` with the reason. The pilot stops when no queued job fits
 (at least ``min_events``), when the queue is empty, when jobs cannot be
-confined (a node problem: the job stays queued), or when asked to stop. A job that stopped itself at the lease's end (its next task would
-not have finished in time) goes back to the queue, resumes from its journal
+confined (a node problem: the job stays queued), or when asked to stop.
+A job that stopped itself at the lease's end (its next task would not have
+finished in time) goes back to the queue, resumes from its journal
 on a later lease, and is not retried by this pilot, which goes on with jobs
 that still fit. A job stopped because the lease moved earlier cuts its
 running tasks by the new end (less its end reserve) when that comes before
