@@ -43,7 +43,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl
+bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl slurm-wlm munge
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
