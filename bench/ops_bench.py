@@ -474,6 +474,11 @@ def markdown(rec: dict[str, Any]) -> str:
     ]
     lines += [
         f"- {name}: {rec[name]['date']}, `{rec[name]['command']}`"
+        + (
+            f", load average at its start {rec[name]['loadavg_start'][0]:.1f}"
+            if "loadavg_start" in rec[name]
+            else ""
+        )
         for name in ("idle", "scrape", "slurm")
         if name in rec and "date" in rec[name]
     ]
@@ -533,7 +538,12 @@ def main(argv: list[str] | None = None, *, command: str = "") -> int:
                 rec[name] = earlier[name]
             continue
         try:
-            rec[name] = fn() | {"date": rec["meta"]["date"], "command": rec["meta"]["command"]}
+            load = list(os.getloadavg())
+            rec[name] = fn() | {
+                "date": rec["meta"]["date"],
+                "command": rec["meta"]["command"],
+                "loadavg_start": load,
+            }
             say(f"ops {name}: {json.dumps({k: v for k, v in rec[name].items() if k != 'jobs'})}")
         except Exception as exc:  # recorded; the other measures still run
             say(traceback.format_exc().rstrip())
