@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -81,6 +82,7 @@ date +%s.%N > {work}/ended
 
     # 2. Shorten the limit to one minute while the first job runs.
     slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=1")
+    shortened_at = time.time()
     info = slurm.job(job_id)
     start, limit_end = slurm_epoch(info["StartTime"]), slurm_epoch(info["StartTime"]) + 60
     assert info["TimeLimit"] == "00:01:00"
@@ -96,6 +98,9 @@ date +%s.%N > {work}/ended
     sized_for = first["events_planned"] * 5.0 / (0.8 * 10 * cores)
     assert 90 < sized_for <= 120, first
     assert "the lease now ends" in first["stopped"] and f"Slurm job {job_id}" in first["stopped"]
+    # Noticed while running: the batch reader asks Slurm again every 10 s, the
+    # job probes its lease every second (generous slack for a loaded machine).
+    assert first["ended_at"] - shortened_at < 10 + 1 + 15, first
     assert not first["complete"]
     # The second was sized to what was left of the one-minute limit.
     assert 0 < second["events_planned"] < first["events_planned"], second
