@@ -49,7 +49,7 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl $(VM_PACKAGES)
+bench: EXTRA_PACKAGES := squashfuse squashfs-tools nginx iproute2 aria2 squid curl slurm-wlm munge $(VM_PACKAGES)
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 

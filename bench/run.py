@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="*",
-        choices=["find", "read", "import", "lease", "distribution", "streaming", "site"],
+        choices=["find", "read", "import", "lease", "distribution", "streaming", "site", "ops"],
         help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")
@@ -151,15 +151,28 @@ def _site_sections(args: argparse.Namespace) -> int:
     return rc | site_service.main(["--seconds", seconds], command=command)
 
 
+def _ops_sections(args: argparse.Namespace) -> int:
+    """Site operations (issue 13): an idle node's cost, ``/metrics`` during a
+    distribution, a Slurm pilot's slot use (:mod:`bench.ops_bench`)."""
+    from bench import ops_bench
+
+    if args.only and "ops" not in args.only:
+        return 0
+    say("ops: idle node, /metrics under a distribution, the Slurm pilot")
+    command = "python -m bench.run " + " ".join(sys.argv[1:])
+    return ops_bench.main(["--quick"] if args.quick else [], command=command)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         lease = lease_trace.from_bench_run(args.quick, args.only)  # runner: bench/lease_trace.py
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
         site = _site_sections(args)  # the site event service: bench/site_service.py
+        ops = _ops_sections(args)  # site operations: bench/ops_bench.py
         if args.only and not {"find", "read", "import"} & set(args.only):
-            return lease or swarm or site
-        return run_releases(args) or lease or swarm or site
+            return lease or swarm or site or ops
+        return run_releases(args) or lease or swarm or site or ops
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -2,15 +2,18 @@
 
 The queue is a directory of job spec files (``*.toml``). Each file is one job:
 the pilot takes the first one (in name order) that still fits the time left,
-moves it to ``running/`` while it runs and to ``done/`` afterwards, beside its
-report. A spec that does not fit stays queued for a node with a longer lease;
-a malformed spec goes to ``rejected/`` with the reason. The pilot stops when
-no queued job fits (at least ``min_events``), when the queue is empty, when
-jobs cannot be confined (a node problem: the job stays queued), or when asked
-to stop. A job that stopped itself at the lease's end (its next task would
-not have finished in time) goes back to the queue, resumes from its journal
+moves it to ``running/`` while it runs (beside ``NAME.started``, when it
+started) and to ``done/`` afterwards, beside its report. A spec that does
+not fit stays queued for a node with a longer lease; a malformed spec goes
+to ``rejected/`` with the reason. The pilot stops when no queued job fits
+(at least ``min_events``), when the queue is empty, when jobs cannot be
+confined (a node problem: the job stays queued), or when asked to stop.
+A job that stopped itself at the lease's end (its next task would not have
+finished in time) goes back to the queue, resumes from its journal
 on a later lease, and is not retried by this pilot, which goes on with jobs
-that still fit.
+that still fit. A job stopped because the lease moved earlier cuts its
+running tasks by the new end (less its end reserve) when that comes before
+the grace period is over.
 
 The clock and the lease source are injected: ``lease_at(now)`` is called
 before each job, so a shutdowntime moved earlier in MJF is seen by the next
@@ -42,7 +45,7 @@ from pathlib import Path
 
 from runner.confine import Confinement
 from runner.cores import CoreLedger
-from runner.elastic import END_RESERVE, run_elastic_job
+from runner.elastic import END_RESERVE, end_reserve, run_elastic_job
 from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueBusy, RunnerError
 from runner.lease import Lease
 from runner.pid_lock import take_pid_lock
@@ -52,6 +55,10 @@ from runner.stop import StopRequest
 from trust.durable import write_file_atomic
 
 log = logging.getLogger("runner.masonry")
+
+# ``running/NAME.started`` holds when the running job NAME started (epoch
+# seconds), for views of the queue (the dashboard draws running jobs from it).
+STARTED_SUFFIX = ".started"
 
 
 @dataclass
@@ -123,6 +130,8 @@ def recover_orphans(queue: Path) -> list[str]:
     """Move every spec in ``running/`` back to the queue (the caller holds the
     queue, so no living process runs them). Returns their names."""
     back = []
+    for stale in (queue / "running").glob(f"*{STARTED_SUFFIX}"):
+        stale.unlink(missing_ok=True)  # its job is not running any more
     for spec in sorted((queue / "running").glob("*.toml")):
         target = queue / spec.name
         if target.exists():  # never clobber a spec: keep the queued one
@@ -153,14 +162,42 @@ def _reject(qdir: Path, current: Path, spec: Path, reason: str) -> None:
     os.replace(current, qdir / "rejected" / spec.name)
 
 
+class _JobStop:
+    """One job's stop request: the pilot's stop, forwarded (its reason and
+    grace), or this job's own (the lease moved earlier: the job stops, the
+    pilot goes on).  ``close`` when the job is over."""
+
+    def __init__(self, pilot: StopRequest) -> None:
+        self.pilot = pilot
+        self.request = StopRequest()
+        pilot.subscribe(self._forward)
+        if pilot.requested:
+            self._forward()
+
+    def _forward(self) -> None:
+        self.request.request(self.pilot.reason or "stop", self.pilot.grace)
+
+    def close(self) -> None:
+        self.pilot.unsubscribe(self._forward)
+
+
 def _probes(
     should_stop: Callable[[], str | None] | None,
     lease_at: Callable[[float], Lease],
     clock: Callable[[], float],
     deadline: float,
+    job_stop: StopRequest,
+    grace: float,
+    reserve_floor: float,
 ) -> Callable[[], str | None]:
     """``should_stop`` for one job: the caller's probe, then whether the lease
-    now ends more than a second before it did when the job was sized."""
+    now ends more than a second before it did when the job was sized.
+
+    A lease that moved earlier also bounds the running tasks' grace: they are
+    cut by the new end less the job's end reserve, not ``grace`` seconds from
+    now (which could be after the batch system kills the slot), through the
+    job's own stop request ``job_stop``.
+    """
 
     def probe() -> str | None:
         if should_stop is not None:
@@ -175,7 +212,10 @@ def _probes(
         end = now + lease.time_left
         if end < deadline - 1.0:
             where = lease.sources.get("time_left", "the lease")
-            return f"the lease now ends {deadline - end:.0f} s earlier ({where})"
+            reason = f"the lease now ends {deadline - end:.0f} s earlier ({where})"
+            left = lease.time_left - end_reserve(lease.time_left, reserve_floor)
+            job_stop.request(reason, grace=max(0.0, min(grace, left)))
+            return reason
         return None
 
     return probe
@@ -291,15 +331,28 @@ def _run_pilot(
                 job_lease = replace(lease, cores=held)
             running = qdir / "running" / path.name
             started_at = time.time()  # epoch, for the dashboard's masonry chart
+            started = running.with_suffix(STARTED_SUFFIX)
+            job_stop: _JobStop | None = None
             try:
+                # Before the spec moves: whoever sees it running finds when it started.
+                write_file_atomic(started, f"{started_at}\n".encode())
                 os.replace(path, running)
+                job_stop = _JobStop(stop)
                 result = run_elastic_job(
                     spec,
                     job_lease,
                     workroot / path.stem,
                     history=history,
-                    stop=stop,
-                    should_stop=_probes(should_stop, lease_at, clock, now + lease.time_left),
+                    stop=job_stop.request,
+                    should_stop=_probes(
+                        should_stop,
+                        lease_at,
+                        clock,
+                        now + lease.time_left,
+                        job_stop.request,
+                        grace,
+                        reserve_floor,
+                    ),
                     grace=grace,
                     confinement=confinement,
                     masonry=True,
@@ -321,6 +374,9 @@ def _run_pilot(
                 report.rejected[path.name] = str(exc)
                 continue
             finally:
+                if job_stop is not None:
+                    job_stop.close()
+                started.unlink(missing_ok=True)
                 if held:
                     assert cores is not None
                     cores.release_node(held)

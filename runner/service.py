@@ -43,7 +43,7 @@ from runner.cores import CoreLedger
 from runner.exceptions import JobSpecError, RunnerConfigError, RunnerError, UnknownJob
 from runner.job_user import DEFAULT_JOB_USER, job_user_for_node
 from runner.lease import LEASE_KEYS, Lease, LeaseOptions, discover_lease, lease_config
-from runner.masonry import PilotReport, QueueLock, run_pilot
+from runner.masonry import STARTED_SUFFIX, PilotReport, QueueLock, run_pilot
 from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
 from runner.spec import MAX_SPEC_BYTES, decode_spec, parse_spec
@@ -153,6 +153,9 @@ class JobService:
         if state in ("queued", "running"):
             with contextlib.suppress(OSError):
                 out["tasks_committed"] = max(0, _count_lines(journal) - 1)
+        if state == "running":
+            with contextlib.suppress(OSError, ValueError):
+                out["started_at"] = float(path.with_suffix(STARTED_SUFFIX).read_text())
         if state == "queued" and self.last_pilot is not None:
             refused = self.last_pilot.refused.get(path.name)
             if refused:

@@ -141,23 +141,26 @@ class JobsReader:
         """The current job list, or the last one read if reading is slow or failed."""
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(asyncio.to_thread(self._read))
-            # A read that fails after its scrape stopped waiting is seen here,
-            # not reported as never retrieved.
-            self._task.add_done_callback(_retrieve)
+            # A read that ends after its scrape stopped waiting is kept for the
+            # next scrape (a failure is logged, not reported as never retrieved).
+            self._task.add_done_callback(self._keep)
         try:
             self._last = await asyncio.wait_for(asyncio.shield(self._task), self._wait)
         except TimeoutError:
             log.warning(
                 "metrics: the job queue was not listed within %g s; last list used", self._wait
             )
-        except Exception as exc:  # any failure of the queue: the scrape still answers
-            log.warning("metrics: the job queue could not be listed: %s", exc)
+        except Exception:  # any failure of the queue (logged by _keep): the scrape answers
+            pass
         return self._last
 
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.warning("metrics: the job queue could not be listed: %s", task.exception())
+    def _keep(self, task: asyncio.Future[list[dict[str, Any]]]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("metrics: the job queue could not be listed: %s", task.exception())
+        else:
+            self._last = task.result()
 
 
 def _counter(name: str, doc: str, labels: Sequence[str] = ()) -> CounterMetricFamily:
@@ -182,12 +185,13 @@ def node_families(snap: NodeSnapshot) -> list[Metric]:
 
     received = _counter(
         "swarm_received_bytes",
-        "Payload bytes received, by source: swarm (peers and the origin as web seed,"
-        " libtorrent's payload of the torrents held now), origin (objects fetched directly)",
+        "Payload bytes received, by source: peer (BitTorrent peers), web_seed (the origin"
+        " serving a torrent's files), origin (objects fetched from the origin directly)",
         ["source"],
     )
     ts = st.transfers
-    received.add_metric(["swarm"], float(sum(t.downloaded for t in ts)))
+    received.add_metric(["peer"], float(sess.get("received_from_peers", 0)))
+    received.add_metric(["web_seed"], float(sess.get("received_from_web_seeds", 0)))
     received.add_metric(["origin"], snap.origin_bytes)
     sent = _counter("swarm_sent_bytes", "Payload bytes sent to peers (torrents held now)")
     sent.add_metric([], float(sum(t.uploaded for t in ts)))

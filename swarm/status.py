@@ -200,7 +200,9 @@ def render(st: NodeStatus) -> list[str]:
         f" peer exchange {st.peer}",
         f"  mount {st.mount or '-'} ({'mounted' if st.mounted else 'not mounted'});"
         f" {sess.get('peers', 0)} peer connections, {sess.get('dht_nodes', 0)} DHT nodes;"
-        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in,"
+        f" {int(sess.get('downloaded', 0)) / 1e6:.1f} MB in"
+        f" ({int(sess.get('received_from_peers', 0)) / 1e6:.1f} from peers,"
+        f" {int(sess.get('received_from_web_seeds', 0)) / 1e6:.1f} from the origin's web seed),"
         f" {int(sess.get('uploaded', 0)) / 1e6:.1f} MB out;"
         f" banned: {', '.join(st.banned) or 'none'}",
     ]

@@ -45,6 +45,18 @@ class TorrentMeta:
                 return i
         raise KeyError(path)
 
+    def piece_size(self, piece: int) -> int:
+        """Bytes of piece ``piece``: v2 pieces never span files, so a file's
+        last piece holds only what is left of it.
+
+        Raises:
+            KeyError: no file has that piece.
+        """
+        for f in self.files:
+            if f.first_piece <= piece < f.first_piece + f.num_pieces:
+                return min(self.piece_length, f.size - (piece - f.first_piece) * self.piece_length)
+        raise KeyError(piece)
+
 
 @dataclass
 class PeerInfo:
@@ -55,6 +67,17 @@ class PeerInfo:
     downloaded: int
     uploaded: int
     seed: bool
+
+
+@dataclass(frozen=True)
+class ReceivedBytes:
+    """Payload bytes a session received since it started, by source: from
+    BitTorrent peers and from web seeds (the origin serving the torrent's
+    files over HTTP).  Counted per block as it arrives, so a peer that
+    disconnects or a torrent that is removed keeps what it delivered."""
+
+    peers: int = 0
+    web_seeds: int = 0
 
 
 @dataclass
@@ -138,7 +161,14 @@ class TransferSession(Protocol):
         """Tell every torrent about a peer at ``host:port``."""
         ...
 
-    def status(self) -> dict[str, object]: ...
+    def status(self) -> dict[str, object]:
+        """Session counters (``received_from_peers`` and
+        ``received_from_web_seeds``: :meth:`received`)."""
+        ...
+
+    def received(self) -> ReceivedBytes:
+        """Payload bytes received since the session started, by source."""
+        ...
 
     def banned(self) -> list[str]:
         """Addresses of peers banned for sending data that failed verification."""

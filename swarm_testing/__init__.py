@@ -6,6 +6,8 @@
 - :mod:`swarm_testing.bencode`: a minimal BEP 3 encoder written from the spec.
 - :mod:`swarm_testing.broker`: a real NATS broker (token auth) on 127.0.0.1 and its
   site config.
+- :mod:`swarm_testing.slurm`: a real single-host Slurm (munged, slurmctld, slurmd)
+  from a throw-away config, always stopped.
 
 Nothing here is used by the product packages.
 """

@@ -57,12 +57,9 @@ def _nats_missing() -> str | None:
 
 
 def _slurm_missing() -> str | None:
-    if os.geteuid() != 0:
-        return "a single-host Slurm (slurmd launching jobs) needs root"
-    for tool in ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol"):
-        if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists():
-            return f"{tool} is not installed (apt-get install slurm-wlm munge)"
-    return None
+    from swarm_testing.slurm import missing
+
+    return missing()
 
 
 CHROMIUM = "/usr/bin/chromium"

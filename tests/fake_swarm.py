@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from swarm.exceptions import TransferError
-from swarm.transfer import PeerInfo, TorrentMeta, Transfer, TransferSession, TransferStatus
+from swarm.transfer import (
+    PeerInfo,
+    ReceivedBytes,
+    TorrentMeta,
+    Transfer,
+    TransferSession,
+    TransferStatus,
+)
 
 
 class FakeWorld:
@@ -114,10 +121,12 @@ class FakeTransfer(Transfer):
                 self.session.banned_set.add(other.address)
                 continue
             self._store(piece, data)
+            self.session.from_peers += len(data)
             return
         if self.web_seeds and world.origin_up:
             world.web_seed_pieces += 1
             self._store(piece, truth)
+            self.session.from_web_seeds += len(truth)
             return
         raise TransferError(f"piece {piece}: no peer has it and no web seed answers")
 
@@ -193,6 +202,8 @@ class FakeSession(TransferSession):
         self.banned_set: set[str] = set()
         self.connected: list[str] = []
         self.started = False
+        self.from_peers = 0  # payload bytes received, by source
+        self.from_web_seeds = 0
 
     async def start(self) -> None:
         self.started = True
@@ -233,7 +244,16 @@ class FakeSession(TransferSession):
         self.connected.append(address)
 
     def status(self) -> dict[str, object]:
-        return {"listen": self.address, "num_peers": 0, "dht_nodes": 0}
+        return {
+            "listen": self.address,
+            "num_peers": 0,
+            "dht_nodes": 0,
+            "received_from_peers": self.from_peers,
+            "received_from_web_seeds": self.from_web_seeds,
+        }
+
+    def received(self) -> ReceivedBytes:
+        return ReceivedBytes(self.from_peers, self.from_web_seeds)
 
     def banned(self) -> list[str]:
         return sorted(self.banned_set)

@@ -13,6 +13,15 @@ Between the session and its parts the interfaces are explicit:
 :class:`~swarm.torrent.resume.ResumeStore` owns the resume data.  Neither
 reaches into the other's fields.
 
+Bytes received by source: libtorrent's block alerts name the piece, the
+block and the endpoint asked (``block_downloading_alert``) or that delivered
+it (``block_finished_alert``); :class:`~swarm.torrent.received.ReceivedLedger`
+adds each block's size (from the torrent's layout) once, to peers or to web
+seeds.  An endpoint is a web seed if a torrent's web seed URL names it
+(``url_address``) or libtorrent lists it as a web seed connection when it is
+first seen; what an endpoint is, is remembered, so the counts stay exact
+after peers disconnect and torrents are removed.
+
 Peers: configured bootstrap peers and those given to :meth:`connect` are
 connected to for every torrent, again every ``reconnect_interval``; a peer
 banned for corrupt data never is (nor, with ``ban_by_ip``, anything at its IP).
@@ -31,12 +40,13 @@ from typing import Any, ClassVar
 import libtorrent as lt
 
 from swarm.exceptions import TransferError
-from swarm.torrent.metainfo import load_info, stored_paths
+from swarm.torrent.metainfo import BLOCK_SIZE, load_info, stored_paths
+from swarm.torrent.received import Block, ReceivedLedger, Source
 from swarm.torrent.resume import ResumeStore
 from swarm.torrent.settings import SessionConfig, format_address, parse_address, url_address
 from swarm.torrent.status import StatusUpdates, error_text, is_checking
 from swarm.torrent.transfer import DONT_DOWNLOAD, LOW_PRIORITY, TorrentTransfer
-from swarm.transfer import TorrentMeta
+from swarm.transfer import ReceivedBytes, TorrentMeta
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,8 @@ class TorrentSession:
         self._banned_ips: set[str] = set()
         self._blocked = 0
         self._stats: dict[str, int] = {}
+        self._received = ReceivedLedger()
+        self._endpoint_source: dict[tuple[str, int], Source] = {}
         self._tick: asyncio.Task[None] | None = None
         self._closed = False
         for peer in config.bootstrap:
@@ -244,6 +256,7 @@ class TorrentSession:
         if transfer is None:
             return
         self.resume.forget(transfer)
+        self._received.forget(info_hash)
         transfer.fail("removed", gone=True)
         if self._ses is not None:
             self._ses.remove_torrent(transfer.handle)
@@ -271,10 +284,16 @@ class TorrentSession:
             "uploaded": sum(s.uploaded for s in statuses),
             "download_rate": sum(s.download_rate for s in statuses),
             "upload_rate": sum(s.upload_rate for s in statuses),
+            "received_from_peers": self._received.peers,
+            "received_from_web_seeds": self._received.web_seeds,
             "hash_failures": sum(s.hash_failures for s in statuses),
             "banned": len(self._banned),
             "blocked_connections": self._blocked,
         }
+
+    def received(self) -> ReceivedBytes:
+        """Payload bytes received since the session started, by source."""
+        return self._received.totals()
 
     def banned(self) -> list[str]:
         return list(self._banned)
@@ -391,6 +410,56 @@ class TorrentSession:
         if transfer is not None:
             transfer.on_hash_failed(int(alert.piece_index))
 
+    def _block(self, alert: Any) -> tuple[TorrentTransfer, Block, Source, int] | None:
+        """The transfer, block, source and size a block alert names (None:
+        not a transfer or a piece of ours)."""
+        transfer = self._transfer_of(alert)
+        if transfer is None:
+            return None
+        piece, block = int(alert.piece_index), int(alert.block_index)
+        try:
+            size = min(BLOCK_SIZE, transfer.meta.piece_size(piece) - block * BLOCK_SIZE)
+        except KeyError:
+            return None
+        host, port = alert.ip
+        return transfer, (piece, block), self._source_of(transfer, (str(host), int(port))), size
+
+    def _on_block_downloading(self, alert: Any) -> None:
+        got = self._block(alert)
+        if got is not None:
+            transfer, block, source, size = got
+            self._received.asked(transfer.meta.info_hash, block, source, size)
+
+    def _on_block_finished(self, alert: Any) -> None:
+        got = self._block(alert)
+        if got is not None:
+            transfer, block, source, size = got
+            self._received.finished(transfer.meta.info_hash, block, source, size)
+
+    def _source_of(self, transfer: TorrentTransfer, endpoint: tuple[str, int]) -> Source:
+        """Whether ``endpoint`` is one of ``transfer``'s web seeds or a peer.
+
+        A block was just asked of it or came from it, so it is connected:
+        libtorrent's peer list says which it is.  Remembered: a web seed's
+        endpoint (the origin's HTTP port) is never a BitTorrent listener.
+        """
+        source = self._endpoint_source.get(endpoint)
+        if source is not None:
+            return source
+        with contextlib.suppress(RuntimeError):
+            if endpoint in {url_address(u) for u in transfer.handle.url_seeds()}:
+                source = Source.WEB_SEED
+            else:
+                for peer in transfer.handle.get_peer_info():
+                    if tuple(peer.ip) == endpoint:
+                        web = peer.connection_type in _WEB_SEED_TYPES
+                        source = Source.WEB_SEED if web else Source.PEER
+                        break
+        if source is None:
+            return Source.PEER  # gone already, and no web seed URL names it
+        self._endpoint_source[endpoint] = source
+        return source
+
     def _on_peer_ban(self, alert: Any) -> None:
         host, port = alert.ip
         address = format_address(host, port)
@@ -438,6 +507,10 @@ class TorrentSession:
             transfer.rechecked = True
         elif not is_checking(alert.state) and not transfer.ready:
             transfer.on_checked()
+        if alert.state == lt.torrent_status.seeding:
+            # libtorrent dropped the piece picker: blocks written from now on
+            # are never announced (swarm/torrent/received.py).
+            self._received.seeded(transfer.meta.info_hash)
         if alert.state == lt.torrent_status.seeding and self.config.super_seeding:
             # A designated seed (e.g. the site's first node, fed by the
             # origin) offers each peer a piece nobody else has yet, so its
@@ -495,6 +568,8 @@ class TorrentSession:
     _handlers: ClassVar[dict[type, Callable[[TorrentSession, Any], None]]] = {
         lt.read_piece_alert: _on_read_piece,
         lt.piece_finished_alert: _on_piece_finished,
+        lt.block_downloading_alert: _on_block_downloading,
+        lt.block_finished_alert: _on_block_finished,
         lt.hash_failed_alert: _on_hash_failed,
         lt.peer_ban_alert: _on_peer_ban,
         lt.peer_blocked_alert: _on_peer_blocked,

@@ -25,6 +25,8 @@ ALERT_MASK = (
     | lt.alert.category_t.storage_notification
     | lt.alert.category_t.progress_notification
     | lt.alert.category_t.ip_block_notification
+    # block_finished_alert: the bytes received, by the peer or web seed that sent them
+    | lt.alert.category_t.block_progress_notification
 )
 
 

@@ -203,3 +203,32 @@ def test_pace_measured_by_a_pilot_is_kept_for_the_next(tmp_path: Path) -> None:
     pace = history.pace("a")
     assert pace is not None and pace > 0  # wall seconds per event of a's tasks
     assert history.measured("a") is not None and history.pace("b") is None
+
+
+def test_a_lease_moved_earlier_cuts_running_tasks_by_its_new_end_not_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    # Defect: a job stopped because its lease moved earlier gave its running
+    # tasks the whole grace (30 s here), past the new end, where the batch
+    # system kills the slot.
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    slow = [sys.executable, SYNTH, "{first}", "{count}", "{output}", "--sleep", "20"]
+    _write(queue, "a.toml", _data("a", command=slow, cpu_work_per_event=0.001, events_per_task=1))
+    t0 = time.monotonic()
+
+    def lease_at(now: float) -> Lease:
+        # 10 minutes at first; a second in, the end moves to t0 + 4 s.
+        end = t0 + (600.0 if now - t0 < 1.0 else 4.0)
+        return replace(_lease(end - now, cores=1, now=now), sources={"time_left": "test"})
+
+    report = run_pilot(
+        queue, tmp_path / "work", lease_at, time.monotonic, grace=30.0, reserve_floor=0.3
+    )
+    first = report.jobs_run[0]
+    assert "the lease now ends" in str(first["stopped"]) and not first["complete"]
+    # Cut by the new end (t0 + 4 s less the reserve), not 30 s after the stop,
+    # nor when the 20 s task would have ended by itself.
+    assert time.monotonic() - t0 < 9.0
+    assert (queue / "a.toml").exists()  # back in the queue for a later lease
+    assert report.stopped == "no queued job fits the lease"

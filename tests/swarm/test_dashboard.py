@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,6 +242,50 @@ def test_finished_jobs_fill_the_masonry_chart_and_actions_need_the_typed_token(
         15,
     )
     assert node.token not in browser.page_source  # typed, kept in memory, never in the page
+    assert console_errors(browser) == []
+
+
+SLOW_JOB = """
+name = "slow-sim"
+command = ["/bin/sh", "-c", "sleep 20; : > \\"$3\\"", "sh", "{first}", "{count}", "{output}"]
+cpu_work_per_event = 0.01
+max_events = 20
+min_events = 10
+events_per_task = 10
+"""
+
+
+@pytest.mark.fuse
+def test_a_running_job_is_a_growing_block_in_the_masonry_chart(node: Node, browser: Any) -> None:
+    job = node.post("/v1/jobs", SLOW_JOB.encode())
+    running = eventually(
+        "the job to run",
+        lambda: (j := node.get(f"/v1/jobs/{job['id']}"))["state"] == "running" and j,
+        20,
+    )
+    assert time.time() - 20 < running["started_at"] <= time.time()
+
+    browser.get(node.url + "/dashboard")
+    block = f"document.querySelector('#masonry rect.job.running[data-job=\"{job['id']}\"]')"
+    eventually(
+        "the running job's block in the masonry chart",
+        lambda: shown(browser, f"return !!{block}"),
+        15,
+    )
+    width = f"return {block}.width.baseVal.value"
+    first = shown(browser, width)
+    eventually(  # the page polls every 2 s; the block ends at "now" each time
+        "the running job's block to grow",
+        lambda: (w := shown(browser, width)) > first and w,
+        15,
+    )
+    unused = "document.querySelector('#masonry rect.unused')"
+    x, w = shown(
+        browser, f"const b = {block}; return [+b.getAttribute('x'), b.width.baseVal.value];"
+    )
+    ux = shown(browser, f"return +{unused}.getAttribute('x')")
+    assert x + w == pytest.approx(ux, abs=1.0)  # the unused rest starts where the job is now
+    assert node.get(f"/v1/jobs/{job['id']}")["state"] == "running"
     assert console_errors(browser) == []
 
 
