@@ -293,6 +293,7 @@ def _mount_config(a: argparse.Namespace) -> Any:
         fetch_timeout=a.fetch_timeout,
         tag=a.tag,
         threads=a.threads,
+        start_profile=not a.no_start_profile,
     )
 
 
@@ -324,6 +325,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
     ]
     if a.tag:
         argv += ["--tag", a.tag]
+    if a.no_start_profile:
+        argv.append("--no-start-profile")
     argv += ["--log-format", a.log_format]
     if a.debug:
         argv.insert(0, "--debug")
@@ -371,6 +374,10 @@ def cmd_status(a: argparse.Namespace) -> int:
             f" {cache['objects']} objects, {cache['hits']} hits, {cache['misses']} misses,"
             f" {cache['failures']} failures"
         )
+        profile = st.get("start_profile")
+        if isinstance(profile, dict) and profile.get("state") not in (None, "off", "none"):
+            counts = ", ".join(f"{v} {k}" for k, v in profile.items() if k != "state")
+            print(f"  start profile: {profile['state']}" + (f" ({counts})" if counts else ""))
         if st.get("offline"):
             print("  OFFLINE: serving cached metadata")
         if st.get("last_error"):
@@ -561,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"FUSE worker threads (default {MOUNT_THREADS}); at most 3/4 wait on fetches",
     )
     s.add_argument("--tag", help="follow a tag instead of the newest revision")
+    s.add_argument(
+        "--no-start-profile",
+        action="store_true",
+        help="neither record what readers read first nor prefetch it on a cold start",
+    )
     s.add_argument("--foreground", action="store_true")
     s.add_argument("--ready-fd", type=count_argument(0), help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)
