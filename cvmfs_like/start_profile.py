@@ -460,6 +460,13 @@ class Prefetch:
     def alive(self) -> int:
         return sum(1 for t in self._threads if t.is_alive())
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the prefetch to end; True if it did."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        return self.alive() == 0
+
     def _take(self) -> ProfileEntry | None:
         with self._lock:
             if self._stop.is_set() or self._next >= len(self.profile.entries):
@@ -657,6 +664,11 @@ class StartProfiles:
             self._save(cur)
         if cur.prefetch is not None:
             cur.prefetch.stop(wait)
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the current prefetch (if any) to end."""
+        cur = self._current
+        return cur is None or cur.prefetch is None or cur.prefetch.wait(timeout)
 
     def close(self) -> None:
         """At unmount: save what was recorded, stop the prefetch and wait for

@@ -26,6 +26,7 @@ from typing import Any
 
 from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
+from cvmfs_like.start_profile import ProfileSettings
 from runner import cli as runner_cli
 from runner.cli import add_runner_commands
 from runner.exceptions import RunnerError
@@ -294,6 +295,8 @@ def _mount_config(a: argparse.Namespace) -> Any:
         tag=a.tag,
         threads=a.threads,
         start_profile=not a.no_start_profile,
+        start_profile_window=a.start_profile_window,
+        start_profile_entries=a.start_profile_entries,
     )
 
 
@@ -327,6 +330,8 @@ def cmd_mount(a: argparse.Namespace) -> int:
         argv += ["--tag", a.tag]
     if a.no_start_profile:
         argv.append("--no-start-profile")
+    argv += ["--start-profile-window", str(a.start_profile_window)]
+    argv += ["--start-profile-entries", str(a.start_profile_entries)]
     argv += ["--log-format", a.log_format]
     if a.debug:
         argv.insert(0, "--debug")
@@ -572,6 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-start-profile",
         action="store_true",
         help="neither record what readers read first nor prefetch it on a cold start",
+    )
+    s.add_argument(
+        "--start-profile-window",
+        type=seconds_argument(),
+        default=ProfileSettings.window,
+        help="seconds after a revision's first read that its start profile records"
+        f" (default {ProfileSettings.window:g})",
+    )
+    s.add_argument(
+        "--start-profile-entries",
+        type=count_argument(1, 1_000_000),
+        default=ProfileSettings.max_entries,
+        help=f"most entries in a start profile (default {ProfileSettings.max_entries})",
     )
     s.add_argument("--foreground", action="store_true")
     s.add_argument("--ready-fd", type=count_argument(0), help=argparse.SUPPRESS)

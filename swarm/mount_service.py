@@ -65,6 +65,8 @@ class MountConfig:
     negative_timeout: float = 30.0
     threads: int = MOUNT_THREADS
     start_profile: bool = True  # record / prefetch start profiles
+    start_profile_window: float = ProfileSettings.window
+    start_profile_entries: int = ProfileSettings.max_entries
 
 
 def _lock_cache(cache: Path) -> int:
@@ -126,7 +128,10 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
             tag=cfg.tag,
             # stop_wait: a prefetch fetch in progress at unmount ends by its deadline
             start_profile=ProfileSettings(
-                enabled=cfg.start_profile, stop_wait=cfg.fetch_timeout + 5.0
+                enabled=cfg.start_profile,
+                window=cfg.start_profile_window,
+                max_entries=cfg.start_profile_entries,
+                stop_wait=cfg.fetch_timeout + 5.0,
             ),
         )
         cache, mounted = repo.cache, repo.mounted
