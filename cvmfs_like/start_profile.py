@@ -26,7 +26,8 @@ Invariants:
 
 * one profile file per root catalog hash, ``profiles/<hash>.json``, written
   once (atomically: complete or absent), never rewritten; while a profile
-  exists for a revision it is prefetched, not recorded again;
+  exists for a revision it is prefetched, not recorded again (a file that
+  is no profile of that revision is removed, and the start records anew);
 * recording costs the read path one lock and a set insert per first read of
   a chunk in the window, nothing after it; at most ``max_entries`` entries
   and ``MAX_PROFILE_BYTES`` bytes; the directory keeps the newest ``kept``
@@ -312,8 +313,9 @@ class PrefetchCounts:
 
 class ProfileStore:
     """Profile files in one directory (``CACHE/profiles``): written once,
-    atomically; the newest ``kept`` are kept.  Never raises: a profile is
-    advisory, so every problem is a log line."""
+    atomically; the newest ``kept`` are kept; an unusable one is removed when
+    read.  Never raises: a profile is advisory, so every problem is a log
+    line."""
 
     def __init__(self, directory: Path, *, kept: int = 32) -> None:
         self.directory = directory
@@ -339,7 +341,10 @@ class ProfileStore:
         try:
             profile, bad = decode_profile(data, catalog, max_entries)
         except ProfileError as exc:
-            log.warning("start profile %s ignored: %s", path, exc)
+            # Removed, so that this start records a usable one in its place.
+            log.warning("start profile %s ignored and removed: %s", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
             return None
         if bad:
             log.warning("start profile %s: %d malformed entries skipped", path, bad)
