@@ -13,6 +13,7 @@ files do not: they hold their entry and chunk list.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ from cvmfs_like.cache import ObjectCache
 from cvmfs_like.catalog import Catalog, Chunk, Entry
 from cvmfs_like.exceptions import CatalogError, ObjectUnavailable, ReleaseError
 from cvmfs_like.objects import ObjectSource
-from cvmfs_like.start_profile import StartProfiles
+from cvmfs_like.start_profile import ProfileStatus, StartProfiles
 from trust.client import Freshness, RefreshOutcome
 from trust.exceptions import TrustError
 from trust.targets import ReleaseTarget
@@ -474,7 +475,9 @@ class MountedRelease:
             "last_error": self.last_error,
             "open_files": len(self._files),
             "cache": self._cache.stats(),
-            "start_profile": {"state": "off"}
-            if self._profiles is None
-            else self._profiles.status(),
+            "start_profile": dataclasses.asdict(self.start_profile_status()),
         }
+
+    def start_profile_status(self) -> ProfileStatus:
+        """The current revision's start profile: state and counts."""
+        return ProfileStatus("off") if self._profiles is None else self._profiles.status()

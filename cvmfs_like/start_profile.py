@@ -299,6 +299,21 @@ class PrefetchState(enum.Enum):
     OVER_BUDGET = "over budget"  # stopped at half the cache quota
 
 
+@dataclass(frozen=True)
+class ProfileStatus:
+    """The current revision's start profile, for status reports: state off,
+    none, waiting, recording, recorded, ended (recording) or prefetching,
+    done, stopped, over budget (prefetching)."""
+
+    state: str
+    recorded: int = 0  # entries recorded so far
+    listed: int = 0  # entries of the profile being prefetched
+    fetched: int = 0  # objects fetched ahead (verified and stored)
+    present: int = 0  # already cached
+    skipped: int = 0  # entries naming nothing fetchable in this revision
+    failed: int = 0  # fetches that failed or delivered wrong bytes (never stored)
+
+
 @dataclass
 class PrefetchCounts:
     listed: int = 0  # entries in the profile
@@ -682,23 +697,23 @@ class StartProfiles:
         with self._lock:
             self._closed = True
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> ProfileStatus:
         """The current revision's profile state, for the mount's status."""
         cur = self._current
         if cur is None:
-            return {"state": "none"}
+            return ProfileStatus("none")
         if cur.prefetch is not None:
             c = cur.prefetch.counts
-            return {
-                "state": cur.prefetch.state.value,
-                "listed": c.listed,
-                "fetched": c.fetched,
-                "present": c.present,
-                "skipped": c.skipped,
-                "failed": c.failed,
-            }
+            return ProfileStatus(
+                cur.prefetch.state.value,
+                listed=c.listed,
+                fetched=c.fetched,
+                present=c.present,
+                skipped=c.skipped,
+                failed=c.failed,
+            )
         assert cur.recorder is not None
         state = cur.recorder.state.value
         if cur.recorder.state is RecordState.ENDED:
             state = "recorded" if cur.written else "ended"
-        return {"state": state, "recorded": len(cur.recorder)}
+        return ProfileStatus(state, recorded=len(cur.recorder))

@@ -381,7 +381,7 @@ def cmd_status(a: argparse.Namespace) -> int:
         )
         profile = st.get("start_profile")
         if isinstance(profile, dict) and profile.get("state") not in (None, "off", "none"):
-            counts = ", ".join(f"{v} {k}" for k, v in profile.items() if k != "state")
+            counts = ", ".join(f"{v} {k}" for k, v in profile.items() if k != "state" and v)
             print(f"  start profile: {profile['state']}" + (f" ({counts})" if counts else ""))
         if st.get("offline"):
             print("  OFFLINE: serving cached metadata")

@@ -21,6 +21,7 @@ from cvmfs_like.start_profile import (
     Prefetch,
     PrefetchState,
     ProfileSettings,
+    ProfileStatus,
     ProfileStore,
     Recorder,
     RecordState,
@@ -334,9 +335,9 @@ def test_start_profiles_record_then_prefetch_the_same_revision(tmp_path: Path) -
     for i in (3, 1, 4):
         first.saw(1, f"f{i}".encode(), 0)
     first.saw(2, b"f0", 0)  # a file open in another revision: not this profile's
-    assert first.status() == {"state": "recording", "recorded": 3}
+    assert first.status() == ProfileStatus("recording", recorded=3)
     first.close()
-    assert first.status() == {"state": "none"}
+    assert first.status() == ProfileStatus("none")
     saved = store.load(CAT, 100)
     assert saved is not None and saved.entries == ((b"f3", 0), (b"f1", 0), (b"f4", 0))
 
@@ -344,5 +345,5 @@ def test_start_profiles_record_then_prefetch_the_same_revision(tmp_path: Path) -
     second = StartProfiles(store, settings, quota=1 << 20)
     second.revision_loaded(CAT, 1, rev, empty, source)
     assert second.wait(10)
-    assert second.status()["state"] == "done" and second.status()["fetched"] == 3
+    assert second.status() == ProfileStatus("done", listed=3, fetched=3)
     second.close()

@@ -19,6 +19,7 @@ import pytest
 from cvmfs_like.catalog import Catalog
 from cvmfs_like.publish import publish
 from cvmfs_like.retention import list_revisions
+from cvmfs_like.start_profile import ProfileStatus
 from cvmfs_like.store import OriginStore
 from swarm_testing.waiting import eventually
 from tests.harness import MountProcess, OriginServer
@@ -109,7 +110,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.origin.close()
 
 
-def status(mp: Path) -> dict[str, object]:
+def status(mp: Path) -> ProfileStatus:
     out = subprocess.run(
         [sys.executable, "-m", "swarm.cli", "status", str(mp), "--json"],
         capture_output=True,
@@ -117,10 +118,7 @@ def status(mp: Path) -> dict[str, object]:
         check=True,
         timeout=30,
     ).stdout
-    doc = json.loads(out)
-    profile = doc["start_profile"]
-    assert isinstance(profile, dict)
-    return profile
+    return ProfileStatus(**json.loads(out)["start_profile"])
 
 
 def test_a_profile_is_recorded_on_first_use_in_read_order_and_written_at_unmount(
@@ -128,10 +126,10 @@ def test_a_profile_is_recorded_on_first_use_in_read_order_and_written_at_unmount
 ) -> None:
     order = FILES[5:15] + FILES[:3]
     with site.mount() as m:
-        assert status(m.mountpoint) == {"state": "waiting", "recorded": 0}
+        assert status(m.mountpoint) == ProfileStatus("waiting")
         for rel in order:
             assert (m.mountpoint / rel).read_bytes() == site.content[rel]
-        assert status(m.mountpoint) == {"state": "recording", "recorded": len(order)}
+        assert status(m.mountpoint) == ProfileStatus("recording", recorded=len(order))
         assert not site.profile_path().exists()  # written once, at the end of the window
     doc = site.profile()
     assert doc["catalog"] == site.catalog and doc["revision"] == 1
@@ -145,7 +143,7 @@ def test_a_profile_is_bounded_by_its_window_and_its_entries(site: Site) -> None:
             (m.mountpoint / rel).read_bytes()
         # Full: written while mounted, the two reads after it not listed.
         assert site.profile_path().exists()
-        assert status(m.mountpoint) == {"state": "recorded", "recorded": 4}
+        assert status(m.mountpoint) == ProfileStatus("recorded", recorded=4)
     assert site.profile()["entries"] == [[rel, 0] for rel in FILES[:4]]
     site.profile_path().unlink()
     with site.mount("--start-profile-window", "1") as m:
@@ -165,9 +163,9 @@ def test_a_cold_start_with_the_profile_fetches_the_listed_objects_before_any_rea
     with site.mount() as m:
         # Nobody reads: the origin is asked for every listed object anyway.
         eventually("the prefetch", lambda: wanted <= set(site.data_requests()), 20)
-        eventually("the prefetch to end", lambda: status(m.mountpoint)["state"] == "done", 10)
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
         st = status(m.mountpoint)
-        assert (st["fetched"], st["skipped"], st["failed"]) == (len(FILES), 0, 0)
+        assert st == ProfileStatus("done", listed=len(FILES), fetched=len(FILES))
         for digest in wanted:
             assert (site.cache / "objects" / digest[:2] / digest).exists()
         asked = len(site.data_requests())
@@ -180,7 +178,7 @@ def test_a_cold_start_with_the_profile_fetches_the_listed_objects_before_any_rea
 
 def test_without_start_profiles_nothing_is_recorded_or_prefetched(site: Site) -> None:
     with site.mount("--no-start-profile") as m:
-        assert status(m.mountpoint) == {"state": "off"}
+        assert status(m.mountpoint) == ProfileStatus("off")
         for rel in FILES[:3]:
             (m.mountpoint / rel).read_bytes()
     assert not (site.cache / "profiles").exists()
@@ -212,13 +210,13 @@ def test_a_forged_profile_is_harmless(site: Site, forgery: str) -> None:
     site.profile_path().write_bytes(data)
     with site.mount() as m:
         if forgery == "entries":
-            eventually("the prefetch to end", lambda: status(m.mountpoint)["state"] == "done", 10)
+            eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
             st = status(m.mountpoint)
-            assert (st["listed"], st["fetched"], st["skipped"]) == (5, 1, 4)
+            assert st == ProfileStatus("done", listed=5, fetched=1, skipped=4)
             assert "3 malformed entries skipped" in m.log()
             assert "entry 'no/such/file' chunk 0 skipped: no such path in this revision" in m.log()
         else:
-            assert status(m.mountpoint)["state"] == "waiting"  # recording a real one instead
+            assert status(m.mountpoint).state == "waiting"  # recording a real one instead
             assert "ignored and removed" in m.log()
         for rel in FILES:
             assert (m.mountpoint / rel).read_bytes() == site.content[rel]
@@ -234,9 +232,9 @@ def test_an_object_the_origin_serves_corrupted_is_never_stored(site: Site) -> No
     good = stored.read_bytes()
     stored.write_bytes(bytes([good[0] ^ 1]) + good[1:])
     with site.mount() as m:
-        eventually("the prefetch to end", lambda: status(m.mountpoint)["state"] == "done", 10)
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
         st = status(m.mountpoint)
-        assert (st["fetched"], st["failed"]) == (7, 1)
+        assert st == ProfileStatus("done", listed=8, fetched=7, failed=1)
         assert not (site.cache / "objects" / bad[:2] / bad).exists()
         assert f"fetch refused: object {bad}: content hash is" in m.log()
         with pytest.raises(OSError) as exc:
