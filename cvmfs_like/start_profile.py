@@ -601,6 +601,9 @@ class StartProfiles:
         self._lock = threading.Lock()
         self._current: _Current | None = None
         self._closed = False
+        # Prefetches stopped at a revision switch whose last fetch may still
+        # run: close() waits for them too.
+        self._stopped: list[Prefetch] = []
 
     def revision_loaded(
         self,
@@ -686,6 +689,10 @@ class StartProfiles:
             self._save(cur)
         if cur.prefetch is not None:
             cur.prefetch.stop(wait)
+            if wait is None:
+                with self._lock:
+                    self._stopped = [p for p in self._stopped if p.alive()]
+                    self._stopped.append(cur.prefetch)
 
     def wait(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for the current prefetch (if any) to end."""
@@ -698,6 +705,9 @@ class StartProfiles:
         self._end_current(wait=self.settings.stop_wait)
         with self._lock:
             self._closed = True
+            stopped, self._stopped = self._stopped, []
+        for prefetch in stopped:
+            prefetch.stop(self.settings.stop_wait)
 
     def status(self) -> ProfileStatus:
         """The current revision's profile state, for the mount's status."""

@@ -347,3 +347,26 @@ def test_start_profiles_record_then_prefetch_the_same_revision(tmp_path: Path) -
     assert second.wait(10)
     assert second.status() == ProfileStatus("done", listed=3, fetched=3)
     second.close()
+
+
+def test_a_revision_switch_stops_the_old_prefetch_and_saves_the_old_recording(
+    tmp_path: Path,
+) -> None:
+    rev, source, cache = _setup(tmp_path, 40)
+    settings = ProfileSettings(window=3600, concurrency=4)
+    store = ProfileStore(tmp_path / "profiles")
+    store.save(StartProfile(CAT, 1, tuple((f"f{i}".encode(), 0) for i in range(40))))
+    profiles = StartProfiles(store, settings, quota=1 << 20)
+    source.block = threading.Event()
+    profiles.revision_loaded(CAT, 1, rev, cache, source)
+    eventually("four prefetch fetches", lambda: len(source.asked) == 4, 10)
+    other = "e" * 64
+    profiles.revision_loaded(other, 2, rev, cache, source)  # no profile yet: records
+    assert profiles.status() == ProfileStatus("waiting")
+    profiles.saw(2, b"f7", 0)
+    threading.Timer(0.2, source.block.set).start()  # the old fetches end by themselves
+    profiles.close()  # waits for the old prefetch's threads too
+    assert len(source.asked) == 4  # the old prefetch took nothing after the switch
+    assert not [t for t in threading.enumerate() if t.name.startswith("swarm-prefetch")]
+    saved = store.load(other, 100)
+    assert saved is not None and saved.entries == ((b"f7", 0),)
