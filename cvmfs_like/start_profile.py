@@ -486,7 +486,8 @@ class Prefetch:
         """Wait up to ``timeout`` seconds for the prefetch to end; True if it did."""
         deadline = time.monotonic() + timeout
         for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():  # never started (closed first) counts as ended
+                t.join(max(0.0, deadline - time.monotonic()))
         return self.alive() == 0
 
     def _take(self) -> ProfileEntry | None:

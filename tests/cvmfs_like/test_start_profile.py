@@ -288,7 +288,7 @@ def test_prefetch_does_not_take_places_of_the_fetch_gate(tmp_path: Path) -> None
     pf = Prefetch(StartProfile(CAT, 1, entries), rev, cache, source, concurrency=4, budget=1 << 20)
     pf.start()
     try:
-        eventually("four prefetch fetches", lambda: len(source.asked) == 4, 10)
+        eventually("four prefetch fetches", lambda: len(source.asked) == 4, 30)
         # Four fetches wait; a reader of another object still gets the gate's place.
         other = b"reader's object"
         source.objects[_digest(other)] = other
@@ -299,7 +299,7 @@ def test_prefetch_does_not_take_places_of_the_fetch_gate(tmp_path: Path) -> None
         reader.start()
         # The reader's fetch waits too (or it was refused at once: the test fails).
         eventually(
-            "the reader's fetch", lambda: len(source.asked) == 5 or not reader.is_alive(), 10
+            "the reader's fetch", lambda: len(source.asked) == 5 or not reader.is_alive(), 30
         )
         source.block.set()
         reader.join(10)
@@ -317,7 +317,7 @@ def test_stop_with_a_wait_returns_after_every_prefetch_thread_ended(tmp_path: Pa
     entries = tuple((f"f{i}".encode(), 0) for i in range(50))
     pf = Prefetch(StartProfile(CAT, 1, entries), rev, cache, source, concurrency=8, budget=1 << 20)
     pf.start()
-    eventually("eight prefetch fetches", lambda: len(source.asked) == 8, 10)
+    eventually("eight prefetch fetches", lambda: len(source.asked) == 8, 30)
     threading.Timer(0.2, source.block.set).start()  # the fetches in flight end by themselves
     pf.stop(wait=10)
     assert pf.alive() == 0
@@ -359,7 +359,7 @@ def test_a_revision_switch_stops_the_old_prefetch_and_saves_the_old_recording(
     profiles = StartProfiles(store, settings, quota=1 << 20)
     source.block = threading.Event()
     profiles.revision_loaded(CAT, 1, rev, cache, source)
-    eventually("four prefetch fetches", lambda: len(source.asked) == 4, 10)
+    eventually("four prefetch fetches", lambda: len(source.asked) == 4, 30)
     other = "e" * 64
     profiles.revision_loaded(other, 2, rev, cache, source)  # no profile yet: records
     assert profiles.status() == ProfileStatus("waiting")

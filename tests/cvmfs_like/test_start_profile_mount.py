@@ -125,7 +125,7 @@ def test_a_profile_is_recorded_on_first_use_in_read_order_and_written_at_unmount
     site: Site,
 ) -> None:
     order = FILES[5:15] + FILES[:3]
-    with site.mount() as m:
+    with site.mount("--start-profile-window", "3600") as m:
         assert status(m.mountpoint) == ProfileStatus("waiting")
         for rel in order:
             assert (m.mountpoint / rel).read_bytes() == site.content[rel]
@@ -148,7 +148,7 @@ def test_a_profile_is_bounded_by_its_window_and_its_entries(site: Site) -> None:
     site.profile_path().unlink()
     with site.mount("--start-profile-window", "1") as m:
         (m.mountpoint / FILES[7]).read_bytes()
-        eventually("the window to end", site.profile_path().exists, 10)
+        eventually("the window to end", site.profile_path().exists, 60)
         (m.mountpoint / FILES[8]).read_bytes()
     assert site.profile()["entries"] == [[FILES[7], 0]]
 
@@ -162,8 +162,8 @@ def test_a_cold_start_with_the_profile_fetches_the_listed_objects_before_any_rea
     wanted = {site.object_of(rel) for rel in FILES}
     with site.mount() as m:
         # Nobody reads: the origin is asked for every listed object anyway.
-        eventually("the prefetch", lambda: wanted <= set(site.data_requests()), 20)
-        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
+        eventually("the prefetch", lambda: wanted <= set(site.data_requests()), 60)
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 60)
         st = status(m.mountpoint)
         assert st == ProfileStatus("done", listed=len(FILES), fetched=len(FILES))
         for digest in wanted:
@@ -174,6 +174,21 @@ def test_a_cold_start_with_the_profile_fetches_the_listed_objects_before_any_rea
         assert len(site.data_requests()) == asked  # every read was a cache hit
         assert (m.mountpoint / "README").read_text() == "not read at start\n"
         assert len(site.data_requests()) == asked + 1  # what the profile did not list
+
+
+def test_a_partly_cached_start_fetches_only_the_missing_objects_ahead(site: Site) -> None:
+    site.record(FILES)
+    missing = {site.object_of(rel) for rel in FILES[::2]}
+    for digest in missing:
+        (site.cache / "objects" / digest[:2] / digest).unlink()
+    site.origin.paths.clear()
+    with site.mount() as m:
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 60)
+        half = len(FILES) // 2
+        assert status(m.mountpoint) == ProfileStatus(
+            "done", listed=len(FILES), fetched=half, present=half
+        )
+        assert sorted(site.data_requests()) == sorted(missing)  # nothing else was asked for
 
 
 def test_without_start_profiles_nothing_is_recorded_or_prefetched(site: Site) -> None:
@@ -210,7 +225,7 @@ def test_a_forged_profile_is_harmless(site: Site, forgery: str) -> None:
     site.profile_path().write_bytes(data)
     with site.mount() as m:
         if forgery == "entries":
-            eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
+            eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 60)
             st = status(m.mountpoint)
             assert st == ProfileStatus("done", listed=5, fetched=1, skipped=4)
             assert "3 malformed entries skipped" in m.log()
@@ -232,7 +247,7 @@ def test_an_object_the_origin_serves_corrupted_is_never_stored(site: Site) -> No
     good = stored.read_bytes()
     stored.write_bytes(bytes([good[0] ^ 1]) + good[1:])
     with site.mount() as m:
-        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 10)
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state == "done", 60)
         st = status(m.mountpoint)
         assert st == ProfileStatus("done", listed=8, fetched=7, failed=1)
         assert not (site.cache / "objects" / bad[:2] / bad).exists()
@@ -251,10 +266,10 @@ def test_unmount_during_prefetch_stops_it_and_leaves_nothing_running(site: Site)
     with SlowStore(site.tmp / "store", slow=slow, interval=0.5) as origin:
         m = site.mount(origin=origin.url)
         try:
-            assert origin.wait_trickling(4, 20)  # the prefetch is fetching
+            assert origin.wait_trickling(4, 60)  # the prefetch is fetching
             subprocess.run(["fusermount3", "-u", str(m.mountpoint)], check=True, timeout=30)
             # Each fetch in progress ends by its deadline (2 s), then the process.
-            assert m.proc.wait(timeout=20) == 0
+            assert m.proc.wait(timeout=60) == 0
         finally:
             m.close()
         log = m.log_path.read_text(errors="replace")

@@ -60,7 +60,7 @@ def test_a_node_records_a_start_profile_another_node_given_it_prefetches_before_
                 p = b.repo_status(REPO).start_profile
                 return p is not None and p.state == "done"
 
-            await eventually_async("the prefetch", prefetched, 20)
+            await eventually_async("the prefetch", prefetched, 60)
             st = b.repo_status(REPO)
             assert st.start_profile == ProfileStatus("done", listed=4, fetched=4)
             assert st.objects_from_swarm >= 4  # through the node's source: swarm first
