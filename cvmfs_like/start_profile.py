@@ -17,7 +17,7 @@ profile can therefore only make the node fetch (verified) objects of the
 revision it describes: entries that do not resolve are skipped with a log
 line, a file that is not a profile is ignored with one, and the bytes
 fetched ahead are bounded (at most ``max_entries`` entries and half of the
-cache quota), so a profile can neither serve a wrong byte nor push the cache
+cache quota the pinned catalogs leave), so a profile can neither serve a wrong byte nor push the cache
 over its quota.  This is also why a profile can be shared: copied to
 another node's ``CACHE/profiles/`` it means the same there (nodes do not
 exchange profiles over the network yet).
@@ -410,6 +410,8 @@ class PrefetchCache(Protocol):
 
     def contains(self, digest: str) -> bool: ...
 
+    def stats(self) -> dict[str, int]: ...
+
     def open(
         self,
         digest: str,
@@ -627,7 +629,9 @@ class StartProfiles:
                 cache,
                 source,
                 concurrency=self.settings.concurrency,
-                budget=self._quota // 2,
+                # Half of what the pinned catalogs leave: objects fetched
+                # ahead never push each other (or much else) out.
+                budget=max(0, self._quota - cache.stats()["pinned_bytes"]) // 2,
             )
         else:
             cur.recorder = Recorder(

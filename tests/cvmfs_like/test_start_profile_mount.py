@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,7 +111,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.origin.close()
 
 
-def status(mp: Path) -> ProfileStatus:
+def mount_status(mp: Path) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "swarm.cli", "status", str(mp), "--json"],
         capture_output=True,
@@ -118,7 +119,12 @@ def status(mp: Path) -> ProfileStatus:
         check=True,
         timeout=30,
     ).stdout
-    return ProfileStatus(**json.loads(out)["start_profile"])
+    doc: dict[str, Any] = json.loads(out)
+    return doc
+
+
+def status(mp: Path) -> ProfileStatus:
+    return ProfileStatus(**mount_status(mp)["start_profile"])
 
 
 def test_a_profile_is_recorded_on_first_use_in_read_order_and_written_at_unmount(
@@ -189,6 +195,24 @@ def test_a_partly_cached_start_fetches_only_the_missing_objects_ahead(site: Site
             "done", listed=len(FILES), fetched=half, present=half
         )
         assert sorted(site.data_requests()) == sorted(missing)  # nothing else was asked for
+
+
+def test_a_prefetch_stops_at_half_of_the_quota_the_catalogs_leave(site: Site) -> None:
+    site.record(FILES)
+    site.wipe_objects()
+    quota = site.store.path_of(site.catalog).stat().st_size + 4096  # pinned: the root catalog
+    with site.mount("--quota", str(quota)) as m:
+        eventually("the prefetch to end", lambda: status(m.mountpoint).state != "prefetching", 60)
+        st = status(m.mountpoint)
+        assert st.state == "over budget" and 0 < st.fetched < len(FILES)
+        fetched = [rel for rel in FILES if (site.cache / "objects" / site.object_of(rel)[:2]
+                                           / site.object_of(rel)).exists()]  # fmt: skip
+        assert sum(len(site.content[rel]) for rel in fetched) <= 2048
+        cache = mount_status(m.mountpoint)["cache"]
+        assert cache["used"] - cache["pinned_bytes"] <= quota
+        assert "prefetch stopped at its budget" in m.log()
+        for rel in FILES:  # the rest is read as without a profile
+            assert (m.mountpoint / rel).read_bytes() == site.content[rel]
 
 
 def test_without_start_profiles_nothing_is_recorded_or_prefetched(site: Site) -> None:
