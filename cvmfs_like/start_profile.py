@@ -16,9 +16,9 @@ fetched bytes against that before it stores them.  A forged or damaged
 profile can therefore only make the node fetch (verified) objects of the
 revision it describes: entries that do not resolve are skipped with a log
 line, a file that is not a profile is ignored with one, and the bytes
-fetched ahead are bounded (at most ``max_entries`` entries and half of the
-cache quota the pinned catalogs leave), so a profile can neither serve a wrong byte nor push the cache
-over its quota.  This is also why a profile can be shared: copied to
+fetched ahead are bounded (at most ``max_entries`` entries and half of
+what the pinned catalogs leave of the cache quota), so a profile can
+neither serve a wrong byte nor push the cache over its quota.  This is also why a profile can be shared: copied to
 another node's ``CACHE/profiles/`` it means the same there (nodes do not
 exchange profiles over the network yet).
 
@@ -554,7 +554,7 @@ class Prefetch:
             with self._lock:
                 if self.state is PrefetchState.RUNNING:
                     self.state = PrefetchState.OVER_BUDGET
-                    log.warning("start profile: prefetch stopped at its budget (half the quota)")
+                    log.warning("start profile: prefetch stopped at its budget (half the free quota)")
             self._stop.set()
             return
         try:
