@@ -18,9 +18,12 @@ revision it describes: entries that do not resolve are skipped with a log
 line, a file that is not a profile is ignored with one, and the bytes
 fetched ahead are bounded (at most ``max_entries`` entries and half of
 what the pinned catalogs leave of the cache quota), so a profile can
-neither serve a wrong byte nor push the cache over its quota.  This is also why a profile can be shared: copied to
-another node's ``CACHE/profiles/`` it means the same there (nodes do not
-exchange profiles over the network yet).
+neither serve a wrong byte nor push the cache over its quota.  This is
+also why a profile can be shared: copied to another node's
+``CACHE/profiles/`` it means the same there.  Nodes do not exchange
+profiles over the network: a peer's profile would let an untrusted peer
+choose what this node fetches and evicts; a profile recorded by the
+publisher and shipped in the signed release would be the better route.
 
 Invariants:
 
@@ -554,7 +557,7 @@ class Prefetch:
             with self._lock:
                 if self.state is PrefetchState.RUNNING:
                     self.state = PrefetchState.OVER_BUDGET
-                    log.warning("start profile: prefetch stopped at its budget (half the free quota)")
+                    log.warning("start profile: prefetch stopped at its budget (half the quota)")
             self._stop.set()
             return
         try:
