@@ -377,7 +377,10 @@ class ProfileStore:
             self.directory.mkdir(parents=True, exist_ok=True)
             if path.exists():
                 return False  # written once: the first recording stands
-            write_file_atomic(path, encode_profile(profile))
+            # Atomic, not fsynced: an unmount must not wait on a busy disk
+            # for an advisory file; the cache's clean close flushes it, and
+            # one damaged by a crash is removed when read.
+            write_file_atomic(path, encode_profile(profile), durable=False)
         except OSError as exc:
             log.warning("start profile %s not written: %s", path, exc.strerror)
             return False
