@@ -24,6 +24,7 @@ from bench import lease_trace
 from bench.release_bench import RESULTS, ReleaseBench, check_prerequisites, mount_possible
 from bench.release_sections import find_section, import_section, publish_section, read_section
 from bench.report import base_meta, write_results
+from bench.start_profile_bench import start_profile_section
 from bench.util import BenchError, say
 
 
@@ -40,6 +41,7 @@ def run_releases(args: argparse.Namespace) -> int:
     ]
     if not b.args.skip_python:
         sections.append(("import", import_section))
+        sections.append(("profile", start_profile_section))  # bench/start_profile_bench.py
     try:
         b.prepare()
         publish_section(b)
@@ -90,10 +92,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="*",
-        choices=["find", "read", "import", "lease", "distribution", "streaming", "site", "ops"],
+        choices=[
+            "find",
+            "read",
+            "import",
+            "profile",
+            "lease",
+            "distribution",
+            "streaming",
+            "site",
+            "ops",
+        ],
         help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")
+    p.add_argument(
+        "--profile-latency-ms",
+        type=float,
+        default=10.0,
+        help="delay of each origin answer in the start profile section (10)",
+    )
     a = p.parse_args(argv)
     quick = a.quick
     a.files = a.files if a.files is not None else (5000 if quick else 100_000)
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
         site = _site_sections(args)  # the site event service: bench/site_service.py
         ops = _ops_sections(args)  # site operations: bench/ops_bench.py
-        if args.only and not {"find", "read", "import"} & set(args.only):
+        if args.only and not {"find", "read", "import", "profile"} & set(args.only):
             return lease or swarm or site or ops
         return run_releases(args) or lease or swarm or site or ops
     except BenchError as exc:

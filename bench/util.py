@@ -192,9 +192,17 @@ class Resources:
     # -- mounts -----------------------------------------------------------------
 
     def swarm_mount(
-        self, repo: str, mp: Path, origin: str, trust: Path, cache: Path, quota: str = "40G"
+        self,
+        repo: str,
+        mp: Path,
+        origin: str,
+        trust: Path,
+        cache: Path,
+        quota: str = "40G",
+        extra: Sequence[str] = (),
     ) -> None:
-        """``swarm mount`` (detached); waits for a previous mount of ``cache`` to exit."""
+        """``swarm mount`` (detached; ``extra`` options added); waits for a
+        previous mount of ``cache`` to exit."""
         mp.mkdir(parents=True, exist_ok=True)
         wait_until(lambda: cache_lock_free(cache), 30, f"the previous mount of {cache} to exit")
         self.mounts.append(mp)
@@ -214,6 +222,7 @@ class Resources:
                 quota,
                 "--ttl",
                 "3600",
+                *extra,
             ]
         )
         wait_until(lambda: is_mounted(mp), 10, f"{mp} to appear in /proc/self/mounts")

@@ -256,11 +256,21 @@ class ObjectCache:
         with self._lock:
             return digest in self._lru
 
-    def open(self, digest: str, size: int, source: ObjectSource, *, catalog: bool = False) -> int:
+    def open(
+        self,
+        digest: str,
+        size: int,
+        source: ObjectSource,
+        *,
+        catalog: bool = False,
+        gated: bool = True,
+    ) -> int:
         """A read-only descriptor of the verified object, fetching it if missing
         (or found damaged on its first use since the cache was opened).
 
         ``catalog``: the object is a catalog, hashed on its first use.
+        ``gated=False``: the caller is no FUSE thread (the start profile's
+        prefetch) and waits without taking a place of the gate.
 
         Raises:
             ObjectVerificationError: the source delivered wrong bytes.
@@ -290,7 +300,7 @@ class ObjectCache:
                     if found is not None:
                         fd = found
                     else:
-                        with self._waiting_for(digest):
+                        with self._waiting_for(digest, gated):
                             fd = self._fetch(digest, size, source)
                 except BaseException as exc:
                     flight.error = exc
@@ -300,7 +310,7 @@ class ObjectCache:
                         del self._flights[digest]
                     flight.done.set()
                 return fd
-            with self._waiting_for(digest):
+            with self._waiting_for(digest, gated):
                 flight.done.wait()  # the leader's fetch is bounded by its source
             if flight.error is not None:
                 raise flight.error
@@ -354,8 +364,8 @@ class ObjectCache:
                 return exc.reason
         return None
 
-    def _waiting_for(self, digest: str) -> contextlib.AbstractContextManager[None]:
-        if self._gate is None:
+    def _waiting_for(self, digest: str, gated: bool) -> contextlib.AbstractContextManager[None]:
+        if self._gate is None or not gated:
             return contextlib.nullcontext()
         return self._gate.waiting_for(digest)
 

@@ -5,6 +5,7 @@ ReleaseError
 │                             or size (tampered, truncated): untrusted data
 ├── ObjectUnavailable         no source delivered the object in time (transport)
 ├── CatalogError              a catalog is unreadable or inconsistent
+├── ProfileError              a start profile file is unusable (ignored)
 ├── PublishError              the source tree cannot be published (unreadable
 │                             file, file changed while read, bad name ...)
 └── StoreError                local misuse of a store or cache (missing
@@ -44,3 +45,7 @@ class PublishError(ReleaseError):
 
 class StoreError(ReleaseError):
     """A store, cache or repository is missing or misused."""
+
+
+class ProfileError(ReleaseError):
+    """A start profile file is unusable (advisory: ignored, never fatal)."""

@@ -13,6 +13,7 @@ files do not: they hold their entry and chunk list.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import logging
 import os
@@ -27,6 +28,7 @@ from cvmfs_like.cache import ObjectCache
 from cvmfs_like.catalog import Catalog, Chunk, Entry
 from cvmfs_like.exceptions import CatalogError, ObjectUnavailable, ReleaseError
 from cvmfs_like.objects import ObjectSource
+from cvmfs_like.start_profile import ProfileStatus, StartProfiles
 from trust.client import Freshness, RefreshOutcome
 from trust.exceptions import TrustError
 from trust.targets import ReleaseTarget
@@ -190,7 +192,11 @@ class MountedRelease:
         tag: str | None = None,
         clock: Callable[[], float] = time.monotonic,
         refreshes: bool = True,
+        profiles: StartProfiles | None = None,
     ) -> None:
+        # profiles: records what readers read first, prefetches it on a cold
+        # start (cvmfs_like.start_profile); None: off.
+        self._profiles = profiles
         # refreshes: this mount refreshes the trusted metadata itself before
         # it looks for a revision (a `swarm mount`); else its owner does (the
         # node daemon, which follows a revision's torrent before its catalog).
@@ -245,7 +251,20 @@ class MountedRelease:
         if target is None:
             raise ReleaseError(f"{self.name}: the repository has no published revision")
         self._current = self._load(target)
+        self._profile(self._current)
         return self._current
+
+    def _profile(self, rev: Revision) -> None:
+        if self._profiles is not None:
+            self._profiles.revision_loaded(
+                rev.release.catalog, rev.release.revision, rev, self._cache, self._source
+            )
+
+    def close(self) -> None:
+        """At unmount, before the cache is closed: save the start profile
+        being recorded and stop (and wait for) its prefetch."""
+        if self._profiles is not None:
+            self._profiles.close()
 
     def _wanted(self) -> ReleaseTarget | None:
         if self._tag is not None:
@@ -313,6 +332,7 @@ class MountedRelease:
                 )
                 return UpdateResult(False, old.release.revision, [], str(exc))
             self._current = new
+            self._profile(new)
             for digest in old.digests():
                 self._cache.unpin(digest)
             log.info(
@@ -394,6 +414,8 @@ class MountedRelease:
         if fd is not None:
             return fd
         chunk = of.chunks[index]
+        if self._profiles is not None:
+            self._profiles.saw(of.revision, of.entry.path, index)
         fd = self._cache.open(chunk.object, chunk.size, self._source)
         # A chunk is read whole far more often than not: start reading it now.
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
@@ -453,4 +475,9 @@ class MountedRelease:
             "last_error": self.last_error,
             "open_files": len(self._files),
             "cache": self._cache.stats(),
+            "start_profile": dataclasses.asdict(self.start_profile_status()),
         }
+
+    def start_profile_status(self) -> ProfileStatus:
+        """The current revision's start profile: state and counts."""
+        return ProfileStatus("off") if self._profiles is None else self._profiles.status()

@@ -26,6 +26,7 @@ from typing import Any
 
 from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
+from cvmfs_like.start_profile import ProfileSettings
 from runner import cli as runner_cli
 from runner.cli import add_runner_commands
 from runner.exceptions import RunnerError
@@ -296,6 +297,9 @@ def _mount_config(a: argparse.Namespace) -> Any:
         fetch_timeout=a.fetch_timeout,
         tag=a.tag,
         threads=a.threads,
+        start_profile=not a.no_start_profile,
+        start_profile_window=a.start_profile_window,
+        start_profile_entries=a.start_profile_entries,
     )
 
 
@@ -327,6 +331,10 @@ def cmd_mount(a: argparse.Namespace) -> int:
     ]
     if a.tag:
         argv += ["--tag", a.tag]
+    if a.no_start_profile:
+        argv.append("--no-start-profile")
+    argv += ["--start-profile-window", str(a.start_profile_window)]
+    argv += ["--start-profile-entries", str(a.start_profile_entries)]
     argv += ["--log-format", a.log_format]
     if a.debug:
         argv.insert(0, "--debug")
@@ -374,6 +382,10 @@ def cmd_status(a: argparse.Namespace) -> int:
             f" {cache['objects']} objects, {cache['hits']} hits, {cache['misses']} misses,"
             f" {cache['failures']} failures"
         )
+        profile = st.get("start_profile")
+        if isinstance(profile, dict) and profile.get("state") not in (None, "off", "none"):
+            counts = ", ".join(f"{v} {k}" for k, v in profile.items() if k != "state" and v)
+            print(f"  start profile: {profile['state']}" + (f" ({counts})" if counts else ""))
         if st.get("offline"):
             print("  OFFLINE: serving cached metadata")
         if st.get("last_error"):
@@ -564,6 +576,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"FUSE worker threads (default {MOUNT_THREADS}); at most 3/4 wait on fetches",
     )
     s.add_argument("--tag", help="follow a tag instead of the newest revision")
+    s.add_argument(
+        "--no-start-profile",
+        action="store_true",
+        help="neither record what readers read first nor prefetch it on a cold start",
+    )
+    s.add_argument(
+        "--start-profile-window",
+        type=seconds_argument(),
+        default=ProfileSettings.window,
+        help="seconds after a revision's first read that its start profile records"
+        f" (default {ProfileSettings.window:g})",
+    )
+    s.add_argument(
+        "--start-profile-entries",
+        type=count_argument(1, 1_000_000),
+        default=ProfileSettings.max_entries,
+        help=f"most entries in a start profile (default {ProfileSettings.max_entries})",
+    )
     s.add_argument("--foreground", action="store_true")
     s.add_argument("--ready-fd", type=count_argument(0), help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_mount)

@@ -48,6 +48,7 @@ class RepositoryConfig:
     images: bool = True  # follow this repository's VM images too
     cache_quota: int = 10 << 30
     tag: str | None = None
+    start_profile: bool = True  # record / prefetch start profiles (cvmfs_like.start_profile)
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class _RepositoryTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True)
     images: bool = True
     cache_quota: _Size = _Size(10 << 30)
     tag: str | None = None
+    start_profile: bool = True
 
 
 class _NodeTable(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -276,6 +278,7 @@ def parse_config(text: str, *, base: Path = Path("/"), source: str = "config") -
             images=r.images,
             cache_quota=int(r.cache_quota),
             tag=r.tag,
+            start_profile=r.start_profile,
         )
     return NodeConfig(
         data_dir=top.data_dir,

@@ -151,6 +151,7 @@ class Follower:
             refused_images=dict(self.refused_images),
             cache=CacheStats(**self.cache.stats()),
             metadata_expires=self.trusted.expires(),
+            start_profile=self.mounted.start_profile_status(),
         )
 
     def revisions(self) -> list[RevisionReport]:

@@ -16,6 +16,7 @@ Cache directory layout::
     CACHE/objects/         verified objects (cvmfs_like.cache)
     CACHE/closed-cleanly   the cache's clean-close marker (cvmfs_like.cache)
     CACHE/metadata/        the node's trusted TUF metadata (trust.client)
+    CACHE/profiles/        start profiles, one per revision (cvmfs_like.start_profile)
     CACHE/control.sock, CACHE/mount.log
 """
 
@@ -39,6 +40,8 @@ from pathlib import Path
 from cvmfs_like.cache import MOUNT_THREADS, FetchGate, ObjectCache
 from cvmfs_like.exceptions import StoreError
 from cvmfs_like.fs import ReleaseOperations, is_swarm_mount, mount
+from cvmfs_like.mounted import MountedRelease
+from cvmfs_like.start_profile import ProfileSettings
 from cvmfs_like.store import check_repo_name
 from swarm.exceptions import ConfigError
 from swarm.options import check_directory
@@ -61,6 +64,9 @@ class MountConfig:
     tag: str | None = None
     negative_timeout: float = 30.0
     threads: int = MOUNT_THREADS
+    start_profile: bool = True  # record / prefetch start profiles
+    start_profile_window: float = ProfileSettings.window
+    start_profile_entries: int = ProfileSettings.max_entries
 
 
 def _lock_cache(cache: Path) -> int:
@@ -108,6 +114,7 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     lock_fd = _lock_cache(cfg.cache)
     cache: ObjectCache | None = None
+    mounted: MountedRelease | None = None
     try:
         metadata_dir = cfg.cache / "metadata"
         metadata_dir.mkdir(exist_ok=True)
@@ -119,6 +126,13 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
             quota=cfg.quota,
             gate=FetchGate.for_threads(cfg.threads),  # one gate per mount
             tag=cfg.tag,
+            # stop_wait: a prefetch fetch in progress at unmount ends by its deadline
+            start_profile=ProfileSettings(
+                enabled=cfg.start_profile,
+                window=cfg.start_profile_window,
+                max_entries=cfg.start_profile_entries,
+                stop_wait=cfg.fetch_timeout + 5.0,
+            ),
         )
         cache, mounted = repo.cache, repo.mounted
         rev = mounted.start()
@@ -140,6 +154,8 @@ def run_mount(cfg: MountConfig, *, ready_fd: int | None = None) -> None:
         )
         mount(ops, cfg.mountpoint, negative_timeout=cfg.negative_timeout, threads=cfg.threads)
     finally:
+        if mounted is not None:
+            mounted.close()  # the start profile's prefetch stops before the cache closes
         if cache is not None:
             cache.close()  # unmounted: flush, so the next start need not hash objects
         os.close(lock_fd)

@@ -44,6 +44,7 @@ from aiohttp import web
 from cvmfs_like.cache import MOUNT_THREADS, FetchGate
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import ImageFile, Namespace
+from cvmfs_like.start_profile import ProfileSettings
 from runner.pid_lock import take_pid_lock
 from swarm.config import NodeConfig, RepositoryConfig
 from swarm.exceptions import ConfigError, SwarmError
@@ -253,6 +254,9 @@ class Node:
             tag=rc.tag,
             peers=self.peer_urls,
             refreshes=False,  # the node refreshes first, then follows the torrent
+            start_profile=ProfileSettings(
+                enabled=rc.start_profile, stop_wait=self.config.fetch_timeout + 5.0
+            ),
         )
         return Follower(rc, rdir, repo.trusted, repo.fetcher, repo.cache, source, repo.mounted, ctx)
 
@@ -323,7 +327,9 @@ class Node:
             await asyncio.to_thread(self.job_service.stop, 30.0)
         await self._unmount()
         for rs in self.repos.values():
-            # Unmounted: flush, so the next start need not hash cached objects.
+            # Unmounted: the start profile's prefetch stops first, then the
+            # cache is flushed, so the next start need not hash cached objects.
+            await asyncio.to_thread(rs.mounted.close)
             await asyncio.to_thread(rs.cache.close)
         for r in self._runners:
             await r.cleanup()

@@ -14,7 +14,9 @@ mount``) uses it; :func:`open_trusted` builds only the trusted-metadata part
 * the verified object cache under ``cache_dir``, waiting on the caller's
   :class:`cvmfs_like.cache.FetchGate` (the node: one gate for all its
   repositories, as one mount serves them; ``swarm mount``: one per mount);
-* the :class:`cvmfs_like.mounted.MountedRelease` over them.
+* the :class:`cvmfs_like.mounted.MountedRelease` over them, with its start
+  profiles in ``cache_dir/profiles`` (:mod:`cvmfs_like.start_profile`)
+  unless the caller's settings turn them off.
 
 Who refreshes: ``refreshes=True`` lets the mounted release refresh the
 metadata itself (``swarm mount``); the node refreshes it in its follower
@@ -31,6 +33,7 @@ from pathlib import Path
 from cvmfs_like.cache import FetchGate, ObjectCache
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.objects import ObjectSource
+from cvmfs_like.start_profile import ProfileSettings, ProfileStore, StartProfiles
 from swarm.exchange import ExchangeFetcher
 from swarm.http_get import Transport
 from trust.client import TrustedRepository
@@ -56,6 +59,9 @@ class OpenRepository:
     fetcher: ExchangeFetcher
     cache: ObjectCache
     mounted: MountedRelease
+
+
+_PROFILES_ON = ProfileSettings()
 
 
 def _no_peers() -> list[str]:
@@ -96,6 +102,7 @@ def open_repository(
     peers: Callable[[], list[str]] = _no_peers,
     refreshes: bool = True,
     transport: Transport | None = None,
+    start_profile: ProfileSettings = _PROFILES_ON,
 ) -> OpenRepository:
     """Wire the repository's parts (module docstring).  Nothing is fetched
     yet: ``mounted.start()`` loads the first revision.  ``transport`` makes
@@ -108,5 +115,11 @@ def open_repository(
     """
     trusted, fetcher = open_trusted(spec, peers=peers, transport=transport)
     cache = ObjectCache(cache_dir, quota, gate=gate)
-    mounted = MountedRelease(spec.name, trusted, objects, cache, tag=tag, refreshes=refreshes)
+    profiles = None
+    if start_profile.enabled:
+        store = ProfileStore(cache_dir / "profiles", kept=start_profile.kept)
+        profiles = StartProfiles(store, start_profile, quota=quota)
+    mounted = MountedRelease(
+        spec.name, trusted, objects, cache, tag=tag, refreshes=refreshes, profiles=profiles
+    )
     return OpenRepository(spec.name, trusted, fetcher, cache, mounted)

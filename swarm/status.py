@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from cvmfs_like.start_profile import ProfileStatus
 from swarm.transfer import TransferStatus
 
 
@@ -65,6 +66,7 @@ class RepositoryStatus:
     refused_images: dict[str, str]  # "name/version" -> why
     cache: CacheStats
     metadata_expires: dict[str, float]  # trusted role -> expiry, epoch seconds
+    start_profile: ProfileStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,9 @@ class NodeStatus:
                 **{
                     **r,
                     "cache": CacheStats(**r["cache"]),
+                    "start_profile": None
+                    if r.get("start_profile") is None
+                    else ProfileStatus(**r["start_profile"]),
                     "source_problems": {
                         s: SourceProblem(**p) for s, p in r["source_problems"].items()
                     },
@@ -213,6 +218,18 @@ def render(st: NodeStatus) -> list[str]:
             f" / {r.objects_from_origin} from origin,"
             f" cache {r.cache.used / 1e6:.1f} / {r.cache.quota / 1e6:.0f} MB"
         )
+        prof = r.start_profile
+        if prof is not None and prof.state not in ("off", "none"):
+            out.append(
+                f"    start profile: {prof.state}"
+                + (f", {prof.recorded} entries" if prof.listed == 0 else "")
+                + (
+                    f", {prof.fetched} fetched, {prof.present} cached, {prof.skipped} skipped,"
+                    f" {prof.failed} failed of {prof.listed}"
+                    if prof.listed
+                    else ""
+                )
+            )
         out += [f"    image {img}" for img in r.images]
         out += [f"    image {img} REFUSED: {why}" for img, why in r.refused_images.items()]
         if r.last_error:

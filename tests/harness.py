@@ -36,6 +36,7 @@ class OriginServer:
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self.port = 0
         self.requests = 0
+        self.paths: list[str] = []  # every request's path, in order
 
     @property
     def url(self) -> str:
@@ -55,6 +56,7 @@ class OriginServer:
             handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         ) -> web.StreamResponse:
             self.requests += 1
+            self.paths.append(request.path)
             return await handler(request)
 
         app.middlewares.append(count)
