@@ -375,20 +375,30 @@ def test_a_gather_killed_at_random_instants_and_restarted_commits_every_event_on
         ]
         tasks = [asyncio.create_task(w.run(until)) for w in workers]
         try:
+            journal = out / "journal.jsonl"
+
+            def in_journal() -> int:
+                return len(journal.read_bytes().splitlines()) - 1 if journal.exists() else 0
+
             for n in range(4):
                 p = start_driver(cfg, rec.id, out, tmp_path / f"gather{n}")
                 procs.append(p)
-                await asyncio.sleep(rng.uniform(0.4, 1.5))
+                # Killed at a random instant after this driver committed something
+                # (waiting for the commit, not a time: on a loaded machine Python's
+                # start alone can outlast any fixed delay).
+                before = in_journal()
+                deadline = time.monotonic() + 60
+                while in_journal() <= before and p.poll() is None:
+                    assert time.monotonic() < deadline, f"gather {n} idle (seed {seed})"
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(rng.uniform(0.0, 0.5))
                 if p.poll() is None:
                     p.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(p.wait, 10)
-                journal = out / "journal.jsonl"
-                committed.append(
-                    len(journal.read_bytes().splitlines()) - 1 if journal.exists() else 0
-                )
+                committed.append(in_journal())
             p = start_driver(cfg, rec.id, out, tmp_path / "last")
             procs.append(p)
-            await asyncio.to_thread(p.wait, 40)
+            await asyncio.to_thread(p.wait, 120)
             err = (tmp_path / "last.err").read_text()[-2000:]
             assert p.returncode == 0, err
             result: dict[str, Any] = json.loads((tmp_path / "last.out").read_text())
