@@ -228,7 +228,9 @@ class ReleaseOperations:
             return self.mounted.status()
         if command == "reload":
             return self.check_now()
-        return {"error": f"unknown command {command!r} (status, reload)"}
+        if command == "counters":
+            return self.counters()
+        return {"error": f"unknown command {command!r} (status, reload, counters)"}
 
     def counters(self) -> dict[str, int]:
         """Requests that reached this process, by kind (tests and the bench)."""
