@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 from bench import lease_trace
 from bench.release_bench import RESULTS, ReleaseBench, check_prerequisites, mount_possible
-from bench.release_sections import find_section, import_section, publish_section, read_section
+from bench.release_sections import (
+    find_section,
+    import_section,
+    publish_section,
+    read_section,
+    readers_section,
+)
 from bench.report import base_meta, write_results
 from bench.util import BenchError, say
 
@@ -37,6 +43,7 @@ def run_releases(args: argparse.Namespace) -> int:
     sections: list[tuple[str, Callable[[ReleaseBench], None]]] = [
         ("find", find_section),
         ("read", read_section),
+        ("readers", readers_section),
     ]
     if not b.args.skip_python:
         sections.append(("import", import_section))
@@ -90,7 +97,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="*",
-        choices=["find", "read", "import", "lease", "distribution", "streaming", "site"],
+        choices=["find", "read", "readers", "import", "lease", "distribution", "streaming", "site"],
         help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")

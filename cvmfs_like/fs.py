@@ -48,7 +48,7 @@ from cvmfs_like import _fusell
 from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.catalog import Entry
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
-from cvmfs_like.fs_inodes import ROOT_INO, InodeTable, Node, content_key
+from cvmfs_like.fs_inodes import InodeTable, Node, content_key
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import Namespace
 
