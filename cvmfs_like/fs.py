@@ -33,6 +33,8 @@ adapter (:mod:`cvmfs_like.fs_mfusepy`), kept for the benchmark's comparison.
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -104,6 +106,9 @@ class ReleaseOperations:
         self._threads: list[threading.Thread] = []
         self._server: socket.socket | None = None
         self._inodes: InodeTable | None = None
+        # Chunk read-ahead of large files (see _read_ahead): files in flight.
+        self._ahead: set[int] = set()
+        self._ahead_pool = concurrent.futures.ThreadPoolExecutor(2, "swarm-read-ahead")
         self.ready = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------
@@ -147,6 +152,7 @@ class ReleaseOperations:
 
     def destroy(self) -> None:
         self._stop.set()
+        self._ahead_pool.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.close()
         if self.control_socket is not None:
@@ -359,9 +365,7 @@ class ReleaseOperations:
             fh = node.handle if node.handle is not None else mounted.open(e)
             try:
                 mounted.read_pieces(fh, offset, size)  # fetches and verifies what is missing
-                of = mounted.open_file(fh)
-                fds = [os.dup(of.fds[i]) if i in of.fds else -1 for i in range(len(of.chunks))]
-                offsets = [*of.offsets, e.size]
+                self._register(ino, fh)
             finally:
                 if node.handle is None:
                     mounted.release(fh)
@@ -371,8 +375,45 @@ class ReleaseOperations:
         except OSError as exc:
             log.error("EIO on /%s: %s", os.fsdecode(node.path), exc)
             return errno.EIO
-        self.session.set_fds(ino, fds, offsets)
+        if node.handle is not None:
+            self._read_ahead(ino, node, offset + size)
         return None
+
+    def _register(self, ino: int, fh: int) -> None:
+        """Hand the C table duplicates of the descriptors ``fh`` has open."""
+        session = self.session
+        if session is None:  # unmounted meanwhile
+            return
+        of = self.mounted.open_file(fh)
+        fds = [os.dup(of.fds[i]) if i in of.fds else -1 for i in range(len(of.chunks))]
+        session.set_fds(ino, fds, [*of.offsets, of.entry.size])
+
+    def _read_ahead(self, ino: int, node: Node, end: int) -> None:
+        """Open the chunk after the one a read of a chunked file ended in, in
+        the background: by the time the reader gets there its object is
+        verified, its pages are on their way (``POSIX_FADV_WILLNEED``) and
+        its descriptor is in the C table.  One chunk ahead per file at most."""
+        assert node.handle is not None
+        of = self.mounted.open_file(node.handle)
+        here = bisect.bisect_right(of.offsets, end) - 1  # the chunk holding the next byte
+        for i in (here, here + 1):
+            if i >= len(of.chunks) or ino in self._ahead:
+                return
+            if i not in of.fds:
+                self._ahead.add(ino)
+                self._ahead_pool.submit(self._open_ahead, ino, node, of.offsets[i])
+                return
+
+    def _open_ahead(self, ino: int, node: Node, offset: int) -> None:
+        try:
+            assert node.handle is not None
+            self.mounted.read_pieces(node.handle, offset, 1)
+            self._register(ino, node.handle)
+        except (ObjectVerificationError, ObjectUnavailable, OSError, ReleaseError) as exc:
+            # The reader meets the same failure, with its log line, when it gets there.
+            log.debug("read-ahead of /%s stopped: %s", os.fsdecode(node.path), exc)
+        finally:
+            self._ahead.discard(ino)
 
     # -- extended attributes -----------------------------------------------------------
 

@@ -60,8 +60,8 @@ class Revision:
     # mount point -> catalog, for every catalog of this revision loaded so far
     catalogs: dict[bytes, Catalog] = field(default_factory=dict)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Directory listings, most recently used last: a readdir is served in
-    # several calls (and again on every hot walk), each would re-query SQLite.
+    # Directory listings, oldest first: a readdir is served in several calls
+    # (and again whenever the kernel dropped its copy), each would re-query SQLite.
     listings: OrderedDict[bytes, list[Entry]] = field(default_factory=OrderedDict)
     listings_lock: threading.Lock = field(default_factory=threading.Lock)
     entries: OrderedDict[bytes, Entry] = field(default_factory=OrderedDict)
@@ -120,11 +120,11 @@ class Revision:
         return entry
 
     def list_dir(self, path: bytes) -> list[Entry]:
-        with self.listings_lock:
-            found = self.listings.get(path)
-            if found is not None:
-                self.listings.move_to_end(path)
-                return found
+        # A hit takes no lock (one dict read, atomic under the GIL): listings
+        # are kept in the order they were made, not last used.
+        found = self.listings.get(path)
+        if found is not None:
+            return found
         entries = self.catalog_for(path).list_dir(path)
         with self.listings_lock:
             self.listings[path] = entries
