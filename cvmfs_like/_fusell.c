@@ -319,6 +319,7 @@ static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
         fi->direct_io = 1;
     else
         fi->keep_cache = 1;
+    fi->noflush = 1; /* nothing to flush on close: no FLUSH round trip */
     fuse_reply_open(req, fi);
 }
 
