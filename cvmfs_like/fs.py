@@ -270,17 +270,17 @@ class ReleaseOperations:
         return (ino, e.mode, e.nlink, e.size, e.mtime_ns)
 
     def lookup(self, parent: int, name: bytes) -> Attr | int | None:
+        pnode = self.inodes().node(parent)
+        if pnode is None:
+            return errno.ESTALE
+        path = _join(pnode.path, name)
+        e = self._lookup_path(path)
+        if e is None or isinstance(e, int):
+            return e
         try:
-            pnode = self.inodes().node(parent)
-            if pnode is None:
-                return errno.ESTALE
-            path = _join(pnode.path, name)
-            e = self._lookup_path(path)
-            if e is None or isinstance(e, int):
-                return e
             return self._attr(path, e)
-        except (ObjectVerificationError, ObjectUnavailable) as exc:
-            log_read_failure(os.fsdecode(name), exc)
+        except ReleaseError as exc:  # a chunked file's chunk list
+            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
             return errno.EIO
 
     def _current(self, ino: int) -> tuple[Node, Entry] | int:
@@ -315,11 +315,11 @@ class ReleaseOperations:
         try:
             entries = self.mounted.list_dir(node.path)
             return [(c.name, self._attr(_join(node.path, c.name), c)) for c in entries]
-        except ReleaseError as exc:
-            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(node.path), exc)
-            return errno.EIO
         except (ObjectVerificationError, ObjectUnavailable) as exc:
             log_read_failure(os.fsdecode(node.path), exc)
+            return errno.EIO
+        except ReleaseError as exc:
+            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(node.path), exc)
             return errno.EIO
 
     def readlink(self, ino: int) -> bytes | int:
