@@ -1,4 +1,6 @@
-"""The read-only FUSE filesystem: a thin adapter over :class:`MountedRelease`.
+"""The previous FUSE adapter, over mfusepy's high-level API: kept only so the
+benchmark can compare it with :mod:`cvmfs_like.fs` (``SWARM_FUSE_ADAPTER=mfusepy``,
+see ``fs.mount``).  Nothing else uses it.
 
 Only this module imports mfusepy.  It maps domain errors to errnos (ENOENT for
 absent paths, EIO for objects that fail verification or cannot be fetched,

@@ -170,3 +170,14 @@ def test_64_concurrent_readers_are_served_from_the_descriptor_table(site: Site) 
         assert after["read_c"] > before["read_c"]
         # Chunks of large.bin not yet opened may reach Python; small files never again.
         assert after["read_py"] - before["read_py"] <= 16
+
+
+def test_the_previous_adapter_stays_mountable_for_the_benchmark(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWARM_FUSE_ADAPTER", "mfusepy")
+    with site.mount() as m:
+        assert (m.mountpoint / "lib/data.bin").read_bytes() == (
+            site.src / "lib/data.bin"
+        ).read_bytes()
+        assert "error" in counters(site)  # the old adapter has no counters
