@@ -78,7 +78,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
-from cvmfs_like.objects import ObjectSource, is_digest, object_path, verify
+from cvmfs_like.objects import ObjectSource, is_digest, object_path, relative_path, verify
 from cvmfs_like.store import sync_filesystem
 from trust.durable import fsync_dir, write_file_atomic
 
@@ -173,6 +173,7 @@ class ObjectCache:
         self._retry_after = retry_after
         self._clock = clock
         self._objects_dir = root / "objects"
+        self._objects_prefix = f"{self._objects_dir}/"
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
         self._touched: deque[str] = deque()  # hits not yet applied to _lru (see open)
@@ -276,7 +277,8 @@ class ObjectCache:
         # check and the open is not found, and goes the locked way below.
         if digest in self._lru and digest not in self._unchecked:
             with contextlib.suppress(FileNotFoundError):
-                fd = os.open(self.path_of(digest), os.O_RDONLY)
+                # A str path: building a Path costs more than the open.
+                fd = os.open(self._objects_prefix + relative_path(digest), os.O_RDONLY)
                 self._touched.append(digest)
                 self.hits += 1  # may lose a count under races: statistics only
                 if len(self._touched) > _TOUCH_BATCH and self._lock.acquire(blocking=False):

@@ -44,6 +44,7 @@ class TrustedReleases(Protocol):
     def tags(self) -> dict[str, ReleaseTarget]: ...
 
 
+_READ_WHOLE = 128 * 1024  # the kernel's default read-ahead: smaller objects need no advice
 _LISTINGS_KEPT = 8192
 _ENTRIES_KEPT = 65536
 
@@ -395,8 +396,10 @@ class MountedRelease:
             return fd
         chunk = of.chunks[index]
         fd = self._cache.open(chunk.object, chunk.size, self._source)
-        # A chunk is read whole far more often than not: start reading it now.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if chunk.size > _READ_WHOLE:
+            # A chunk is read whole far more often than not: start reading it
+            # now.  (A small object is, by the kernel's own read-ahead.)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         with of.lock:
             existing = of.fds.get(index)
             if existing is not None:
