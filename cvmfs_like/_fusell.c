@@ -49,7 +49,8 @@ typedef struct {
 typedef struct {
     pthread_rwlock_t lock;
     FdEntry slots[SHARD_SLOTS];
-    unsigned victim;
+    unsigned victim; /* clock hand of evictions */
+    long fds;        /* descriptors held by this shard's entries */
 } FdShard;
 
 typedef struct {
@@ -62,6 +63,7 @@ typedef struct {
     int mounted;
     int signals;
     FdShard *shards;
+    long shard_fd_cap; /* descriptors a shard may hold (the process's limit, shared out) */
     pthread_mutex_t notify_lock; /* serialises notifications against session teardown */
     /* counters, read by tests and the bench (relaxed, approximate under races) */
     unsigned long long n_open, n_opendir, n_read_c, n_read_py, n_lookup, n_readdir, n_getattr;
@@ -69,10 +71,12 @@ typedef struct {
 
 /* -- descriptor table ------------------------------------------------------ */
 
-static void fd_entry_clear(FdEntry *e) {
+static void fd_entry_clear(FdShard *sh, FdEntry *e) {
     for (int i = 0; i < e->n; i++)
-        if (e->fds[i] >= 0)
+        if (e->fds[i] >= 0) {
             close(e->fds[i]);
+            sh->fds--;
+        }
     free(e->fds);
     free(e->offs);
     memset(e, 0, sizeof *e);
@@ -103,7 +107,7 @@ static void table_drop(Session *s, uint64_t ino) {
     pthread_rwlock_wrlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
     if (e)
-        fd_entry_clear(e);
+        fd_entry_clear(sh, e);
     pthread_rwlock_unlock(&sh->lock);
 }
 
@@ -548,15 +552,18 @@ static const struct fuse_lowlevel_ops ll_ops = {
 /* -- the Session type ------------------------------------------------------- */
 
 static int Session_init(Session *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"ops", "mountpoint", "options", "entry_timeout",
-                             "negative_timeout", "no_open", "signals", NULL};
+    static char *kwlist[] = {"ops",     "mountpoint", "options", "entry_timeout",
+                             "negative_timeout", "no_open", "signals", "max_fds", NULL};
     PyObject *ops, *options;
     const char *mountpoint;
     double et, nt;
     int no_open, signals;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO!ddpp", kwlist, &ops, &mountpoint,
-                                     &PyList_Type, &options, &et, &nt, &no_open, &signals))
+    long max_fds;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO!ddppl", kwlist, &ops, &mountpoint,
+                                     &PyList_Type, &options, &et, &nt, &no_open, &signals,
+                                     &max_fds))
         return -1;
+    self->shard_fd_cap = max_fds / SHARDS > 1 ? max_fds / SHARDS : 1;
     if (self->se) {
         PyErr_SetString(PyExc_RuntimeError, "session already initialised");
         return -1;
@@ -718,8 +725,19 @@ static PyObject *Session_set_fds(Session *self, PyObject *args) {
             e = &sh->slots[(s + (sh->victim++ % PROBE)) % SHARD_SLOTS];
     }
     if (e->ino)
-        fd_entry_clear(e);
+        fd_entry_clear(sh, e);
+    long held = 0;
+    for (int i = 0; i < ne.n; i++)
+        held += ne.fds[i] >= 0;
+    /* Over this shard's share of the descriptor limit: evict others (clock
+       order; each is registered again on its next read). */
+    for (unsigned k = 0; k < SHARD_SLOTS && sh->fds + held > self->shard_fd_cap; k++) {
+        FdEntry *v = &sh->slots[sh->victim++ % SHARD_SLOTS];
+        if (v->ino && v != e)
+            fd_entry_clear(sh, v);
+    }
     *e = ne;
+    sh->fds += held;
     pthread_rwlock_unlock(&sh->lock);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -758,7 +776,7 @@ static void Session_dealloc(Session *self) {
         for (int i = 0; i < SHARDS; i++)
             for (int j = 0; j < SHARD_SLOTS; j++)
                 if (self->shards[i].slots[j].ino)
-                    fd_entry_clear(&self->shards[i].slots[j]);
+                    fd_entry_clear(&self->shards[i], &self->shards[i].slots[j]);
         free(self->shards);
     }
     Py_XDECREF(self->ops);

@@ -14,8 +14,10 @@ class Session:
         negative_timeout: float,
         no_open: bool,
         signals: bool,
+        max_fds: int,
     ) -> None:
-        """Create the session and mount it.
+        """Create the session and mount it; its read table holds at most
+        about ``max_fds`` descriptors.
 
         Raises:
             RuntimeError: bad options, or the mount failed.

@@ -40,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import socket
 import threading
 from collections.abc import Callable
@@ -365,7 +366,8 @@ class ReleaseOperations:
             fh = node.handle if node.handle is not None else mounted.open(e)
             try:
                 mounted.read_pieces(fh, offset, size)  # fetches and verifies what is missing
-                self._register(ino, fh)
+                if not self._register(ino, fh):
+                    return mounted.read(fh, offset, size)
             finally:
                 if node.handle is None:
                     mounted.release(fh)
@@ -379,14 +381,25 @@ class ReleaseOperations:
             self._read_ahead(ino, node, offset + size)
         return None
 
-    def _register(self, ino: int, fh: int) -> None:
-        """Hand the C table duplicates of the descriptors ``fh`` has open."""
+    def _register(self, ino: int, fh: int) -> bool:
+        """Hand the C table duplicates of the descriptors ``fh`` has open;
+        False when it cannot have them (out of descriptors, or unmounted)."""
         session = self.session
-        if session is None:  # unmounted meanwhile
-            return
+        if session is None:
+            return False
         of = self.mounted.open_file(fh)
-        fds = [os.dup(of.fds[i]) if i in of.fds else -1 for i in range(len(of.chunks))]
+        fds: list[int] = []
+        try:
+            for i in range(len(of.chunks)):
+                fds.append(os.dup(of.fds[i]) if i in of.fds else -1)
+        except OSError as exc:  # EMFILE: the reader still gets its bytes
+            log.warning("read table not filled (%s); reading through Python", exc)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            return False
         session.set_fds(ino, fds, [*of.offsets, of.entry.size])
+        return True
 
     def _read_ahead(self, ino: int, node: Node, end: int) -> None:
         """Open the chunk after the one a read of a chunked file ended in, in
@@ -493,6 +506,9 @@ def mount(
             # needs an OPEN reply per file (answered in C).
             not isinstance(ops.mounted, Namespace),
             threading.current_thread() is threading.main_thread(),
+            # Half the process's descriptors at most: the rest are the
+            # cache's, libtorrent's, the catalogs' and the sockets'.
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2,
         )
     except RuntimeError as exc:
         raise ReleaseError(f"FUSE mount of {mountpoint} failed: {exc}") from exc

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cvmfs_like.test_fuse_mount import Site, control
+from tests.cvmfs_like.test_fuse_mount import REPO, Site, control
+from tests.harness import MountProcess
 
 pytestmark = pytest.mark.fuse
 MiB = 1 << 20
@@ -181,3 +182,33 @@ def test_the_previous_adapter_stays_mountable_for_the_benchmark(
             site.src / "lib/data.bin"
         ).read_bytes()
         assert "error" in counters(site)  # the old adapter has no counters
+
+
+# `swarm mount` under a descriptor limit of 256 (it raises its soft limit to the hard one).
+_LOW_FD_LIMIT = (
+    "-c",
+    "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+    "sys.argv = ['swarm', *sys.argv[1:]]; runpy.run_module('swarm.cli', run_name='__main__')",
+)
+
+
+def test_more_files_than_the_read_table_holds_are_read_correctly(site: Site) -> None:
+    many = site.src / "many"
+    many.mkdir()
+    for i in range(400):
+        (many / f"f{i}").write_bytes(f"file {i}\n".encode() * (i + 1))
+    site.publish()
+    with MountProcess(
+        REPO,
+        site.tmp / "mnt",
+        site.origin.url,
+        site.root_json,
+        site.tmp / "cache",
+        launcher=_LOW_FD_LIMIT,
+    ) as m:
+        for _ in range(2):
+            for i in range(400):
+                p = m.mountpoint / "many" / f"f{i}"
+                drop_pages(p)
+                assert p.read_bytes() == f"file {i}\n".encode() * (i + 1)
+        assert counters(site)["read_c"] > 0
