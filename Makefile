@@ -8,8 +8,9 @@ PYTEST_ARGS ?=
 
 install: system-packages $(VENV)/.installed
 
-# fuse3 (fusermount3 + libfuse3) for the mount; squashfuse/squashfs-tools/nginx only for `make bench`.
-SYSTEM_PACKAGES := fuse3 libfuse3-3
+# fuse3 (fusermount3 + libfuse3) for the mount, libfuse3-dev + pkg-config + gcc to build its C
+# extension (cvmfs_like/_fusell.c); squashfuse/squashfs-tools/nginx only for `make bench`.
+SYSTEM_PACKAGES := fuse3 libfuse3-3 libfuse3-dev pkg-config gcc
 system-packages:
 	@missing=""; \
 	for p in $(SYSTEM_PACKAGES) $(EXTRA_PACKAGES); do \
@@ -21,7 +22,7 @@ system-packages:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py cvmfs_like/_fusell.c
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -e '.[dev]'

@@ -22,7 +22,13 @@ from collections.abc import Callable
 
 from bench import lease_trace
 from bench.release_bench import RESULTS, ReleaseBench, check_prerequisites, mount_possible
-from bench.release_sections import find_section, import_section, publish_section, read_section
+from bench.release_sections import (
+    find_section,
+    import_section,
+    publish_section,
+    read_section,
+    readers_section,
+)
 from bench.report import base_meta, write_results
 from bench.start_profile_bench import start_profile_section
 from bench.util import BenchError, say
@@ -38,6 +44,7 @@ def run_releases(args: argparse.Namespace) -> int:
     sections: list[tuple[str, Callable[[ReleaseBench], None]]] = [
         ("find", find_section),
         ("read", read_section),
+        ("readers", readers_section),
     ]
     if not b.args.skip_python:
         sections.append(("import", import_section))
@@ -95,6 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         choices=[
             "find",
             "read",
+            "readers",
             "import",
             "profile",
             "lease",
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
         site = _site_sections(args)  # the site event service: bench/site_service.py
         ops = _ops_sections(args)  # site operations: bench/ops_bench.py
-        if args.only and not {"find", "read", "import", "profile"} & set(args.only):
+        if args.only and not {"find", "read", "readers", "import", "profile"} & set(args.only):
             return lease or swarm or site or ops
         return run_releases(args) or lease or swarm or site or ops
     except BenchError as exc:

@@ -73,12 +73,12 @@ import logging
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, StoreError
-from cvmfs_like.objects import ObjectSource, is_digest, object_path, verify
+from cvmfs_like.objects import ObjectSource, is_digest, object_path, relative_path, verify
 from cvmfs_like.store import sync_filesystem
 from trust.durable import fsync_dir, write_file_atomic
 
@@ -87,6 +87,7 @@ log = logging.getLogger(__name__)
 CLEAN_MARKER = "closed-cleanly"
 
 
+_TOUCH_BATCH = 4096  # queued LRU touches applied by a hit that finds the lock free
 MOUNT_THREADS = 128  # FUSE worker threads a mount asks libfuse for, by default
 
 
@@ -172,8 +173,10 @@ class ObjectCache:
         self._retry_after = retry_after
         self._clock = clock
         self._objects_dir = root / "objects"
+        self._objects_prefix = f"{self._objects_dir}/"
         self._lock = threading.Lock()
         self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, oldest first
+        self._touched: deque[str] = deque()  # hits not yet applied to _lru (see open)
         self._pinned: dict[str, int] = {}  # digest -> pin count
         self._flights: dict[str, _Flight] = {}
         # Objects found on disk at open and not used since: digest -> whether
@@ -277,6 +280,23 @@ class ObjectCache:
             ObjectUnavailable: the source could not deliver in time, or the
                 gate is full.
         """
+        # A hit takes no lock, so many readers never queue behind one: two
+        # dict reads (atomic under the GIL), the open outside any lock, the
+        # LRU touch queued for the lock's next holder (eviction applies the
+        # queue before it picks victims).  An object evicted between the
+        # check and the open is not found, and goes the locked way below.
+        if digest in self._lru and digest not in self._unchecked:
+            with contextlib.suppress(FileNotFoundError):
+                # A str path: building a Path costs more than the open.
+                fd = os.open(self._objects_prefix + relative_path(digest), os.O_RDONLY)
+                self._touched.append(digest)
+                self.hits += 1  # may lose a count under races: statistics only
+                if len(self._touched) > _TOUCH_BATCH and self._lock.acquire(blocking=False):
+                    try:
+                        self._apply_touches_locked()
+                    finally:
+                        self._lock.release()
+                return fd
         while True:
             with self._lock:
                 if digest in self._lru and digest not in self._unchecked:
@@ -478,9 +498,20 @@ class ObjectCache:
                 exc,
             )
 
+    def _apply_touches_locked(self) -> None:
+        """Move the objects hit since the last call to the LRU's young end."""
+        while True:
+            try:
+                digest = self._touched.popleft()
+            except IndexError:
+                return
+            if digest in self._lru:
+                self._lru.move_to_end(digest)
+
     def _evict_locked(self, keep: str | None = None) -> None:
         if self.used <= self.quota:
             return
+        self._apply_touches_locked()
         for digest in list(self._lru):
             if self.used <= self.quota:
                 break

@@ -1,95 +1,66 @@
 """The read-only FUSE filesystem: a thin adapter over :class:`MountedRelease`.
 
-Only this module imports mfusepy.  It maps domain errors to errnos (ENOENT for
-absent paths, EIO for objects that fail verification or cannot be fetched,
-EROFS for writes) and uses the kernel caches hard, because a revision's
-content is immutable:
+Only this module imports the FUSE binding, the project's own C extension
+``cvmfs_like._fusell`` over libfuse 3's low-level API (``_fusell.c``).  It maps
+domain errors to errnos (ENOENT for absent paths, EIO with a log line naming
+the object for bytes that fail verification or cannot be fetched, EROFS for
+writes) and lets the kernel answer the hot path on its own, because a
+revision's content is immutable:
 
-* long entry and attribute timeouts, READDIRPLUS (one readdir fills the
-  kernel's dentries and attributes of a whole directory) and cached readdir;
-* page cache kept across opens of the same content (``keep_cache``); a file
-  whose content changed in a new revision is opened without it, which drops
-  the stale pages; while an older revision's copy is still open, the new one
-  is opened ``direct_io`` so the two never share pages;
-* on a revision switch the changed paths are invalidated with
-  ``fuse_invalidate_path``.  Negative entries expire after
-  ``negative_timeout`` (libfuse cannot invalidate a name it never knew), so a
-  newly added name appears at most that long after the switch.
+* inode numbers follow content (:mod:`cvmfs_like.fs_inodes`): a file changed
+  by a new revision is a new inode, so the kernel's page cache is never
+  stale and a file open across a revision switch keeps reading its revision;
+* no OPEN or OPENDIR requests: both are answered ENOSYS once, after which the
+  kernel opens files and directories itself, keeps page caches and caches
+  directory listings (a node's mount, which serves VM images without the
+  page cache, answers OPEN in C instead: ``keep_cache``, or ``direct_io`` for
+  an image);
+* READDIRPLUS always (a listing fills the kernel's dentries and attributes),
+  long entry and attribute timeouts, negative entries cached until a revision
+  switch invalidates them with ``notify_inval_entry`` (so a name added by a
+  new revision appears at once), listings and attributes of changed
+  directories dropped with ``notify_inval_inode``;
+* reads come as 1 MiB requests (4 MiB read-ahead) and are spliced to the
+  kernel from descriptors of verified cached objects: the first read of an
+  inode opens (fetching and verifying if needed) its objects in Python and
+  hands duplicates of the descriptors to the C table, which answers the
+  inode's later reads without the GIL or a global lock until the kernel
+  forgets the inode.
+
+Setting ``SWARM_FUSE_ADAPTER=mfusepy`` mounts with the previous high-level
+adapter (:mod:`cvmfs_like.fs_mfusepy`), kept for the benchmark's comparison.
 """
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
+import resource
 import socket
 import threading
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mfusepy
-
+from cvmfs_like import _fusell
 from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.catalog import Entry
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
+from cvmfs_like.fs_inodes import InodeTable, Node, content_key
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import Namespace
 
 log = logging.getLogger(__name__)
 
 XATTR_PREFIX = "user.swarm."
-_FILL_DIR_PLUS = 2  # enum fuse_fill_dir_flags
-_READDIR_PLUS = 1  # enum fuse_readdir_flags
-
-_libfuse: Any = mfusepy._libfuse
-_libc = ctypes.CDLL(None)
-_libc.malloc.restype = ctypes.c_void_p
-_libc.malloc.argtypes = [ctypes.c_size_t]
-_libc.free.argtypes = [ctypes.c_void_p]
-_BUF_IS_FD = 1 << 1
-_BUF_FD_SEEK = 1 << 2
-
-
-class _FuseBuf(ctypes.Structure):
-    """``struct fuse_buf`` of libfuse 3."""
-
-    _fields_ = [
-        ("size", ctypes.c_size_t),
-        ("flags", ctypes.c_int),
-        ("mem", ctypes.c_void_p),
-        ("fd", ctypes.c_int),
-        ("pos", ctypes.c_int64),
-    ]
-
-
-def _bufvec_type(n: int) -> Any:
-    """``struct fuse_bufvec`` with room for ``n`` buffers (its array is inline)."""
-
-    class _FuseBufvec(ctypes.Structure):
-        _fields_ = [
-            ("count", ctypes.c_size_t),
-            ("idx", ctypes.c_size_t),
-            ("off", ctypes.c_size_t),
-            ("buf", _FuseBuf * max(n, 1)),
-        ]
-
-    return _FuseBufvec
-
-
-_BUFVEC_TYPES = [_bufvec_type(n) for n in range(1, 9)]
-_libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-_libfuse.fuse_invalidate_path.restype = ctypes.c_int
-
-
-def _path(raw: bytes | str) -> bytes:
-    """FUSE's ``/a/b`` to the catalog's ``a/b``."""
-    b = raw if isinstance(raw, bytes) else os.fsencode(raw)
-    return b[1:]
+_XATTR_PREFIX_B = XATTR_PREFIX.encode()
+ADAPTER_ENV = "SWARM_FUSE_ADAPTER"
+Attr = tuple[int, int, int, int, int]  # (ino, mode, nlink, size, mtime_ns): what _fusell reads
 
 
 def log_read_failure(path: str, exc: ObjectVerificationError | ObjectUnavailable) -> None:
@@ -105,10 +76,16 @@ def log_read_failure(path: str, exc: ObjectVerificationError | ObjectUnavailable
     )
 
 
-class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
-    """fusepy-style operations of one mounted repository."""
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
 
-    use_ns = True
+
+class ReleaseOperations:
+    """The low-level operations of one mounted repository (or a node's namespace).
+
+    The methods named after FUSE requests are called by ``_fusell`` from its
+    worker threads; each returns its answer or an int, the errno to reply.
+    """
 
     def __init__(
         self,
@@ -125,19 +102,27 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         self.ttl = ttl
         self.control_socket = control_socket
         self._on_ready = on_ready
-        self._fuse_ptr: int | None = None
+        self.session: Any = None  # the _fusell.Session once mounted
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._page_content: dict[bytes, str] = {}
-        self._open_content: dict[bytes, Counter[str]] = {}
-        self._fh_path: dict[int, tuple[bytes, str]] = {}
         self._server: socket.socket | None = None
+        self._inodes: InodeTable | None = None
+        # Chunk read-ahead of large files (see _read_ahead): files in flight.
+        self._ahead: set[int] = set()
+        self._ahead_pool = concurrent.futures.ThreadPoolExecutor(2, "swarm-read-ahead")
+        self.ready = threading.Event()
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def init(self, path: str) -> None:
-        self._fuse_ptr = _libfuse.fuse_get_context().contents.fuse
+    def inodes(self) -> InodeTable:
+        if self._inodes is None:
+            root = self.mounted.lookup(b"")
+            if root is None:
+                raise ReleaseError(f"{self.mounted.name}: no root directory")
+            self._inodes = InodeTable(root)
+        return self._inodes
+
+    def init(self) -> None:
         if self.ttl is not None:  # else the owner (the node daemon) updates
             updater = threading.Thread(target=self._update_loop, name="swarm-update", daemon=True)
             self._threads.append(updater)
@@ -162,11 +147,13 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
                 knob.write_text(str(self.read_ahead_kb))
             except OSError as exc:
                 log.info("read-ahead left at the kernel default: %s", exc)
+        self.ready.set()
         if self._on_ready is not None:
             self._on_ready()
 
-    def destroy(self, path: str) -> None:
+    def destroy(self) -> None:
         self._stop.set()
+        self._ahead_pool.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.close()
         if self.control_socket is not None:
@@ -191,14 +178,27 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
         }
 
     def invalidate(self, paths: list[bytes]) -> None:
-        if self._fuse_ptr is None:
+        """Drop what the kernel holds of ``paths``: their dentries (negative
+        ones too: a name a new revision adds appears at once) and the listing
+        and attributes of their directories.  Inodes of changed files need
+        nothing: the new content has a new number."""
+        session, table = self.session, self._inodes
+        if session is None or table is None:
             return
+        dirs: set[int] = set()
         for p in paths:
-            # -ENOENT means the kernel never saw that path: nothing to drop.
-            _libfuse.fuse_invalidate_path(self._fuse_ptr, b"/" + p)
-        with self._lock:
-            for p in paths:
-                self._page_content.pop(p, None)
+            parent, _, name = p.rpartition(b"/")
+            pino = table.dir_ino(parent)
+            if pino is not None:
+                if name:
+                    # -ENOENT: the kernel holds no such dentry; nothing to drop.
+                    session.inval_entry(pino, name)
+                dirs.add(pino)
+            dino = table.dir_ino(p)
+            if dino is not None:
+                dirs.add(dino)
+        for ino in dirs:
+            session.inval_inode(ino, 0, 0)
 
     # -- control socket: `swarm status` / `swarm reload` -------------------------
 
@@ -235,261 +235,225 @@ class ReleaseOperations(mfusepy.Operations):  # type: ignore[misc]
             return self.mounted.status()
         if command == "reload":
             return self.check_now()
-        return {"error": f"unknown command {command!r} (status, reload)"}
+        if command == "counters":
+            return self.counters()
+        return {"error": f"unknown command {command!r} (status, reload, counters)"}
 
-    # -- metadata ------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        """Requests that reached this process, by kind (tests and the bench)."""
+        return {} if self.session is None else dict(self.session.counters())
 
-    def entry(self, path: bytes) -> Entry:
+    # -- metadata: called by _fusell -------------------------------------------------
+
+    def _lookup_path(self, path: bytes) -> Entry | int | None:
         try:
-            e = self.mounted.lookup(path)
+            return self.mounted.lookup(path)
         except ReleaseError as exc:
             log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
-        if e is None:
-            raise mfusepy.FuseOSError(errno.ENOENT)
-        return e
+            return errno.EIO
 
-    @staticmethod
-    def fill_stat(st: Any, e: Entry) -> None:
-        st.st_mode = e.mode
-        st.st_ino = e.ino
-        st.st_nlink = e.nlink
-        st.st_uid = 0
-        st.st_gid = 0
-        st.st_size = e.size
-        st.st_blksize = 65536
-        st.st_blocks = (e.size + 511) // 512
-        sec, nsec = divmod(e.mtime_ns, 1_000_000_000)
-        for ts in (st.st_mtimespec, st.st_ctimespec, st.st_atimespec):
-            ts.tv_sec = sec
-            ts.tv_nsec = nsec
+    def _attr(self, path: bytes, e: Entry) -> Attr:
+        """The kernel's view of entry ``e`` at ``path``, allocating its number."""
+        table = self.inodes()
+        if e.is_dir:
+            ino, _ = table.ino_for(("d", path), Node(path, e))
+        elif e.chunked:
+            # The content is the chunk list of the revision the entry came
+            # from; the handle keeps that list for the inode's lifetime.
+            fh = self.mounted.open(e)
+            rev = self.mounted.open_file(fh).revision
+            ino, node = table.ino_for(content_key(e, rev), Node(path, e, handle=fh))
+            if node.handle != fh:
+                self.mounted.release(fh)
+        else:
+            stream = self.mounted.streams(e)
+            ino, _ = table.ino_for(content_key(e), Node(path, e, stream=stream))
+        return (ino, e.mode, e.nlink, e.size, e.mtime_ns)
 
-    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        e = self.entry(_path(path))
-        return {
-            "st_mode": e.mode,
-            "st_ino": e.ino,
-            "st_nlink": e.nlink,
-            "st_size": e.size,
-            "st_mtime": e.mtime_ns,
-            "st_ctime": e.mtime_ns,
-            "st_atime": e.mtime_ns,
-        }
-
-    def readdir(self, path: str, fh: int) -> list[str]:
-        return [".", ".."] + [os.fsdecode(e.name) for e in self.mounted.list_dir(_path(path))]
-
-    def opendir(self, path: str) -> int:
-        e = self.entry(_path(path))
-        if not e.is_dir:
-            raise mfusepy.FuseOSError(errno.ENOTDIR)
-        return 0
-
-    def readlink(self, path: str) -> str:
-        e = self.entry(_path(path))
-        if e.target is None:
-            raise mfusepy.FuseOSError(errno.EINVAL)
-        return os.fsdecode(e.target)
-
-    def statfs(self, path: str) -> dict[str, int]:
-        total_bytes, files = self.mounted.statfs()
-        blocks = (total_bytes + 4095) // 4096
-        return {
-            "f_bsize": 4096,
-            "f_frsize": 4096,
-            "f_blocks": blocks,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": files,
-            "f_ffree": 0,
-            "f_namemax": 255,
-        }
-
-    # -- content ---------------------------------------------------------------------
-
-    def open(self, path: str, fi: Any) -> int:
-        if fi.flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise mfusepy.FuseOSError(errno.EROFS)
-        p = _path(path)
-        e = self.entry(p)
-        if not e.is_file:
-            raise mfusepy.FuseOSError(errno.EISDIR if e.is_dir else errno.EINVAL)
-        fh = self.mounted.open(e)
-        of = self.mounted.open_file(fh)
-        content = e.object or (f"r{of.revision}:{e.ino}" if e.chunked else "empty")
-        with self._lock:
-            users = self._open_content.setdefault(p, Counter())
-            if self.mounted.streams(e):
-                fi.direct_io = 1
-            elif any(c != content and n > 0 for c, n in users.items()):
-                fi.direct_io = 1  # another revision's copy is open: share no pages
-            elif self._page_content.get(p) == content:
-                fi.keep_cache = 1
-            else:
-                self._page_content[p] = content
-            users[content] += 1
-            self._fh_path[fh] = (p, content)
-        fi.fh = fh
-        return 0
-
-    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
+    def lookup(self, parent: int, name: bytes) -> Attr | int | None:
+        pnode = self.inodes().node(parent)
+        if pnode is None:
+            return errno.ESTALE
+        path = _join(pnode.path, name)
+        e = self._lookup_path(path)
+        if e is None or isinstance(e, int):
+            return e
         try:
-            return self.mounted.read(fi.fh, offset, size)
+            return self._attr(path, e)
+        except ReleaseError as exc:  # a chunked file's chunk list
+            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
+            return errno.EIO
+
+    def _current(self, ino: int) -> tuple[Node, Entry] | int:
+        """An inode's node and its entry now: a directory's attributes follow
+        the current revision, a file's are those of its content."""
+        node = self.inodes().node(ino)
+        if node is None:
+            return errno.ESTALE
+        if not node.entry.is_dir:
+            return node, node.entry
+        e = self._lookup_path(node.path)
+        if e is None:
+            return errno.ENOENT
+        if isinstance(e, int):
+            return e
+        return node, e
+
+    def getattr(self, ino: int) -> Attr | int:
+        found = self._current(ino)
+        if isinstance(found, int):
+            return found
+        _, e = found
+        return (ino, e.mode, e.nlink, e.size, e.mtime_ns)
+
+    def readdir(self, ino: int) -> list[tuple[bytes, Attr]] | int:
+        found = self._current(ino)
+        if isinstance(found, int):
+            return found
+        node, e = found
+        if not e.is_dir:
+            return errno.ENOTDIR
+        try:
+            entries = self.mounted.list_dir(node.path)
+            return [(c.name, self._attr(_join(node.path, c.name), c)) for c in entries]
         except (ObjectVerificationError, ObjectUnavailable) as exc:
-            log_read_failure(path, exc)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
+            log_read_failure(os.fsdecode(node.path), exc)
+            return errno.EIO
+        except ReleaseError as exc:
+            log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(node.path), exc)
+            return errno.EIO
 
-    def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
-        raise NotImplementedError  # served by ReleaseFUSE.read_buf; defined to register it
+    def readlink(self, ino: int) -> bytes | int:
+        node = self.inodes().node(ino)
+        if node is None:
+            return errno.ESTALE
+        if node.entry.target is None:
+            return errno.EINVAL
+        return node.entry.target
 
-    def release(self, path: str, fi: Any) -> int:
-        fh = fi.fh
-        self.mounted.release(fh)
-        with self._lock:
-            p, content = self._fh_path.pop(fh, (b"", ""))
-            users = self._open_content.get(p)
-            if users is not None:
-                users[content] -= 1
-                if users[content] <= 0:
-                    del users[content]
-                if not users:
-                    del self._open_content[p]
-        return 0
+    def forget(self, inos: list[int]) -> None:
+        # The kernel dropped these inodes (the C table already closed its
+        # descriptors).  A chunked file's handle stays: it holds the chunk
+        # list of the inode's revision, needed if the number is looked up again.
+        del inos
+
+    def statfs(self) -> tuple[int, int] | int:
+        try:
+            return self.mounted.statfs()
+        except ReleaseError:
+            return errno.EIO
+
+    # -- content ----------------------------------------------------------------------
+
+    def read(self, ino: int, size: int, offset: int) -> bytes | int | None:
+        """Open what a read of ``ino`` needs and hand it to the C table
+        (returns None), or the bytes themselves (images, empty files)."""
+        node = self.inodes().node(ino)
+        if node is None:
+            return errno.ESTALE
+        e = node.entry
+        if not e.is_file:
+            return errno.EISDIR if e.is_dir else errno.EINVAL
+        if offset >= e.size:
+            return b""
+        mounted = self.mounted
+        try:
+            if node.stream:
+                if node.handle is None:
+                    node.handle = mounted.open(e)
+                got = mounted.read_pieces(node.handle, offset, size)
+                return got if isinstance(got, bytes) else errno.EIO
+            fh = node.handle if node.handle is not None else mounted.open(e)
+            try:
+                mounted.read_pieces(fh, offset, size)  # fetches and verifies what is missing
+                if not self._register(ino, fh):
+                    return mounted.read(fh, offset, size)
+            finally:
+                if node.handle is None:
+                    mounted.release(fh)
+        except (ObjectVerificationError, ObjectUnavailable) as exc:
+            log_read_failure("/" + os.fsdecode(node.path), exc)
+            return errno.EIO
+        except OSError as exc:
+            log.error("EIO on /%s: %s", os.fsdecode(node.path), exc)
+            return errno.EIO
+        if node.handle is not None:
+            self._read_ahead(ino, node, offset + size)
+        return None
+
+    def _register(self, ino: int, fh: int) -> bool:
+        """Hand the C table duplicates of the descriptors ``fh`` has open;
+        False when it cannot have them (out of descriptors, or unmounted)."""
+        session = self.session
+        if session is None:
+            return False
+        of = self.mounted.open_file(fh)
+        fds: list[int] = []
+        try:
+            for i in range(len(of.chunks)):
+                fds.append(os.dup(of.fds[i]) if i in of.fds else -1)
+        except OSError as exc:  # EMFILE: the reader still gets its bytes
+            log.warning("read table not filled (%s); reading through Python", exc)
+            for fd in fds:
+                if fd >= 0:
+                    os.close(fd)
+            return False
+        session.set_fds(ino, fds, [*of.offsets, of.entry.size])
+        return True
+
+    def _read_ahead(self, ino: int, node: Node, end: int) -> None:
+        """Open the chunk after the one a read of a chunked file ended in, in
+        the background: by the time the reader gets there its object is
+        verified, its pages are on their way (``POSIX_FADV_WILLNEED``) and
+        its descriptor is in the C table.  One chunk ahead per file at most."""
+        assert node.handle is not None
+        of = self.mounted.open_file(node.handle)
+        here = bisect.bisect_right(of.offsets, end) - 1  # the chunk holding the next byte
+        for i in (here, here + 1):
+            if i >= len(of.chunks) or ino in self._ahead:
+                return
+            if i not in of.fds:
+                self._ahead.add(ino)
+                self._ahead_pool.submit(self._open_ahead, ino, node, of.offsets[i])
+                return
+
+    def _open_ahead(self, ino: int, node: Node, offset: int) -> None:
+        try:
+            assert node.handle is not None
+            self.mounted.read_pieces(node.handle, offset, 1)
+            self._register(ino, node.handle)
+        except (ObjectVerificationError, ObjectUnavailable, OSError, ReleaseError) as exc:
+            # The reader meets the same failure, with its log line, when it gets there.
+            log.debug("read-ahead of /%s stopped: %s", os.fsdecode(node.path), exc)
+        finally:
+            self._ahead.discard(ino)
 
     # -- extended attributes -----------------------------------------------------------
 
-    def _xattrs(self, path: str) -> dict[str, bytes]:
-        p = _path(path)
-        out = self.mounted.xattrs(self.entry(p))
-        if p == b"" and self.control_socket is not None:
+    def _xattrs(self, ino: int) -> dict[str, bytes] | int:
+        found = self._current(ino)
+        if isinstance(found, int):
+            return found
+        node, e = found
+        out = self.mounted.xattrs(e)
+        if node.path == b"" and self.control_socket is not None:
             out["control"] = os.fsencode(self.control_socket)
         return out
 
-    def listxattr(self, path: str) -> list[str]:
-        return [XATTR_PREFIX + k for k in self._xattrs(path)]
+    def listxattr(self, ino: int) -> bytes | int:
+        found = self._xattrs(ino)
+        if isinstance(found, int):
+            return found
+        return b"".join(_XATTR_PREFIX_B + k.encode() + b"\0" for k in found)
 
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        if not name.startswith(XATTR_PREFIX):
-            raise mfusepy.FuseOSError(mfusepy.ENOATTR)
-        value = self._xattrs(path).get(name[len(XATTR_PREFIX) :])
-        if value is None:
-            raise mfusepy.FuseOSError(mfusepy.ENOATTR)
-        return value
-
-
-def _memory_bufvec(bufpp: Any, data: bytes) -> int:
-    """A one-buffer ``fuse_bufvec`` holding a copy of ``data`` (libfuse frees both)."""
-    vec_type = _BUFVEC_TYPES[0]
-    raw = _libc.malloc(ctypes.sizeof(vec_type))
-    mem = _libc.malloc(max(len(data), 1))
-    if not raw or not mem:
-        if raw:
-            _libc.free(raw)
-        if mem:
-            _libc.free(mem)
-        return -errno.ENOMEM
-    ctypes.memset(raw, 0, ctypes.sizeof(vec_type))
-    ctypes.memmove(mem, data, len(data))
-    vec = vec_type.from_address(raw)
-    vec.count = 1
-    vec.buf[0].size = len(data)
-    vec.buf[0].mem = mem
-    bufpp[0] = ctypes.cast(raw, type(bufpp[0]))
-    return 0
-
-
-class ReleaseFUSE(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy's FUSE with the hot paths written against the C structs."""
-
-    def _lookup(self, path: bytes) -> Entry | None:
-        try:
-            entry: Entry | None = self.operations.mounted.lookup(path[1:])
-        except ReleaseError as exc:
-            log.error("EIO on %s: catalog unavailable: %s", os.fsdecode(path), exc)
-            raise mfusepy.FuseOSError(errno.EIO) from exc
-        return entry
-
-    def getattr_fuse_3(self, path: bytes, buf: Any, fip: Any) -> int:
-        e = self._lookup(path)
-        if e is None:
-            return -errno.ENOENT
-        st = buf.contents
-        ctypes.memset(buf, 0, ctypes.sizeof(st))
-        ReleaseOperations.fill_stat(st, e)
-        return 0
-
-    def opendir(self, path: bytes, fip: Any) -> int:
-        e = self._lookup(path)
-        if e is None:
-            return -errno.ENOENT
-        if not e.is_dir:
-            return -errno.ENOTDIR
-        fi = fip.contents
-        fi.fh = 0
-        fi.cache_readdir = 1  # immutable until a revision switch invalidates it
-        fi.keep_cache = 1
-        return 0
-
-    def read_buf(self, path: bytes, bufpp: Any, size: int, offset: int, fip: Any) -> int:
-        # Zero copy: hand libfuse descriptors of verified cached objects; it
-        # splices (or reads) them to the kernel without Python touching data.
-        ops: ReleaseOperations = self.operations
-        try:
-            pieces = ops.mounted.read_pieces(fip.contents.fh, offset, size)
-        except (ObjectVerificationError, ObjectUnavailable) as exc:
-            log_read_failure(os.fsdecode(path), exc)
-            return -errno.EIO
-        if isinstance(pieces, bytes):
-            return _memory_bufvec(bufpp, pieces)
-        if len(pieces) > len(_BUFVEC_TYPES):
-            return -errno.EIO  # a read spans at most a few 1 MiB+ chunks
-        vec_type = _BUFVEC_TYPES[max(len(pieces), 1) - 1]
-        raw = _libc.malloc(ctypes.sizeof(vec_type))  # libfuse frees it
-        if not raw:
-            return -errno.ENOMEM
-        vec = vec_type.from_address(raw)
-        ctypes.memset(raw, 0, ctypes.sizeof(vec_type))
-        vec.count = max(len(pieces), 1)
-        for i, (fd, pos, length) in enumerate(pieces):
-            b = vec.buf[i]
-            b.size = length
-            b.flags = _BUF_IS_FD | _BUF_FD_SEEK
-            b.fd = fd
-            b.pos = pos
-        bufpp[0] = ctypes.cast(raw, type(bufpp[0]))
-        return 0
-
-    def readdir_fuse_3(
-        self, path: bytes, buf: Any, filler: Any, offset: int, fip: Any, flags: int
-    ) -> int:
-        # Non-zero offsets make libfuse pass each entry's attributes on to the
-        # kernel when it asks for READDIRPLUS (sparing one lookup per entry);
-        # for a plain READDIR only the name and type are built.
-        entries = self.operations.mounted.list_dir(path[1:])
-        st = mfusepy.c_stat()
-        size = ctypes.sizeof(st)
-        ref = ctypes.byref(st)
-        if offset < 1 and filler(buf, b".", None, 1, 0) != 0:
-            return 0
-        if offset < 2 and filler(buf, b"..", None, 2, 0) != 0:
-            return 0
-        start = max(offset - 2, 0)
-        if flags & _READDIR_PLUS:
-            fill = ReleaseOperations.fill_stat
-            for i in range(start, len(entries)):
-                e = entries[i]
-                ctypes.memset(ref, 0, size)
-                fill(st, e)
-                if filler(buf, e.name, st, i + 3, _FILL_DIR_PLUS) != 0:
-                    break
-        else:
-            for i in range(start, len(entries)):
-                e = entries[i]
-                st.st_mode = e.mode
-                st.st_ino = e.ino
-                if filler(buf, e.name, st, i + 3, 0) != 0:
-                    break
-        return 0
+    def getxattr(self, ino: int, name: bytes) -> bytes | int:
+        if not name.startswith(_XATTR_PREFIX_B):
+            return errno.ENODATA
+        found = self._xattrs(ino)
+        if isinstance(found, int):
+            return found
+        value = found.get(name[len(_XATTR_PREFIX_B) :].decode(errors="replace"))
+        return errno.ENODATA if value is None else value
 
 
 def mount(
@@ -505,39 +469,81 @@ def mount(
     """Mount and serve until unmounted (blocks), with up to ``threads`` worker
     threads (give the mount's caches ``FetchGate.for_threads(threads)``).
 
+    ``negative_timeout`` bounds how long the kernel keeps a name's absence;
+    a revision switch drops the absences it changes sooner.  Stops on
+    SIGINT/SIGTERM/SIGHUP when called from the main thread.
+
     Raises:
         ReleaseError: the mount point is unusable or libfuse failed.
     """
     if not mountpoint.is_dir():
         raise ReleaseError(f"mount point {mountpoint} is not a directory")
+    if os.environ.get(ADAPTER_ENV) == "mfusepy":
+        _mount_mfusepy(ops, mountpoint, entry_timeout, negative_timeout, threads)
+        return
     ops.mountpoint = mountpoint
+    ops.inodes()
+    options = [
+        "ro",
+        "nosuid",
+        "nodev",
+        "default_permissions",
+        f"fsname=swarm:{ops.mounted.name}",
+        "subtype=swarm",
+    ]
+    if os.geteuid() == 0:
+        options.append("allow_other")
+    if debug:
+        options.append("debug")
     try:
-        ReleaseFUSE(
+        session = _fusell.Session(
             ops,
             str(mountpoint),
-            raw_fi=True,
-            foreground=foreground,
-            debug=debug,
-            ro=True,
-            nosuid=True,
-            nodev=True,
-            allow_other=os.geteuid() == 0,
-            default_permissions=True,
-            fsname=f"swarm:{ops.mounted.name}",
-            subtype="swarm",
-            use_ino=True,
-            entry_timeout=entry_timeout,
-            attr_timeout=entry_timeout,
-            negative_timeout=negative_timeout,
-            # libfuse 3.14 caps its workers at max_threads, 10 unless told
-            # (fuse_parse_cmdline); its default max_idle_threads (UINT_MAX,
-            # "never reap") is what it logs as "Ignoring invalid max threads
-            # value 4294967295".  Equal values: all threads kept, none reaped.
-            max_threads=threads,
-            max_idle_threads=threads,
+            [arg for opt in options for arg in ("-o", opt)],
+            entry_timeout,
+            negative_timeout,
+            # A node's mount serves VM images without the page cache, which
+            # needs an OPEN reply per file (answered in C).
+            not isinstance(ops.mounted, Namespace),
+            threading.current_thread() is threading.main_thread(),
+            # Half the process's descriptors at most: the rest are the
+            # cache's, libtorrent's, the catalogs' and the sockets'.
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2,
         )
     except RuntimeError as exc:
         raise ReleaseError(f"FUSE mount of {mountpoint} failed: {exc}") from exc
+    ops.session = session
+    try:
+        session.loop(threads)
+    finally:
+        ops.session = None
+    del foreground  # always served in the calling thread
+
+
+def _mount_mfusepy(
+    ops: ReleaseOperations,
+    mountpoint: Path,
+    entry_timeout: float,
+    negative_timeout: float,
+    threads: int,
+) -> None:
+    """The previous adapter, for the benchmark's comparison only."""
+    from cvmfs_like import fs_mfusepy
+
+    old = fs_mfusepy.ReleaseOperations(
+        ops.mounted,
+        ttl=ops.ttl,
+        control_socket=ops.control_socket,
+        on_ready=ops._on_ready,
+        read_ahead_kb=ops.read_ahead_kb,
+    )
+    fs_mfusepy.mount(
+        old,
+        mountpoint,
+        entry_timeout=entry_timeout,
+        negative_timeout=negative_timeout,
+        threads=threads,
+    )
 
 
 def is_swarm_mount(fstype: str) -> bool:

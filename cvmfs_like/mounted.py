@@ -46,6 +46,7 @@ class TrustedReleases(Protocol):
     def tags(self) -> dict[str, ReleaseTarget]: ...
 
 
+_READ_WHOLE = 128 * 1024  # the kernel's default read-ahead: smaller objects need no advice
 _LISTINGS_KEPT = 8192
 _ENTRIES_KEPT = 65536
 
@@ -62,8 +63,8 @@ class Revision:
     # mount point -> catalog, for every catalog of this revision loaded so far
     catalogs: dict[bytes, Catalog] = field(default_factory=dict)
     load_lock: threading.Lock = field(default_factory=threading.Lock)
-    # Directory listings, most recently used last: a readdir is served in
-    # several calls (and again on every hot walk), each would re-query SQLite.
+    # Directory listings, oldest first: a readdir is served in several calls
+    # (and again whenever the kernel dropped its copy), each would re-query SQLite.
     listings: OrderedDict[bytes, list[Entry]] = field(default_factory=OrderedDict)
     listings_lock: threading.Lock = field(default_factory=threading.Lock)
     entries: OrderedDict[bytes, Entry] = field(default_factory=OrderedDict)
@@ -122,11 +123,11 @@ class Revision:
         return entry
 
     def list_dir(self, path: bytes) -> list[Entry]:
-        with self.listings_lock:
-            found = self.listings.get(path)
-            if found is not None:
-                self.listings.move_to_end(path)
-                return found
+        # A hit takes no lock (one dict read, atomic under the GIL): listings
+        # are kept in the order they were made, not last used.
+        found = self.listings.get(path)
+        if found is not None:
+            return found
         entries = self.catalog_for(path).list_dir(path)
         with self.listings_lock:
             self.listings[path] = entries
@@ -417,8 +418,10 @@ class MountedRelease:
         if self._profiles is not None:
             self._profiles.saw(of.revision, of.entry.path, index)
         fd = self._cache.open(chunk.object, chunk.size, self._source)
-        # A chunk is read whole far more often than not: start reading it now.
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        if chunk.size > _READ_WHOLE:
+            # A chunk is read whole far more often than not: start reading it
+            # now.  (A small object is, by the kernel's own read-ahead.)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         with of.lock:
             existing = of.fds.get(index)
             if existing is not None:

@@ -475,7 +475,9 @@ class Node:
 
     def _show_repository(self, name: str, mounted: MountedRelease) -> None:
         self.namespace.set_repository(name, mounted)
-        self._invalidate([b""])
+        # The root's listing, and the name itself: a lookup of it before it
+        # was shown left a negative entry in the kernel.
+        self._invalidate([b"", name.encode()])
 
     def _invalidate(self, paths: list[bytes]) -> None:
         if self.ops is not None and paths:

@@ -69,3 +69,46 @@ def test_a_slow_nested_catalog_does_not_hold_up_lookups_elsewhere(tmp_path: Path
     # Both lookups loaded a's catalog; the one kept is pinned once, so a
     # revision switch unpins it for good.
     assert cache._pinned[slow_catalog] == 1
+
+
+def test_lookups_listings_and_cache_hits_take_no_global_lock(tmp_path: Path) -> None:
+    """The hot path of many readers: with every lock a lookup, a listing or a
+    cache hit could take held by someone else, each is still answered."""
+    keys = tmp_path / "keys"
+    init_keys(keys, REPO)
+    store = OriginStore(tmp_path / "store", REPO)
+    src = build_sample_tree(tmp_path / "src")
+    result = publish(src, store, keys)
+    source = HeldStoreSource(store)
+    cache = ObjectCache(tmp_path / "cache", 1 << 30)
+    m = MountedRelease(REPO, FixedReleases(result.release), source, cache)
+    rev = m.start()
+    entry = m.lookup(b"lib/data.bin")
+    assert entry is not None and entry.object is not None
+    assert [e.name for e in m.list_dir(b"lib")]
+    fh = m.open(entry)
+    m.read(fh, 0, 1)  # the object is now cached
+    m.release(fh)
+
+    def hot_path() -> bytes:
+        assert m.lookup(b"lib/data.bin") == entry
+        assert [e.name for e in m.list_dir(b"lib")]
+        fh = m.open(entry)
+        try:
+            return m.read(fh, 0, 4)
+        finally:
+            m.release(fh)
+
+    locks = [cache._lock, rev.listings_lock, rev.load_lock]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        for lock in locks:
+            lock.acquire()
+        try:
+            answer = pool.submit(hot_path)
+            concurrent.futures.wait([answer], timeout=10)
+            blocked = not answer.done()
+        finally:  # before the pool waits for its thread
+            for lock in locks:
+                lock.release()
+        assert not blocked, "the hot path waited for a lock"
+        assert answer.result(10) == (src / "lib/data.bin").read_bytes()[:4]

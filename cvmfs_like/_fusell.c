@@ -1,0 +1,826 @@
+/*
+ * _fusell: the project's own binding of libfuse 3's low-level API.
+ *
+ * Only cvmfs_like/fs.py imports it.  The kernel is asked to do as much as it
+ * can on its own (no OPEN/OPENDIR round trips, cached directory listings,
+ * READDIRPLUS, 1 MiB reads, splice), and what still reaches this process is
+ * answered here:
+ *
+ *   - READ of a file whose verified cached objects were handed over with
+ *     Session.set_fds() is answered in C from those descriptors (spliced
+ *     to the kernel), without the GIL and without a global lock: the table
+ *     is sharded, and each shard has a reader-writer lock that only
+ *     registration, FORGET and eviction take for writing;
+ *   - everything else (LOOKUP, GETATTR, READDIR, READLINK, a READ not in the
+ *     table, FORGET, xattrs, statfs) calls one method of the Python
+ *     operations object with the GIL held.  A method returns its answer, or an
+ *     int: the errno to reply with.  Python exceptions never reach here as
+ *     replies; an unexpected one is printed and answered with EIO.
+ *
+ * Invariants: a descriptor in the table is owned by the table (closed on
+ * replacement, FORGET, eviction or session end) and is only closed under
+ * its shard's write lock, so a read holding the read lock splices from a
+ * descriptor that stays open.
+ */
+#define PY_SSIZE_T_CLEAN
+#define FUSE_USE_VERSION 314
+#include <Python.h>
+#include <errno.h>
+#include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#define STREAM_BIT (1ULL << 62) /* inode numbers of files read without the page cache */
+#define SHARDS 64
+#define SHARD_SLOTS 1024        /* per shard: SHARDS * SHARD_SLOTS files' descriptors */
+#define MAX_PIECES 16
+
+typedef struct {
+    uint64_t ino;     /* 0: free */
+    int n;            /* chunks */
+    int *fds;         /* n descriptors */
+    uint64_t *offs;   /* n+1 offsets: chunk i is [offs[i], offs[i+1]) */
+} FdEntry;
+
+typedef struct {
+    pthread_rwlock_t lock;
+    FdEntry slots[SHARD_SLOTS];
+    unsigned victim; /* clock hand of evictions */
+    long fds;        /* descriptors held by this shard's entries */
+} FdShard;
+
+typedef struct {
+    PyObject_HEAD
+    struct fuse_session *se;
+    PyObject *ops;
+    double entry_timeout;
+    double negative_timeout;
+    int no_open;
+    int mounted;
+    int signals;
+    FdShard *shards;
+    long shard_fd_cap; /* descriptors a shard may hold (the process's limit, shared out) */
+    pthread_mutex_t notify_lock; /* serialises notifications against session teardown */
+    /* counters, read by tests and the bench (relaxed, approximate under races) */
+    unsigned long long n_open, n_opendir, n_read_c, n_read_py, n_lookup, n_readdir, n_getattr;
+} Session;
+
+/* -- descriptor table ------------------------------------------------------ */
+
+static void fd_entry_clear(FdShard *sh, FdEntry *e) {
+    for (int i = 0; i < e->n; i++)
+        if (e->fds[i] >= 0) {
+            close(e->fds[i]);
+            sh->fds--;
+        }
+    free(e->fds);
+    free(e->offs);
+    memset(e, 0, sizeof *e);
+}
+
+static inline FdShard *shard_of(Session *s, uint64_t ino) {
+    return &s->shards[(ino * 0x9E3779B97F4A7C15ULL) >> 58];
+}
+
+static inline unsigned slot_of(uint64_t ino) {
+    return (unsigned)((ino * 0xC2B2AE3D27D4EB4FULL) >> 40) % SHARD_SLOTS;
+}
+
+/* Find ino's entry in a shard (linear probe over a few slots). */
+#define PROBE 8
+static FdEntry *shard_find(FdShard *sh, uint64_t ino) {
+    unsigned s = slot_of(ino);
+    for (int k = 0; k < PROBE; k++) {
+        FdEntry *e = &sh->slots[(s + k) % SHARD_SLOTS];
+        if (e->ino == ino)
+            return e;
+    }
+    return NULL;
+}
+
+static void table_drop(Session *s, uint64_t ino) {
+    FdShard *sh = shard_of(s, ino);
+    pthread_rwlock_wrlock(&sh->lock);
+    FdEntry *e = shard_find(sh, ino);
+    if (e)
+        fd_entry_clear(sh, e);
+    pthread_rwlock_unlock(&sh->lock);
+}
+
+/* Answer a read from the table; returns 0 when not all of it is there. */
+static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off_t off) {
+    FdShard *sh = shard_of(s, ino);
+    pthread_rwlock_rdlock(&sh->lock);
+    FdEntry *e = shard_find(sh, ino);
+    if (!e) {
+        pthread_rwlock_unlock(&sh->lock);
+        return 0;
+    }
+    uint64_t fsize = e->offs[e->n];
+    uint64_t end = (uint64_t)off + size;
+    if (end > fsize)
+        end = fsize;
+    if ((uint64_t)off >= end) {
+        pthread_rwlock_unlock(&sh->lock);
+        fuse_reply_buf(req, NULL, 0);
+        return 1;
+    }
+    /* fuse_bufvec ends in buf[1]; reached through a pointer, its array runs on
+       into the storage behind it (a declared struct would make that UB). */
+    _Alignas(struct fuse_bufvec) char storage[sizeof(struct fuse_bufvec) +
+                                              (MAX_PIECES - 1) * sizeof(struct fuse_buf)];
+    memset(storage, 0, sizeof storage);
+    struct fuse_bufvec *v = (struct fuse_bufvec *)storage;
+    int lo = 0, hi = e->n - 1; /* chunk holding off */
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (e->offs[mid] <= (uint64_t)off)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    size_t count = 0;
+    uint64_t pos = (uint64_t)off;
+    for (int i = lo; pos < end && i < e->n; i++) {
+        if (count == MAX_PIECES) {
+            pthread_rwlock_unlock(&sh->lock);
+            return 0;
+        }
+        if (e->fds[i] < 0) { /* that chunk not opened yet: Python opens it */
+            pthread_rwlock_unlock(&sh->lock);
+            return 0;
+        }
+        uint64_t cend = e->offs[i + 1] < end ? e->offs[i + 1] : end;
+        struct fuse_buf *fb = &v->buf[count++];
+        fb->size = cend - pos;
+        fb->flags = FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK;
+        fb->fd = e->fds[i];
+        fb->pos = (off_t)(pos - e->offs[i]);
+        pos = cend;
+    }
+    v->count = count;
+    fuse_reply_data(req, v, FUSE_BUF_SPLICE_MOVE);
+    pthread_rwlock_unlock(&sh->lock);
+    __atomic_add_fetch(&s->n_read_c, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* -- calling Python -------------------------------------------------------- */
+
+/* Call ops.NAME(args); NULL (with the error printed) on an exception. */
+static PyObject *call(Session *s, const char *name, PyObject *args) {
+    PyObject *fn = PyObject_GetAttrString(s->ops, name);
+    PyObject *r = NULL;
+    if (fn && args)
+        r = PyObject_CallObject(fn, args);
+    Py_XDECREF(fn);
+    Py_XDECREF(args);
+    if (!r)
+        PyErr_Print();
+    return r;
+}
+
+/* An int result is an errno; NULL (exception) is EIO. Returns the errno or 0. */
+static int result_errno(PyObject *r) {
+    if (!r)
+        return EIO;
+    if (PyLong_Check(r)) {
+        long v = PyLong_AsLong(r);
+        return v > 0 ? (int)v : EIO;
+    }
+    return 0;
+}
+
+/* (ino, mode, nlink, size, mtime_ns) -> struct stat */
+static int fill_stat(PyObject *t, struct stat *st) {
+    unsigned long long ino, mode, nlink, size;
+    long long mtime_ns;
+    if (!PyArg_ParseTuple(t, "KKKKL", &ino, &mode, &nlink, &size, &mtime_ns)) {
+        PyErr_Print();
+        return -1;
+    }
+    memset(st, 0, sizeof *st);
+    st->st_ino = ino;
+    st->st_mode = (mode_t)mode;
+    st->st_nlink = (nlink_t)nlink;
+    st->st_size = (off_t)size;
+    st->st_blksize = 65536;
+    st->st_blocks = (blkcnt_t)((size + 511) / 512);
+    st->st_mtim.tv_sec = mtime_ns / 1000000000LL;
+    st->st_mtim.tv_nsec = mtime_ns % 1000000000LL;
+    st->st_ctim = st->st_mtim;
+    st->st_atim = st->st_mtim;
+    return 0;
+}
+
+/* -- operations --------------------------------------------------------------- */
+
+static void ll_init(void *userdata, struct fuse_conn_info *conn) {
+    Session *s = userdata;
+    if (conn->capable & FUSE_CAP_READDIRPLUS)
+        conn->want |= FUSE_CAP_READDIRPLUS;
+    conn->want &= ~FUSE_CAP_READDIRPLUS_AUTO; /* always PLUS: a listing fills the dentries */
+    if (conn->capable & FUSE_CAP_SPLICE_WRITE)
+        conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS)
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA; /* content never changes under an inode */
+    conn->max_readahead = 4 << 20;
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XDECREF(call(s, "init", PyTuple_New(0)));
+    PyGILState_Release(g);
+}
+
+static void ll_destroy(void *userdata) {
+    Session *s = userdata;
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XDECREF(call(s, "destroy", PyTuple_New(0)));
+    PyGILState_Release(g);
+}
+
+static void reply_entry_from(Session *s, fuse_req_t req, PyObject *r) {
+    struct fuse_entry_param e;
+    memset(&e, 0, sizeof e);
+    if (r == Py_None) { /* negative: cached by the kernel until invalidated */
+        e.ino = 0;
+        e.entry_timeout = s->negative_timeout;
+        fuse_reply_entry(req, &e);
+        return;
+    }
+    if (fill_stat(r, &e.attr) < 0) {
+        fuse_reply_err(req, EIO);
+        return;
+    }
+    e.ino = e.attr.st_ino;
+    e.attr_timeout = s->entry_timeout;
+    e.entry_timeout = s->entry_timeout;
+    fuse_reply_entry(req, &e);
+}
+
+static void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
+    Session *s = fuse_req_userdata(req);
+    __atomic_add_fetch(&s->n_lookup, 1, __ATOMIC_RELAXED);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "lookup", Py_BuildValue("(Ky)", (unsigned long long)parent, name));
+    int err = r == Py_None ? 0 : result_errno(r);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        reply_entry_from(s, req, r);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void ll_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)fi;
+    Session *s = fuse_req_userdata(req);
+    __atomic_add_fetch(&s->n_getattr, 1, __ATOMIC_RELAXED);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "getattr", Py_BuildValue("(K)", (unsigned long long)ino));
+    int err = r == Py_None ? ENOENT : result_errno(r);
+    struct stat st;
+    if (!err && fill_stat(r, &st) < 0)
+        err = EIO;
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_attr(req, &st, s->entry_timeout);
+}
+
+static void ll_readlink(fuse_req_t req, fuse_ino_t ino) {
+    Session *s = fuse_req_userdata(req);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "readlink", Py_BuildValue("(K)", (unsigned long long)ino));
+    int err = result_errno(r);
+    if (!err && !PyBytes_Check(r))
+        err = EIO;
+    if (err)
+        fuse_reply_err(req, err);
+    else
+        fuse_reply_readlink(req, PyBytes_AS_STRING(r));
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void ll_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    Session *s = fuse_req_userdata(req);
+    __atomic_add_fetch(&s->n_open, 1, __ATOMIC_RELAXED);
+    if ((fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & (O_TRUNC | O_APPEND))) {
+        fuse_reply_err(req, EROFS);
+        return;
+    }
+    if (s->no_open) { /* the kernel stops sending OPEN; files keep their page cache */
+        fuse_reply_err(req, ENOSYS);
+        return;
+    }
+    if (ino & STREAM_BIT)
+        fi->direct_io = 1;
+    else
+        fi->keep_cache = 1;
+    fi->noflush = 1; /* nothing to flush on close: no FLUSH round trip */
+    fuse_reply_open(req, fi);
+}
+
+static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi) {
+    (void)ino;
+    (void)fi;
+    Session *s = fuse_req_userdata(req);
+    __atomic_add_fetch(&s->n_opendir, 1, __ATOMIC_RELAXED);
+    /* ENOSYS: the kernel stops sending OPENDIR and caches listings
+       (FOPEN_KEEP_CACHE | FOPEN_CACHE_DIR) until the inode is invalidated. */
+    fuse_reply_err(req, ENOSYS);
+}
+
+static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                    struct fuse_file_info *fi) {
+    (void)fi;
+    Session *s = fuse_req_userdata(req);
+    if (table_read(s, req, ino, size, off))
+        return;
+    __atomic_add_fetch(&s->n_read_py, 1, __ATOMIC_RELAXED);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "read", Py_BuildValue("(KnL)", (unsigned long long)ino,
+                                                (Py_ssize_t)size, (long long)off));
+    int err = r == Py_None ? 0 : result_errno(r);
+    if (err) {
+        Py_XDECREF(r);
+        PyGILState_Release(g);
+        fuse_reply_err(req, err);
+        return;
+    }
+    if (r == Py_None) { /* the descriptors were registered: serve from the table */
+        Py_DECREF(r);
+        PyGILState_Release(g);
+        if (!table_read(s, req, ino, size, off))
+            fuse_reply_err(req, EIO);
+        return;
+    }
+    if (PyBytes_Check(r)) {
+        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+        Py_DECREF(r);
+        PyGILState_Release(g);
+        return;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_err(req, EIO);
+}
+
+static void ll_readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus) {
+    Session *s = fuse_req_userdata(req);
+    __atomic_add_fetch(&s->n_readdir, 1, __ATOMIC_RELAXED);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "readdir", Py_BuildValue("(K)", (unsigned long long)ino));
+    int err = result_errno(r);
+    if (!err && !PyList_Check(r))
+        err = EIO;
+    if (err) {
+        Py_XDECREF(r);
+        PyGILState_Release(g);
+        fuse_reply_err(req, err);
+        return;
+    }
+    char *buf = malloc(size);
+    if (!buf) {
+        Py_DECREF(r);
+        PyGILState_Release(g);
+        fuse_reply_err(req, ENOMEM);
+        return;
+    }
+    size_t used = 0;
+    Py_ssize_t n = PyList_GET_SIZE(r);
+    for (Py_ssize_t i = off; i < n + 2; i++) {
+        struct fuse_entry_param e;
+        memset(&e, 0, sizeof e);
+        const char *name;
+        if (i < 2) { /* "." and "..": no attributes, the kernel links neither */
+            name = i == 0 ? "." : "..";
+            e.attr.st_ino = ino;
+            e.attr.st_mode = S_IFDIR;
+        } else {
+            PyObject *item = PyList_GET_ITEM(r, i - 2); /* (name, attr tuple) */
+            PyObject *pname, *attr;
+            if (!PyArg_ParseTuple(item, "SO", &pname, &attr) || fill_stat(attr, &e.attr) < 0) {
+                PyErr_Clear();
+                break;
+            }
+            name = PyBytes_AS_STRING(pname);
+            e.ino = e.attr.st_ino;
+            e.attr_timeout = s->entry_timeout;
+            e.entry_timeout = s->entry_timeout;
+        }
+        size_t want = plus ? fuse_add_direntry_plus(req, buf + used, size - used, name, &e, i + 1)
+                           : fuse_add_direntry(req, buf + used, size - used, name, &e.attr, i + 1);
+        if (want > size - used)
+            break;
+        used += want;
+    }
+    Py_DECREF(r);
+    PyGILState_Release(g);
+    fuse_reply_buf(req, buf, used);
+    free(buf);
+}
+
+static void ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                       struct fuse_file_info *fi) {
+    (void)fi;
+    ll_readdir_common(req, ino, size, off, 0);
+}
+
+static void ll_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                           struct fuse_file_info *fi) {
+    (void)fi;
+    ll_readdir_common(req, ino, size, off, 1);
+}
+
+static void ll_forget(fuse_req_t req, fuse_ino_t ino, uint64_t nlookup) {
+    (void)nlookup;
+    Session *s = fuse_req_userdata(req);
+    /* The kernel dropped its inode: no read of it can be in flight. */
+    table_drop(s, ino);
+    PyGILState_STATE g = PyGILState_Ensure();
+    Py_XDECREF(call(s, "forget", Py_BuildValue("([K])", (unsigned long long)ino)));
+    PyGILState_Release(g);
+    fuse_reply_none(req);
+}
+
+static void ll_forget_multi(fuse_req_t req, size_t count, struct fuse_forget_data *forgets) {
+    Session *s = fuse_req_userdata(req);
+    for (size_t i = 0; i < count; i++)
+        table_drop(s, forgets[i].ino);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *lst = PyList_New((Py_ssize_t)count);
+    for (size_t i = 0; lst && i < count; i++)
+        PyList_SET_ITEM(lst, (Py_ssize_t)i, PyLong_FromUnsignedLongLong(forgets[i].ino));
+    if (lst)
+        Py_XDECREF(call(s, "forget", Py_BuildValue("(N)", lst)));
+    else
+        PyErr_Clear();
+    PyGILState_Release(g);
+    fuse_reply_none(req);
+}
+
+static void ll_statfs(fuse_req_t req, fuse_ino_t ino) {
+    (void)ino;
+    Session *s = fuse_req_userdata(req);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "statfs", PyTuple_New(0));
+    unsigned long long bytes = 0, files = 0;
+    int err = result_errno(r);
+    if (!err && !PyArg_ParseTuple(r, "KK", &bytes, &files)) {
+        PyErr_Clear();
+        err = EIO;
+    }
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (err) {
+        fuse_reply_err(req, err);
+        return;
+    }
+    struct statvfs st;
+    memset(&st, 0, sizeof st);
+    st.f_bsize = 4096;
+    st.f_frsize = 4096;
+    st.f_blocks = (bytes + 4095) / 4096;
+    st.f_files = files;
+    st.f_namemax = 255;
+    fuse_reply_statfs(req, &st);
+}
+
+static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    Session *s = fuse_req_userdata(req);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "getxattr", Py_BuildValue("(Ky)", (unsigned long long)ino, name));
+    int err = result_errno(r);
+    if (!err && !PyBytes_Check(r))
+        err = EIO;
+    if (err)
+        fuse_reply_err(req, err);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)PyBytes_GET_SIZE(r));
+    else if ((size_t)PyBytes_GET_SIZE(r) > size)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+    Session *s = fuse_req_userdata(req);
+    PyGILState_STATE g = PyGILState_Ensure();
+    PyObject *r = call(s, "listxattr", Py_BuildValue("(K)", (unsigned long long)ino));
+    int err = result_errno(r);
+    if (!err && !PyBytes_Check(r)) /* names, each NUL-terminated */
+        err = EIO;
+    if (err)
+        fuse_reply_err(req, err);
+    else if (size == 0)
+        fuse_reply_xattr(req, (size_t)PyBytes_GET_SIZE(r));
+    else if ((size_t)PyBytes_GET_SIZE(r) > size)
+        fuse_reply_err(req, ERANGE);
+    else
+        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+}
+
+static const struct fuse_lowlevel_ops ll_ops = {
+    .init = ll_init,
+    .destroy = ll_destroy,
+    .lookup = ll_lookup,
+    .forget = ll_forget,
+    .forget_multi = ll_forget_multi,
+    .getattr = ll_getattr,
+    .readlink = ll_readlink,
+    .open = ll_open,
+    .read = ll_read,
+    .opendir = ll_opendir,
+    .readdir = ll_readdir,
+    .readdirplus = ll_readdirplus,
+    .statfs = ll_statfs,
+    .getxattr = ll_getxattr,
+    .listxattr = ll_listxattr,
+};
+
+/* -- the Session type ------------------------------------------------------- */
+
+static int Session_init(Session *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ops",     "mountpoint", "options", "entry_timeout",
+                             "negative_timeout", "no_open", "signals", "max_fds", NULL};
+    PyObject *ops, *options;
+    const char *mountpoint;
+    double et, nt;
+    int no_open, signals;
+    long max_fds;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OsO!ddppl", kwlist, &ops, &mountpoint,
+                                     &PyList_Type, &options, &et, &nt, &no_open, &signals,
+                                     &max_fds))
+        return -1;
+    self->shard_fd_cap = max_fds / SHARDS > 1 ? max_fds / SHARDS : 1;
+    if (self->se) {
+        PyErr_SetString(PyExc_RuntimeError, "session already initialised");
+        return -1;
+    }
+    Py_INCREF(ops);
+    self->ops = ops;
+    self->entry_timeout = et;
+    self->negative_timeout = nt;
+    self->no_open = no_open;
+    self->signals = signals;
+    self->shards = calloc(SHARDS, sizeof(FdShard));
+    if (!self->shards) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < SHARDS; i++)
+        pthread_rwlock_init(&self->shards[i].lock, NULL);
+    pthread_mutex_init(&self->notify_lock, NULL);
+
+    Py_ssize_t n = PyList_GET_SIZE(options);
+    char **argv = calloc((size_t)n + 2, sizeof(char *));
+    argv[0] = "swarm";
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = PyList_GET_ITEM(options, i);
+        if (!PyUnicode_Check(o)) {
+            free(argv);
+            PyErr_SetString(PyExc_TypeError, "options must be str");
+            return -1;
+        }
+        argv[i + 1] = (char *)PyUnicode_AsUTF8(o);
+    }
+    struct fuse_args fargs = FUSE_ARGS_INIT((int)n + 1, argv);
+    self->se = fuse_session_new(&fargs, &ll_ops, sizeof ll_ops, self);
+    fuse_opt_free_args(&fargs);
+    free(argv);
+    if (!self->se) {
+        PyErr_SetString(PyExc_RuntimeError, "fuse_session_new failed (bad options?)");
+        return -1;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fuse_session_mount(self->se, mountpoint);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        fuse_session_destroy(self->se);
+        self->se = NULL;
+        PyErr_Format(PyExc_RuntimeError, "fuse_session_mount of %s failed", mountpoint);
+        return -1;
+    }
+    self->mounted = 1;
+    return 0;
+}
+
+static PyObject *Session_loop(Session *self, PyObject *args) {
+    unsigned int threads;
+    if (!PyArg_ParseTuple(args, "I", &threads))
+        return NULL;
+    if (!self->se || !self->mounted) {
+        PyErr_SetString(PyExc_RuntimeError, "not mounted");
+        return NULL;
+    }
+    if (self->signals && fuse_set_signal_handlers(self->se) != 0) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot set signal handlers");
+        return NULL;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    struct fuse_loop_config *cfg = fuse_loop_cfg_create();
+    fuse_loop_cfg_set_max_threads(cfg, threads);
+    fuse_loop_cfg_set_idle_threads(cfg, threads); /* keep them all: no reaping */
+    rc = fuse_session_loop_mt(self->se, cfg);
+    fuse_loop_cfg_destroy(cfg);
+    pthread_mutex_lock(&self->notify_lock);
+    if (self->signals)
+        fuse_remove_signal_handlers(self->se);
+    fuse_session_unmount(self->se);
+    self->mounted = 0;
+    pthread_mutex_unlock(&self->notify_lock);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Session_exit(Session *self, PyObject *unused) {
+    (void)unused;
+    if (self->se)
+        fuse_session_exit(self->se);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_inval_entry(Session *self, PyObject *args) {
+    unsigned long long parent;
+    const char *name;
+    Py_ssize_t len;
+    if (!PyArg_ParseTuple(args, "Ky#", &parent, &name, &len))
+        return NULL;
+    int rc = -ENOTCONN;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->notify_lock);
+    if (self->se && self->mounted)
+        rc = fuse_lowlevel_notify_inval_entry(self->se, parent, name, (size_t)len);
+    pthread_mutex_unlock(&self->notify_lock);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Session_inval_inode(Session *self, PyObject *args) {
+    unsigned long long ino;
+    long long off, len;
+    if (!PyArg_ParseTuple(args, "KLL", &ino, &off, &len))
+        return NULL;
+    int rc = -ENOTCONN;
+    Py_BEGIN_ALLOW_THREADS
+    pthread_mutex_lock(&self->notify_lock);
+    if (self->se && self->mounted)
+        rc = fuse_lowlevel_notify_inval_inode(self->se, ino, off, len);
+    pthread_mutex_unlock(&self->notify_lock);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc);
+}
+
+/* set_fds(ino, fds, offsets): the table owns fds from now on (len(offsets) == len(fds) + 1). */
+static PyObject *Session_set_fds(Session *self, PyObject *args) {
+    unsigned long long ino;
+    PyObject *fds, *offs;
+    if (!PyArg_ParseTuple(args, "KO!O!", &ino, &PyList_Type, &fds, &PyList_Type, &offs))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(fds);
+    if (n < 1 || n > 1 << 20 || PyList_GET_SIZE(offs) != n + 1) {
+        PyErr_SetString(PyExc_ValueError, "set_fds: need n >= 1 fds and n + 1 offsets");
+        return NULL;
+    }
+    FdEntry ne = {.ino = ino, .n = (int)n};
+    ne.fds = malloc(sizeof(int) * (size_t)n);
+    ne.offs = malloc(sizeof(uint64_t) * (size_t)(n + 1));
+    if (!ne.fds || !ne.offs) {
+        free(ne.fds);
+        free(ne.offs);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        ne.fds[i] = (int)PyLong_AsLong(PyList_GET_ITEM(fds, i));
+    for (Py_ssize_t i = 0; i <= n; i++)
+        ne.offs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(offs, i));
+    if (PyErr_Occurred()) {
+        free(ne.fds);
+        free(ne.offs);
+        return NULL;
+    }
+    FdShard *sh = shard_of(self, ino);
+    Py_BEGIN_ALLOW_THREADS
+    pthread_rwlock_wrlock(&sh->lock);
+    FdEntry *e = shard_find(sh, ino);
+    if (!e) { /* a free slot near home, else evict one (it is re-registered on its next read) */
+        unsigned s = slot_of(ino);
+        for (int k = 0; k < PROBE && !e; k++)
+            if (sh->slots[(s + k) % SHARD_SLOTS].ino == 0)
+                e = &sh->slots[(s + k) % SHARD_SLOTS];
+        if (!e)
+            e = &sh->slots[(s + (sh->victim++ % PROBE)) % SHARD_SLOTS];
+    }
+    if (e->ino)
+        fd_entry_clear(sh, e);
+    long held = 0;
+    for (int i = 0; i < ne.n; i++)
+        held += ne.fds[i] >= 0;
+    /* Over this shard's share of the descriptor limit: evict others (clock
+       order; each is registered again on its next read). */
+    for (unsigned k = 0; k < SHARD_SLOTS && sh->fds + held > self->shard_fd_cap; k++) {
+        FdEntry *v = &sh->slots[sh->victim++ % SHARD_SLOTS];
+        if (v->ino && v != e)
+            fd_entry_clear(sh, v);
+    }
+    *e = ne;
+    sh->fds += held;
+    pthread_rwlock_unlock(&sh->lock);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_drop_fds(Session *self, PyObject *args) {
+    unsigned long long ino;
+    if (!PyArg_ParseTuple(args, "K", &ino))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    table_drop(self, ino);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *Session_fd(Session *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromLong(self->se ? fuse_session_fd(self->se) : -1);
+}
+
+static PyObject *Session_counters(Session *self, PyObject *unused) {
+    (void)unused;
+    return Py_BuildValue("{sKsKsKsKsKsKsK}", "open", self->n_open, "opendir", self->n_opendir,
+                         "read_c", self->n_read_c, "read_py", self->n_read_py, "lookup",
+                         self->n_lookup, "readdir", self->n_readdir, "getattr", self->n_getattr);
+}
+
+static void Session_dealloc(Session *self) {
+    if (self->se) {
+        if (self->mounted)
+            fuse_session_unmount(self->se);
+        fuse_session_destroy(self->se);
+        self->se = NULL;
+    }
+    if (self->shards) {
+        for (int i = 0; i < SHARDS; i++)
+            for (int j = 0; j < SHARD_SLOTS; j++)
+                if (self->shards[i].slots[j].ino)
+                    fd_entry_clear(&self->shards[i], &self->shards[i].slots[j]);
+        free(self->shards);
+    }
+    Py_XDECREF(self->ops);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Session_methods[] = {
+    {"loop", (PyCFunction)Session_loop, METH_VARARGS, "loop(threads): serve until unmounted"},
+    {"exit", (PyCFunction)Session_exit, METH_NOARGS, "ask the loop to stop"},
+    {"inval_entry", (PyCFunction)Session_inval_entry, METH_VARARGS,
+     "inval_entry(parent, name) -> 0 or -errno: drop a (negative) dentry"},
+    {"inval_inode", (PyCFunction)Session_inval_inode, METH_VARARGS,
+     "inval_inode(ino, off, len) -> 0 or -errno: drop attributes and cached pages"},
+    {"set_fds", (PyCFunction)Session_set_fds, METH_VARARGS,
+     "set_fds(ino, fds, offsets): serve reads of ino from these descriptors (owned from now)"},
+    {"drop_fds", (PyCFunction)Session_drop_fds, METH_VARARGS, "drop_fds(ino)"},
+    {"fd", (PyCFunction)Session_fd, METH_NOARGS, "the /dev/fuse descriptor"},
+    {"counters", (PyCFunction)Session_counters, METH_NOARGS, "requests seen, by kind"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SessionType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "cvmfs_like._fusell.Session",
+    .tp_basicsize = sizeof(Session),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Session_init,
+    .tp_dealloc = (destructor)Session_dealloc,
+    .tp_methods = Session_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_fusell", "libfuse 3 low-level binding of cvmfs_like.fs", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fusell(void) {
+    if (PyType_Ready(&SessionType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m)
+        return NULL;
+    Py_INCREF(&SessionType);
+    PyModule_AddObject(m, "Session", (PyObject *)&SessionType);
+    PyModule_AddIntConstant(m, "STREAM_BIT_SHIFT", 62);
+    return m;
+}

@@ -1,0 +1,35 @@
+"""Types of the C extension ``cvmfs_like._fusell`` (see _fusell.c)."""
+
+from typing import Any
+
+STREAM_BIT_SHIFT: int
+
+class Session:
+    def __init__(
+        self,
+        ops: Any,
+        mountpoint: str,
+        options: list[str],
+        entry_timeout: float,
+        negative_timeout: float,
+        no_open: bool,
+        signals: bool,
+        max_fds: int,
+    ) -> None:
+        """Create the session and mount it; its read table holds at most
+        about ``max_fds`` descriptors.
+
+        Raises:
+            RuntimeError: bad options, or the mount failed.
+        """
+
+    def loop(self, threads: int) -> int:
+        """Serve with up to ``threads`` workers until unmounted or ``exit``; then unmount."""
+
+    def exit(self) -> None: ...
+    def inval_entry(self, parent: int, name: bytes) -> int: ...
+    def inval_inode(self, ino: int, off: int, length: int) -> int: ...
+    def set_fds(self, ino: int, fds: list[int], offsets: list[int]) -> None: ...
+    def drop_fds(self, ino: int) -> None: ...
+    def fd(self) -> int: ...
+    def counters(self) -> dict[str, int]: ...

@@ -1,0 +1,214 @@
+"""What the kernel does for the mount on its own (the low-level adapter, marked ``fuse``).
+
+Each test reads the mount process's request counters over its control socket
+(``counters``: requests that reached the process, by kind) to show which
+requests the kernel no longer sends.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cvmfs_like.test_fuse_mount import REPO, Site, control
+from tests.harness import MountProcess
+
+pytestmark = pytest.mark.fuse
+MiB = 1 << 20
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    s = Site(tmp_path)
+    try:
+        yield s
+    finally:
+        s.origin.close()
+
+
+def counters(site: Site, cache: str = "cache") -> dict[str, int]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(5)
+        sock.connect(str(site.tmp / cache / "control.sock"))
+        sock.sendall(b"counters\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    out: dict[str, int] = json.loads(data)
+    return out
+
+
+def drop_pages(path: Path) -> None:
+    """Drop the mount's cached pages of one file: its next read reaches the process."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_opens_and_listings_of_immutable_content_need_no_round_trip(site: Site) -> None:
+    with site.mount() as m:
+        mp = m.mountpoint
+        for _ in range(3):
+            assert (mp / "bin/hello").read_bytes()
+            assert sorted(os.listdir(mp / "lib"))
+            assert sorted(os.listdir(mp))
+            assert (mp / "lib/data.bin").read_bytes()
+        before = counters(site)
+        for _ in range(20):
+            assert (mp / "bin/hello").read_bytes()
+            assert (mp / "lib/data.bin").read_bytes()
+            assert sorted(os.listdir(mp / "lib"))
+            assert sorted(os.listdir(mp))
+        after = counters(site)
+        # One ENOSYS answer each at most (before), then the kernel opens alone.
+        assert before["open"] <= 1 and before["opendir"] <= 1
+        assert after["open"] == before["open"] and after["opendir"] == before["opendir"]
+        # Listings come from the kernel's cache; file pages too (keep_cache).
+        assert after["readdir"] == before["readdir"]
+        assert after["read_c"] + after["read_py"] == before["read_c"] + before["read_py"]
+
+
+def test_a_listing_fills_the_kernel_so_stat_of_each_entry_needs_no_lookup(site: Site) -> None:
+    with site.mount() as m:
+        lib = m.mountpoint / "lib"
+        before = counters(site)
+        names = os.listdir(lib)
+        after_list = counters(site)
+        for name in names:
+            os.lstat(lib / name)
+        after_stat = counters(site)
+        assert len(names) >= 3
+        assert after_list["readdir"] > before["readdir"]
+        assert after_stat["lookup"] == after_list["lookup"], "READDIRPLUS did not fill dentries"
+        assert after_stat["getattr"] == after_list["getattr"]
+
+
+def test_a_file_open_across_a_revision_switch_keeps_its_content_and_inode(site: Site) -> None:
+    with site.mount("mnt", "cache", "--ttl", "3600") as m:
+        mp = m.mountpoint
+        old = (site.src / "lib/data.bin").read_bytes()
+        ino_before = os.stat(mp / "lib/data.bin").st_ino
+        with open(mp / "lib/data.bin", "rb") as f:
+            assert f.read(100) == old[:100]
+            new = bytes(reversed(old))
+            (site.src / "lib/data.bin").write_bytes(new)
+            site.publish()
+            assert control(mp, "reload")
+            assert os.getxattr(mp, "user.swarm.revision") == b"2"
+            drop_pages(mp / "lib/data.bin")  # its old pages would hide a wrong inode
+            assert f.read() == old[100:], "an open file switched revision"
+        assert (mp / "lib/data.bin").read_bytes() == new
+        assert os.stat(mp / "lib/data.bin").st_ino != ino_before
+        assert os.stat(mp / "VERSION").st_ino == os.stat(mp / "VERSION").st_ino
+
+
+def test_a_name_added_by_a_new_revision_appears_at_once_despite_negative_caching(
+    site: Site,
+) -> None:
+    # The mount's negative_timeout is 30 s: "at once" is well inside it.
+    with site.mount("mnt", "cache", "--ttl", "3600") as m:
+        mp = m.mountpoint
+        for _ in range(2):  # the second miss is answered by the kernel's negative dentry
+            assert not (mp / "lib/added.txt").exists()
+        misses = counters(site)["lookup"]
+        assert not (mp / "lib/added.txt").exists()
+        assert counters(site)["lookup"] == misses, "the absence was not cached"
+        (site.src / "lib/added.txt").write_text("new in revision 2\n")
+        site.publish()
+        assert control(mp, "reload")
+        assert (mp / "lib/added.txt").read_text() == "new in revision 2\n"
+        assert "added.txt" in os.listdir(mp / "lib")
+
+
+def test_sequential_reads_come_in_1_mib_requests(site: Site) -> None:
+    with site.mount() as m:
+        big = m.mountpoint / "large.bin"
+        size = os.stat(big).st_size
+        assert size >= 16 * MiB
+        before = counters(site)
+        with open(big, "rb") as f:
+            while f.read(MiB):
+                pass
+        after = counters(site)
+        requests = (after["read_c"] + after["read_py"]) - (before["read_c"] + before["read_py"])
+        # 128 KiB requests would be 8 per MiB; 1 MiB requests about one.
+        assert 0 < requests <= 2 * size // MiB, requests
+
+
+def test_64_concurrent_readers_are_served_from_the_descriptor_table(site: Site) -> None:
+    with site.mount() as m:
+        mp = m.mountpoint
+        files = [mp / "lib/data.bin", mp / "bin/hello", mp / "VERSION", mp / "large.bin"]
+        want = {p: (site.src / p.relative_to(mp)).read_bytes() for p in files}
+        for p in files:
+            assert p.read_bytes() == want[p]  # opens (and verifies) each object once
+        before = counters(site)
+
+        def reader(i: int) -> bool:
+            p = files[i % len(files)]
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                got = b"".join(iter(lambda: os.read(fd, MiB), b""))
+            finally:
+                os.close(fd)
+            return got == want[p]
+
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            assert all(pool.map(reader, range(256)))
+        after = counters(site)
+        assert after["read_c"] > before["read_c"]
+        # Chunks of large.bin not yet opened may reach Python; small files never again.
+        assert after["read_py"] - before["read_py"] <= 16
+
+
+def test_the_previous_adapter_stays_mountable_for_the_benchmark(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SWARM_FUSE_ADAPTER", "mfusepy")
+    with site.mount() as m:
+        assert (m.mountpoint / "lib/data.bin").read_bytes() == (
+            site.src / "lib/data.bin"
+        ).read_bytes()
+        assert "error" in counters(site)  # the old adapter has no counters
+
+
+# `swarm mount` under a descriptor limit of 256 (it raises its soft limit to the hard one).
+_LOW_FD_LIMIT = (
+    "-c",
+    "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)); "
+    "sys.argv = ['swarm', *sys.argv[1:]]; runpy.run_module('swarm.cli', run_name='__main__')",
+)
+
+
+def test_more_files_than_the_read_table_holds_are_read_correctly(site: Site) -> None:
+    many = site.src / "many"
+    many.mkdir()
+    for i in range(400):
+        (many / f"f{i}").write_bytes(f"file {i}\n".encode() * (i + 1))
+    site.publish()
+    with MountProcess(
+        REPO,
+        site.tmp / "mnt",
+        site.origin.url,
+        site.root_json,
+        site.tmp / "cache",
+        launcher=_LOW_FD_LIMIT,
+    ) as m:
+        for _ in range(2):
+            for i in range(400):
+                p = m.mountpoint / "many" / f"f{i}"
+                drop_pages(p)
+                assert p.read_bytes() == f"file {i}\n".encode() * (i + 1)
+        assert counters(site)["read_c"] > 0
