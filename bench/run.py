@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--only",
         nargs="*",
-        choices=["find", "read", "import", "lease", "distribution", "streaming", "site"],
+        choices=["find", "read", "import", "lease", "distribution", "streaming", "site", "vm"],
         help="sections",
     )
     p.add_argument("--tag", help="results file name (default: quick or full)")
@@ -151,15 +151,29 @@ def _site_sections(args: argparse.Namespace) -> int:
     return rc | site_service.main(["--seconds", seconds], command=command)
 
 
+def _vm_section(args: argparse.Namespace) -> int:
+    """VMs booted from the streamed image, and live migration (issue 11)."""
+    from bench import vm_bench
+
+    if args.only and "vm" not in args.only:
+        return 0
+    pad = "64" if args.quick else "256"
+    say(f"vm: a guest image with {pad} MiB unused, 50 Mbit/s links")
+    return vm_bench.main(
+        ["--pad-mib", pad], command="python -m bench.run " + " ".join(sys.argv[1:])
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         lease = lease_trace.from_bench_run(args.quick, args.only)  # runner: bench/lease_trace.py
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
         site = _site_sections(args)  # the site event service: bench/site_service.py
+        vms = _vm_section(args)  # VMs and live migration: bench/vm_bench.py
         if args.only and not {"find", "read", "import"} & set(args.only):
-            return lease or swarm or site
-        return run_releases(args) or lease or swarm or site
+            return lease or swarm or site or vms
+        return run_releases(args) or lease or swarm or site or vms
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2
