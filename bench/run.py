@@ -8,7 +8,8 @@ image of the same tree).  See ``bench/README.md`` for what each row means.
 This module is the command line and runs the sections in order: the lease trace
 (:mod:`bench.lease_trace`), the swarm's distribution and streaming
 (:mod:`bench.distribution`, :mod:`bench.image_streaming`), the site event
-service (:mod:`bench.site_gather`, :mod:`bench.site_service`), then the release
+service (:mod:`bench.site_gather`, :mod:`bench.site_service`), VMs and live
+migration (:mod:`bench.vm_bench`), then the release
 sections (:mod:`bench.release_bench` holds their state, :mod:`bench.release_sections`
 the timed sections, :mod:`bench.report` the results files).
 """

@@ -16,6 +16,12 @@ every call has a deadline. Stopping is ACPI ``system_powerdown``, then
 ``quit``, then SIGKILL to the PID, each step only if the one before did not
 end qemu in time.
 
+Live migration (the libvirt way: the destination's NBD export of an empty
+overlay, the source's ``blockdev-mirror sync=top`` into it, then
+``migrate``) runs both streams over TLS: a ``tls-creds-psk`` object over a
+key file (``migration-tls/keys.psk``, identity ``swarm``) that exists only
+while that migration runs; the NBD server takes no client without it.
+
 :class:`AcceleratorChoice` decides KVM or TCG once per daemon: ``kvm`` and
 ``tcg`` are taken as configured; ``auto`` boots a probe guest under KVM that
 must print a line on its serial console within a deadline, and falls back to
