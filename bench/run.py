@@ -8,7 +8,8 @@ image of the same tree).  See ``bench/README.md`` for what each row means.
 This module is the command line and runs the sections in order: the lease trace
 (:mod:`bench.lease_trace`), the swarm's distribution and streaming
 (:mod:`bench.distribution`, :mod:`bench.image_streaming`), the site event
-service (:mod:`bench.site_gather`, :mod:`bench.site_service`), then the release
+service (:mod:`bench.site_gather`, :mod:`bench.site_service`), VMs and live
+migration (:mod:`bench.vm_bench`), then the release
 sections (:mod:`bench.release_bench` holds their state, :mod:`bench.release_sections`
 the timed sections, :mod:`bench.report` the results files).
 """
@@ -110,6 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             "streaming",
             "site",
             "ops",
+            "vm",
         ],
         help="sections",
     )
@@ -189,6 +191,19 @@ def _ops_sections(args: argparse.Namespace) -> int:
     return ops_bench.main(["--quick"] if args.quick else [], command=command)
 
 
+def _vm_section(args: argparse.Namespace) -> int:
+    """VMs booted from the streamed image, and live migration (issue 11)."""
+    from bench import vm_bench
+
+    if args.only and "vm" not in args.only:
+        return 0
+    pad = "64" if args.quick else "256"
+    say(f"vm: a guest image with {pad} MiB unused, 50 Mbit/s links")
+    return vm_bench.main(
+        ["--pad-mib", pad], command="python -m bench.run " + " ".join(sys.argv[1:])
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -196,9 +211,10 @@ def main(argv: list[str] | None = None) -> int:
         swarm = _swarm_sections(args)  # the swarm: bench/distribution.py, bench/image_streaming.py
         site = _site_sections(args)  # the site event service: bench/site_service.py
         ops = _ops_sections(args)  # site operations: bench/ops_bench.py
+        vms = _vm_section(args)  # VMs and live migration: bench/vm_bench.py
         if args.only and not {"find", "read", "readers", "import", "profile"} & set(args.only):
-            return lease or swarm or site or ops
-        return run_releases(args) or lease or swarm or site or ops
+            return lease or swarm or site or ops or vms
+        return run_releases(args) or lease or swarm or site or ops or vms
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 2

@@ -10,10 +10,13 @@ routes over a :class:`vm.manager.VmService`::
                               201 with the VM once qemu runs (token)
     POST /v1/vms/{id}/stop    body (optional): {"grace": S}; the VM once qemu is
                               gone, with its outcome (token)
-    POST /v1/vms/incoming     a migration's destination: body: the VM as its source
-                              runs it; 201 {"vm", "host", "nbd_port", "migrate_port"} (token)
+    POST /v1/vms/{id}/migration a migration's source, first step: the destination's
+                              body (the VM, its user_data, a fresh TLS key) (token)
+    POST /v1/vms/incoming     a migration's destination: body: that, with "source";
+                              201 {"vm", "host", "nbd_port", "migrate_port"} (token)
     POST /v1/vms/{id}/migrate a migration's source: body {"host", "nbd_port",
-                              "migrate_port", "to"}; the VM once it runs there (token)
+                              "migrate_port", "to"}; the VM once it runs there, over
+                              TLS with the key of the prepared migration (token)
 
 Errors are ``{"error": "..."}``: 400 a bad field (named), 404 an unknown VM,
 409 the node refuses the VM (the site policy's reason, an unknown image, no
@@ -148,6 +151,16 @@ def add_vm_routes(
         }
         return web.json_response(answer, status=201)
 
+    async def prepare(request: web.Request) -> web.Response:
+        require_token(request)
+        try:
+            req = service.prepare_migration(request.match_info["id"])
+        except UnknownVm as exc:
+            return _error(404, str(exc))
+        except VmRefused as exc:
+            return _error(409, str(exc))
+        return web.json_response(req.to_json())
+
     async def migrate(request: web.Request) -> web.Response:
         require_token(request)
         try:
@@ -164,6 +177,7 @@ def add_vm_routes(
         return web.json_response(to_json(vm))
 
     app.router.add_post("/v1/vms/incoming", incoming)
+    app.router.add_post("/v1/vms/{id}/migration", prepare)
     app.router.add_post("/v1/vms/{id}/migrate", migrate)
     app.router.add_get("/v1/vms", list_vms)
     app.router.add_post("/v1/vms", start)
@@ -236,6 +250,20 @@ VM_OPENAPI_PATHS: dict[str, Any] = {
                 "401": ERROR_RESPONSE,
                 "409": ERROR_RESPONSE,
                 "502": ERROR_RESPONSE,
+            },
+        }
+    },
+    "/v1/vms/{id}/migration": {
+        "post": {
+            "summary": "a migration's source, first step: the destination's request"
+            " (the VM, its user_data, a fresh TLS pre-shared key for this migration)",
+            "security": [{"bearer": []}],
+            "parameters": _ID,
+            "responses": {
+                "200": {"description": "the body of POST /v1/vms/incoming, source empty"},
+                "401": ERROR_RESPONSE,
+                "404": ERROR_RESPONSE,
+                "409": ERROR_RESPONSE,
             },
         }
     },

@@ -17,10 +17,12 @@ refuses (the site policy's reason, an unknown image, no cores, backed off)
 exits 1, a node that cannot be reached exits 6.
 
 ``migrate`` reads both nodes' configurations (API and token of each): it
-asks the destination to wait for the VM (``POST /v1/vms/incoming``: qemu
-with an NBD export of an empty overlay over its own copy of the signed base
-image), then the source to send it (``POST /v1/vms/ID/migrate``: the overlay
-mirrored, then the memory).
+asks the source for the destination's request (``POST /v1/vms/ID/migration``:
+the VM, its user_data, a fresh TLS pre-shared key for this migration), asks
+the destination to wait for the VM with it (``POST /v1/vms/incoming``: qemu
+with a TLS-only NBD export of an empty overlay over its own copy of the
+signed base image), then the source to send it (``POST /v1/vms/ID/migrate``:
+the overlay mirrored, then the memory, both over TLS with that key).
 """
 
 from __future__ import annotations
@@ -160,22 +162,12 @@ def cmd_migrate(a: argparse.Namespace) -> int:
     """Ask the destination to wait for the VM, then the source to send it."""
     from urllib.parse import urlsplit
 
-    vm = call(a.config, "GET", f"v1/vms/{a.id}")
-    if vm.get("state") != "running":
-        raise VmError(f"VM {a.id} is {vm.get('state')}: only a running VM migrates")
     source, _ = _node(a.config)
     dest, _ = _node(a.to)
-    incoming = {
-        "id": vm["id"],
-        "image": vm["image"],
-        "cores": vm["cores"],
-        "memory": vm["memory"],
-        "accelerator": vm["accelerator"],
-        "software": vm.get("software", False),
-        "started": vm["created"],
-        "ends": vm["ends"],
-        "source": source,
-    }
+    # The source makes the destination's request: the VM, its user_data and a
+    # fresh TLS key for this migration's NBD and memory streams (token both ways).
+    incoming = call(a.config, "POST", f"v1/vms/{a.id}/migration", {})
+    incoming["source"] = source
     waiting = call(a.to, "POST", "v1/vms/incoming", incoming, deadline=120)
     host = waiting["host"]
     if host in ("0.0.0.0", "::", ""):  # it listens everywhere: reach it as its API is reached

@@ -208,6 +208,17 @@ REQUEST_KEYS = ("image", "cores", "memory", "lifetime", "user_data")
 MAX_USER_DATA = max_file_bytes("user_data")
 
 
+def _user_data(text: object) -> bytes | None:
+    if text is None:
+        return None
+    if not isinstance(text, str):
+        raise VmConfigError("user_data: expected the text of a script")
+    data = text.encode()
+    if len(data) > MAX_USER_DATA:
+        raise VmConfigError(f"user_data: {len(data)} bytes (at most {MAX_USER_DATA})")
+    return data
+
+
 def parse_request(doc: object) -> VmRequest:
     """A start request (``POST /v1/vms``'s JSON body).
 
@@ -221,14 +232,7 @@ def parse_request(doc: object) -> VmRequest:
         raise VmConfigError(f"{unknown[0]}: unknown field (known: {', '.join(REQUEST_KEYS)})")
     if "image" not in doc:
         raise VmConfigError("image: missing (required): REPO/NAME/VERSION")
-    user_data = None
-    if doc.get("user_data") is not None:
-        text = doc["user_data"]
-        if not isinstance(text, str):
-            raise VmConfigError("user_data: expected the text of a script")
-        user_data = text.encode()
-        if len(user_data) > MAX_USER_DATA:
-            raise VmConfigError(f"user_data: {len(user_data)} bytes (at most {MAX_USER_DATA})")
+    user_data = _user_data(doc.get("user_data"))
     return VmRequest(
         image=parse_image_name(doc["image"]),
         cores=None if doc.get("cores") is None else _cores("cores", doc["cores"]),
@@ -245,9 +249,15 @@ def parse_request(doc: object) -> VmRequest:
 _VM_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
 
 
+_PSK = re.compile(r"^[0-9a-f]{64}\Z")
+
+
 @dataclass(frozen=True)
 class IncomingRequest:
-    """What the destination of a migration needs: the VM as its source runs it."""
+    """What the destination of a migration needs: the VM as its source runs it,
+    and the migration's TLS key. The source makes it
+    (:meth:`vm.manager.VmService.prepare_migration`); the migrate command
+    hands it to the destination (``POST /v1/vms/incoming``, token)."""
 
     vm_id: str
     image: ImageName
@@ -258,10 +268,31 @@ class IncomingRequest:
     started: float  # epoch seconds
     ends: float
     source: str  # who sends it (shown in the record)
+    psk: str  # 64 hex digits: this migration's TLS pre-shared key (NBD and memory)
+    agent: str | None = None  # the guest agent's version (its HELLO on the source)
+    user_data: bytes | None = None  # the VM's script (sent to the guest again on reconnects)
+
+    def to_json(self) -> dict[str, object]:
+        """The body of ``POST /v1/vms/incoming`` (:func:`parse_incoming` reads it)."""
+        return {
+            "id": self.vm_id,
+            "image": str(self.image),
+            "cores": self.cores,
+            "memory": self.memory,
+            "accelerator": self.accelerator,
+            "software": self.software,
+            "started": self.started,
+            "ends": self.ends,
+            "source": self.source,
+            "psk": self.psk,
+            "agent": self.agent,
+            "user_data": None if self.user_data is None else self.user_data.decode(),
+        }
 
 
 INCOMING_KEYS = ("id", "image", "cores", "memory", "accelerator", "software", "started", "ends",
-                 "source")  # fmt: skip
+                 "source", "psk")  # fmt: skip
+INCOMING_OPTIONAL = ("agent", "user_data")
 
 
 def parse_incoming(doc: object) -> IncomingRequest:
@@ -272,9 +303,10 @@ def parse_incoming(doc: object) -> IncomingRequest:
     """
     if not isinstance(doc, dict):
         raise VmConfigError("the request must be a JSON object")
-    unknown = sorted(set(doc) - set(INCOMING_KEYS))
+    known = (*INCOMING_KEYS, *INCOMING_OPTIONAL)
+    unknown = sorted(set(doc) - set(known))
     if unknown:
-        raise VmConfigError(f"{unknown[0]}: unknown field (known: {', '.join(INCOMING_KEYS)})")
+        raise VmConfigError(f"{unknown[0]}: unknown field (known: {', '.join(known)})")
     missing = [k for k in INCOMING_KEYS if k not in doc]
     if missing:
         raise VmConfigError(f"{missing[0]}: missing (required)")
@@ -284,6 +316,12 @@ def parse_incoming(doc: object) -> IncomingRequest:
         raise VmConfigError(f"accelerator: expected kvm or tcg, got {doc['accelerator']!r}")
     if not isinstance(doc["software"], bool):
         raise VmConfigError("software: expected true or false")
+    if not isinstance(doc["psk"], str) or not _PSK.match(doc["psk"]):
+        raise VmConfigError("psk: expected 64 lower-case hex digits")
+    agent = doc.get("agent")
+    if agent is not None and (not isinstance(agent, str) or not 0 < len(agent) <= 64):
+        raise VmConfigError("agent: expected the agent's version (at most 64 characters)")
+    user_data = _user_data(doc.get("user_data"))
     times = []
     for key in ("started", "ends"):
         v = doc[key]
@@ -300,4 +338,7 @@ def parse_incoming(doc: object) -> IncomingRequest:
         started=times[0],
         ends=times[1],
         source=_text("source", doc["source"])[:200],
+        psk=doc["psk"],
+        agent=agent,
+        user_data=user_data,
     )

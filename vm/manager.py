@@ -67,7 +67,7 @@ from vm.channel import (
     Refused,
     encode_file,
 )
-from vm.config import ImageName, IncomingRequest, VmRequest, VmSettings
+from vm.config import ImageName, IncomingRequest, VmRequest, VmSettings, parse_image_name
 from vm.contract import (
     HEARTBEAT_FILE,
     LIVE,
@@ -96,7 +96,10 @@ from vm.qemu import (
     QemuSpec,
     command_line,
     create_overlay,
+    new_psk,
     probe_serial_line,
+    remove_psk,
+    write_psk,
 )
 
 log = logging.getLogger("vm.manager")
@@ -166,6 +169,7 @@ class _Vm:
         self.stop_grace: float | None = None
         self.stopping_task: asyncio.Task[None] | None = None
         self.migrated_to: str | None = None
+        self.migration_psk: str | None = None  # made by prepare_migration, used by migrate_vm
         self.tasks: list[asyncio.Task[Any]] = []
         self.booted = asyncio.Event()  # its start ended (running or failed)
         self.hello = asyncio.Event()  # its agent said HELLO
@@ -658,6 +662,7 @@ class VmService:
         for name in (OVERLAY, QMP_SOCKET, TO_GUEST_SOCKET, FROM_GUEST_SOCKET):
             with contextlib.suppress(OSError):
                 (vm.dir / name).unlink()
+        remove_psk(vm.dir)
 
     # -- live migration ----------------------------------------------------------------------
 
@@ -692,7 +697,7 @@ class VmService:
             id=req.vm_id, image=str(req.image), state=State.STARTING.value, cores=req.cores,
             memory=req.memory, created=now, dir=str(vm_dir), software=req.software,
             accelerator=req.accelerator, accelerator_why=f"as on {req.source} (migrated)",
-            migrated_from=req.source,
+            migrated_from=req.source, agent=req.agent,
         )  # fmt: skip
         try:
             vm_dir.mkdir(parents=True)
@@ -700,7 +705,7 @@ class VmService:
         except OSError as exc:
             self.cores.release_vm(req.cores)
             raise VmError(f"cannot make {vm_dir}: {exc.strerror}") from None
-        vm = _Vm(report, vm_dir, None)
+        vm = _Vm(report, vm_dir, req.user_data)
         vm.share = VmShare(req.vm_id, req.cores, req.memory, req.started,
                            req.ends - req.started, self.settings.grace)  # fmt: skip
         self.vms[req.vm_id] = vm
@@ -714,7 +719,9 @@ class VmService:
                 accelerator=req.accelerator, software=self.software if req.software else None,
                 incoming=True,
             )  # fmt: skip
+            write_psk(vm.dir, req.psk)  # read by qemu at each TLS handshake; gone on arrival
             vm.qemu = await QemuProcess.start(command_line(spec), vm.dir, deadline=s.start_timeout)
+            await vm.qemu.add_tls("server")
             nbd_port, migrate_port = _free_port(host), _free_port(host)
             await vm.qemu.export_disk(host, nbd_port)
             await vm.qemu.incoming_from(host, migrate_port)
@@ -758,6 +765,8 @@ class VmService:
                     break
                 await asyncio.sleep(0.1)
             await q.end_export()
+            await q.drop_tls()  # this VM may move on: the source's credentials are a client's
+            remove_psk(vm.dir)
         except (QemuError, Exception) as exc:
             log.error("vm %s: incoming migration failed: %s", vm.report.id, exc)
             vm.tasks = []
@@ -779,17 +788,43 @@ class VmService:
         vm.booted.set()
         await self._watch(vm)
 
+    def prepare_migration(self, vm_id: str) -> IncomingRequest:
+        """Source of a migration, first step: what the destination needs
+        (``POST /v1/vms/incoming``'s body, ``source`` left for the caller to
+        name), with a fresh random TLS key for this migration only, kept here
+        for :meth:`migrate_vm` (a later prepare replaces it).
+
+        Raises:
+            UnknownVm: no such VM.
+            VmRefused: it is not running.
+        """
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise UnknownVm(f"no VM {vm_id!r} on this node")
+        if vm.state is not State.RUNNING or vm.share is None:
+            raise VmRefused(f"VM {vm_id} is {vm.state.value}: only a running VM migrates")
+        vm.migration_psk = new_psk()
+        r = vm.report
+        return IncomingRequest(
+            vm_id=vm_id, image=parse_image_name(r.image), cores=r.cores, memory=r.memory,
+            accelerator=r.accelerator or "tcg", software=r.software, started=r.created,
+            ends=r.ends or vm.share.started + vm.share.lifetime, source="",
+            psk=vm.migration_psk, agent=r.agent, user_data=vm.user_data,
+        )  # fmt: skip
+
     async def migrate_vm(
         self, vm_id: str, *, host: str, nbd_port: int, migrate_port: int, to: str
     ) -> VmReport:
         """Source of a migration: mirror the overlay into the destination's
         NBD export, send the memory, end the qemu here; the report (state
-        ``migrated``). The guest keeps running throughout (paused for qemu's
-        downtime only); on failure it keeps running here.
+        ``migrated``). Both streams are TLS with the key
+        :meth:`prepare_migration` made (used once: gone after this call,
+        whatever its end). The guest keeps running throughout (paused for
+        qemu's downtime only); on failure it keeps running here.
 
         Raises:
             UnknownVm: no such VM.
-            VmRefused: it is not running.
+            VmRefused: it is not running, or no migration was prepared.
             QemuError: the mirror or the migration failed (it runs on here).
         """
         vm = self.vms.get(vm_id)
@@ -797,17 +832,27 @@ class VmService:
             raise UnknownVm(f"no VM {vm_id!r} on this node")
         if vm.state is not State.RUNNING or vm.qemu is None:
             raise VmRefused(f"VM {vm_id} is {vm.state.value}: only a running VM migrates")
+        psk, vm.migration_psk = vm.migration_psk, None
+        if psk is None:
+            raise VmRefused(
+                f"no migration of VM {vm_id} was prepared (POST /v1/vms/{vm_id}/migration first)"
+            )
         q = vm.qemu
         self._update(vm, state=State.MIGRATING)
         began = time.monotonic()
         try:
+            write_psk(vm.dir, psk)
+            await q.add_tls("client")  # qemu reads the client's key here, once
             await q.mirror_to(host, nbd_port, MIGRATE_DEADLINE)
             info = await q.migrate_to(host, migrate_port, MIGRATE_DEADLINE)
         except QemuError as exc:
             await q.cancel_mirror()
+            await q.drop_tls()
             if q.running:
                 self._update(vm, state=State.RUNNING)
             raise QemuError(f"migration of {vm_id} to {to} failed: {exc}") from None
+        finally:
+            remove_psk(vm.dir)
         vm.migrated_to = to
         await q.cancel_mirror()
         self._update(
@@ -854,6 +899,7 @@ class VmService:
                 for name in (OVERLAY, QMP_SOCKET, TO_GUEST_SOCKET, FROM_GUEST_SOCKET):
                     with contextlib.suppress(OSError):
                         (d / name).unlink()
+                remove_psk(d)
                 vm.report = dataclasses.replace(
                     report,
                     state=State.STOPPED.value,

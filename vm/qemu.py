@@ -16,6 +16,12 @@ every call has a deadline. Stopping is ACPI ``system_powerdown``, then
 ``quit``, then SIGKILL to the PID, each step only if the one before did not
 end qemu in time.
 
+Live migration (the libvirt way: the destination's NBD export of an empty
+overlay, the source's ``blockdev-mirror sync=top`` into it, then
+``migrate``) runs both streams over TLS: a ``tls-creds-psk`` object over a
+key file (``migration-tls/keys.psk``, identity ``swarm``) that exists only
+while that migration runs; the NBD server takes no client without it.
+
 :class:`AcceleratorChoice` decides KVM or TCG once per daemon: ``kvm`` and
 ``tcg`` are taken as configured; ``auto`` boots a probe guest under KVM that
 must print a line on its serial console within a deadline, and falls back to
@@ -31,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -54,6 +61,10 @@ QMP_DEADLINE = 10.0  # seconds for one QMP command
 EXPORT = "swarm-disk"  # the destination's NBD export of its overlay
 MIRROR_JOB = "swarm-mirror"
 MIRROR_TARGET = "swarm-mirror-target"
+TLS_CREDS = "swarm-tls"  # the migration's tls-creds-psk object (NBD export and memory stream)
+PSK_DIR = "migration-tls"  # in the VM's directory, 0700: keys.psk (0600) while it migrates
+PSK_FILE = "keys.psk"  # the name qemu's tls-creds-psk reads in its dir
+PSK_USER = "swarm"  # the PSK identity both sides name
 MiB = 1 << 20
 
 
@@ -171,6 +182,40 @@ async def create_overlay(
     """
     argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", base_format, "-b", str(base)]
     await run_bounded([*argv, str(overlay)], deadline, "overlay")
+
+
+def new_psk() -> str:
+    """A fresh random pre-shared key for one migration: 64 hex digits (256 bits)."""
+    return secrets.token_hex(32)
+
+
+def write_psk(vm_dir: Path, psk: str) -> None:
+    """``vm_dir/PSK_DIR/keys.psk`` (dir 0700, file 0600, created afresh) in
+    the ``identity:hexkey`` form qemu's ``tls-creds-psk`` reads.
+
+    Raises:
+        QemuError: the file could not be written.
+    """
+    remove_psk(vm_dir)
+    d = vm_dir / PSK_DIR
+    try:
+        d.mkdir(mode=0o700)
+        fd = os.open(d / PSK_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, f"{PSK_USER}:{psk}\n".encode())
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise QemuError(f"cannot write the migration key in {d}: {exc.strerror}") from None
+
+
+def remove_psk(vm_dir: Path) -> None:
+    """Remove the migration key of ``vm_dir`` (nothing if there is none)."""
+    d = vm_dir / PSK_DIR
+    with contextlib.suppress(OSError):
+        (d / PSK_FILE).unlink()
+    with contextlib.suppress(OSError):
+        d.rmdir()
 
 
 class QemuProcess:
@@ -302,16 +347,40 @@ class QemuProcess:
                 return str(inserted["node-name"])
         raise QemuError("query-block: the VM has no disk")
 
+    async def add_tls(self, endpoint: str) -> None:
+        """The migration's TLS credentials: a ``tls-creds-psk`` object of
+        ``endpoint`` ("server": the destination, "client": the source) over
+        the key :func:`write_psk` wrote (relative: qemu runs in the VM's
+        directory), used for the memory stream as well.
+
+        Raises:
+            QemuError: QMP failed (no key file, ...).
+        """
+        creds: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_CREDS,
+                                 "endpoint": endpoint, "dir": PSK_DIR}  # fmt: skip
+        if endpoint == "client":  # the server looks the client's identity up in the file
+            creds["username"] = PSK_USER
+        await self.execute("object-add", creds)
+        await self.execute("migrate-set-parameters", {"tls-creds": TLS_CREDS})
+
+    async def drop_tls(self) -> None:
+        """Forget the migration's credentials (errors ignored: they may be gone)."""
+        with contextlib.suppress(QemuError):
+            await self.execute("migrate-set-parameters", {"tls-creds": ""})
+        with contextlib.suppress(QemuError):
+            await self.execute("object-del", {"id": TLS_CREDS})
+
     async def export_disk(self, host: str, port: int) -> None:
         """Destination: serve the (empty) overlay over NBD, writable, for the
-        source's mirror.
+        source's mirror; only to a client holding the migration's key
+        (:meth:`add_tls` first: a plain NBD client is refused).
 
         Raises:
             QemuError: QMP failed (the port taken, ...).
         """
         node = await self.disk_node()
         addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
-        await self.execute("nbd-server-start", {"addr": addr})
+        await self.execute("nbd-server-start", {"addr": addr, "tls-creds": TLS_CREDS})
         await self.execute(
             "block-export-add",
             {"type": "nbd", "id": EXPORT, "node-name": node, "writable": True, "name": EXPORT},
@@ -326,7 +395,8 @@ class QemuProcess:
 
     async def mirror_to(self, host: str, port: int, deadline: float) -> None:
         """Source: mirror the overlay (``sync=top``: the base is the same
-        signed image on both sides) into the destination's NBD export, until
+        signed image on both sides) into the destination's NBD export (over
+        TLS: :meth:`add_tls` first), until
         the mirror is in step (then every write goes to both).
 
         Raises:
@@ -336,8 +406,9 @@ class QemuProcess:
         server = {"type": "inet", "host": host, "port": str(port)}
         await self.execute(
             "blockdev-add",
-            {"driver": "nbd", "node-name": MIRROR_TARGET, "server": server, "export": EXPORT},
-        )
+            {"driver": "nbd", "node-name": MIRROR_TARGET, "server": server, "export": EXPORT,
+             "tls-creds": TLS_CREDS},
+        )  # fmt: skip
         await self.execute(
             "blockdev-mirror",
             {"job-id": MIRROR_JOB, "device": node, "target": MIRROR_TARGET, "sync": "top"},
@@ -368,7 +439,8 @@ class QemuProcess:
             await self.execute("blockdev-del", {"node-name": MIRROR_TARGET})
 
     async def migrate_to(self, host: str, port: int, deadline: float) -> dict[str, Any]:
-        """Source: send the memory and device state; qemu's final report.
+        """Source: send the memory and device state (over TLS: :meth:`add_tls`
+        first); qemu's final report.
 
         Raises:
             QemuError: the migration failed or did not complete in time (it
@@ -389,7 +461,7 @@ class QemuProcess:
         raise QemuError(f"the migration did not complete within {deadline:g} s")
 
     async def incoming_from(self, host: str, port: int) -> None:
-        """Destination: listen for the memory on ``host:port``.
+        """Destination: listen for the memory on ``host:port`` (TLS: :meth:`add_tls` first).
 
         Raises:
             QemuError: QMP failed.

@@ -1,7 +1,8 @@
-"""Live migration between two node daemons in network namespaces: the
-destination streams the same signed base image through its own mount, from
-its peer with the origin down; only the overlay and the memory cross; the
-guest keeps counting across it (tests/vm/test_vm_node.py shows the rest)."""
+"""VMs on node daemons in network namespaces with the origin down: a VM
+starts on a node that streams the signed image from a peer, then moves
+(live migration) to a third node that streams the same base through its own
+mount from its peers; only the overlay and the memory cross; the guest keeps
+counting across it (tests/vm/test_vm_node.py shows the rest)."""
 
 from __future__ import annotations
 
@@ -125,7 +126,7 @@ class Nodes:
             self.stop(i)
         for mp in self.mounts:
             subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
-        for i in (1, 2):
+        for i in (1, 2, 3):
             for pid in qemu_pids(self.tmp / f"node{i}" / "data"):
                 os.kill(pid, signal.SIGKILL)
         for f in self.logs:
@@ -134,7 +135,7 @@ class Nodes:
 
 @pytest.fixture
 def nodes(tmp_path: Path, guest_image: GuestImage) -> Iterator[Nodes]:
-    with Network(3) as net:
+    with Network(4) as net:
         n = Nodes(tmp_path, net, guest_image)
         try:
             n.start_origin()
@@ -149,34 +150,44 @@ def counter(data: Path, vm_id: str) -> int:
     return int(text) if text.isdigit() else 0  # the agent may ship it mid-write
 
 
-def test_a_vm_moves_between_nodes_in_namespaces_from_a_peer_with_the_origin_down(
-    nodes: Nodes,
+def image_transfer(nodes: Nodes, i: int, cfg: Path) -> dict[str, Any]:
+    r = nodes.swarm(i, "status", "--config", cfg, "--json")
+    (image,) = [t for t in json.loads(r.stdout)["transfers"] if t["what"] == "image guest/1"]
+    return dict(image)
+
+
+def test_a_vm_starts_from_a_peer_with_the_origin_down_and_moves_to_a_node_streaming_it_too(
+    nodes: Nodes, guest_image: GuestImage
 ) -> None:
-    src_cfg = nodes.start_node(1)
-    dst_cfg = nodes.start_node(2, bootstrap=(1,))
-    src, dst = nodes.tmp / "node1" / "data", nodes.tmp / "node2" / "data"
+    seed_cfg = nodes.start_node(1)
+    seed = nodes.tmp / "node1" / "mnt" / ".images" / REPO / "guest" / "1"
+    eventually("the image in node 1's mount", seed.exists, 60)
+    assert seed.read_bytes() == guest_image.path.read_bytes()  # node 1 holds it all now
+    assert image_transfer(nodes, 1, seed_cfg)["progress"] >= 1.0
+    assert nodes.stop(0) == 0  # the origin goes: the others stream from their peers
+    src_cfg = nodes.start_node(2, bootstrap=(1,))
+    src, dst = nodes.tmp / "node2" / "data", nodes.tmp / "node3" / "data"
     user_data = nodes.tmp / "count.sh"
     user_data.write_text(COUNT)
-    r = nodes.swarm(1, "vm", "start", IMAGE, "--config", src_cfg, "--user-data", user_data,
+    r = nodes.swarm(2, "vm", "start", IMAGE, "--config", src_cfg, "--user-data", user_data,
                     "--json")  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    vm_id = json.loads(r.stdout)["id"]
-    eventually("the guest counting on node 1", lambda: counter(src, vm_id) >= 3, 120)
-    assert nodes.stop(0) == 0  # the origin goes: node 2 streams the base from node 1
-    r = nodes.swarm(1, "vm", "migrate", vm_id, "--config", src_cfg, "--to", dst_cfg)
     assert r.returncode == 0, r.stderr + (nodes.tmp / "node2.log").read_text()[-2000:]
+    vm_id = json.loads(r.stdout)["id"]
+    eventually("the guest counting on node 2", lambda: counter(src, vm_id) >= 3, 120)
+    assert image_transfer(nodes, 2, src_cfg)["total_done"] > 0  # its boot came from node 1
+    dst_cfg = nodes.start_node(3, bootstrap=(1, 2))
+    r = nodes.swarm(2, "vm", "migrate", vm_id, "--config", src_cfg, "--to", dst_cfg)
+    assert r.returncode == 0, r.stderr + (nodes.tmp / "node3.log").read_text()[-2000:]
     assert "migrated to http://" in r.stdout and "guest paused" in r.stdout
     last = counter(src, vm_id)
     record = json.loads((src / "vms" / vm_id / "record.json").read_text())
     assert record["state"] == "migrated" and qemu_pids(src) == []
-    eventually("the counter going on on node 2", lambda: counter(dst, vm_id) > last, 90)
-    r = nodes.swarm(2, "vm", "status", vm_id, "--config", dst_cfg, "--json")
+    eventually("the counter going on on node 3", lambda: counter(dst, vm_id) > last, 90)
+    r = nodes.swarm(3, "vm", "status", vm_id, "--config", dst_cfg, "--json")
     here = json.loads(r.stdout)
     assert here["state"] == "running" and here["migrated_from"].startswith("http://")
-    r = nodes.swarm(2, "status", "--config", dst_cfg, "--json")
-    (image,) = [t for t in json.loads(r.stdout)["transfers"] if t["what"] == "image guest/1"]
-    assert image["total_done"] > 0  # the base's blocks node 2 read came from node 1
-    r = nodes.swarm(2, "vm", "stop", vm_id, "--config", dst_cfg, "--json")
+    assert image_transfer(nodes, 3, dst_cfg)["total_done"] > 0  # the base's blocks it read
+    r = nodes.swarm(3, "vm", "stop", vm_id, "--config", dst_cfg, "--json")
     stopped = json.loads(r.stdout)
     assert (stopped["state"], stopped["code"]) == ("stopped", 100), stopped
     assert counter(dst, vm_id) > last  # never rebooted: a reboot counts from 1
