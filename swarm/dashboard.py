@@ -3,13 +3,15 @@ served by the daemon's API, plus the one view the JSON routes lack.
 
 The page is plain HTML and JavaScript, served from the package (no build
 step, no external URL): it reads the API's open JSON routes every 2 s and
-draws them.  Invariants:
+draws them (VMs from the ``vms`` section of ``/v1/status``, when the node
+runs VMs).  Invariants:
 
 * Nothing here changes the node.  The page's actions (a repository refresh)
   are the API's own POST routes, which need the bearer token; the page asks
   the person for it and never receives it from the node.
-* Every string the page shows comes from the node or its peers (a peer's
-  client name is the peer's choice), so the page only ever sets text
+* Every string the page shows comes from the node, its peers or its VMs'
+  guests (a peer's client name is the peer's choice, a VM's outcome text the
+  guest's ``shutdown_message``), so the page only ever sets text
   (``textContent``), never markup.
 
 ``GET /dashboard/lease.json`` is the job service's lease now, as the

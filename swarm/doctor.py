@@ -2,7 +2,8 @@
 
 The core is a list of checks (:data:`CHECKS`), each a function of a
 :class:`Probe` (the config path, the clock, the HTTP transport, a TCP
-connect, the process's uid: the seams a test replaces) returning
+connect, the process's uid, the KVM device, thresholds: the seams a test
+replaces) returning
 :class:`Result` rows: one line each, ``OK``, ``SKIP`` (not configured here),
 ``WARN`` (the node runs, degraded) or ``FAIL`` (it cannot do its work), with
 the fix.  The CLI prints them and exits with the worst: 0 all OK (or
@@ -13,12 +14,14 @@ it is free and closes it at once, and connects to the site broker without
 subscribing); every wait on the network has a deadline
 (:data:`NETWORK_DEADLINE`, the site's ``request_timeout``); the config is
 checked by its owners (``swarm.config.load_config`` and, for the
-``[image_policy]``, ``[runner]``, ``[tuning]`` and ``[site]`` tables,
-``trust.policy``, ``runner.service``, ``swarm.daemon`` and
-``sitejob.config``), so the doctor and the daemon never disagree on what is
-valid.  An invalid config fails its own line and the checks that need it
-are skipped.  Timestamps fetched from an origin are screened against the
-trusted root's keys before their expiry is used as advice.
+``[image_policy]``, ``[runner]``, ``[tuning]``, ``[site]`` and ``[vm]``
+tables, ``trust.policy``, ``runner.service``, ``swarm.daemon``,
+``sitejob.config`` and ``vm.config``), so the doctor and the daemon never
+disagree on what is valid.  Programs it runs (qemu's ``--version``) run in
+their own process group, killed whole at :data:`VERSION_DEADLINE`.  An
+invalid config fails its own line and the checks that need it are skipped.
+Timestamps fetched from an origin are screened against the trusted root's
+keys before their expiry is used as advice.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import errno
 import json
 import os
 import shutil
+import signal
 import socket
+import subprocess
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -45,6 +50,10 @@ from swarm.http_get import HTTPClient, Transport
 NETWORK_DEADLINE = 3.0  # seconds per origin or peer: a doctor answers quickly
 ROOT_EXPIRY_WARNING = timedelta(days=30)
 TIMESTAMP_LIMIT = 1 << 20
+VERSION_DEADLINE = 5.0  # seconds for `qemu --version` (a loaded machine; it takes ~50 ms)
+# Free bytes below data_dir under which VM overlays (each grows with its
+# guest's writes; a full file system ends the VM) get a warning.
+VM_FREE_WARNING = 2 << 30
 
 
 class Level(Enum):
@@ -101,6 +110,9 @@ class Probe:
     connect: Callable[[Address, float], None] = _tcp_connect  # raises OSError
     euid: int = field(default_factory=os.geteuid)
     deadline: float = NETWORK_DEADLINE
+    version_deadline: float = VERSION_DEADLINE
+    kvm_device: Path = Path("/dev/kvm")
+    vm_free_minimum: int = VM_FREE_WARNING
     config: NodeConfig | None = None  # set by check_config when valid
     timestamps: dict[str, bytes] = field(default_factory=dict)  # repo -> origin's timestamp
 
@@ -153,6 +165,14 @@ def _check_tables(cfg: NodeConfig, path: Path) -> None:
         from sitejob.config import site_config
 
         site_config(cfg.site, base=path.parent).token()
+    if cfg.vm.get("enabled", True):
+        from vm.config import vm_settings
+        from vm.exceptions import VmError
+
+        try:
+            vm_settings(cfg.vm, base=path.resolve().parent)
+        except VmError as exc:
+            raise ConfigError(f"[vm]: {exc}") from None
 
 
 def _needs_config(name: str) -> Result:
@@ -549,10 +569,114 @@ def check_site(p: Probe) -> Iterable[Result]:
         yield Result("site broker", Level.OK, f"{', '.join(site.servers)} accepts this node")
 
 
+def _version(program: str, deadline: float) -> tuple[str | None, str]:
+    """``program --version``: (its first line, "") or (None, why it failed).
+    Run in its own process group, killed whole at ``deadline``."""
+    path = shutil.which(program)
+    if path is None:
+        return None, f"{program} is not found"
+    try:
+        proc = subprocess.Popen(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return None, f"cannot run {path}: {exc.strerror}"
+    with proc:
+        try:
+            out, err = proc.communicate(timeout=deadline)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its children too: none may hold the pipes
+            proc.wait()
+            return None, f"{path} --version did not answer within {deadline:g} s"
+    if proc.returncode != 0:
+        tail = err.decode(errors="replace").strip().splitlines()
+        return None, f"{path} --version exited with status {proc.returncode}" + (
+            f": {tail[-1][:200]}" if tail else ""
+        )
+    lines = out.decode(errors="replace").strip().splitlines()
+    return (lines[0][:200] if lines else f"{path} runs"), ""
+
+
 def check_vms(p: Probe) -> Iterable[Result]:
-    """qemu and /dev/kvm, where VMs are configured: the node config has no VM
-    table yet (unknown keys are refused), so this is skipped everywhere."""
-    yield Result("vms", Level.SKIP, "no VMs configured")
+    """qemu and qemu-img run, /dev/kvm for the accelerator, free space for
+    overlays; where VMs are enabled (``[vm]``, on by default).  A program
+    missing fails where a ``[vm]`` table configures VMs and only warns where
+    they are on by default (the node runs; only VM starts fail)."""
+    from vm.config import vm_settings
+
+    if p.config is None:
+        yield _needs_config("vms")
+        return
+    table = p.config.vm
+    if not table.get("enabled", True):
+        yield Result("vms", Level.SKIP, "VMs are disabled ([vm] enabled = false)")
+        return
+    s = vm_settings(table, base=p.config_path.resolve().parent)  # valid: check_config
+    missing = Level.FAIL if table else Level.WARN
+    for check, key, program, package in (
+        ("qemu", "qemu", s.qemu, "qemu-system-x86"),
+        ("qemu-img", "qemu_img", s.qemu_img, "qemu-utils"),
+    ):
+        version, why = _version(program, p.version_deadline)
+        if version is None:
+            yield Result(
+                check,
+                missing,
+                why,
+                f"apt-get install {package}, or set vm.{key}"
+                + ("" if table else " (or [vm] enabled = false: no VMs on this node)"),
+            )
+        else:
+            yield Result(check, Level.OK, version)
+    yield from _check_kvm(p.kvm_device, s.accelerator)
+    where = _existing(p.config.data_dir / "vms")
+    st = os.statvfs(where)
+    free = st.f_bavail * st.f_frsize
+    gib = 1 << 30
+    if free < p.vm_free_minimum:
+        yield Result(
+            "vm disk",
+            Level.WARN,
+            f"{free / gib:.1f} GiB free on {where} for VM overlays"
+            f" (less than {p.vm_free_minimum / gib:.1f} GiB)",
+            "free space there: each VM's overlay grows with its guest's writes,"
+            " and a VM whose overlay cannot grow is ended",
+        )
+    else:
+        yield Result("vm disk", Level.OK, f"{free / gib:.1f} GiB free on {where} for VM overlays")
+
+
+def _check_kvm(device: Path, accelerator: str) -> Iterable[Result]:
+    if accelerator == "tcg":
+        yield Result("kvm", Level.SKIP, "vm.accelerator = tcg: software emulation, no KVM")
+        return
+    try:
+        os.close(os.open(device, os.O_RDWR | os.O_CLOEXEC))
+    except FileNotFoundError:
+        why = f"{device} is absent"
+    except OSError as exc:
+        why = f"{device} cannot be opened: {exc.strerror}"
+    else:
+        auto = "; auto: used if a Linux guest boots under it (probed at the first VM)"
+        yield Result("kvm", Level.OK, f"{device} opens" + (auto if accelerator == "auto" else ""))
+        return
+    fix = (
+        "load KVM (modprobe kvm_intel or kvm_amd; in a VM, enable nested virtualisation)"
+        " and let the node's user open it (group kvm)"
+    )
+    if accelerator == "kvm":
+        yield Result(
+            "kvm",
+            Level.FAIL,
+            f"{why}, and vm.accelerator = kvm: no VM can start",
+            f'{fix}, or set vm.accelerator = "auto" (software emulation where KVM is missing)',
+        )
+    else:
+        yield Result("kvm", Level.WARN, f"{why}: software emulation only (much slower)", fix)
 
 
 CHECKS: tuple[Check, ...] = (

@@ -18,7 +18,9 @@ Invariants:
   waited for at most :data:`JOBS_WAIT` seconds, else the last list read is
   used (a warning names the slow queue), so a scrape under load answers.
 - Label values come from bounded sets: repositories, torrents and peers of
-  this node, site jobs, refusal reasons; never request paths.
+  this node, site jobs, refusal reasons, VM states and outcome codes (the
+  tables of ``vm.contract``), images of this node, and the ids of VMs
+  running now (at most the lease's cores); never request paths.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-from swarm.status import NodeStatus, PeerReport, SiteReport
+from swarm.status import NodeStatus, PeerReport, SiteReport, VmsReport
+from vm.contract import LIVE, SHUTDOWN_CODES, State
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +237,8 @@ def node_families(snap: NodeSnapshot) -> list[Metric]:
         out += _job_families(snap.jobs, snap.job_service_running)
     if st.site is not None:
         out += _site_families(st.site)
+    if st.vms is not None:
+        out += _vm_families(st.vms, snap.now)
     return out
 
 
@@ -394,6 +399,67 @@ def _site_families(s: SiteReport) -> list[Metric]:
     for kind, n in sorted(s.cores.items()):
         cores.add_metric([kind], float(n))
     return [*out, refused, pace, cores]
+
+
+_LIVE_STATES = frozenset(s.value for s in LIVE)
+NO_CODE = "none"  # the outcome label of a VM that ended without a code
+
+
+def _vm_families(r: VmsReport, now: float) -> list[Metric]:
+    """The VM service's series (``vms`` of the node status): states and
+    outcomes over every VM record the node keeps (records outlive the
+    daemon, so the outcome counters only grow while data_dir is kept)."""
+    states = _gauge("swarm_vms", "VMs the node keeps a record of, by state", ["state"])
+    count = dict.fromkeys((s.value for s in State), 0)
+    outcomes = _counter(
+        "swarm_vm_outcomes",
+        "VMs that ended here, by their outcome's shutdown_message code (none: no code)",
+        ["code"],
+    )
+    by_code = dict.fromkeys([*(str(c) for c in SHUTDOWN_CODES), NO_CODE], 0)
+    aborts = _counter("swarm_vm_aborts", "VMs that ended in an abort (their image backed off)")
+    cores = _gauge("swarm_vm_cores", "Cores held by VMs (taken from the lease's)")
+    memory = _gauge("swarm_vm_memory_bytes", "Memory of the VMs that may run now")
+    heartbeat = _gauge(
+        "swarm_vm_heartbeat_age_seconds",
+        "Seconds since a running VM's last heartbeat (before the first: since its agent's"
+        " HELLO, before that since qemu started)",
+        ["vm"],
+    )
+    n_aborts = held_memory = 0
+    for v in r.vms:
+        count[v.state] = count.get(v.state, 0) + 1
+        if v.state in _LIVE_STATES:
+            held_memory += v.memory
+        if v.state == State.STOPPED.value:
+            code = str(v.code) if v.code is not None else NO_CODE
+            by_code[code] = by_code.get(code, 0) + 1
+            n_aborts += v.aborted
+        if v.state == State.RUNNING.value:
+            since = v.last_heartbeat or v.booted or v.started or v.created
+            heartbeat.add_metric([v.id], max(0.0, now - since))
+    for state, n in count.items():
+        states.add_metric([state], float(n))
+    for code, n in by_code.items():
+        outcomes.add_metric([code], float(n))
+    aborts.add_metric([], float(n_aborts))
+    cores.add_metric([], float(r.cores))
+    memory.add_metric([], float(held_memory))
+    backoff = _gauge(
+        "swarm_vm_backoff_seconds",
+        "Seconds left before a VM of an image that aborted may start again",
+        ["image"],
+    )
+    for image, left in sorted(r.backed_off.items()):
+        backoff.add_metric([image], left)
+    accelerator = _gauge(
+        "swarm_vm_accelerator",
+        "1 for the accelerator the daemon chose at its first VM (kvm or tcg)",
+        ["accelerator"],
+    )
+    if r.accelerator is not None:
+        accelerator.add_metric([r.accelerator], 1.0)
+    return [states, outcomes, aborts, cores, memory, heartbeat, backoff, accelerator]
 
 
 class NodeCollector(Collector):

@@ -5,7 +5,8 @@ without a console error, shows the figures the JSON API gives, follows a
 transfer as it progresses, draws finished jobs in the masonry chart, and
 sends an action only with the token the person typed; and, over the real
 API application with a stand-in node, shows a hostile peer's client name as
-text; and a node's site jobs (a real nats-server) in their table."""
+text; a node's site jobs (a real nats-server) in their table; and a node
+daemon's VMs, from the records it keeps (a guest's outcome text as text)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from cvmfs_like.store import OriginStore
 from swarm.api import NodeView, make_api_app
 from swarm.config import render_config
 from swarm.release_torrent import torrent_extension
-from swarm.status import NodeStatus, PeerReport
+from swarm.status import NodeStatus, PeerReport, VmReport, to_json
 from swarm_testing.broker import local_broker
 from swarm_testing.waiting import eventually
 from tests.conftest import CHROMEDRIVER, CHROMIUM
@@ -417,3 +418,71 @@ def test_a_nodes_site_jobs_are_shown(open_dir: Path, browser: Any) -> None:
             )
             assert " mc " in f" {row} " and "/ 30" in row
             assert console_errors(browser) == []
+
+
+def test_a_nodes_vms_are_listed_and_a_guests_outcome_text_is_never_markup(
+    tmp_path: Path, browser: Any
+) -> None:
+    # The records a node keeps under DATA_DIR/vms (as vm.manager writes them),
+    # loaded by the daemon at its start: a VM whose guest ended with a
+    # shutdown_message carrying markup (printable ASCII: the guest's choice),
+    # a failed start, and one a killed node left "running".
+    data = tmp_path / "data"
+    t = time.time() - 600
+    records = [
+        VmReport("20261201-070000-aaaaaa", "vm.example.org/guest/1", "stopped", 2, 256 << 20, t,
+                 accelerator="tcg", started=t + 1, ends=t + 3600, stopped=t + 60, code=200,
+                 outcome=HOSTILE),
+        VmReport("20261201-070100-bbbbbb", "vm.example.org/guest/1", "failed", 1, 128 << 20, t,
+                 error="cannot run /nonexistent/qemu-system: No such file or directory"),
+        VmReport("20261201-070200-cccccc", "vm.example.org/other/2", "running", 1, 128 << 20, t,
+                 accelerator="tcg", started=t + 2, ends=t + 7200),
+    ]  # fmt: skip
+    for r in records:
+        (data / "vms" / r.id).mkdir(parents=True)
+        (data / "vms" / r.id / "record.json").write_text(json.dumps(to_json(r)))
+    cfg = tmp_path / "node.toml"
+    settings: dict[str, object] = {
+        "data_dir": data,
+        "api": "127.0.0.1:0",
+        "listen": "127.0.0.1:0",
+        "peer": "127.0.0.1:0",
+        "dht": False,
+    }
+    cfg.write_text(
+        render_config(settings, {}) + '\n[runner]\nenabled = false\n\n[vm]\naccelerator = "tcg"\n'
+    )
+    with NodeProcess(cfg, data, None, tmp_path / "node.log"):
+        url = json.loads((data / "node.json").read_text())["api"].rstrip("/")
+        with urllib.request.urlopen(url + "/v1/vms", timeout=10) as r:
+            vms = {v["id"]: v for v in json.loads(r.read())}
+        assert vms.keys() == {r.id for r in records}
+
+        browser.get(url + "/dashboard")
+
+        def row(vm_id: str) -> str:
+            return str(
+                shown(
+                    browser,
+                    f"const e = document.querySelector('#vms .vm[data-vm=\"{vm_id}\"]');"
+                    "return e ? e.closest('tr').innerText : '';",
+                )
+            )
+
+        stopped = eventually("the VMs' rows", lambda: row(records[0].id), 15)
+        cells = stopped.split("\t")
+        assert cells[:6] == [records[0].id, "vm.example.org/guest/1", "stopped", "tcg", "2",
+                             "268.4 MB"]  # fmt: skip
+        assert cells[6].startswith(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t + 1)))
+        assert cells[7].startswith(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t + 3600)))
+        assert cells[8] == f"200 {HOSTILE}"  # the guest's characters, as text
+        assert shown(browser, "return document.getElementById('injected')") is None
+        assert shown(browser, "return window.pwned === undefined") is True
+        failed = row(records[1].id)
+        assert "\tfailed\t" in failed and "cannot run /nonexistent/qemu-system" in failed
+        left = row(records[2].id)
+        assert "\tstopped\t" in left and "the node daemon stopped while it ran" in left
+        assert vms[records[2].id]["outcome"] == "the node daemon stopped while it ran"
+        summary = browser.find_element("id", "vms-summary").text
+        assert summary.startswith("0 running, 0 cores held; accelerator not chosen yet")
+        assert console_errors(browser) == []

@@ -1,7 +1,8 @@
 """``swarm doctor``: one line per check with the fix, exit status 0 / 1 / 2
 by the worst result; each condition is made real (a closed port on
 127.0.0.1, an expired or unreadable root, a port held by another process or
-by this node's daemon, a broker that is not there)."""
+by this node's daemon, a broker that is not there; qemu missing, failing or
+hanging, /dev/kvm absent or unopenable, little space for VM overlays)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -19,6 +21,7 @@ import tomli_w
 from swarm.config import render_config
 from swarm.doctor import Level, Probe, run_checks
 from swarm_testing.broker import free_port
+from swarm_testing.waiting import eventually
 from tests.harness import NodeProcess, OriginServer, publish_hello
 from trust.keys import Expiry, init_keys
 
@@ -32,7 +35,7 @@ def write_config(
     **tables: Mapping[str, object],
 ) -> Path:
     """A node config whose defaults make every check pass or skip: ports 0, no
-    repository, no mount, the runner disabled."""
+    repository, no mount, the runner and VMs disabled."""
     base: dict[str, object] = {
         "data_dir": tmp / "data",
         "api": "127.0.0.1:0",
@@ -41,6 +44,7 @@ def write_config(
         "dht": False,
     }
     tables.setdefault("runner", {"enabled": False})
+    tables.setdefault("vm", {"enabled": False})
     extra = tomli_w.dumps({k: dict(v) for k, v in tables.items()})
     text = render_config(base | settings, repositories or {}) + "\n" + extra
     path = tmp / "node.toml"
@@ -74,7 +78,7 @@ def test_all_ok_or_skipped_exits_0(tmp_path: Path) -> None:
     status, lines = doctor(write_config(tmp_path, {}))
     assert status == 0, lines
     assert line(lines, "config").startswith("OK   config: ")
-    assert line(lines, "vms") == "SKIP vms: no VMs configured"
+    assert line(lines, "vms") == "SKIP vms: VMs are disabled ([vm] enabled = false)"
     assert all(x.split()[0] in ("OK", "SKIP") for x in lines)
 
 
@@ -217,3 +221,119 @@ def test_clock_ahead_of_the_origins_timestamp_fails(
     clock = [r for r in results if r.check == f"clock {REPO}"]
     assert [r.level for r in clock] == [Level.FAIL]
     assert "expired at" in clock[0].message and "timedatectl" in clock[0].fix
+
+
+def results(config: Path, **probe: object) -> dict[str, tuple[Level, str, str]]:
+    """The doctor's checks run in this process (``probe``: the seams set)."""
+    out = run_checks(Probe(config_path=config, **probe))  # type: ignore[arg-type]
+    return {r.check: (r.level, r.message, r.fix) for r in out}
+
+
+@pytest.mark.qemu
+def test_configured_vms_check_qemu_qemu_img_kvm_and_overlay_space(tmp_path: Path) -> None:
+    status, lines = doctor(write_config(tmp_path, {}, vm={"accelerator": "tcg"}))
+    assert line(lines, "qemu").startswith("OK   qemu: QEMU emulator version ")
+    assert line(lines, "qemu-img").startswith("OK   qemu-img: qemu-img version ")
+    assert line(lines, "kvm") == "SKIP kvm: vm.accelerator = tcg: software emulation, no KVM"
+    assert line(lines, "vm disk").startswith("OK   vm disk: ")
+    assert status == 0, lines
+
+    # Less free space than the threshold (a real statvfs of data_dir's file system).
+    got = results(write_config(tmp_path, {}, vm={"accelerator": "tcg"}), vm_free_minimum=1 << 60)
+    level, message, fix = got["vm disk"]
+    assert level is Level.WARN and "GiB free on" in message and "overlay" in fix
+
+
+def test_a_configured_qemu_that_is_missing_fails_and_on_by_default_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    qemu = tmp_path / "no-such-qemu"
+    status, lines = doctor(write_config(tmp_path, {}, vm={"qemu": str(qemu)}))
+    assert status == 2
+    assert line(lines, "qemu") == (
+        f"FAIL qemu: {qemu} is not found -- fix: apt-get install qemu-system-x86, or set vm.qemu"
+    )
+    # No [vm] table: VMs are on by default and the node runs without them: a warning.
+    config = write_config(tmp_path, {}, vm={})
+    config.write_text(config.read_text().replace("[vm]\n", ""))
+    monkeypatch.setenv("PATH", str(tmp_path))  # a machine without qemu
+    got = results(config)
+    for check, program in (("qemu", "qemu-system-x86_64"), ("qemu-img", "qemu-img")):
+        level, message, fix = got[check]
+        assert (level, message) == (Level.WARN, f"{program} is not found")
+        assert "[vm] enabled = false" in fix
+
+
+def test_a_qemu_that_fails_or_hangs_fails_within_the_deadline(tmp_path: Path) -> None:
+    broken = tmp_path / "broken-qemu"
+    broken.write_text("#!/bin/sh\necho 'qemu: cannot load libfoo' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    # Not exec'd: the sleep is a child of the shell and holds the output pipe.
+    hung = tmp_path / "hung-qemu-img"
+    pid_file = tmp_path / "sleep.pid"
+    hung.write_text(f"#!/bin/sh\nsleep 60 &\necho $! > {pid_file}\nwait\n")
+    hung.chmod(0o755)
+    config = write_config(tmp_path, {}, vm={"qemu": str(broken), "qemu_img": str(hung)})
+    start = time.monotonic()
+    got = results(config, version_deadline=0.5)
+    assert time.monotonic() - start < 10  # 0.5 s, generous slack for a loaded machine
+    assert got["qemu"][:2] == (
+        Level.FAIL,
+        f"{broken} --version exited with status 3: qemu: cannot load libfoo",
+    )
+    assert got["qemu-img"][:2] == (Level.FAIL, f"{hung} --version did not answer within 0.5 s")
+    sleeper = int(pid_file.read_text())
+    eventually("the hung program's child to be gone", lambda: not _alive(sleeper), 10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_kvm_absent_warns_software_emulation_and_fails_where_kvm_is_required(
+    tmp_path: Path,
+) -> None:
+    absent = tmp_path / "kvm"
+    auto = results(write_config(tmp_path, {}, vm={"accelerator": "auto"}), kvm_device=absent)
+    level, message, fix = auto["kvm"]
+    assert (level, message) == (
+        Level.WARN,
+        f"{absent} is absent: software emulation only (much slower)",
+    )
+    assert "modprobe kvm_intel" in fix
+
+    required = write_config(tmp_path, {}, vm={"accelerator": "kvm"})
+    level, message, fix = results(required, kvm_device=absent)["kvm"]
+    assert (level, message) == (
+        Level.FAIL,
+        f"{absent} is absent, and vm.accelerator = kvm: no VM can start",
+    )
+    assert 'set vm.accelerator = "auto"' in fix
+    absent.mkdir()  # there, but no device that opens read-write (for root too)
+    level, message, _ = results(required, kvm_device=absent)["kvm"]
+    assert (level, message) == (
+        Level.FAIL,
+        f"{absent} cannot be opened: Is a directory, and vm.accelerator = kvm: no VM can start",
+    )
+
+
+def test_a_device_that_opens_read_write_is_ok(tmp_path: Path) -> None:
+    # The check opens the device read-write, as qemu does (/dev/null stands in
+    # for a usable /dev/kvm, which not every test machine has).
+    config = write_config(tmp_path, {}, vm={"accelerator": "kvm"})
+    level, message, _ = results(config, kvm_device=Path("/dev/null"))["kvm"]
+    assert (level, message) == (Level.OK, "/dev/null opens")
+    auto = write_config(tmp_path, {}, vm={"accelerator": "auto"})
+    level, message, _ = results(auto, kvm_device=Path("/dev/null"))["kvm"]
+    assert level is Level.OK and "probed at the first VM" in message
+
+
+def test_a_bad_vm_table_fails_the_config_through_its_owner(tmp_path: Path) -> None:
+    status, lines = doctor(write_config(tmp_path, {}, vm={"accelerator": "xen"}))
+    assert status == 2
+    assert "[vm]: vm.accelerator: expected one of auto, kvm, tcg" in line(lines, "config")
+    assert line(lines, "vms") == "SKIP vms: needs a valid config"

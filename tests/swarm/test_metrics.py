@@ -2,7 +2,8 @@
 text parser: the node daemon's series show what the node really did (bytes
 received, the revision published, verification failures, a job's events,
 reads through a real FUSE mount), ``swarm serve`` counts what it served, and
-a slow job queue cannot hold a scrape."""
+a slow job queue cannot hold a scrape; a node's VMs (a real qemu on a blank
+disk, no guest) show by state, outcome, cores and back-off."""
 
 from __future__ import annotations
 
@@ -29,12 +30,16 @@ from runner.confine import Confinement
 from runner.service import JobService
 from swarm.config import render_config
 from swarm.metrics import JobsReader, NodeSnapshot, OriginMeters, node_families
-from swarm.status import RangeReport, SiteReport
+from swarm.status import RangeReport, SiteReport, VmReport, VmsReport
 from swarm_testing.waiting import eventually, eventually_async
 from tests.harness import NodeProcess, OriginServer, unmount_all
 from tests.runner.test_service import fixed_lease, spec_text
 from tests.swarm.test_node import REPO, Site, read_file, running
+from tests.vm.test_vm_service import IMAGE, lease_for, service
 from trust.keys import init_keys
+from vm.config import ImageName, VmRequest
+from vm.exceptions import QemuError
+from vm.manager import ImageLookup
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -392,6 +397,18 @@ SITE = SiteReport(
     cores={"capacity": 4, "node": 1, "site": 2, "node_waiting": 0, "peak": 3},
 )
 
+VMS = VmsReport(
+    accelerator="tcg",
+    accelerator_why="configured",
+    running=1,
+    cores=2,
+    backed_off={"r.example.org/bad/1": 300.0},
+    vms=[
+        VmReport("a", "r.example.org/good/1", "running", 2, 1 << 30, 1.0, started=2.0),
+        VmReport("b", "r.example.org/good/1", "stopped", 1, 1 << 30, 1.0, code=200, outcome="ok"),
+    ],
+)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -412,7 +429,12 @@ def test_site_series_documented_series_and_the_dashboard_agree(site: Site) -> No
     async def main() -> list[Metric]:
         async with running(site.node(0)) as a:
             snap = NodeSnapshot(
-                dataclasses.replace(a.status(), site=SITE), a.peers(), 0.0, [], True, time.time()
+                dataclasses.replace(a.status(), site=SITE, vms=VMS),
+                a.peers(),
+                0.0,
+                [],
+                True,
+                time.time(),
             )
             return [*node_families(snap), *a.meters.collect()]
 
@@ -429,6 +451,12 @@ def test_site_series_documented_series_and_the_dashboard_agree(site: Site) -> No
     assert value(samples, "swarm_site_ranges_handed_back_total") == 1
     assert value(samples, "swarm_site_ranges_refused_total", reason="bad spec") == 2
     assert value(samples, "swarm_site_cores", kind="site") == 2
+    assert value(samples, "swarm_vms", state="running") == 1
+    assert value(samples, "swarm_vms", state="migrated") == 0  # every state, 0 too
+    assert value(samples, "swarm_vm_outcomes_total", code="200") == 1
+    assert value(samples, "swarm_vm_outcomes_total", code="none") == 0
+    assert value(samples, "swarm_vm_cores") == 2
+    assert value(samples, "swarm_vm_backoff_seconds", image="r.example.org/bad/1") == 300
 
     origin = OriginMeters().registry.collect()
     exported = {f.name + ("_total" if f.type == "counter" else "") for f in [*families, *origin]}
@@ -440,4 +468,55 @@ def test_site_series_documented_series_and_the_dashboard_agree(site: Site) -> No
         re.sub(r"_(bucket|count|sum)$", "", n) for e in exprs for n in re.findall(r"swarm_\w+", e)
     }
     assert read <= documented, read - documented
-    assert {n for n in documented if "site" in n or "job" in n or "origin" in n} <= read
+    assert {n for n in documented if any(k in n for k in ("site", "job", "origin", "vm"))} <= read
+
+
+@pytest.mark.qemu
+def test_a_nodes_vms_show_by_state_outcome_cores_back_off_and_heartbeat(
+    site: Site, tmp_path: Path
+) -> None:
+    # A real qemu booting a blank disk: no agent ever says HELLO, so after
+    # boot_seconds the node destroys it (700 heartbeat, an abort, a back-off).
+    async def main() -> None:
+        node = site.node(0)
+        svc = service(tmp_path, lease_for(3600), boot_seconds=8, backoff_seconds=600)
+        node.vms = svc
+        async with running(node) as a:
+            base = f"http://127.0.0.2:{a.api_port}"
+            vm = await svc.start_vm(VmRequest(IMAGE, cores=1))
+            got = await scrape(base)
+            assert value(got, "swarm_vms", state="running") == 1
+            assert value(got, "swarm_vm_cores") == 1
+            assert value(got, "swarm_vm_memory_bytes") == vm.memory == 32 << 20
+            assert value(got, "swarm_vm_accelerator", accelerator="tcg") == 1
+            assert 0 <= value(got, "swarm_vm_heartbeat_age_seconds", vm=vm.id) < 8
+            assert value(got, "swarm_vm_outcomes_total", code="700") == 0
+
+            await asyncio.wait_for(svc.vms[vm.id].done.wait(), 60)
+            got = await scrape(base)
+            assert value(got, "swarm_vms", state="running") == 0
+            assert value(got, "swarm_vms", state="stopped") == 1
+            assert value(got, "swarm_vm_outcomes_total", code="700") == 1
+            assert value(got, "swarm_vm_aborts_total") == 1
+            assert value(got, "swarm_vm_cores") == 0
+            assert 0 < value(got, "swarm_vm_backoff_seconds", image=str(IMAGE)) <= 600
+            assert not [k for k in got if k[0] == "swarm_vm_heartbeat_age_seconds"]
+
+            # An image whose base cannot be read: qemu-img fails, the VM is a failed start.
+            svc.find_image = lambda image: ImageLookup(tmp_path / "missing.img", "raw")
+            with pytest.raises(QemuError):
+                await svc.start_vm(VmRequest(ImageName("r.example.org", "other", "1")))
+            got = await scrape(base)
+            assert value(got, "swarm_vms", state="failed") == 1
+            assert value(got, "swarm_vm_outcomes_total", code="none") == 0  # it never ran
+
+    asyncio.run(main())
+
+
+def test_a_node_without_vms_has_no_vm_series(site: Site) -> None:
+    async def main() -> None:
+        async with running(site.node(0)) as a:
+            got = await scrape(f"http://127.0.0.2:{a.api_port}")
+            assert not [k for k in got if k[0].startswith("swarm_vm")]
+
+    asyncio.run(main())
