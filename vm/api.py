@@ -45,6 +45,20 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+# The one mapping of the VM service's errors to HTTP statuses (first match wins).
+_STATUSES: tuple[tuple[type[VmError], int], ...] = (
+    (VmConfigError, 400),
+    (UnknownVm, 404),
+    (VmRefused, 409),
+    (QemuError, 502),
+)
+
+
+def _vm_error(exc: VmError) -> web.Response:
+    status = next((code for cls, code in _STATUSES if isinstance(exc, cls)), 500)
+    return _error(status, str(exc))
+
+
 async def _body(request: web.Request) -> Any:
     raw = await request.read()
     if not raw.strip():
@@ -101,21 +115,15 @@ def add_vm_routes(
     async def get_vm(request: web.Request) -> web.Response:
         try:
             return web.json_response(to_json(service.get(request.match_info["id"])))
-        except UnknownVm as exc:
-            return _error(404, str(exc))
+        except VmError as exc:
+            return _vm_error(exc)
 
     async def start(request: web.Request) -> web.Response:
         require_token(request)
         try:
             vm = await service.start_vm(parse_request(await _body(request)))
-        except VmConfigError as exc:
-            return _error(400, str(exc))
-        except VmRefused as exc:
-            return _error(409, str(exc))
-        except QemuError as exc:
-            return _error(502, str(exc))
         except VmError as exc:
-            return _error(500, str(exc))
+            return _vm_error(exc)
         return web.json_response(to_json(vm), status=201, headers={"Location": f"/v1/vms/{vm.id}"})
 
     async def stop(request: web.Request) -> web.Response:
@@ -125,24 +133,16 @@ def add_vm_routes(
             return web.json_response(
                 to_json(await service.stop_vm(request.match_info["id"], grace))
             )
-        except VmConfigError as exc:
-            return _error(400, str(exc))
-        except UnknownVm as exc:
-            return _error(404, str(exc))
+        except VmError as exc:
+            return _vm_error(exc)
 
     async def incoming(request: web.Request) -> web.Response:
         require_token(request)
         try:
             req = parse_incoming(await _body(request))
             vm, nbd_port, migrate_port = await service.incoming(req, host=service.migration_host)
-        except VmConfigError as exc:
-            return _error(400, str(exc))
-        except VmRefused as exc:
-            return _error(409, str(exc))
-        except QemuError as exc:
-            return _error(502, str(exc))
         except VmError as exc:
-            return _error(500, str(exc))
+            return _vm_error(exc)
         answer = {
             "vm": to_json(vm),
             "host": service.migration_host,
@@ -155,10 +155,8 @@ def add_vm_routes(
         require_token(request)
         try:
             req = service.prepare_migration(request.match_info["id"])
-        except UnknownVm as exc:
-            return _error(404, str(exc))
-        except VmRefused as exc:
-            return _error(409, str(exc))
+        except VmError as exc:
+            return _vm_error(exc)
         return web.json_response(req.to_json())
 
     async def migrate(request: web.Request) -> web.Response:
@@ -166,14 +164,8 @@ def add_vm_routes(
         try:
             target = _migration_target(await _body(request))
             vm = await service.migrate_vm(request.match_info["id"], **target)
-        except VmConfigError as exc:
-            return _error(400, str(exc))
-        except UnknownVm as exc:
-            return _error(404, str(exc))
-        except VmRefused as exc:
-            return _error(409, str(exc))
-        except QemuError as exc:
-            return _error(502, str(exc))
+        except VmError as exc:
+            return _vm_error(exc)
         return web.json_response(to_json(vm))
 
     app.router.add_post("/v1/vms/incoming", incoming)
