@@ -510,7 +510,7 @@ def readers_section(b: ReleaseBench) -> None:
                 b.mount(TREE_REPO, mnt, cache)
                 drop_caches()
                 key = f"readers_{adapter}_dropped_requests"
-                dropped.append(requests_during(b, key, cache, lambda: read_all(files)))
+                dropped.append(requests_during(b, key, cache, lambda fs=files: read_all(fs)))
                 b.res.unmount(mnt, cache)
         finally:
             os.environ.pop(ADAPTER_ENV, None)

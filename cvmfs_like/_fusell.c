@@ -757,7 +757,10 @@ static PyObject *Session_set_fds(Session *self, PyObject *args) {
         return NULL;
     }
     FdShard *sh = shard_of(self, ino);
-    Py_BEGIN_ALLOW_THREADS
+    /* With the GIL held: readers hold the read lock only to find and
+       duplicate descriptors (microseconds) and never take the GIL, so the
+       wait is short and cannot deadlock; releasing the GIL here cost a
+       reacquisition behind other Python threads on every registration. */
     pthread_rwlock_wrlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
     if (!e) { /* a free slot near home, else evict one (it is re-registered on its next read) */
@@ -783,7 +786,6 @@ static PyObject *Session_set_fds(Session *self, PyObject *args) {
     *e = ne;
     sh->fds += held;
     pthread_rwlock_unlock(&sh->lock);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
