@@ -19,8 +19,10 @@
  *
  * Invariants: a descriptor in the table is owned by the table (closed on
  * replacement, FORGET, eviction or session end) and is only closed under
- * its shard's write lock, so a read holding the read lock splices from a
- * descriptor that stays open.
+ * its shard's write lock; a read duplicates the descriptors it needs under
+ * the read lock and splices from the duplicates after releasing it, so a
+ * registration never waits for a disk-bound splice.  No thread holding a
+ * shard lock waits for the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #define FUSE_USE_VERSION 314

@@ -165,6 +165,16 @@ def test_a_hot_import_from_the_mount_reaches_the_process_not_at_all(site: Site) 
         assert {k: after[k] - before[k] for k in kinds} == dict.fromkeys(kinds, 0)
 
 
+def test_counters_report_the_time_python_spent_answering(site: Site) -> None:
+    with site.mount() as m:
+        before = counters(site)
+        assert (m.mountpoint / "lib/data.bin").read_bytes()
+        after = counters(site)
+        for kind in ("lookup", "read_py"):
+            assert after[kind] > before[kind], kind
+            assert after[f"{kind}_us"] > before[f"{kind}_us"], kind
+
+
 def test_sequential_reads_come_in_1_mib_requests(site: Site) -> None:
     with site.mount() as m:
         big = m.mountpoint / "large.bin"
