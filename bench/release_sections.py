@@ -200,6 +200,39 @@ def find_section(b: ReleaseBench) -> None:
     )
 
 
+def mount_counters(cache: Path) -> dict[str, int]:
+    """Requests that reached a ``swarm mount`` with cache dir ``cache`` so far
+    (its ``counters`` control command); {} for an adapter without them."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(5)
+            sock.connect(str(cache / "control.sock"))
+            sock.sendall(b"counters\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        got = json.loads(data)
+    except (OSError, ValueError):
+        return {}
+    return {k: int(v) for k, v in got.items()} if isinstance(got, dict) else {}
+
+
+def requests_during(b: ReleaseBench, key: str, cache: Path, fn: Any) -> Any:
+    """Run ``fn()`` and record (as sample ``key``) the requests that reached
+    the mount of ``cache`` meanwhile: what the kernel did not answer alone."""
+    before = mount_counters(cache)
+    out = fn()
+    after = mount_counters(cache)
+    b.samples[key] = {k: after[k] - before.get(k, 0) for k in after}
+    say(f"  {key}: {b.samples[key]}")
+    return out
+
+
 def timed_dd(f: Path) -> float:
     return timed(["dd", f"if={f}", "of=/dev/null", "bs=1M"])
 
@@ -237,14 +270,17 @@ def read_section(b: ReleaseBench) -> None:
         origin_o.append(timed_dd(mnt / rel))
         if i == 0:
             os.sync()  # the fetch's writes would be flushed during the hot samples
-            hot_o = [timed_dd(mnt / rel) for _ in range(b.reps)]
+            hot_o = [timed_dd(mnt / rel) for _ in range(b.reps - 1)]
+            hot_o.append(requests_during(b, "dd_ours_hot_requests", c, lambda: timed_dd(mnt / rel)))
         b.res.unmount(mnt, c)
     local_o: list[float] = []
     if b.drop:
         for _ in range(b.reps):
             b.mount(TREE_REPO, mnt, cache)
             drop_caches()
-            local_o.append(timed_dd(mnt / rel))
+            local_o.append(
+                requests_during(b, "dd_ours_first_requests", cache, lambda: timed_dd(mnt / rel))
+            )
             b.res.unmount(mnt, cache)
 
     def rate(key: str, xs: list[float]) -> float | None:
@@ -350,13 +386,16 @@ def import_section(b: ReleaseBench) -> None:
             for _ in range(n_hot):
                 hot_o.append(timed_import(mnt))
                 hot_n.append(timed_import(b.pytree))
+            requests_during(b, "import_ours_hot_requests", c, lambda: timed_import(mnt))
         b.res.unmount(mnt, c)
     drop_o: list[float] = []
     if b.drop:
         for _ in range(b.reps):
             b.mount(PY_REPO, mnt, cache)
             drop_caches()
-            drop_o.append(timed_import(mnt))
+            drop_o.append(
+                requests_during(b, "import_ours_dropped_requests", cache, lambda: timed_import(mnt))
+            )
             b.res.unmount(mnt, cache)
     hot_node, hot_single = node_import(b, n_hot, mnt, cache)
     hn = b.record("import_native_hot_s", hot_n)
@@ -470,7 +509,8 @@ def readers_section(b: ReleaseBench) -> None:
             for _ in range(b.reps if b.drop else 0):
                 b.mount(TREE_REPO, mnt, cache)
                 drop_caches()
-                dropped.append(read_all(files))
+                key = f"readers_{adapter}_dropped_requests"
+                dropped.append(requests_during(b, key, cache, lambda fs=files: read_all(fs)))
                 b.res.unmount(mnt, cache)
         finally:
             os.environ.pop(ADAPTER_ENV, None)

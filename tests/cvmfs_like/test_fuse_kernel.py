@@ -11,6 +11,8 @@ import concurrent.futures
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,6 +131,48 @@ def test_a_name_added_by_a_new_revision_appears_at_once_despite_negative_caching
         assert control(mp, "reload")
         assert (mp / "lib/added.txt").read_text() == "new in revision 2\n"
         assert "added.txt" in os.listdir(mp / "lib")
+
+
+def test_a_hot_import_from_the_mount_reaches_the_process_not_at_all(site: Site) -> None:
+    # A package as jobs import them: modules, a subpackage, and the misses
+    # of Python's path probing (names tried in each directory of the path).
+    pkg = site.src / "py/pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from pkg import a, sub\n")
+    (pkg / "a.py").write_text("import json\nVALUE = json.dumps([1])\n")
+    (pkg / "sub/__init__.py").write_text("from pkg.sub.b import B\n")
+    (pkg / "sub/b.py").write_text("B = 2\n")
+    site.publish()
+    with site.mount() as m:
+        env = {"PYTHONPATH": str(m.mountpoint / "py"), "PYTHONDONTWRITEBYTECODE": "1"}
+
+        def run_import() -> None:
+            out = subprocess.run(
+                [sys.executable, "-c", "import pkg, pkg.missing_x"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert "No module named 'pkg.missing_x'" in out.stderr, out.stderr
+
+        run_import()
+        run_import()
+        before = counters(site)
+        run_import()
+        after = counters(site)
+        kinds = ("open", "opendir", "read_c", "read_py", "lookup", "readdir", "getattr")
+        assert {k: after[k] - before[k] for k in kinds} == dict.fromkeys(kinds, 0)
+
+
+def test_counters_report_the_time_python_spent_answering(site: Site) -> None:
+    with site.mount() as m:
+        before = counters(site)
+        assert (m.mountpoint / "lib/data.bin").read_bytes()
+        after = counters(site)
+        for kind in ("lookup", "read_py"):
+            assert after[kind] > before[kind], kind
+            assert after[f"{kind}_us"] > before[f"{kind}_us"], kind
 
 
 def test_sequential_reads_come_in_1_mib_requests(site: Site) -> None:
