@@ -539,10 +539,10 @@ static void ll_statfs(fuse_req_t req, fuse_ino_t ino) {
     fuse_reply_statfs(req, &st);
 }
 
-static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
-    Session *s = fuse_req_userdata(req);
-    PyGILState_STATE g = PyGILState_Ensure();
-    PyObject *r = call(s, "getxattr", Py_BuildValue("(Ky)", (unsigned long long)ino, name));
+/* GETXATTR and LISTXATTR answer alike: a size probe (size 0), ERANGE when
+ * the caller's buffer is too small, else the bytes.  Called with the GIL;
+ * takes the reference to r. */
+static void reply_xattr_bytes(fuse_req_t req, PyObject *r, size_t size) {
     int err = result_errno(r);
     if (!err && !PyBytes_Check(r))
         err = EIO;
@@ -555,25 +555,21 @@ static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t
     else
         fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
     Py_XDECREF(r);
+}
+
+static void ll_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size) {
+    Session *s = fuse_req_userdata(req);
+    PyGILState_STATE g = PyGILState_Ensure();
+    reply_xattr_bytes(
+        req, call(s, "getxattr", Py_BuildValue("(Ky)", (unsigned long long)ino, name)), size);
     PyGILState_Release(g);
 }
 
 static void ll_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
     Session *s = fuse_req_userdata(req);
     PyGILState_STATE g = PyGILState_Ensure();
-    PyObject *r = call(s, "listxattr", Py_BuildValue("(K)", (unsigned long long)ino));
-    int err = result_errno(r);
-    if (!err && !PyBytes_Check(r)) /* names, each NUL-terminated */
-        err = EIO;
-    if (err)
-        fuse_reply_err(req, err);
-    else if (size == 0)
-        fuse_reply_xattr(req, (size_t)PyBytes_GET_SIZE(r));
-    else if ((size_t)PyBytes_GET_SIZE(r) > size)
-        fuse_reply_err(req, ERANGE);
-    else
-        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
-    Py_XDECREF(r);
+    /* names, each NUL-terminated */
+    reply_xattr_bytes(req, call(s, "listxattr", Py_BuildValue("(K)", (unsigned long long)ino)), size);
     PyGILState_Release(g);
 }
 
