@@ -9,6 +9,7 @@ namespace with ``swarm status --api``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -175,15 +176,23 @@ class Site:
             f.close()
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Iterator[Site]:
-    with Network(4) as net:
+@contextlib.contextmanager
+def running_site(tmp_path: Path, hosts: int) -> Iterator[Site]:
+    """A :class:`Site` over ``hosts`` namespaces with its origin started; every
+    node, mount and namespace is gone afterwards, also when the test failed."""
+    with Network(hosts) as net:
         s = Site(tmp_path, net)
         try:
             s.start_origin()
             yield s
         finally:
             s.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    with running_site(tmp_path, 4) as s:
+        yield s
 
 
 def image_path(mnt: Path) -> Path:

@@ -13,22 +13,16 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from swarm_testing.netns import Network
 from swarm_testing.waiting import eventually
-from tests.swarm.test_node_netns import POLL, Site
+from tests.swarm.test_node_netns import POLL, Site, running_site
 
 pytestmark = [pytest.mark.netns, pytest.mark.fuse, pytest.mark.timeout(240)]
 
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    with Network(3) as net:
-        s = Site(tmp_path, net)
-        try:
-            s.start_origin()
-            yield s
-        finally:
-            s.close()
+    with running_site(tmp_path, 3) as s:
+        yield s
 
 
 def _all_held(st: dict[str, Any]) -> dict[str, Any] | None:
