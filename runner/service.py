@@ -169,6 +169,7 @@ class JobService:
             if is_vm_spec(data):
                 out["kind"] = "vm"
         if out["kind"] == "vm" and state == "running":
+            out["vm"] = None  # its VM is starting
             with contextlib.suppress(OSError):
                 out["vm"] = path.with_suffix(VM_SUFFIX).read_text().strip() or None
         journal = self.workroot / job_id / "journal.jsonl"
