@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -341,7 +342,7 @@ def test_the_pilot_fills_a_lease_with_vm_jobs_at_once_never_over_its_cores(vm_no
         job = n.api("GET", f"v1/jobs/{job_id}")[1]
         return job if job["state"] == "done" else None
 
-    reports = [eventually(f"job {i} done", lambda i=i: done(i), 2 * BOOT)["report"] for i in (a, b)]
+    reports = [eventually(f"job {i} done", partial(done, i), 2 * BOOT)["report"] for i in (a, b)]
     for job, report in zip(jobs, reports, strict=True):
         out = report["outcome"]
         assert (report["vm"], out["code"], out["outcome"]) == (job["vm"], 200, "Success"), out
