@@ -318,11 +318,19 @@ def vm_job_spec(name: str, min_seconds: int = 60) -> str:
 def test_the_pilot_fills_a_lease_with_vm_jobs_at_once_never_over_its_cores(vm_node: Any) -> None:
     n: VmNode = vm_node()  # its ledger: the lease's 2 cores
     ids = []
-    for spec in (vm_job_spec("vm-a"), vm_job_spec("vm-b"), vm_job_spec("vm-long", 100000)):
+    for spec in (vm_job_spec("vm-a"), vm_job_spec("vm-b")):
         status, doc = n.api("POST", "v1/jobs", spec)
         assert status == 201, doc
         ids.append(doc["id"])
-    a, b, long = ids
+    a, b = ids
+    spec_file = n.data_dir.parent / "long.toml"
+    spec_file.write_text(vm_job_spec("vm-long", 100000))
+    r = n.swarm("job", "submit", str(spec_file), "--config", str(n.config), "--json")
+    assert r.returncode == 0, r.stderr
+    long = json.loads(r.stdout)["id"]
+    spec_file.write_text(vm_job_spec("vm-bad").replace("cores = 1", "cores = 0"))
+    r = n.swarm("job", "submit", str(spec_file), "--config", str(n.config))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'vm.cores'" in r.stderr, r.stderr
 
     def running_both() -> list[dict[str, Any]] | None:
         jobs = [n.api("GET", f"v1/jobs/{i}")[1] for i in (a, b)]
@@ -335,6 +343,8 @@ def test_the_pilot_fills_a_lease_with_vm_jobs_at_once_never_over_its_cores(vm_no
     assert (ledger["capacity"], ledger["vm"], ledger["node"] + ledger["site"]) == (2, 2, 0)
     r = n.swarm("vm", "list", "--config", str(n.config))
     assert f"job {a}" in r.stdout and f"job {b}" in r.stdout, r.stdout
+    r = n.swarm("job", "list", "--config", str(n.config))
+    assert f"job {a} vm-a (vm): running, vm {jobs[0]['vm']}" in r.stdout, r.stdout
     refused = n.api("GET", f"v1/jobs/{long}")[1]
     assert refused["state"] == "queued" and "needs min_seconds 100000 s" in refused["refused"]
 
