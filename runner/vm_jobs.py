@@ -156,14 +156,17 @@ def vm_fit(job: VmJob, lease: Lease, use: CoreUse | None, reserve_floor: float) 
 
 def done_report(spec: str, vm_id: str, outcome: Mapping[str, Any]) -> dict[str, Any]:
     """The ``done/NAME.report.json`` of a VM job: its VM's outcome, and
-    ``started_at``/``ended_at`` (epoch seconds) as elastic jobs have them."""
-    started = outcome.get("started") or outcome.get("created")
+    ``started_at``/``ended_at`` (epoch seconds) and ``wall_seconds`` as elastic
+    jobs have them (the dashboard's masonry chart draws both kinds)."""
+    started = float(outcome.get("started") or outcome.get("created") or time.time())
+    ended = float(outcome.get("stopped") or time.time())
     return {
         "spec": spec,
         "kind": "vm",
         "vm": vm_id,
         "started_at": started,
-        "ended_at": outcome.get("stopped"),
+        "ended_at": ended,
+        "wall_seconds": max(0.0, ended - started),
         "outcome": dict(outcome),
     }
 
