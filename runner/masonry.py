@@ -24,6 +24,11 @@ each job takes the cores free when it starts (at least one; it waits at most
 ``core_wait`` seconds for site ranges to end, and site pulls pause while it
 waits), is sized to them, and gives them back when it ends.
 
+VM specs (a ``[vm]`` table; :mod:`runner.vm_jobs`): with the node's VM side,
+the pilot starts a VM spec when its cores are all free and the lease has its
+``min_seconds`` left, and goes on without waiting for the VM; the VM's end
+files the spec in ``done/`` later. Elastic jobs take the cores left.
+
 One owner per queue: whoever moves specs through ``running/`` (a pilot, or a
 job service for its whole life) holds a :class:`QueueLock`, an ``flock`` on
 ``QUEUE/.lock`` that the kernel drops when its holder dies, SIGKILL included.

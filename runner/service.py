@@ -65,8 +65,12 @@ class JobService:
     ``cores`` (the node's :class:`runner.cores.CoreLedger`, shared with the
     site worker) each job runs on the cores free when it starts.
 
+    With ``vms`` (the node's VM side, which claims VMs' cores in ``cores``),
+    specs with a ``[vm]`` table are VM jobs (:mod:`runner.vm_jobs`).
+
     Raises (when created):
         QueueBusy: another live pilot or job service owns ``queue_dir``.
+        ValueError: ``vms`` without ``cores``.
     """
 
     def __init__(
@@ -93,6 +97,9 @@ class JobService:
         self.grace = grace
         self.should_stop = should_stop
         self.recheck = recheck
+        if vms is not None and cores is None:
+            # A VM claims its cores in the node's ledger: elastic jobs must too.
+            raise ValueError("a job service that starts VMs needs the node's core ledger")
         self.cores = cores
         self.vms = vms
         self._owner = QueueLock(self.queue)
