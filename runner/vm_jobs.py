@@ -184,7 +184,12 @@ class RunningVms:
 
     def add(self, job_id: str, vm_id: str) -> None:
         """The pilot started ``vm_id`` for ``job_id`` (its spec is in ``running/``)."""
-        write_file_atomic(self.queue / "running" / f"{job_id}{VM_SUFFIX}", f"{vm_id}\n".encode())
+        try:  # for views of the queue only: a full disk must not lose the VM's end
+            write_file_atomic(
+                self.queue / "running" / f"{job_id}{VM_SUFFIX}", f"{vm_id}\n".encode()
+            )
+        except OSError as exc:
+            log.error("VM job %s: cannot record its VM %s: %s", job_id, vm_id, exc)
         with self._cond:
             early = self._early.pop(job_id, None)
             if early is None:
