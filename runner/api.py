@@ -128,6 +128,12 @@ _JOB: dict[str, Any] = {
         "id": {"type": "string", "description": "sorts in submission order"},
         "state": {"type": "string", "enum": ["queued", "running", "done", "rejected"]},
         "name": {"type": "string", "nullable": True, "description": "the spec's name"},
+        "kind": {
+            "type": "string",
+            "enum": ["elastic", "vm"],
+            "description": "vm: a spec with a [vm] table, started as a VM (docs/RUNNER.md)",
+        },
+        "vm": {"type": "string", "nullable": True, "description": "running VM job: its VM id"},
         "tasks_committed": {
             "type": "integer",
             "description": "queued or running: tasks already in the journal (a cut job resumes)",
@@ -139,7 +145,8 @@ _JOB: dict[str, Any] = {
         "report": {
             "type": "object",
             "description": "done: the run report (events_planned, events_done, "
-            "wall_seconds, cpu_seconds, complete, failures, ...)",
+            "wall_seconds, cpu_seconds, complete, failures, ...); a VM job's: vm, "
+            "started_at, ended_at and outcome (the VM's code, outcome, outputs, ...)",
         },
         "reason": {"type": "string", "description": "rejected: why"},
     },
@@ -158,6 +165,7 @@ _SERVICE_STOPPING: dict[str, Any] = {  # JobService.status() with stopping = tru
             "description": "why the last pilot stopped",
         },
         "last_error": {"type": "string", "nullable": True},
+        "vms_running": {"type": "integer", "description": "VMs its pilots started, running"},
     },
 }
 
@@ -173,7 +181,7 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
             "responses": {"200": _json({"type": "array", "items": _JOB})},
         },
         "post": {
-            "summary": "submit an elastic job: the body is its TOML spec",
+            "summary": "submit a job (elastic, or a VM: a [vm] table); the body is its TOML spec",
             "security": [{"bearer": []}],
             "requestBody": SPEC_BODY,
             "responses": {
@@ -195,7 +203,8 @@ JOB_OPENAPI_PATHS: dict[str, Any] = {
     "/v1/jobs/stop": {
         "post": {
             "summary": "stop dispatching jobs; running tasks finish within grace or are cut "
-            "(the job goes back to the queue and resumes from its journal)",
+            "(the job goes back to the queue and resumes from its journal); the VMs the "
+            "pilot started are asked to stop within grace",
             "security": [{"bearer": []}],
             "parameters": [
                 {

@@ -180,14 +180,15 @@ def _confinement_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_runner_commands(sub: Any) -> None:
-    """Register ``lease``, ``job run`` and ``pilot`` on a subparsers object."""
+def add_runner_commands(sub: Any) -> Any:
+    """Register ``lease``, ``job run`` and ``pilot`` on a subparsers object;
+    returns ``job``'s subparsers (``swarm`` adds the node's queue commands there)."""
     s = sub.add_parser("lease", help="what this node advertises, and where each value came from")
     _lease_options(s)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_lease)
 
-    job = sub.add_parser("job", help="elastic jobs")
+    job = sub.add_parser("job", help="elastic jobs; a node's queue (elastic and VM jobs)")
     jsub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
     s = jsub.add_parser("run", help="size one elastic job to the lease and run it now")
     s.add_argument("spec", type=Path)
@@ -206,6 +207,7 @@ def add_runner_commands(sub: Any) -> None:
     _lease_options(s)
     _confinement_options(s)
     s.set_defaults(func=cmd_pilot)
+    return jsub
 
 
 def exit_status(exc: RunnerError) -> int:

@@ -24,6 +24,11 @@ each job takes the cores free when it starts (at least one; it waits at most
 ``core_wait`` seconds for site ranges to end, and site pulls pause while it
 waits), is sized to them, and gives them back when it ends.
 
+VM specs (a ``[vm]`` table; :mod:`runner.vm_jobs`): with the node's VM side,
+the pilot starts a VM spec when its cores are all free and the lease has its
+``min_seconds`` left, and goes on without waiting for the VM; the VM's end
+files the spec in ``done/`` later. Elastic jobs take the cores left.
+
 One owner per queue: whoever moves specs through ``running/`` (a pilot, or a
 job service for its whole life) holds a :class:`QueueLock`, an ``flock`` on
 ``QUEUE/.lock`` that the kernel drops when its holder dies, SIGKILL included.
@@ -50,8 +55,17 @@ from runner.exceptions import ConfinementError, JobRefused, JobSpecError, QueueB
 from runner.lease import Lease
 from runner.pid_lock import take_pid_lock
 from runner.sizing import WorkHistory
-from runner.spec import load_spec
+from runner.spec import decode_spec, parse_spec, read_spec_file
 from runner.stop import StopRequest
+from runner.vm_jobs import (
+    VM_SUFFIX,
+    RunningVms,
+    StartAnswer,
+    VmJob,
+    VmLauncher,
+    is_vm_spec,
+    vm_fit,
+)
 from trust.durable import write_file_atomic
 
 log = logging.getLogger("runner.masonry")
@@ -130,8 +144,9 @@ def recover_orphans(queue: Path) -> list[str]:
     """Move every spec in ``running/`` back to the queue (the caller holds the
     queue, so no living process runs them). Returns their names."""
     back = []
-    for stale in (queue / "running").glob(f"*{STARTED_SUFFIX}"):
-        stale.unlink(missing_ok=True)  # its job is not running any more
+    for suffix in (STARTED_SUFFIX, VM_SUFFIX):
+        for stale in (queue / "running").glob(f"*{suffix}"):
+            stale.unlink(missing_ok=True)  # its job (or VM) is not running any more
     for spec in sorted((queue / "running").glob("*.toml")):
         target = queue / spec.name
         if target.exists():  # never clobber a spec: keep the queued one
@@ -236,6 +251,8 @@ def run_pilot(
     owner: QueueLock | None = None,
     cores: CoreLedger | None = None,
     core_wait: float = 300.0,
+    vms: VmLauncher | None = None,
+    running_vms: RunningVms | None = None,
 ) -> PilotReport:
     """Run queued jobs until none fits the lease; see the module docstring.
 
@@ -252,6 +269,9 @@ def run_pilot(
     ``reserve_floor`` seconds), in whole rounds of tasks. With ``cores``
     each job runs on the cores it could take from that ledger (see the module
     docstring); none free for ``core_wait`` seconds stops the pilot, the job
+    stays queued. With ``vms`` (the node's VM side) and ``running_vms`` (the
+    caller's record of the VMs its pilots started), VM specs are started
+    without waiting for them (:mod:`runner.vm_jobs`); without them a VM spec
     stays queued.
 
     Raises:
@@ -275,7 +295,63 @@ def run_pilot(
             reserve_floor=reserve_floor,
             cores=cores,
             core_wait=core_wait,
+            vms=vms,
+            running_vms=running_vms,
         )
+
+
+def _start_vm(
+    qdir: Path,
+    path: Path,
+    job: VmJob,
+    lease: Lease,
+    cores: CoreLedger | None,
+    vms: VmLauncher,
+    running_vms: RunningVms,
+    reserve_floor: float,
+    report: PilotReport,
+) -> StartAnswer:
+    """Start the VM of the spec at ``path`` if it fits (:func:`runner.vm_jobs.vm_fit`)
+    and file the spec by the answer; the VM's end files it later."""
+    fit = vm_fit(job, lease, None if cores is None else cores.snapshot(), reserve_floor)
+    if fit.problem is not None:
+        report.refused[path.name] = fit.problem
+        return StartAnswer.WAIT if fit.wait else StartAnswer.REFUSED
+    running = qdir / "running" / path.name
+    started = running.with_suffix(STARTED_SUFFIX)
+    job_id = path.stem
+    started_at = time.time()
+    write_file_atomic(started, f"{started_at}\n".encode())
+    os.replace(path, running)  # before the VM exists: its end finds the spec in running/
+    try:
+        answer = vms.start(
+            job,
+            job_id=job_id,
+            lifetime=fit.lifetime,
+            capacity=lease.cores,
+            on_end=lambda outcome: running_vms.ended(job_id, str(outcome.get("id")), outcome),
+        )
+    except BaseException:
+        os.replace(running, path)
+        started.unlink(missing_ok=True)
+        raise
+    if answer.answer is StartAnswer.STARTED:
+        assert answer.vm_id is not None
+        running_vms.add(job_id, answer.vm_id)
+        report.refused.pop(path.name, None)
+        report.jobs_run.append(
+            {"spec": path.name, "kind": "vm", "vm": answer.vm_id, "started_at": started_at}
+        )
+        log.info("VM job %s: vm %s started", job_id, answer.vm_id, extra={"job": job_id})
+        return answer.answer
+    started.unlink(missing_ok=True)
+    if answer.answer is StartAnswer.REJECTED:
+        _reject(qdir, running, path, answer.reason)
+        report.rejected[path.name] = answer.reason
+    else:
+        os.replace(running, path)
+        report.refused[path.name] = answer.reason
+    return answer.answer
 
 
 def _run_pilot(
@@ -292,9 +368,12 @@ def _run_pilot(
     reserve_floor: float,
     cores: CoreLedger | None = None,
     core_wait: float = 300.0,
+    vms: VmLauncher | None = None,
+    running_vms: RunningVms | None = None,
 ) -> PilotReport:
     report = PilotReport()
     t0 = clock()
+    vm_fault: str | None = None  # the node cannot start VMs: none is tried again this pilot
     deferred: set[str] = set()  # stopped at the lease end during this pilot
     pace: dict[str, float] = {}  # job name -> wall seconds per event, measured by this pilot
     while True:
@@ -311,12 +390,46 @@ def _run_pilot(
             break
         ran = False
         for path in candidates:
+            if stop.requested:
+                break
+            vm_job: VmJob | None = None
             try:
-                spec = load_spec(path)
+                data = decode_spec(read_spec_file(path), "<file>", f"{path} ")
+                if is_vm_spec(data):
+                    if vms is None or running_vms is None:
+                        report.refused[path.name] = (
+                            "a VM job: this pilot starts no VMs (a node daemon with [vm] does)"
+                        )
+                        continue
+                    vm_job = vms.parse(data)
+                else:
+                    spec = parse_spec(data)
             except JobSpecError as exc:
                 _reject(qdir, path, path, str(exc))
                 report.rejected[path.name] = str(exc)
                 continue
+            if vm_job is not None:
+                assert vms is not None and running_vms is not None
+                if vm_fault is not None:
+                    report.refused[path.name] = vm_fault
+                    continue
+                answer = _start_vm(
+                    qdir, path, vm_job, lease, cores, vms, running_vms, reserve_floor, report
+                )
+                if answer is StartAnswer.STARTED:
+                    ran = True  # and go on: the next spec may fill the cores left
+                elif answer is StartAnswer.NODE_FAULT:
+                    vm_fault = report.refused[path.name]
+                continue
+            if cores is not None and vms is not None:
+                use = cores.snapshot()
+                if use.vm and lease.cores - (use.node + use.site + use.vm) <= 0:
+                    # VMs run for hours: waiting core_wait for one to end would
+                    # stall the pilot; a VM's end wakes the service instead.
+                    report.refused[path.name] = (
+                        f"waits for a free core ({use.vm} of the lease's {lease.cores} held by VMs)"
+                    )
+                    continue
             held = 0
             job_lease = lease
             if cores is not None:

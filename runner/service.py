@@ -48,10 +48,12 @@ from runner.power import PowerCache, benchmark_power
 from runner.sizing import WorkHistory
 from runner.spec import MAX_SPEC_BYTES, decode_spec, parse_spec
 from runner.stop import StopRequest, grace_problem
+from runner.vm_jobs import VM_SUFFIX, RunningVms, VmLauncher, is_vm_spec
 
 log = logging.getLogger("runner.service")
 
 STATES = ("queued", "running", "done", "rejected")
+VM_STOP_SLACK = 30.0  # s beyond the grace for a stopped VM's end to be filed
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -63,8 +65,12 @@ class JobService:
     ``cores`` (the node's :class:`runner.cores.CoreLedger`, shared with the
     site worker) each job runs on the cores free when it starts.
 
+    With ``vms`` (the node's VM side, which claims VMs' cores in ``cores``),
+    specs with a ``[vm]`` table are VM jobs (:mod:`runner.vm_jobs`).
+
     Raises (when created):
         QueueBusy: another live pilot or job service owns ``queue_dir``.
+        ValueError: ``vms`` without ``cores``.
     """
 
     def __init__(
@@ -80,6 +86,7 @@ class JobService:
         should_stop: Callable[[], str | None] | None = None,
         recheck: float = 30.0,
         cores: CoreLedger | None = None,
+        vms: VmLauncher | None = None,
     ) -> None:
         self.queue = Path(queue_dir)
         self.workroot = Path(workroot)
@@ -90,13 +97,19 @@ class JobService:
         self.grace = grace
         self.should_stop = should_stop
         self.recheck = recheck
+        if vms is not None and cores is None:
+            # A VM claims its cores in the node's ledger: elastic jobs must too.
+            raise ValueError("a job service that starts VMs needs the node's core ledger")
         self.cores = cores
+        self.vms = vms
         self._owner = QueueLock(self.queue)
         # Held from now on: specs left in running/ by a runner that died go back.
         self.recovered = self._owner.acquire()
         self.workroot.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        # The VMs its pilots started; a VM's end files its spec and wakes the thread.
+        self.running_vms = RunningVms(self.queue, on_change=self._wake.set)
         self._thread: threading.Thread | None = None
         self._stop = StopRequest()
         self._last_ms = 0
@@ -107,11 +120,21 @@ class JobService:
     def submit(self, spec_text: str) -> str:
         """Validate ``spec_text`` (TOML) and queue it; returns the job id.
 
+        A spec with a ``[vm]`` table is a VM job (:mod:`runner.vm_jobs`),
+        checked by the node's VM side.
+
         Raises:
             JobSpecError: not TOML, too large, or a field is wrong (the
-                message names it); nothing is queued.
+                message names it), or a VM job on a node without VMs;
+                nothing is queued.
         """
-        parse_spec(decode_spec(spec_text.encode()))
+        data = decode_spec(spec_text.encode())
+        if is_vm_spec(data):
+            if self.vms is None:
+                raise JobSpecError("vm", "this node starts no VMs ([vm] enabled = false)")
+            self.vms.parse(data)
+        else:
+            parse_spec(data)
         job_id = self._new_id()
         tmp = self.queue / f".{job_id}.toml.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -145,12 +168,19 @@ class JobService:
 
     def _describe(self, path: Path, state: str) -> dict[str, Any]:
         job_id = path.stem
-        out: dict[str, Any] = {"id": job_id, "state": state, "name": None}
+        out: dict[str, Any] = {"id": job_id, "state": state, "name": None, "kind": "elastic"}
         with contextlib.suppress(OSError, JobSpecError), open(path, "rb") as f:
-            name = decode_spec(f.read(MAX_SPEC_BYTES + 1)).get("name")
+            data = decode_spec(f.read(MAX_SPEC_BYTES + 1))
+            name = data.get("name")
             out["name"] = name if isinstance(name, str) else None
+            if is_vm_spec(data):
+                out["kind"] = "vm"
+        if out["kind"] == "vm" and state == "running":
+            out["vm"] = None  # its VM is starting
+            with contextlib.suppress(OSError):
+                out["vm"] = path.with_suffix(VM_SUFFIX).read_text().strip() or None
         journal = self.workroot / job_id / "journal.jsonl"
-        if state in ("queued", "running"):
+        if state in ("queued", "running") and out["kind"] == "elastic":
             with contextlib.suppress(OSError):
                 out["tasks_committed"] = max(0, _count_lines(journal) - 1)
         if state == "running":
@@ -210,6 +240,7 @@ class JobService:
             "stopping": self._stop.requested,
             "last_pilot_stopped": None if self.last_pilot is None else self.last_pilot.stopped,
             "last_error": self.last_error,
+            "vms_running": len(self.running_vms),
         }
 
     # --- the masonry thread
@@ -248,6 +279,8 @@ class JobService:
                         confinement=self.confinement,
                         owner=self._owner,
                         cores=self.cores,
+                        vms=self.vms,
+                        running_vms=self.running_vms,
                     )
                     self.last_error = None
                 except RunnerError as exc:
@@ -263,12 +296,20 @@ class JobService:
 
     def stop(self, grace: float | None = None, wait: bool = True) -> None:
         """Stop dispatch; running tasks get ``grace`` seconds (default: the
-        service's), then are cut. With ``wait``, return once the thread ended."""
+        service's), then are cut; the VMs its pilots started are asked to
+        stop within the same grace (their specs go to ``done/`` with their
+        outcome). With ``wait``, return once the thread ended and the VMs are
+        gone (at most the grace and :data:`VM_STOP_SLACK` more for them)."""
         self._stop.request("job service stopped", grace)
         self._wake.set()
+        vm_grace = self.grace if grace is None else grace
+        if self.vms is not None and len(self.running_vms):
+            self.vms.stop(self.running_vms.vm_ids(), vm_grace, wait=wait)
         t = self._thread
         if wait and t is not None:
             t.join()
+        if wait and self.vms is not None:
+            self.running_vms.wait_empty(vm_grace + VM_STOP_SLACK)
 
 
 def _count_lines(path: Path) -> int:
@@ -366,6 +407,7 @@ def job_service_from_config(
     *,
     environ: Mapping[str, str] = os.environ,
     cores: CoreLedger | None = None,
+    vms: VmLauncher | None = None,
 ) -> JobService:
     """A ``JobService`` from the ``[runner]`` table of the node's config.
 
@@ -377,7 +419,8 @@ def job_service_from_config(
     ``power_per_core``, ``time_left``, ``shutdowntime``, ``memory`` (a size:
     ``"200M"``; see :func:`runner.lease.lease_value` and
     :func:`runner.lease.assemble_lease`; MJF from ``environ`` comes first).
-    ``cores``: the node's core ledger, shared with the site worker.
+    ``cores``: the node's core ledger, shared with the site worker and VMs;
+    ``vms``: the node's VM side (VM jobs; :mod:`runner.vm_jobs`).
 
     Raises:
         RunnerConfigError: an unknown key or an unusable value (one line naming
@@ -394,4 +437,5 @@ def job_service_from_config(
         confinement=settings.confinement,
         grace=settings.grace,
         cores=cores,
+        vms=vms,
     )

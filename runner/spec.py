@@ -144,6 +144,15 @@ def _name(data: Mapping[str, Any]) -> str:
     return name
 
 
+def job_name(data: Mapping[str, Any]) -> str:
+    """The ``name`` of a decoded spec, elastic or VM (:mod:`vm.job`), checked.
+
+    Raises:
+        JobSpecError: missing or not 1-64 characters of the allowed set.
+    """
+    return _name(data)
+
+
 def _command(data: Mapping[str, Any]) -> tuple[str, ...]:
     command = data.get("command")
     if not isinstance(command, list) or not command or not all(isinstance(a, str) for a in command):

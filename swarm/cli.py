@@ -38,6 +38,7 @@ from swarm.config import parse_origin
 from swarm.doctor import add_doctor_command
 from swarm.exceptions import ConfigError, FetchError, SwarmError
 from swarm.image_cli import add_image_commands
+from swarm.job_cli import add_job_client_commands
 from swarm.logs import add_log_format_option, configure_logging, subcommand
 from swarm.options import (
     OneLineParser,
@@ -621,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "trust-client", help="TUF conformance client (see tuf-conformance)", add_help=False
     )
-    add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
+    jobs = add_runner_commands(sub)  # lease, job run, pilot (runner/cli.py)
+    add_job_client_commands(jobs)  # job submit / list / status of a node (swarm/job_cli.py)
     add_image_commands(sub)  # image publish / verify / list (swarm/image_cli.py)
     add_doctor_command(sub)  # doctor: can this node run (swarm/doctor.py)
     add_site_commands(sub)  # site-job submit / status / list / gather, site-broker (sitejob/cli.py)

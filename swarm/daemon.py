@@ -200,6 +200,10 @@ def run_node(config_path: Path) -> None:
             # a migration's destination listens where the node's peers reach it
             migration_host=cfg.listen.host,
         )
+        if jobs is not None:
+            from vm.job import NodeVmLauncher
+
+            jobs.vms = NodeVmLauncher(vms)  # VM specs in the job queue (runner.vm_jobs)
 
     async def main() -> None:
         node = build_node(

@@ -156,10 +156,12 @@ class Node:
             await self.refresh(name)
         if cfg.mount is not None:
             await self._mount(cfg.mount)
-        if self.job_service is not None:
-            self.job_service.start()
         if self.vms is not None:
             await self.vms.start()  # after the mount: VMs boot from images in it
+        if self.job_service is not None:
+            # After the VMs: a qemu a killed node left is ended before the
+            # pilot starts its job's VM again (its spec was queued again).
+            self.job_service.start()
         if self.site is not None:
             await self.site.start()  # connects in the background: a broker down is no failure
         self._tasks.append(asyncio.create_task(self._refresh_loop()))

@@ -261,7 +261,10 @@ def render_vm(v: VmReport) -> str:
         end += f"; error: {v.error}"
     return (
         f"vm {v.id} {v.image}: {v.state}, {v.cores} cores, {v.memory >> 20} MiB,"
-        f" {v.accelerator or 'accelerator not chosen'}" + (f", pid {v.pid}" if v.pid else "") + end
+        f" {v.accelerator or 'accelerator not chosen'}"
+        + (f", pid {v.pid}" if v.pid else "")
+        + (f", job {v.job}" if v.job else "")
+        + end
     )
 
 
@@ -333,6 +336,7 @@ class VmReport:
     migrated_to: str | None = None  # a migration's source: the destination node
     migration_seconds: float | None = None  # mirror + memory, as the source saw it
     migration_downtime_ms: float | None = None  # the guest's pause (qemu's downtime)
+    job: str | None = None  # the queued VM job (runner masonry) that started it
 
 
 @dataclass(frozen=True)
@@ -345,6 +349,8 @@ class VmsReport:
     cores: int  # held by VMs
     backed_off: dict[str, float]  # VM type -> seconds left
     vms: list[VmReport]
+    # the node's core ledger (runner.cores.CoreUse): capacity, node, site, vm, peak, ...
+    ledger: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,7 @@ class VmRequest:
     memory: int | None = None
     lifetime: float | None = None
     user_data: bytes | None = None  # the script the guest runs
+    job: str | None = None  # the queued VM job that asks for it (set by vm.job, never by a client)
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"image": str(self.image)}

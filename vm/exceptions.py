@@ -9,7 +9,9 @@ VmError                   root of every error raised by ``vm``
 ├── VmRefused             the node will not start this VM: the image is unknown
 │   │                     or refused by the site policy, no cores are free, the
 │   │                     VM type is backed off (the text says which and why)
-│   └── ImageRefused      the site policy refuses the image (its reason)
+│   ├── ImageRefused      the site policy refuses the image (its reason)
+│   ├── BackedOff         the VM type is backed off after an abort (until when)
+│   └── NoFreeCores       not enough of the lease's cores are free now
 ├── VmConfigError         local misuse: a ``[vm]`` key or a request value is bad
 │                         (names the key or field and what it accepts)
 └── UnknownVm             no VM with that id on this node
@@ -38,6 +40,14 @@ class VmRefused(VmError):
 
 class ImageRefused(VmRefused):
     """The site's image policy refuses the image (the policy's reason)."""
+
+
+class BackedOff(VmRefused):
+    """The VM type aborted recently and is backed off (Vac's back-off); the text says until when."""
+
+
+class NoFreeCores(VmRefused):
+    """The cores asked are not free of the lease's now (held by VMs, node jobs, site ranges)."""
 
 
 class VmConfigError(VmError):

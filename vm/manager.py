@@ -85,7 +85,15 @@ from vm.contract import (
     next_state,
     vm_end,
 )
-from vm.exceptions import ImageRefused, QemuError, UnknownVm, VmError, VmRefused
+from vm.exceptions import (
+    BackedOff,
+    ImageRefused,
+    NoFreeCores,
+    QemuError,
+    UnknownVm,
+    VmError,
+    VmRefused,
+)
 from vm.qemu import (
     FROM_GUEST_SOCKET,
     QMP_SOCKET,
@@ -211,6 +219,8 @@ class VmService:
         self._lease_task: asyncio.Task[None] | None = None
         self._closing = False
         self._trial = asyncio.Lock()  # held while the first VM tries KVM
+        # The loop it runs on, from ``start``: the masonry thread reaches it there (vm.job).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -219,6 +229,7 @@ class VmService:
         and follow the lease."""
         self.root.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._load_records)
+        self.loop = asyncio.get_running_loop()
         self._lease_task = asyncio.create_task(self._follow_lease())
 
     async def stop(self, grace: float | None = None) -> None:
@@ -256,7 +267,7 @@ class VmService:
         now = self.clock()
         why = self.backoff.refusal(vm_type, now)
         if why is not None:
-            raise VmRefused(why)
+            raise BackedOff(why)
         try:
             lease = await asyncio.to_thread(self.lease_at, time.monotonic())
         except RunnerError as exc:  # no source gives the lease: no VM can be sized
@@ -271,7 +282,7 @@ class VmService:
         if not self.cores.claim_vm(lease.cores, cores):
             use = self.cores.snapshot()
             busy = use.node + use.site + use.vm
-            raise VmRefused(
+            raise NoFreeCores(
                 f"{cores} cores asked, {max(0, lease.cores - busy)} free of the lease's"
                 f" {lease.cores} ({use.vm} held by VMs, {use.node} by node jobs,"
                 f" {use.site} by site ranges)"
@@ -287,6 +298,7 @@ class VmService:
             created=now,
             dir=str(vm_dir),
             software=self.software is not None,
+            job=request.job,
         )
         try:
             vm_dir.mkdir(parents=True)
@@ -584,6 +596,18 @@ class VmService:
             return
         self._begin_stop(vm, self.settings.grace if grace is None else grace, why)
         await vm.done.wait()
+
+    async def wait_vm(self, vm_id: str) -> VmReport:
+        """One VM's report once it is over (qemu gone, outcome recorded).
+
+        Raises:
+            UnknownVm: no such VM on this node.
+        """
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise UnknownVm(f"no VM {vm_id!r} on this node")
+        await vm.done.wait()
+        return vm.report
 
     async def stop_vm(self, vm_id: str, grace: float | None = None) -> VmReport:
         """Stop one VM (see the module docstring); its report once qemu is gone.
@@ -935,6 +959,7 @@ class VmService:
             cores=sum(v.report.cores for v in live),
             backed_off=self.backoff.snapshot(self.clock()),
             vms=self.list(),
+            ledger=dataclasses.asdict(self.cores.snapshot()),
         )
 
 

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from cvmfs_like.publish import publish
 from cvmfs_like.store import OriginStore
+from runner.vm_jobs import done_report
 from swarm.api import NodeView, make_api_app
 from swarm.config import render_config
 from swarm.release_torrent import torrent_extension
@@ -441,6 +442,14 @@ def test_a_nodes_vms_are_listed_and_a_guests_outcome_text_is_never_markup(
     for r in records:
         (data / "vms" / r.id).mkdir(parents=True)
         (data / "vms" / r.id / "record.json").write_text(json.dumps(to_json(r)))
+    # The first VM as a VM job of the node's queue, done (as runner.vm_jobs files it).
+    done = data / "jobs" / "queue" / "done"
+    done.mkdir(parents=True)
+    job_id = "20261201-070000.000-abcdef"
+    spec = 'name = "vm-job"\n[vm]\nimage = "vm.example.org/guest/1"\n'
+    (done / f"{job_id}.toml").write_text(spec)
+    report = done_report(f"{job_id}.toml", records[0].id, to_json(records[0]))
+    (done / f"{job_id}.report.json").write_text(json.dumps(report))
     cfg = tmp_path / "node.toml"
     settings: dict[str, object] = {
         "data_dir": data,
@@ -450,7 +459,9 @@ def test_a_nodes_vms_are_listed_and_a_guests_outcome_text_is_never_markup(
         "dht": False,
     }
     cfg.write_text(
-        render_config(settings, {}) + '\n[runner]\nenabled = false\n\n[vm]\naccelerator = "tcg"\n'
+        render_config(settings, {})
+        + "\n[runner]\ncores = 1\npower_per_core = 10.0\ntime_left = 3600\n"
+        + '\n[vm]\naccelerator = "tcg"\n'
     )
     with NodeProcess(cfg, data, None, tmp_path / "node.log"):
         url = json.loads((data / "node.json").read_text())["api"].rstrip("/")
@@ -485,4 +496,21 @@ def test_a_nodes_vms_are_listed_and_a_guests_outcome_text_is_never_markup(
         assert vms[records[2].id]["outcome"] == "the node daemon stopped while it ran"
         summary = browser.find_element("id", "vms-summary").text
         assert summary.startswith("0 running, 0 cores held; accelerator not chosen yet")
+
+        # The VM job: a block of the masonry chart and a row of the jobs table, as text.
+        block = f"document.querySelector('#masonry rect.job[data-job=\"{job_id}\"]')"
+        title = eventually(
+            "the VM job's block",
+            lambda: shown(browser, f"const b = {block}; return b ? b.textContent : '';"),
+            15,
+        )
+        assert title.startswith(f"vm-job: VM {records[0].id}, 200 {HOSTILE}, 59.0 s"), title
+        job_row = shown(
+            browser,
+            "return [...document.querySelectorAll('#jobs tr')].map(r => r.innerText)"
+            f".find(t => t.startsWith('{job_id}')) || '';",
+        )
+        assert job_row.split("\t")[1:5] == ["vm-job", "done", f"VM {records[0].id}", "59.0"]
+        assert job_row.split("\t")[5] == f"200 {HOSTILE}"
+        assert shown(browser, "return document.getElementById('injected')") is None
         assert console_errors(browser) == []

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,13 @@ class VmNode:
 
     def api(self, method: str, path: str, body: Any = None, *, token: bool = True,
             timeout: float = 60) -> tuple[int, Any]:  # fmt: skip
+        """A JSON body, or a str sent as it is (a TOML job spec)."""
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = "Bearer " + (self.data_dir / "api.token").read_text().strip()
         data = None if body is None else json.dumps(body).encode()
+        if isinstance(body, str):
+            data, headers["Content-Type"] = body.encode(), "application/toml"
         req = urllib.request.Request(self.base + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -293,6 +297,74 @@ def test_a_stale_heartbeat_is_700_a_fizzle_and_a_malformed_message_abort_and_bac
     assert st["booted"] is not None and st["stopped"] - st["booted"] < 6 + 20
     _, nodestatus = n.api("GET", "v1/status")
     assert IMAGE in nodestatus["vms"]["backed_off"]
+    assert qemu_pids(n.data_dir) == []
+
+
+VM_JOB = f"""#!/bin/sh
+touch $JOBOUTPUTS/vm-heartbeat
+sh $SWARM_SOFTWARE/{REPO}/bin/payload > $JOBOUTPUTS/result
+sleep 1
+echo "200 Success" > $JOBOUTPUTS/shutdown_message
+"""
+
+
+def vm_job_spec(name: str, min_seconds: int = 60) -> str:
+    return (
+        f'name = "{name}"\n[vm]\nimage = "{IMAGE}"\ncores = 1\nmin_seconds = {min_seconds}\n'
+        f"user_data = {json.dumps(VM_JOB)}\n"
+    )
+
+
+def test_the_pilot_fills_a_lease_with_vm_jobs_at_once_never_over_its_cores(vm_node: Any) -> None:
+    n: VmNode = vm_node()  # its ledger: the lease's 2 cores
+    ids = []
+    for spec in (vm_job_spec("vm-a"), vm_job_spec("vm-b")):
+        status, doc = n.api("POST", "v1/jobs", spec)
+        assert status == 201, doc
+        ids.append(doc["id"])
+    a, b = ids
+    spec_file = n.data_dir.parent / "long.toml"
+    spec_file.write_text(vm_job_spec("vm-long", 100000))
+    r = n.swarm("job", "submit", str(spec_file), "--config", str(n.config), "--json")
+    assert r.returncode == 0, r.stderr
+    long = json.loads(r.stdout)["id"]
+    spec_file.write_text(vm_job_spec("vm-bad").replace("cores = 1", "cores = 0"))
+    r = n.swarm("job", "submit", str(spec_file), "--config", str(n.config))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "'vm.cores'" in r.stderr, r.stderr
+
+    def running_both() -> list[dict[str, Any]] | None:
+        jobs = [n.api("GET", f"v1/jobs/{i}")[1] for i in (a, b)]
+        return jobs if all(j["state"] == "running" and j["vm"] for j in jobs) else None
+
+    jobs = eventually("both VM jobs running", running_both, 60, interval=0.2)
+    assert [j["kind"] for j in jobs] == ["vm", "vm"], jobs
+    _, status = n.api("GET", "v1/status")
+    ledger = status["vms"]["ledger"]
+    assert (ledger["capacity"], ledger["vm"], ledger["node"] + ledger["site"]) == (2, 2, 0)
+    r = n.swarm("vm", "list", "--config", str(n.config))
+    assert f"job {a}" in r.stdout and f"job {b}" in r.stdout, r.stdout
+    r = n.swarm("job", "list", "--config", str(n.config))
+    assert f"job {a} vm-a (vm): running, vm {jobs[0]['vm']}" in r.stdout, r.stdout
+    refused = n.api("GET", f"v1/jobs/{long}")[1]
+    assert refused["state"] == "queued" and "needs min_seconds 100000 s" in refused["refused"]
+
+    def done(job_id: str) -> dict[str, Any] | None:
+        job = n.api("GET", f"v1/jobs/{job_id}")[1]
+        return job if job["state"] == "done" else None
+
+    reports = [eventually(f"job {i} done", partial(done, i), 2 * BOOT)["report"] for i in (a, b)]
+    for job, report in zip(jobs, reports, strict=True):
+        out = report["outcome"]
+        assert (report["vm"], out["code"], out["outcome"]) == (job["vm"], 200, "Success"), out
+        assert out["accelerator"] == "tcg" and "result" in out["outputs"]
+        assert n.output(job["vm"], "result") == b"payload 42 from the swarm\n"
+        assert (n.data_dir / "jobs" / "queue" / "done" / f"{job['id']}.toml").exists()
+    # the two VMs ran at the same time, and the cores never went over the lease's
+    vms = [n.vm(job["vm"]) for job in jobs]
+    assert max(v["started"] for v in vms) < min(v["stopped"] for v in vms), vms
+    _, status = n.api("GET", "v1/status")
+    assert status["vms"]["ledger"]["peak"] == 2 and status["vms"]["ledger"]["vm"] == 0
+    assert n.api("GET", f"v1/jobs/{long}")[1]["state"] == "queued"
     assert qemu_pids(n.data_dir) == []
 
 
