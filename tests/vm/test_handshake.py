@@ -12,7 +12,7 @@ import asyncio
 import os
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -57,10 +57,10 @@ def test_both_sides_derive_the_same_keys_bound_to_the_vm_and_both_public_keys() 
 
 def test_a_public_key_that_is_malformed_or_a_low_order_point_is_refused_naming_it() -> None:
     for bad in ("", "ab" * 31, "AB" * 32, "zz" * 32, 7, None):
-        with pytest.raises(VmConfigError, match="^key: expected an X25519 public key"):
+        with pytest.raises(VmConfigError, match=r"^key: expected an X25519 public key"):
             parse_public_key("key", bad)
     assert parse_public_key("key", "01" * 32) == bytes([1]) * 32
-    with pytest.raises(VmConfigError, match="^key: not a usable X25519 public key"):
+    with pytest.raises(VmConfigError, match=r"^key: not a usable X25519 public key"):
         KeyPair().keys(bytes(32), vm_id=VM_ID, source=True)  # all-zero shared secret
 
 
@@ -122,10 +122,8 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float) -> bytes:
     a refused peer gets no more; the kernel resets a connection closed with
     unread data, which ends it as well)."""
     sent = await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE_BYTES), timeout)
-    try:
+    with suppress(ConnectionResetError):
         sent += await asyncio.wait_for(reader.read(), timeout)
-    except ConnectionResetError:
-        pass
     return sent
 
 
