@@ -73,17 +73,17 @@ class KeyPair:
     def public_hex(self) -> str:
         return self.public.hex()
 
-    def keys(self, peer: bytes, *, vm_id: str, source: bool) -> MigrationKeys:
+    def keys(self, peer: bytes, *, vm_id: str, source: bool, field: str = "key") -> MigrationKeys:
         """The migration's keys, this side being the source if ``source``.
 
         Raises:
             VmConfigError: ``peer`` is not a usable X25519 public key (a
-                low-order point gives no shared secret).
+                low-order point gives no shared secret); names ``field``.
         """
         try:
             shared = self._private.exchange(X25519PublicKey.from_public_bytes(peer))
         except ValueError:
-            raise VmConfigError("key: not a usable X25519 public key") from None
+            raise VmConfigError(f"{field}: not a usable X25519 public key") from None
         src, dst = (self.public, peer) if source else (peer, self.public)
         return derive_keys(shared, vm_id=vm_id, source_public=src, destination_public=dst)
 

@@ -715,7 +715,7 @@ class VmService:
             raise VmRefused("the VM has the software mount (9p); this node exports none")
         pair = KeyPair()
         source_key = parse_public_key("source_key", req.source_key)
-        keys = pair.keys(source_key, vm_id=req.vm_id, source=False)  # VmConfigError
+        keys = pair.keys(source_key, vm_id=req.vm_id, source=False, field="source_key")
         image = self.find_image(req.image)
         try:
             lease = await asyncio.to_thread(self.lease_at, time.monotonic())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import logging
 import os
@@ -33,8 +34,9 @@ from runner.cores import CoreLedger
 from swarm_testing.guest_image import build_guest_image
 from tests.vm.test_vm_service import IMAGE, lease_for
 from vm.api import add_vm_routes
-from vm.config import VmRequest, VmSettings
-from vm.handshake import KeyPair
+from vm.config import IncomingRequest, VmRequest, VmSettings
+from vm.exceptions import VmConfigError
+from vm.handshake import MAGIC, KeyPair
 from vm.manager import ImageLookup, VmService
 from vm.qemu import EXPORT, PSK_DIR
 
@@ -273,5 +275,69 @@ def test_a_running_vm_moves_to_another_node_and_keeps_counting_though_strangers_
         assert (stopped.state, stopped.code) == ("stopped", 100), stopped
         # a reboot would have restarted the counter at 1; it went on
         assert await counter(dst, a.id) > last_on_source
+
+    asyncio.run(main())
+
+
+def test_a_waiting_destination_gives_up_when_stopped_and_node_shutdown_does_not_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    """A destination whose source never comes: stopping the VM abandons it at
+    once (qemu ended, relays closed, cores back, key gone), and so does the
+    node's shutdown (it waited for the migration's deadline before). A
+    malformed source key starts nothing. No guest boots here: qemu waits."""
+    guest = build_guest_image(pad_bytes=8 << 20)
+    dst = VmService(
+        VmSettings(accelerator="tcg", grace=10.0, software=False),
+        data_dir=tmp_path / "dst",
+        cores=CoreLedger(),
+        lease_at=lease_for(3600),
+        find_image=lambda image: ImageLookup(guest.path, "raw"),
+    )
+    now = time.time()
+    req = IncomingRequest(
+        vm_id="20261201-110000-abcdef", image=IMAGE, cores=1, memory=128 << 20,
+        accelerator="tcg", software=False, started=now, ends=now + 600, source="src",
+        source_key=KeyPair().public_hex,
+    )  # fmt: skip
+
+    async def greeted(port: int) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            return await asyncio.wait_for(reader.readexactly(len(MAGIC)), 10)
+        finally:
+            writer.close()
+
+    async def main() -> None:
+        await dst.start()
+        try:
+            with pytest.raises(VmConfigError, match=r"^source_key: expected an X25519"):
+                await dst.incoming(dataclasses.replace(req, source_key="00" * 31), host="127.0.0.1")
+            with pytest.raises(VmConfigError, match=r"^source_key: not a usable X25519 public key"):
+                await dst.incoming(dataclasses.replace(req, source_key="00" * 32), host="127.0.0.1")
+            assert dst.list() == [] and dst.cores.snapshot().vm == 0
+
+            waiting = await dst.incoming(req, host="127.0.0.1")
+            assert waiting.vm.state == "incoming" and len(waiting.key) == 64
+            assert await greeted(waiting.migrate_port) == MAGIC  # the relay, not qemu
+            assert await greeted(waiting.nbd_port) == MAGIC
+            pid = waiting.vm.pid
+            assert pid is not None
+            began = time.monotonic()
+            gone = await asyncio.wait_for(dst.stop_vm(req.vm_id, grace=0), 30)
+            assert time.monotonic() - began < 30
+            assert gone.state == "failed" and "abandoned" in (gone.error or ""), gone
+            assert not Path(f"/proc/{pid}").exists() and dst.cores.snapshot().vm == 0
+            assert not (dst.root / req.vm_id / PSK_DIR).exists()
+            with pytest.raises(OSError):
+                await greeted(waiting.migrate_port)
+
+            other = dataclasses.replace(req, vm_id="20261201-110000-fedcba")
+            second = await dst.incoming(other, host="127.0.0.1")
+            await asyncio.wait_for(dst.stop(grace=1), 30)  # the node shuts down
+            assert dst.get(other.vm_id).state == "failed"
+            assert second.vm.pid is not None and not Path(f"/proc/{second.vm.pid}").exists()
+        finally:
+            await dst.stop(grace=1)
 
     asyncio.run(main())
