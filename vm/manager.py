@@ -120,6 +120,7 @@ LEASE_RECHECK = 5.0  # seconds between reads of the lease (a moved shutdowntime)
 WATCH_TICK = 1.0  # seconds between a VM's checks (heartbeat, end of its time)
 OVERLAY = "disk.qcow2"
 RECORD = "record.json"
+OLD = ".old"  # under vms/: the directories of ended VMs whose id came here again
 MAX_REFUSED_SHOWN = 20
 
 
@@ -709,7 +710,8 @@ class VmService:
         """
         if self._closing:
             raise VmRefused("the node is shutting down")
-        if req.vm_id in self.vms:
+        earlier = self.vms.get(req.vm_id)
+        if earlier is not None and earlier.state not in (State.FAILED, State.MIGRATED):
             raise VmRefused(f"VM {req.vm_id} is already on this node")
         if req.software and self.software is None:
             raise VmRefused("the VM has the software mount (9p); this node exports none")
@@ -726,6 +728,12 @@ class VmService:
             raise VmRefused(f"{req.cores} cores asked, not free of the lease's {lease.cores}")
         now = self.clock()
         vm_dir = self.root / req.vm_id
+        if earlier is not None:  # a failed try, or the VM left and comes back: kept aside
+            try:
+                _set_aside(vm_dir, self.root / OLD / req.vm_id)
+            except OSError as exc:
+                self.cores.release_vm(req.cores)
+                raise VmError(f"cannot set {vm_dir} aside: {exc.strerror}") from None
         report = VmReport(
             id=req.vm_id, image=str(req.image), state=State.STARTING.value, cores=req.cores,
             memory=req.memory, created=now, dir=str(vm_dir), software=req.software,
@@ -971,7 +979,7 @@ class VmService:
                 doc = json.loads((d / RECORD).read_text())
                 report = VmReport(**doc)
             except (OSError, ValueError, TypeError) as exc:
-                if d.name != ".kvm-probe":
+                if not d.name.startswith("."):  # .kvm-probe, OLD: no VMs
                     log.warning("vm: ignoring %s: %s", d, exc)
                 continue
             vm = _Vm(report, d, None)
@@ -1029,6 +1037,18 @@ def migration_blocked(vm_id: str, blockers: list[str]) -> str:
             " until the guest unmounts /swarm, which the agent does when its payload exits)"
         )
     return f"VM {vm_id} cannot migrate now: {why}{hint}"
+
+
+def _set_aside(vm_dir: Path, old: Path) -> None:
+    """Move an ended VM's directory to ``old/N`` (the first free N), so its
+    id may come to this node again and nothing of the earlier one is lost.
+
+    Raises:
+        OSError: it cannot be moved.
+    """
+    old.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name) for p in old.iterdir() if p.name.isdigit()), default=0)
+    vm_dir.rename(old / str(n))
 
 
 def _no_images(image: ImageName) -> ImageLookup:
