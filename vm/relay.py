@@ -9,7 +9,9 @@ most :data:`vm.handshake.PROOF_BYTES` bytes of it, before a single byte of it
 reaches qemu; a refused one is closed and logged, and the listener keeps
 listening (a hostile or confused peer that connects first cannot make the
 migration fail). At most :data:`MAX_PENDING` connections wait for admission
-at once; more are closed at once.
+at once, at most :data:`MAX_PENDING_PER_HOST` of them from one address; more
+are closed at once (so one host holding connections open cannot crowd out
+the source).
 
 Source (:class:`OutgoingRelay`): qemu migrates (and mirrors its disk) to a
 unix socket of the daemon in its own private migration directory; for each
@@ -50,6 +52,7 @@ log = logging.getLogger("vm.relay")
 ADMISSION_DEADLINE = 5.0  # seconds for a peer to answer the challenge (and to get one)
 CONNECT_DEADLINE = 10.0  # seconds for the source to reach the destination's relay
 MAX_PENDING = 64  # connections waiting for admission at once, per listener
+MAX_PENDING_PER_HOST = 8  # of those, from one address
 CHUNK = 256 * 1024
 
 
@@ -122,7 +125,13 @@ async def answer_challenge(
             answer (a different key), or did not answer in time.
     """
     try:
-        hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE_BYTES), deadline)
+        try:
+            hello = await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE_BYTES), deadline)
+        except asyncio.IncompleteReadError:
+            raise MigrationError(
+                f"the destination's {channel} relay closed the connection before its challenge"
+                " (too many connections wait for admission there?)"
+            ) from None
         nonce = nonce_of(hello)
         if nonce is None:
             raise MigrationError(f"the {channel} port does not greet as a migration relay")
@@ -183,7 +192,7 @@ class IncomingRelay:
         self.deadline = deadline
         self.admitted = 0
         self.refused = 0
-        self._pending = 0
+        self._pending: dict[str, int] = {}  # address -> connections waiting for admission
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -204,16 +213,22 @@ class IncomingRelay:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        if self._pending >= MAX_PENDING:
+        host = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        if sum(self._pending.values()) >= MAX_PENDING:
             self._refuse(peer, f"{MAX_PENDING} connections already wait for admission")
             return
-        self._pending += 1
+        if self._pending.get(host, 0) >= MAX_PENDING_PER_HOST:
+            self._refuse(peer, f"{MAX_PENDING_PER_HOST} of its connections already wait")
+            return
+        self._pending[host] = self._pending.get(host, 0) + 1
         try:
             why = await admit(
                 reader, writer, key=self.key, channel=self.channel, deadline=self.deadline
             )
         finally:
-            self._pending -= 1
+            self._pending[host] -= 1
+            if not self._pending[host]:
+                del self._pending[host]
         if why is not None:
             self._refuse(peer, why)
             return

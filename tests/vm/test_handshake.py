@@ -28,7 +28,13 @@ from vm.handshake import (
     parse_public_key,
     proof,
 )
-from vm.relay import IncomingRelay, OutgoingRelay, admit, answer_challenge
+from vm.relay import (
+    MAX_PENDING_PER_HOST,
+    IncomingRelay,
+    OutgoingRelay,
+    admit,
+    answer_challenge,
+)
 
 VM_ID = "20261201-110000-abcdef"
 
@@ -234,5 +240,39 @@ def test_the_source_relay_carries_qemus_stream_to_the_destination_once_admitted(
             finally:
                 await out.close()
                 await bad.close()
+
+    asyncio.run(main())
+
+
+def test_one_host_cannot_hold_more_than_its_share_of_waiting_connections(tmp_path: Path) -> None:
+    key = os.urandom(32)
+
+    async def main() -> None:
+        async with relay(tmp_path, key) as (r, port, got):
+            idle = [await asyncio.open_connection("127.0.0.1", port)
+                    for _ in range(MAX_PENDING_PER_HOST)]  # fmt: skip
+            for reader, _ in idle:  # each is waiting for admission once it is greeted
+                await asyncio.wait_for(reader.readexactly(len(MAGIC) + NONCE_BYTES), 5)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            with pytest.raises(MigrationError, match="closed the connection before its challenge"):
+                await answer_challenge(reader, writer, key=key, channel="memory")
+            writer.close()
+            assert r.refused == 1 and got == []
+            for _, w in idle:
+                w.close()
+            end = time.monotonic() + 10
+            while True:  # the relay sees them go, then has room again
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                try:
+                    await answer_challenge(reader, writer, key=key, channel="memory")
+                    writer.write(b"in")
+                    assert await asyncio.wait_for(reader.readexactly(2), 5) == b"in"
+                    break
+                except MigrationError:
+                    assert time.monotonic() < end, "no room after the idle connections went"
+                    await asyncio.sleep(0.05)
+                finally:
+                    writer.close()
+            assert r.admitted == 1 and got[-1] == b"in"
 
     asyncio.run(main())
