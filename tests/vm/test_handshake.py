@@ -180,12 +180,12 @@ def test_a_slow_preamble_is_refused_at_the_admission_deadline(tmp_path: Path) ->
 
     async def main() -> None:
         async with relay(tmp_path, key, deadline=0.5) as (r, port, got):
+            began = time.monotonic()  # before the relay can start its clock
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            began = time.monotonic()
             writer.write(b"x" * (PROOF_BYTES - 1))  # all but one byte, then nothing
             sent = await closed_by_peer(reader, 10.0)
             took = time.monotonic() - began
-            assert 0.4 <= took < 0.5 + 5.0, took
+            assert 0.5 <= took < 0.5 + 5.0, took
             assert len(sent) == len(MAGIC) + NONCE_BYTES
             writer.close()
             assert got == [] and r.refused == 1
