@@ -602,7 +602,8 @@ class VmService:
         await vm.qemu.end(grace)
 
     async def _stop(self, vm: _Vm, grace: float | None, why: str) -> None:
-        if vm.state is State.INCOMING:  # a migration that is not coming: give it up
+        if vm.state is State.INCOMING and not await self._arrived(vm):
+            # a migration that is not coming (or not complete): give it up
             await self._fail(vm, VmError(f"the incoming migration was abandoned: {why}"))
             return
         if not vm.booted.is_set():  # its start (a KVM trial too) is still underway
@@ -781,6 +782,16 @@ class VmService:
         self._update(vm, state=State.INCOMING, pid=vm.qemu.pid, ends=vm_end(vm.share, node))
         vm.tasks = [asyncio.create_task(self._await_incoming(vm))]
         return Waiting(vm.report, nbd_port, migrate_port, pair.public_hex)
+
+    async def _arrived(self, vm: _Vm) -> bool:
+        """Does the destination's qemu run the VM already (the memory came,
+        :meth:`_await_incoming` is about to see it)?"""
+        if vm.qemu is None or not vm.qemu.running:
+            return False
+        try:
+            return bool((await vm.qemu.execute("query-status")).get("status") == "running")
+        except QemuError:
+            return False
 
     async def _close_relays(self, vm: _Vm) -> None:
         relays, vm.relays = vm.relays, []
