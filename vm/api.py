@@ -11,12 +11,18 @@ routes over a :class:`vm.manager.VmService`::
     POST /v1/vms/{id}/stop    body (optional): {"grace": S}; the VM once qemu is
                               gone, with its outcome (token)
     POST /v1/vms/{id}/migration a migration's source, first step: the destination's
-                              body (the VM, its user_data, a fresh TLS key) (token)
+                              body (the VM, its user_data, "source_key": the source's
+                              public key for this migration); 409 if qemu blocks the
+                              migration now (a mounted 9p export) (token)
     POST /v1/vms/incoming     a migration's destination: body: that, with "source";
-                              201 {"vm", "host", "nbd_port", "migrate_port"} (token)
+                              201 {"vm", "host", "nbd_port", "migrate_port", "key"}
+                              ("key": the destination's public key) (token)
     POST /v1/vms/{id}/migrate a migration's source: body {"host", "nbd_port",
-                              "migrate_port", "to"}; the VM once it runs there, over
-                              TLS with the key of the prepared migration (token)
+                              "migrate_port", "to", "key"}; the VM once it runs there,
+                              over TLS with the key both sides derived (token)
+
+No request or answer carries a secret key: each side derives the migration's
+keys from the two public keys (:mod:`vm.handshake`).
 
 Errors are ``{"error": "..."}``: 400 a bad field (named), 404 an unknown VM,
 409 the node refuses the VM (the site policy's reason, an unknown image, no
@@ -35,7 +41,15 @@ from aiohttp import web
 from runner.api import ERROR_RESPONSE
 from swarm.status import VmReport, schema_of, to_json
 from vm.config import MAX_GRACE, parse_incoming, parse_request
-from vm.exceptions import QemuError, UnknownVm, VmConfigError, VmError, VmRefused
+from vm.exceptions import (
+    MigrationError,
+    QemuError,
+    UnknownVm,
+    VmConfigError,
+    VmError,
+    VmRefused,
+)
+from vm.handshake import parse_public_key
 from vm.manager import VmService
 
 _SERVICE: web.AppKey[VmService] = web.AppKey("vm.service", VmService)
@@ -51,6 +65,7 @@ _STATUSES: tuple[tuple[type[VmError], int], ...] = (
     (UnknownVm, 404),
     (VmRefused, 409),
     (QemuError, 502),
+    (MigrationError, 502),
 )
 
 
@@ -81,8 +96,8 @@ def _grace(doc: Any) -> float | None:
 
 
 def _migration_target(doc: Any) -> dict[str, Any]:
-    if not isinstance(doc, dict) or set(doc) != {"host", "nbd_port", "migrate_port", "to"}:
-        raise VmConfigError("the body must be {host, nbd_port, migrate_port, to}")
+    if not isinstance(doc, dict) or set(doc) != {"host", "nbd_port", "migrate_port", "to", "key"}:
+        raise VmConfigError("the body must be {host, nbd_port, migrate_port, to, key}")
     host, to = doc["host"], doc["to"]
     if not isinstance(host, str) or not host or len(host) > 255 or any(c in host for c in ",: /"):
         raise VmConfigError(f"host: expected an address, got {host!r}")
@@ -97,6 +112,7 @@ def _migration_target(doc: Any) -> dict[str, Any]:
         "nbd_port": doc["nbd_port"],
         "migrate_port": doc["migrate_port"],
         "to": to,
+        "key": parse_public_key("key", doc["key"]),
     }
 
 
@@ -140,21 +156,22 @@ def add_vm_routes(
         require_token(request)
         try:
             req = parse_incoming(await _body(request))
-            vm, nbd_port, migrate_port = await service.incoming(req, host=service.migration_host)
+            waiting = await service.incoming(req, host=service.migration_host)
         except VmError as exc:
             return _vm_error(exc)
         answer = {
-            "vm": to_json(vm),
+            "vm": to_json(waiting.vm),
             "host": service.migration_host,
-            "nbd_port": nbd_port,
-            "migrate_port": migrate_port,
+            "nbd_port": waiting.nbd_port,
+            "migrate_port": waiting.migrate_port,
+            "key": waiting.key,
         }
         return web.json_response(answer, status=201)
 
     async def prepare(request: web.Request) -> web.Response:
         require_token(request)
         try:
-            req = service.prepare_migration(request.match_info["id"])
+            req = await service.prepare_migration(request.match_info["id"])
         except VmError as exc:
             return _vm_error(exc)
         return web.json_response(req.to_json())
@@ -237,7 +254,7 @@ VM_OPENAPI_PATHS: dict[str, Any] = {
             "security": [{"bearer": []}],
             "requestBody": _JSON_BODY,
             "responses": {
-                "201": {"description": "waiting: {vm, host, nbd_port, migrate_port}"},
+                "201": {"description": "waiting: {vm, host, nbd_port, migrate_port, key}"},
                 "400": ERROR_RESPONSE,
                 "401": ERROR_RESPONSE,
                 "409": ERROR_RESPONSE,
@@ -248,7 +265,8 @@ VM_OPENAPI_PATHS: dict[str, Any] = {
     "/v1/vms/{id}/migration": {
         "post": {
             "summary": "a migration's source, first step: the destination's request"
-            " (the VM, its user_data, a fresh TLS pre-shared key for this migration)",
+            " (the VM, its user_data, the source's X25519 public key for this migration);"
+            " 409 if qemu blocks the migration now",
             "security": [{"bearer": []}],
             "parameters": _ID,
             "responses": {
@@ -256,6 +274,7 @@ VM_OPENAPI_PATHS: dict[str, Any] = {
                 "401": ERROR_RESPONSE,
                 "404": ERROR_RESPONSE,
                 "409": ERROR_RESPONSE,
+                "502": ERROR_RESPONSE,
             },
         }
     },

@@ -18,16 +18,22 @@ exits 1, a node that cannot be reached exits 6.
 
 ``migrate`` reads both nodes' configurations (API and token of each): it
 asks the source for the destination's request (``POST /v1/vms/ID/migration``:
-the VM, its user_data, a fresh TLS pre-shared key for this migration), asks
-the destination to wait for the VM with it (``POST /v1/vms/incoming``: qemu
-with a TLS-only NBD export of an empty overlay over its own copy of the
-signed base image), then the source to send it (``POST /v1/vms/ID/migrate``:
-the overlay mirrored, then the memory, both over TLS with that key).
+the VM, its user_data, the source's public key for this migration; refused
+at once if qemu blocks the migration, a guest with the 9p software mount
+mounted), asks the destination to wait for the VM with it (``POST
+/v1/vms/incoming``: qemu with a TLS-only NBD export of an empty overlay over
+its own copy of the signed base image, behind relays that admit only the
+migration's key holder; it answers with its own public key), then the source
+to send it (``POST /v1/vms/ID/migrate`` with that key: the overlay mirrored,
+then the memory, both over TLS with the key both sides derived). If the
+source fails, the waiting destination is told to give up (``POST
+/v1/vms/ID/stop``) and the error is the source's, in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import urllib.error
@@ -164,8 +170,8 @@ def cmd_migrate(a: argparse.Namespace) -> int:
 
     source, _ = _node(a.config)
     dest, _ = _node(a.to)
-    # The source makes the destination's request: the VM, its user_data and a
-    # fresh TLS key for this migration's NBD and memory streams (token both ways).
+    # The source makes the destination's request: the VM, its user_data and its
+    # public key for this migration (no secret crosses the API; token both ways).
     incoming = call(a.config, "POST", f"v1/vms/{a.id}/migration", {})
     incoming["source"] = source
     waiting = call(a.to, "POST", "v1/vms/incoming", incoming, deadline=120)
@@ -177,9 +183,16 @@ def cmd_migrate(a: argparse.Namespace) -> int:
         "nbd_port": waiting["nbd_port"],
         "migrate_port": waiting["migrate_port"],
         "to": dest,
+        "key": waiting["key"],
     }
     started = time.monotonic()
-    moved = call(a.config, "POST", f"v1/vms/{a.id}/migrate", target, deadline=MIGRATE_DEADLINE)
+    try:
+        moved = call(a.config, "POST", f"v1/vms/{a.id}/migrate", target, deadline=MIGRATE_DEADLINE)
+    except (VmError, FetchError):
+        # the VM runs on at the source: the destination stops waiting for it
+        with contextlib.suppress(VmError, FetchError, ConfigError):
+            call(a.to, "POST", f"v1/vms/{a.id}/stop", {"grace": 0})
+        raise
     if a.json:
         print(json.dumps(moved, indent=2))
         return 0

@@ -41,6 +41,7 @@ from swarm.options import ValueRangeError, parse_count, parse_seconds
 from trust.names import repo_name_problem
 from vm.channel import max_file_bytes
 from vm.exceptions import VmConfigError
+from vm.handshake import parse_public_key
 from vm.qemu import ACCELERATORS
 
 MAX_LIFETIME = 10 * 365 * 86400.0
@@ -250,13 +251,11 @@ def parse_request(doc: object) -> VmRequest:
 _VM_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}\Z")
 
 
-_PSK = re.compile(r"^[0-9a-f]{64}\Z")
-
-
 @dataclass(frozen=True)
 class IncomingRequest:
     """What the destination of a migration needs: the VM as its source runs it,
-    and the migration's TLS key. The source makes it
+    and the source's public key for this migration (the TLS key is derived on
+    each side, never sent: :mod:`vm.handshake`). The source makes it
     (:meth:`vm.manager.VmService.prepare_migration`); the migrate command
     hands it to the destination (``POST /v1/vms/incoming``, token)."""
 
@@ -269,7 +268,7 @@ class IncomingRequest:
     started: float  # epoch seconds
     ends: float
     source: str  # who sends it (shown in the record)
-    psk: str  # 64 hex digits: this migration's TLS pre-shared key (NBD and memory)
+    source_key: str  # 64 hex digits: the source's ephemeral X25519 public key
     agent: str | None = None  # the guest agent's version (its HELLO on the source)
     user_data: bytes | None = None  # the VM's script (sent to the guest again on reconnects)
 
@@ -285,14 +284,14 @@ class IncomingRequest:
             "started": self.started,
             "ends": self.ends,
             "source": self.source,
-            "psk": self.psk,
+            "source_key": self.source_key,
             "agent": self.agent,
             "user_data": None if self.user_data is None else self.user_data.decode(),
         }
 
 
 INCOMING_KEYS = ("id", "image", "cores", "memory", "accelerator", "software", "started", "ends",
-                 "source", "psk")  # fmt: skip
+                 "source", "source_key")  # fmt: skip
 INCOMING_OPTIONAL = ("agent", "user_data")
 
 
@@ -317,8 +316,7 @@ def parse_incoming(doc: object) -> IncomingRequest:
         raise VmConfigError(f"accelerator: expected kvm or tcg, got {doc['accelerator']!r}")
     if not isinstance(doc["software"], bool):
         raise VmConfigError("software: expected true or false")
-    if not isinstance(doc["psk"], str) or not _PSK.match(doc["psk"]):
-        raise VmConfigError("psk: expected 64 lower-case hex digits")
+    parse_public_key("source_key", doc["source_key"])
     agent = doc.get("agent")
     if agent is not None and (not isinstance(agent, str) or not 0 < len(agent) <= 64):
         raise VmConfigError("agent: expected the agent's version (at most 64 characters)")
@@ -339,7 +337,7 @@ def parse_incoming(doc: object) -> IncomingRequest:
         started=times[0],
         ends=times[1],
         source=_text("source", doc["source"])[:200],
-        psk=doc["psk"],
+        source_key=doc["source_key"],
         agent=agent,
         user_data=user_data,
     )

@@ -6,6 +6,9 @@ VmError                   root of every error raised by ``vm``
 │                         (also a ``ValueError``; the text says why)
 ├── QemuError             qemu or qemu-img could not start, answer QMP, or do
 │                         what was asked within its deadline (transport to a child)
+├── MigrationError        a migration's peer: its relay could not be reached, did
+│                         not answer in time, or refused the stream (a different
+│                         key: a wrong or forged public key) (transport to a peer)
 ├── VmRefused             the node will not start this VM: the image is unknown
 │   │                     or refused by the site policy, no cores are free, the
 │   │                     VM type is backed off (the text says which and why)
@@ -32,6 +35,10 @@ class GuestDataError(VmError, ValueError):
 
 class QemuError(VmError):
     """qemu or qemu-img failed or did not answer within its deadline."""
+
+
+class MigrationError(VmError):
+    """A migration's peer could not be reached, did not answer, or refused the stream."""
 
 
 class VmRefused(VmError):

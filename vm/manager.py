@@ -88,15 +88,20 @@ from vm.contract import (
 from vm.exceptions import (
     BackedOff,
     ImageRefused,
+    MigrationError,
     NoFreeCores,
     QemuError,
     UnknownVm,
     VmError,
     VmRefused,
 )
+from vm.handshake import KeyPair, parse_public_key
 from vm.qemu import (
+    DISK_SOCKET,
     FROM_GUEST_SOCKET,
+    MEMORY_SOCKET,
     QMP_SOCKET,
+    SOFTWARE_TAG,
     TO_GUEST_SOCKET,
     Accelerator,
     AcceleratorChoice,
@@ -104,11 +109,11 @@ from vm.qemu import (
     QemuSpec,
     command_line,
     create_overlay,
-    new_psk,
     probe_serial_line,
     remove_psk,
     write_psk,
 )
+from vm.relay import IncomingRelay, OutgoingRelay
 
 log = logging.getLogger("vm.manager")
 
@@ -117,7 +122,19 @@ LEASE_RECHECK = 5.0  # seconds between reads of the lease (a moved shutdowntime)
 WATCH_TICK = 1.0  # seconds between a VM's checks (heartbeat, end of its time)
 OVERLAY = "disk.qcow2"
 RECORD = "record.json"
+OLD = ".old"  # under vms/: the directories of ended VMs whose id came here again
 MAX_REFUSED_SHOWN = 20
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """A migration's destination, waiting: what its source needs
+    (``POST /v1/vms/incoming``'s answer, with the node's migration host)."""
+
+    vm: VmReport
+    nbd_port: int  # the disk relay's port
+    migrate_port: int  # the memory relay's port
+    key: str  # the destination's X25519 public key (64 hex digits)
 
 
 @dataclass(frozen=True)
@@ -177,7 +194,8 @@ class _Vm:
         self.stop_grace: float | None = None
         self.stopping_task: asyncio.Task[None] | None = None
         self.migrated_to: str | None = None
-        self.migration_psk: str | None = None  # made by prepare_migration, used by migrate_vm
+        self.migration_pair: KeyPair | None = None  # made by prepare_migration, used once
+        self.relays: list[IncomingRelay | OutgoingRelay] = []  # a migration's, while it runs
         self.tasks: list[asyncio.Task[Any]] = []
         self.booted = asyncio.Event()  # its start ended (running or failed)
         self.hello = asyncio.Event()  # its agent said HELLO
@@ -590,6 +608,10 @@ class VmService:
         await vm.qemu.end(grace)
 
     async def _stop(self, vm: _Vm, grace: float | None, why: str) -> None:
+        if vm.state is State.INCOMING and not await self._arrived(vm):
+            # a migration that is not coming (or not complete): give it up
+            await self._fail(vm, VmError(f"the incoming migration was abandoned: {why}"))
+            return
         if not vm.booted.is_set():  # its start (a KVM trial too) is still underway
             await vm.booted.wait()  # every step of a start has a deadline
         if vm.state not in LIVE or vm.qemu is None:
@@ -690,23 +712,31 @@ class VmService:
 
     # -- live migration ----------------------------------------------------------------------
 
-    async def incoming(self, req: IncomingRequest, *, host: str) -> tuple[VmReport, int, int]:
+    async def incoming(self, req: IncomingRequest, *, host: str) -> Waiting:
         """Destination of a migration: the VM's qemu waiting for its disk (NBD
         export of an empty overlay over this node's own copy of the signed
-        base image) and its memory; (its report, the NBD port, the migration
-        port), both on ``host``. It runs here once the memory arrived.
+        base image) and its memory, each behind a relay on ``host`` that
+        admits only the holder of the migration's key (:mod:`vm.relay`). The
+        key is derived from ``req.source_key`` and a key pair made here, whose
+        public half the answer carries. It runs here once the memory arrived.
 
         Raises:
             ImageRefused, VmRefused: as for :meth:`start_vm` (this node's policy,
                 mount and cores decide), or the id is already here.
-            QemuError: the overlay or qemu could not start (recorded as failed).
+            VmConfigError: ``source_key`` is not a usable public key (nothing started).
+            QemuError, MigrationError: the overlay, qemu or a relay could not
+                start (recorded as failed).
         """
         if self._closing:
             raise VmRefused("the node is shutting down")
-        if req.vm_id in self.vms:
+        earlier = self.vms.get(req.vm_id)
+        if earlier is not None and earlier.state not in (State.FAILED, State.MIGRATED):
             raise VmRefused(f"VM {req.vm_id} is already on this node")
         if req.software and self.software is None:
             raise VmRefused("the VM has the software mount (9p); this node exports none")
+        pair = KeyPair()
+        source_key = parse_public_key("source_key", req.source_key)
+        keys = pair.keys(source_key, vm_id=req.vm_id, source=False, field="source_key")
         image = self.find_image(req.image)
         try:
             lease = await asyncio.to_thread(self.lease_at, time.monotonic())
@@ -717,6 +747,12 @@ class VmService:
             raise VmRefused(f"{req.cores} cores asked, not free of the lease's {lease.cores}")
         now = self.clock()
         vm_dir = self.root / req.vm_id
+        if earlier is not None:  # a failed try, or the VM left and comes back: kept aside
+            try:
+                _set_aside(vm_dir, self.root / OLD / req.vm_id)
+            except OSError as exc:
+                self.cores.release_vm(req.cores)
+                raise VmError(f"cannot set {vm_dir} aside: {exc.strerror}") from None
         report = VmReport(
             id=req.vm_id, image=str(req.image), state=State.STARTING.value, cores=req.cores,
             memory=req.memory, created=now, dir=str(vm_dir), software=req.software,
@@ -743,19 +779,42 @@ class VmService:
                 accelerator=req.accelerator, software=self.software if req.software else None,
                 incoming=True,
             )  # fmt: skip
-            write_psk(vm.dir, req.psk)  # read by qemu at each TLS handshake; gone on arrival
+            # read by qemu at each TLS handshake; gone on arrival. Its directory
+            # (0700) also holds qemu's two listening sockets, for the relays only.
+            write_psk(vm.dir, keys.psk)
             vm.qemu = await QemuProcess.start(command_line(spec), vm.dir, deadline=s.start_timeout)
             await vm.qemu.add_tls("server")
-            nbd_port, migrate_port = _free_port(host), _free_port(host)
-            await vm.qemu.export_disk(host, nbd_port)
-            await vm.qemu.incoming_from(host, migrate_port)
+            await vm.qemu.export_disk()
+            await vm.qemu.incoming()
+            name = f"vm {req.vm_id}"
+            disk = IncomingRelay(key=keys.admission, channel="disk",
+                                 target=vm.qemu.path(DISK_SOCKET), name=name)  # fmt: skip
+            memory = IncomingRelay(key=keys.admission, channel="memory",
+                                   target=vm.qemu.path(MEMORY_SOCKET), name=name)  # fmt: skip
+            vm.relays = [disk, memory]
+            nbd_port, migrate_port = await disk.start(host), await memory.start(host)
         except BaseException as exc:
             await self._fail(vm, exc)
             raise
         vm.sent = machine_job_features(vm.share, node)
         self._update(vm, state=State.INCOMING, pid=vm.qemu.pid, ends=vm_end(vm.share, node))
         vm.tasks = [asyncio.create_task(self._await_incoming(vm))]
-        return vm.report, nbd_port, migrate_port
+        return Waiting(vm.report, nbd_port, migrate_port, pair.public_hex)
+
+    async def _arrived(self, vm: _Vm) -> bool:
+        """Does the destination's qemu run the VM already (the memory came,
+        :meth:`_await_incoming` is about to see it)?"""
+        if vm.qemu is None or not vm.qemu.running:
+            return False
+        try:
+            return bool((await vm.qemu.execute("query-status")).get("status") == "running")
+        except QemuError:
+            return False
+
+    async def _close_relays(self, vm: _Vm) -> None:
+        relays, vm.relays = vm.relays, []
+        for r in relays:
+            await r.close()
 
     async def _fail(self, vm: _Vm, exc: BaseException) -> None:
         """A start (or an incoming migration) failed: end what began, record why."""
@@ -764,6 +823,7 @@ class VmService:
         for t in vm.tasks:
             if t is not asyncio.current_task():
                 t.cancel()
+        await self._close_relays(vm)
         if vm.qemu is not None:
             await vm.qemu.kill()
             vm.qemu.close()
@@ -788,6 +848,7 @@ class VmService:
                 if (await q.execute("query-status")).get("status") == "running":
                     break
                 await asyncio.sleep(0.1)
+            await self._close_relays(vm)
             await q.end_export()
             await q.drop_tls()  # this VM may move on: the source's credentials are a client's
             remove_psk(vm.dir)
@@ -812,43 +873,60 @@ class VmService:
         vm.booted.set()
         await self._watch(vm)
 
-    def prepare_migration(self, vm_id: str) -> IncomingRequest:
+    async def _refuse_blocked(self, vm_id: str, q: QemuProcess) -> None:
+        """Raises VmRefused if qemu would refuse to migrate the VM now."""
+        blockers = await q.migration_blockers()
+        if blockers:
+            raise VmRefused(migration_blocked(vm_id, blockers))
+
+    async def prepare_migration(self, vm_id: str) -> IncomingRequest:
         """Source of a migration, first step: what the destination needs
         (``POST /v1/vms/incoming``'s body, ``source`` left for the caller to
-        name), with a fresh random TLS key for this migration only, kept here
-        for :meth:`migrate_vm` (a later prepare replaces it).
+        name), with the public half of a fresh X25519 key pair for this
+        migration only, kept here for :meth:`migrate_vm` (a later prepare
+        replaces it). A VM that qemu would not migrate now (a guest with the
+        software mount's 9p export mounted) is refused here, before any
+        destination starts anything.
 
         Raises:
             UnknownVm: no such VM.
-            VmRefused: it is not running.
+            VmRefused: it is not running, or qemu blocks its migration (why).
+            QemuError: QMP failed.
         """
         vm = self.vms.get(vm_id)
         if vm is None:
             raise UnknownVm(f"no VM {vm_id!r} on this node")
-        if vm.state is not State.RUNNING or vm.share is None:
+        if vm.state is not State.RUNNING or vm.share is None or vm.qemu is None:
             raise VmRefused(f"VM {vm_id} is {vm.state.value}: only a running VM migrates")
-        vm.migration_psk = new_psk()
+        await self._refuse_blocked(vm_id, vm.qemu)
+        vm.migration_pair = KeyPair()
         r = vm.report
         return IncomingRequest(
             vm_id=vm_id, image=parse_image_name(r.image), cores=r.cores, memory=r.memory,
             accelerator=r.accelerator or "tcg", software=r.software, started=r.created,
             ends=r.ends or vm.share.started + vm.share.lifetime, source="",
-            psk=vm.migration_psk, agent=r.agent, user_data=vm.user_data,
+            source_key=vm.migration_pair.public_hex, agent=r.agent, user_data=vm.user_data,
         )  # fmt: skip
 
     async def migrate_vm(
-        self, vm_id: str, *, host: str, nbd_port: int, migrate_port: int, to: str
+        self, vm_id: str, *, host: str, nbd_port: int, migrate_port: int, to: str, key: bytes
     ) -> VmReport:
         """Source of a migration: mirror the overlay into the destination's
         NBD export, send the memory, end the qemu here; the report (state
-        ``migrated``). Both streams are TLS with the key
-        :meth:`prepare_migration` made (used once: gone after this call,
-        whatever its end). The guest keeps running throughout (paused for
-        qemu's downtime only); on failure it keeps running here.
+        ``migrated``). ``key`` is the destination's public key: with the key
+        pair :meth:`prepare_migration` made (used once: gone after this call,
+        whatever its end) it gives the TLS key of both streams and the
+        admission key of the destination's relays, which both streams reach
+        through this daemon's relays. The guest keeps running throughout
+        (paused for qemu's downtime only); on failure it keeps running here.
 
         Raises:
             UnknownVm: no such VM.
-            VmRefused: it is not running, or no migration was prepared.
+            VmRefused: it is not running, no migration was prepared, or qemu
+                blocks its migration (why).
+            VmConfigError: ``key`` is not a usable public key.
+            MigrationError: the destination's relay refused or did not answer
+                (it runs on here).
             QemuError: the mirror or the migration failed (it runs on here).
         """
         vm = self.vms.get(vm_id)
@@ -856,29 +934,45 @@ class VmService:
             raise UnknownVm(f"no VM {vm_id!r} on this node")
         if vm.state is not State.RUNNING or vm.qemu is None:
             raise VmRefused(f"VM {vm_id} is {vm.state.value}: only a running VM migrates")
-        psk, vm.migration_psk = vm.migration_psk, None
-        if psk is None:
+        pair, vm.migration_pair = vm.migration_pair, None
+        if pair is None:
             raise VmRefused(
                 f"no migration of VM {vm_id} was prepared (POST /v1/vms/{vm_id}/migration first)"
             )
+        keys = pair.keys(key, vm_id=vm_id, source=True)  # VmConfigError
         q = vm.qemu
+        await self._refuse_blocked(vm_id, q)  # the guest may have mounted since
         self._update(vm, state=State.MIGRATING)
+        name = f"vm {vm_id}"
+        relays = [
+            OutgoingRelay(key=keys.admission, channel="disk", path=q.path(DISK_SOCKET),
+                          host=host, port=nbd_port, name=name),
+            OutgoingRelay(key=keys.admission, channel="memory", path=q.path(MEMORY_SOCKET),
+                          host=host, port=migrate_port, name=name),
+        ]  # fmt: skip
         began = time.monotonic()
         try:
-            write_psk(vm.dir, psk)
+            write_psk(vm.dir, keys.psk)  # its directory (0700) holds the relays' sockets too
+            vm.relays = list(relays)
+            for r in relays:
+                await r.start()
             await q.add_tls("client")  # qemu reads the client's key here, once
-            await q.mirror_to(host, nbd_port, MIGRATE_DEADLINE)
-            info = await q.migrate_to(host, migrate_port, MIGRATE_DEADLINE)
-        except QemuError as exc:
+            await q.mirror_to(MIGRATE_DEADLINE)
+            info = await q.migrate_to(MIGRATE_DEADLINE)
+            await q.cancel_mirror()  # the destination has the disk and runs
+        except (QemuError, MigrationError) as exc:
             await q.cancel_mirror()
             await q.drop_tls()
             if q.running:
                 self._update(vm, state=State.RUNNING)
-            raise QemuError(f"migration of {vm_id} to {to} failed: {exc}") from None
+            # a relay knows better than qemu why its stream ended (a refused key)
+            cause = next((r.error for r in relays if r.error is not None), exc)
+            kind = MigrationError if isinstance(cause, MigrationError) else QemuError
+            raise kind(f"migration of {vm_id} to {to} failed: {cause}") from None
         finally:
+            await self._close_relays(vm)
             remove_psk(vm.dir)
         vm.migrated_to = to
-        await q.cancel_mirror()
         self._update(
             vm, migrated_to=to, migration_seconds=time.monotonic() - began,
             migration_downtime_ms=info.get("downtime"),
@@ -914,7 +1008,7 @@ class VmService:
                 doc = json.loads((d / RECORD).read_text())
                 report = VmReport(**doc)
             except (OSError, ValueError, TypeError) as exc:
-                if d.name != ".kvm-probe":
+                if not d.name.startswith("."):  # .kvm-probe, OLD: no VMs
                     log.warning("vm: ignoring %s: %s", d, exc)
                 continue
             vm = _Vm(report, d, None)
@@ -963,13 +1057,28 @@ class VmService:
         )
 
 
-def _free_port(host: str) -> int:
-    """A TCP port free on ``host`` now (qemu binds it a moment later)."""
-    import socket
+def migration_blocked(vm_id: str, blockers: list[str]) -> str:
+    """One line: why qemu will not migrate ``vm_id`` now (its ``blocked-reasons``)."""
+    why = "; ".join(" ".join(b.split()) for b in blockers)
+    hint = ""
+    if any("VirtFS" in b or SOFTWARE_TAG in b for b in blockers):
+        hint = (
+            " (the guest has the software mount (9p) mounted: qemu 7.2 cannot migrate it"
+            " until the guest unmounts /swarm, which the agent does when its payload exits)"
+        )
+    return f"VM {vm_id} cannot migrate now: {why}{hint}"
 
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+
+def _set_aside(vm_dir: Path, old: Path) -> None:
+    """Move an ended VM's directory to ``old/N`` (the first free N), so its
+    id may come to this node again and nothing of the earlier one is lost.
+
+    Raises:
+        OSError: it cannot be moved.
+    """
+    old.mkdir(parents=True, exist_ok=True)
+    n = 1 + max((int(p.name) for p in old.iterdir() if p.name.isdigit()), default=0)
+    vm_dir.rename(old / str(n))
 
 
 def _no_images(image: ImageName) -> ImageLookup:

@@ -20,7 +20,11 @@ Live migration (the libvirt way: the destination's NBD export of an empty
 overlay, the source's ``blockdev-mirror sync=top`` into it, then
 ``migrate``) runs both streams over TLS: a ``tls-creds-psk`` object over a
 key file (``migration-tls/keys.psk``, identity ``swarm``) that exists only
-while that migration runs; the NBD server takes no client without it.
+while that migration runs; the NBD server takes no client without it. qemu
+never faces the network for it: both streams go through unix sockets of
+that private directory (0700), the destination's qemu listening on them and
+the source's qemu connecting to the node daemon's, whose relays
+(:mod:`vm.relay`) carry them between the nodes.
 
 :class:`AcceleratorChoice` decides KVM or TCG once per daemon: ``kvm`` and
 ``tcg`` are taken as configured; ``auto`` boots a probe guest under KVM that
@@ -37,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -65,6 +68,8 @@ TLS_CREDS = "swarm-tls"  # the migration's tls-creds-psk object (NBD export and 
 PSK_DIR = "migration-tls"  # in the VM's directory, 0700: keys.psk (0600) while it migrates
 PSK_FILE = "keys.psk"  # the name qemu's tls-creds-psk reads in its dir
 PSK_USER = "swarm"  # the PSK identity both sides name
+DISK_SOCKET = f"{PSK_DIR}/disk.sock"  # the NBD stream's unix socket (relative to qemu's cwd)
+MEMORY_SOCKET = f"{PSK_DIR}/memory.sock"  # the memory stream's
 MiB = 1 << 20
 
 
@@ -184,11 +189,6 @@ async def create_overlay(
     await run_bounded([*argv, str(overlay)], deadline, "overlay")
 
 
-def new_psk() -> str:
-    """A fresh random pre-shared key for one migration: 64 hex digits (256 bits)."""
-    return secrets.token_hex(32)
-
-
 def write_psk(vm_dir: Path, psk: str) -> None:
     """``vm_dir/PSK_DIR/keys.psk`` (dir 0700, file 0600, created afresh) in
     the ``identity:hexkey`` form qemu's ``tls-creds-psk`` reads.
@@ -210,10 +210,13 @@ def write_psk(vm_dir: Path, psk: str) -> None:
 
 
 def remove_psk(vm_dir: Path) -> None:
-    """Remove the migration key of ``vm_dir`` (nothing if there is none)."""
+    """Remove the migration key of ``vm_dir`` and the migration's sockets
+    (nothing if there are none)."""
     d = vm_dir / PSK_DIR
     with contextlib.suppress(OSError):
-        (d / PSK_FILE).unlink()
+        for entry in os.listdir(d):  # only ours: the key and the two sockets
+            with contextlib.suppress(OSError):
+                (d / entry).unlink()
     with contextlib.suppress(OSError):
         d.rmdir()
 
@@ -370,16 +373,28 @@ class QemuProcess:
         with contextlib.suppress(QemuError):
             await self.execute("object-del", {"id": TLS_CREDS})
 
-    async def export_disk(self, host: str, port: int) -> None:
-        """Destination: serve the (empty) overlay over NBD, writable, for the
-        source's mirror; only to a client holding the migration's key
-        (:meth:`add_tls` first: a plain NBD client is refused).
+    async def migration_blockers(self) -> list[str]:
+        """Why qemu would refuse to migrate this VM now (``query-migrate``'s
+        ``blocked-reasons``: a guest with the 9p export mounted, ...); empty
+        if nothing blocks it.
 
         Raises:
-            QemuError: QMP failed (the port taken, ...).
+            QemuError: QMP failed.
+        """
+        info = await self.execute("query-migrate")
+        return [str(r) for r in info.get("blocked-reasons") or []]
+
+    async def export_disk(self) -> None:
+        """Destination: serve the (empty) overlay over NBD, writable, for the
+        source's mirror, on :data:`DISK_SOCKET` (the daemon's relay reaches
+        it); only to a client holding the migration's key (:meth:`add_tls`
+        first: a plain NBD client is refused).
+
+        Raises:
+            QemuError: QMP failed.
         """
         node = await self.disk_node()
-        addr = {"type": "inet", "data": {"host": host, "port": str(port)}}
+        addr = {"type": "unix", "data": {"path": DISK_SOCKET}}
         await self.execute("nbd-server-start", {"addr": addr, "tls-creds": TLS_CREDS})
         await self.execute(
             "block-export-add",
@@ -393,17 +408,18 @@ class QemuProcess:
         with contextlib.suppress(QemuError):
             await self.execute("nbd-server-stop")
 
-    async def mirror_to(self, host: str, port: int, deadline: float) -> None:
+    async def mirror_to(self, deadline: float) -> None:
         """Source: mirror the overlay (``sync=top``: the base is the same
         signed image on both sides) into the destination's NBD export (over
-        TLS: :meth:`add_tls` first), until
-        the mirror is in step (then every write goes to both).
+        TLS: :meth:`add_tls` first; through the daemon's relay at
+        :data:`DISK_SOCKET`), until the mirror is in step (then every write
+        goes to both).
 
         Raises:
             QemuError: QMP failed, the job failed, or not ready in time.
         """
         node = await self.disk_node()
-        server = {"type": "inet", "host": host, "port": str(port)}
+        server = {"type": "unix", "path": DISK_SOCKET}
         await self.execute(
             "blockdev-add",
             {"driver": "nbd", "node-name": MIRROR_TARGET, "server": server, "export": EXPORT,
@@ -438,15 +454,16 @@ class QemuProcess:
         with contextlib.suppress(QemuError):
             await self.execute("blockdev-del", {"node-name": MIRROR_TARGET})
 
-    async def migrate_to(self, host: str, port: int, deadline: float) -> dict[str, Any]:
+    async def migrate_to(self, deadline: float) -> dict[str, Any]:
         """Source: send the memory and device state (over TLS: :meth:`add_tls`
-        first); qemu's final report.
+        first; through the daemon's relay at :data:`MEMORY_SOCKET`); qemu's
+        final report.
 
         Raises:
             QemuError: the migration failed or did not complete in time (it
                 is cancelled; the guest keeps running here).
         """
-        await self.execute("migrate", {"uri": f"tcp:{host}:{port}"})
+        await self.execute("migrate", {"uri": f"unix:{MEMORY_SOCKET}"})
         end = time.monotonic() + deadline
         while time.monotonic() < end:
             info: dict[str, Any] = await self.execute("query-migrate")
@@ -460,13 +477,14 @@ class QemuProcess:
             await self.execute("migrate_cancel")
         raise QemuError(f"the migration did not complete within {deadline:g} s")
 
-    async def incoming_from(self, host: str, port: int) -> None:
-        """Destination: listen for the memory on ``host:port`` (TLS: :meth:`add_tls` first).
+    async def incoming(self) -> None:
+        """Destination: listen for the memory on :data:`MEMORY_SOCKET` (TLS:
+        :meth:`add_tls` first; the daemon's relay reaches it).
 
         Raises:
             QemuError: QMP failed.
         """
-        await self.execute("migrate-incoming", {"uri": f"tcp:{host}:{port}"})
+        await self.execute("migrate-incoming", {"uri": f"unix:{MEMORY_SOCKET}"})
 
     @property
     def running(self) -> bool:
