@@ -118,6 +118,7 @@ from vm.relay import IncomingRelay, OutgoingRelay
 log = logging.getLogger("vm.manager")
 
 MIGRATE_DEADLINE = 300.0  # seconds for the disk mirror, and again for the memory
+RELAY_FINISH_DEADLINE = 60.0  # seconds for a complete migration's streams to drain
 LEASE_RECHECK = 5.0  # seconds between reads of the lease (a moved shutdowntime)
 WATCH_TICK = 1.0  # seconds between a VM's checks (heartbeat, end of its time)
 OVERLAY = "disk.qcow2"
@@ -960,6 +961,12 @@ class VmService:
             await q.mirror_to(MIGRATE_DEADLINE)
             info = await q.migrate_to(MIGRATE_DEADLINE)
             await q.cancel_mirror()  # the destination has the disk and runs
+            # qemu's last bytes may still be on their way through the relays:
+            # the streams end when the destination has loaded them.
+            for r in relays:
+                if not await r.finish(RELAY_FINISH_DEADLINE):
+                    log.warning("vm %s: the %s stream to %s did not end within %g s",
+                                vm_id, r.channel, to, RELAY_FINISH_DEADLINE)  # fmt: skip
         except (QemuError, MigrationError) as exc:
             await q.cancel_mirror()
             await q.drop_tls()

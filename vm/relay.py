@@ -22,7 +22,10 @@ Relaying copies bytes as they come (no buffering beyond asyncio's transport
 water marks, ``TCP_NODELAY`` on, as asyncio sets it): the guest's pause at the
 switch-over is qemu's own. qemu's TLS-PSK runs end to end inside the
 relayed stream: a relay sees only ciphertext. Every connection of a relay is
-closed by :meth:`close`, which the migration calls whatever its end.
+closed by :meth:`close`, which the migration calls whatever its end; on
+success the source first lets its streams end by themselves
+(:meth:`finish`), since qemu reports the migration complete while its last
+bytes are still in the relay.
 """
 
 from __future__ import annotations
@@ -172,7 +175,43 @@ async def _tracked(
             log.error("relay connection failed: %r", task.exception())
 
 
-class IncomingRelay:
+class _Relay:
+    """What both relays share: a listener and the tasks of its connections."""
+
+    _server: asyncio.Server | None
+    _tasks: set[asyncio.Task[None]]
+
+    async def finish(self, deadline: float) -> bool:
+        """Stop listening and let the connections end by themselves (each
+        side closes its stream once it has everything) for at most
+        ``deadline`` seconds, then close what is left. True if none was left.
+
+        qemu counts a migration complete once its last byte is in the
+        relay's socket: closing the relay then would cut what is still on
+        its way to the destination."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        ended = True
+        if self._tasks:
+            _, left = await asyncio.wait(list(self._tasks), timeout=deadline)
+            ended = not left
+        await self.close()
+        return ended
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (safe twice)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+
+class IncomingRelay(_Relay):
     """Destination: a TCP listener that admits the holder of ``key`` to
     ``channel`` and relays it to qemu's unix socket ``target``."""
 
@@ -248,19 +287,8 @@ class IncomingRelay:
         self.refused += 1
         log.warning("%s: %s connection from %s refused: %s", self.name, self.channel, peer, why)
 
-    async def close(self) -> None:
-        """Stop listening and end every connection (safe twice)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
 
-
-class OutgoingRelay:
+class OutgoingRelay(_Relay):
     """Source: a unix listener at ``path`` for qemu; each connection is
     carried to the destination's relay at ``host:port`` once admitted."""
 
@@ -311,14 +339,3 @@ class OutgoingRelay:
             outer[1].close()
             return
         await splice((reader, writer), outer)
-
-    async def close(self) -> None:
-        """Stop listening and end every connection (safe twice)."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        for t in list(self._tasks):
-            t.cancel()
-        for t in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t

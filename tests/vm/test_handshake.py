@@ -244,6 +244,52 @@ def test_the_source_relay_carries_qemus_stream_to_the_destination_once_admitted(
     asyncio.run(main())
 
 
+def test_a_finished_source_relay_delivers_all_qemu_wrote_before_it_closed(
+    tmp_path: Path,
+) -> None:
+    # qemu reports a migration complete once its last byte is in the relay's
+    # socket, and closes it; a destination that reads slowly must still get
+    # every byte (closing the relays at that moment cut the stream: the
+    # destination's qemu failed to load the device state).
+    src, dst = pair_keys()
+    mine = src.keys(dst.public, vm_id=VM_ID, source=True)
+    theirs = dst.keys(src.public, vm_id=VM_ID, source=False)
+    payload = os.urandom(8 << 20)
+
+    async def main() -> None:
+        got = bytearray()
+        loaded = asyncio.Event()
+
+        async def slow_qemu(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(65536):
+                got.extend(data)
+                await asyncio.sleep(0.005)
+            loaded.set()
+            writer.close()  # as the destination's qemu closes once it has loaded
+
+        server = await asyncio.start_unix_server(slow_qemu, str(tmp_path / "qemu.sock"))
+        incoming = IncomingRelay(key=theirs.admission, channel="memory",
+                                 target=tmp_path / "qemu.sock", name="test")  # fmt: skip
+        port = await incoming.start("127.0.0.1")
+        out = OutgoingRelay(key=mine.admission, channel="memory", path=tmp_path / "out.sock",
+                            host="127.0.0.1", port=port, name="test")  # fmt: skip
+        await out.start()
+        try:
+            _, writer = await asyncio.open_unix_connection(str(tmp_path / "out.sock"))
+            writer.write(payload)
+            await writer.drain()
+            writer.close()  # "completed"
+            assert await out.finish(30.0)
+            await asyncio.wait_for(loaded.wait(), 30.0)
+            assert len(got) == len(payload) and bytes(got) == payload
+        finally:
+            await out.close()
+            await incoming.close()
+            server.close()
+
+    asyncio.run(main())
+
+
 def test_one_host_cannot_hold_more_than_its_share_of_waiting_connections(tmp_path: Path) -> None:
     key = os.urandom(32)
 
