@@ -11,6 +11,11 @@
  *     to the kernel), without the GIL and without a global lock: the table
  *     is sharded, and each shard has a reader-writer lock that only
  *     registration, FORGET and eviction take for writing;
+ *   - READDIR of a directory listed before, and LOOKUP of a name in it
+ *     (present or absent), are answered in C from the listing table: the
+ *     listings Python gave, kept until a revision switch drops them all
+ *     (Session.drop_listings), so a dropped page cache costs no Python call
+ *     for what was listed once;
  *   - everything else (LOOKUP, GETATTR, READDIR, READLINK, a READ not in the
  *     table, FORGET, xattrs, statfs) calls one method of the Python
  *     operations object with the GIL held.  A method returns its answer, or an
@@ -21,8 +26,10 @@
  * replacement, FORGET, eviction or session end) and is only closed under
  * its shard's write lock; a read duplicates the descriptors it needs under
  * the read lock and splices from the duplicates after releasing it, so a
- * registration never waits for a disk-bound splice.  No thread holding a
- * shard lock waits for the GIL.
+ * registration never waits for a disk-bound splice.  A listing is freed only
+ * under its shard's write lock, and one made from an answer Python gave
+ * before a drop_listings is never kept (the generation check).  No thread
+ * holding a shard lock waits for the GIL.
  */
 #define PY_SSIZE_T_CLEAN
 #define FUSE_USE_VERSION 314
@@ -57,6 +64,33 @@ typedef struct {
     long fds;        /* descriptors held by this shard's entries */
 } FdShard;
 
+/* One directory's listing, as Python gave it: entries in listing order
+ * (READDIR offsets index them) and an index sorted by name (LOOKUP). */
+typedef struct {
+    uint64_t ino, mode, nlink, size;
+    int64_t mtime_ns;
+    const char *name; /* into Listing.names */
+} DirEnt;
+
+typedef struct Listing {
+    struct Listing *next; /* bucket chain */
+    uint64_t ino;
+    size_t n;
+    long bytes; /* held, for MAX_LISTED */
+    DirEnt *ents;
+    uint32_t *byname;
+    char *names;
+} Listing;
+
+#define LIST_SHARDS 64
+#define LIST_BUCKETS 1024          /* per shard */
+#define MAX_LISTED (64L << 20)    /* bytes held by all listings; beyond, all are dropped */
+
+typedef struct {
+    pthread_rwlock_t lock;
+    Listing *buckets[LIST_BUCKETS];
+} ListShard;
+
 typedef struct {
     PyObject_HEAD
     struct fuse_session *se;
@@ -69,8 +103,12 @@ typedef struct {
     FdShard *shards;
     long shard_fd_cap; /* descriptors a shard may hold (the process's limit, shared out) */
     pthread_mutex_t notify_lock; /* serialises notifications against session teardown */
+    ListShard *lists;
+    unsigned long long list_gen; /* bumped by every drop of all listings */
+    long listed;                 /* bytes held by listings */
     /* counters, read by tests and the bench (relaxed, approximate under races) */
     unsigned long long n_open, n_opendir, n_read_c, n_read_py, n_lookup, n_readdir, n_getattr;
+    unsigned long long n_lookup_c, n_readdir_c; /* of n_lookup, n_readdir: answered in C */
     /* microseconds spent answering in Python (GIL wait included), by kind */
     unsigned long long us_lookup, us_read_py, us_readdir, us_getattr;
 } Session;
@@ -233,14 +271,8 @@ static int result_errno(PyObject *r) {
     return 0;
 }
 
-/* (ino, mode, nlink, size, mtime_ns) -> struct stat */
-static int fill_stat(PyObject *t, struct stat *st) {
-    unsigned long long ino, mode, nlink, size;
-    long long mtime_ns;
-    if (!PyArg_ParseTuple(t, "KKKKL", &ino, &mode, &nlink, &size, &mtime_ns)) {
-        PyErr_Print();
-        return -1;
-    }
+static void stat_from(struct stat *st, uint64_t ino, uint64_t mode, uint64_t nlink,
+                      uint64_t size, int64_t mtime_ns) {
     memset(st, 0, sizeof *st);
     st->st_ino = ino;
     st->st_mode = (mode_t)mode;
@@ -252,7 +284,208 @@ static int fill_stat(PyObject *t, struct stat *st) {
     st->st_mtim.tv_nsec = mtime_ns % 1000000000LL;
     st->st_ctim = st->st_mtim;
     st->st_atim = st->st_mtim;
+}
+
+/* (ino, mode, nlink, size, mtime_ns) -> struct stat */
+static int fill_stat(PyObject *t, struct stat *st) {
+    unsigned long long ino, mode, nlink, size;
+    long long mtime_ns;
+    if (!PyArg_ParseTuple(t, "KKKKL", &ino, &mode, &nlink, &size, &mtime_ns)) {
+        PyErr_Print();
+        return -1;
+    }
+    stat_from(st, ino, mode, nlink, size, mtime_ns);
     return 0;
+}
+
+/* -- listing table ---------------------------------------------------------- */
+
+static inline ListShard *lshard_of(Session *s, uint64_t ino) {
+    return &s->lists[(ino * 0x9E3779B97F4A7C15ULL) >> 58];
+}
+
+static inline unsigned lbucket_of(uint64_t ino) {
+    return (unsigned)((ino * 0xC2B2AE3D27D4EB4FULL) >> 40) % LIST_BUCKETS;
+}
+
+static void listing_free(Listing *l) {
+    if (!l)
+        return;
+    free(l->ents);
+    free(l->byname);
+    free(l->names);
+    free(l);
+}
+
+static Listing *listing_find(ListShard *sh, uint64_t ino) {
+    for (Listing *l = sh->buckets[lbucket_of(ino)]; l; l = l->next)
+        if (l->ino == ino)
+            return l;
+    return NULL;
+}
+
+static int byname_cmp(const void *a, const void *b, void *ents) {
+    const DirEnt *e = ents;
+    return strcmp(e[*(const uint32_t *)a].name, e[*(const uint32_t *)b].name);
+}
+
+static const DirEnt *listing_lookup(const Listing *l, const char *name) {
+    size_t lo = 0, hi = l->n;
+    while (lo < hi) {
+        size_t mid = (lo + hi) / 2;
+        const DirEnt *d = &l->ents[l->byname[mid]];
+        int c = strcmp(name, d->name);
+        if (c == 0)
+            return d;
+        if (c < 0)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return NULL;
+}
+
+/* Python's READDIR answer, a list of (name, (ino, mode, nlink, size,
+ * mtime_ns)), as a listing; NULL if it is malformed.  Called with the GIL. */
+static Listing *listing_from(PyObject *lst, uint64_t ino) {
+    if (!PyList_Check(lst) || PyList_GET_SIZE(lst) > UINT32_MAX)
+        return NULL;
+    size_t n = (size_t)PyList_GET_SIZE(lst), total = 1;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(lst, (Py_ssize_t)i);
+        if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(item, 0)))
+            return NULL;
+        total += (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0)) + 1;
+    }
+    Listing *l = calloc(1, sizeof *l);
+    if (!l)
+        return NULL;
+    l->ino = ino;
+    l->n = n;
+    l->bytes = (long)(sizeof *l + n * (sizeof(DirEnt) + sizeof(uint32_t)) + total);
+    l->ents = malloc((n ? n : 1) * sizeof(DirEnt));
+    l->byname = malloc((n ? n : 1) * sizeof(uint32_t));
+    l->names = malloc(total);
+    if (!l->ents || !l->byname || !l->names) {
+        listing_free(l);
+        return NULL;
+    }
+    char *at = l->names;
+    for (size_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(lst, (Py_ssize_t)i);
+        PyObject *pname = PyTuple_GET_ITEM(item, 0);
+        Py_ssize_t len = PyBytes_GET_SIZE(pname);
+        unsigned long long eino, mode, nlink, size;
+        long long mtime_ns;
+        if (len == 0 || memchr(PyBytes_AS_STRING(pname), 0, (size_t)len) ||
+            !PyArg_ParseTuple(PyTuple_GET_ITEM(item, 1), "KKKKL", &eino, &mode, &nlink, &size,
+                              &mtime_ns)) {
+            PyErr_Clear();
+            listing_free(l);
+            return NULL;
+        }
+        memcpy(at, PyBytes_AS_STRING(pname), (size_t)len);
+        at[len] = 0;
+        l->ents[i] = (DirEnt){eino, mode, nlink, size, mtime_ns, at};
+        l->byname[i] = (uint32_t)i;
+        at += len + 1;
+    }
+    qsort_r(l->byname, n, sizeof(uint32_t), byname_cmp, l->ents);
+    return l;
+}
+
+static void dirent_param(Session *s, const DirEnt *d, struct fuse_entry_param *e) {
+    memset(e, 0, sizeof *e);
+    stat_from(&e->attr, d->ino, d->mode, d->nlink, d->size, d->mtime_ns);
+    e->ino = d->ino;
+    e->attr_timeout = s->entry_timeout;
+    e->entry_timeout = s->entry_timeout;
+}
+
+/* A READDIR(PLUS) reply of at most size bytes from offset off: "." and ".."
+ * are offsets 0 and 1, entry i is offset i + 2.  Returns the bytes used. */
+static size_t listing_fill(Session *s, fuse_req_t req, fuse_ino_t ino, const Listing *l,
+                           char *buf, size_t size, off_t off, int plus) {
+    size_t used = 0;
+    for (size_t i = (size_t)off; i < l->n + 2; i++) {
+        struct fuse_entry_param e;
+        const char *name;
+        if (i < 2) { /* no attributes: the kernel links neither */
+            memset(&e, 0, sizeof e);
+            name = i == 0 ? "." : "..";
+            e.attr.st_ino = ino;
+            e.attr.st_mode = S_IFDIR;
+        } else {
+            dirent_param(s, &l->ents[i - 2], &e);
+            name = l->ents[i - 2].name;
+        }
+        size_t want = plus ? fuse_add_direntry_plus(req, buf + used, size - used, name, &e,
+                                                    (off_t)i + 1)
+                           : fuse_add_direntry(req, buf + used, size - used, name, &e.attr,
+                                               (off_t)i + 1);
+        if (want > size - used)
+            break;
+        used += want;
+    }
+    return used;
+}
+
+/* Drop every listing (a revision switch: any of them may have changed).  A
+ * listing made from an answer Python gave before this is not kept after it:
+ * the generation moves first, and listing_keep checks it under the same
+ * shard lock this takes to clear. */
+static void listings_drop_all(Session *s) {
+    __atomic_add_fetch(&s->list_gen, 1, __ATOMIC_SEQ_CST);
+    for (int i = 0; i < LIST_SHARDS; i++) {
+        ListShard *sh = &s->lists[i];
+        long freed = 0;
+        pthread_rwlock_wrlock(&sh->lock);
+        for (int b = 0; b < LIST_BUCKETS; b++) {
+            Listing *l = sh->buckets[b];
+            sh->buckets[b] = NULL;
+            while (l) {
+                Listing *next = l->next;
+                freed += l->bytes;
+                listing_free(l);
+                l = next;
+            }
+        }
+        pthread_rwlock_unlock(&sh->lock);
+        __atomic_sub_fetch(&s->listed, freed, __ATOMIC_RELAXED);
+    }
+}
+
+/* Keep a listing made from an answer Python gave at generation gen (owned
+ * from here: kept, or freed). */
+static void listing_keep(Session *s, Listing *l, unsigned long long gen) {
+    if (__atomic_add_fetch(&s->listed, l->bytes, __ATOMIC_RELAXED) > MAX_LISTED) {
+        __atomic_sub_fetch(&s->listed, l->bytes, __ATOMIC_RELAXED);
+        listing_free(l);
+        listings_drop_all(s); /* bounded memory; they come back as directories are listed */
+        return;
+    }
+    ListShard *sh = lshard_of(s, l->ino);
+    long freed = 0;
+    pthread_rwlock_wrlock(&sh->lock);
+    if (__atomic_load_n(&s->list_gen, __ATOMIC_SEQ_CST) != gen) {
+        freed = l->bytes;
+        listing_free(l);
+    } else {
+        Listing **pp = &sh->buckets[lbucket_of(l->ino)];
+        while (*pp && (*pp)->ino != l->ino)
+            pp = &(*pp)->next;
+        if (*pp) { /* listed again meanwhile: the newer answer replaces it */
+            Listing *old = *pp;
+            *pp = old->next;
+            freed = old->bytes;
+            listing_free(old);
+        }
+        l->next = sh->buckets[lbucket_of(l->ino)];
+        sh->buckets[lbucket_of(l->ino)] = l;
+    }
+    pthread_rwlock_unlock(&sh->lock);
+    __atomic_sub_fetch(&s->listed, freed, __ATOMIC_RELAXED);
 }
 
 /* -- operations --------------------------------------------------------------- */
@@ -302,6 +535,24 @@ static void reply_entry_from(Session *s, fuse_req_t req, PyObject *r) {
 static void ll_lookup(fuse_req_t req, fuse_ino_t parent, const char *name) {
     Session *s = fuse_req_userdata(req);
     __atomic_add_fetch(&s->n_lookup, 1, __ATOMIC_RELAXED);
+    ListShard *sh = lshard_of(s, parent);
+    pthread_rwlock_rdlock(&sh->lock);
+    const Listing *l = listing_find(sh, parent);
+    if (l) { /* listed before: the name is there, or absent */
+        struct fuse_entry_param e;
+        const DirEnt *d = listing_lookup(l, name);
+        if (d)
+            dirent_param(s, d, &e);
+        else {
+            memset(&e, 0, sizeof e);
+            e.entry_timeout = s->negative_timeout;
+        }
+        pthread_rwlock_unlock(&sh->lock);
+        __atomic_add_fetch(&s->n_lookup_c, 1, __ATOMIC_RELAXED);
+        fuse_reply_entry(req, &e);
+        return;
+    }
+    pthread_rwlock_unlock(&sh->lock);
     unsigned long long t0 = now_us();
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *r = call(s, "lookup", Py_BuildValue("(Ky)", (unsigned long long)parent, name));
@@ -416,61 +667,62 @@ static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     fuse_reply_err(req, EIO);
 }
 
+/* Answer from the listing table; 0 when the directory is not in it. */
+static int listed_reply(Session *s, fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                        int plus) {
+    ListShard *sh = lshard_of(s, ino);
+    pthread_rwlock_rdlock(&sh->lock);
+    const Listing *l = listing_find(sh, ino);
+    if (!l) {
+        pthread_rwlock_unlock(&sh->lock);
+        return 0;
+    }
+    char *buf = malloc(size);
+    size_t used = buf ? listing_fill(s, req, ino, l, buf, size, off, plus) : 0;
+    pthread_rwlock_unlock(&sh->lock);
+    if (buf)
+        fuse_reply_buf(req, buf, used);
+    else
+        fuse_reply_err(req, ENOMEM);
+    free(buf);
+    __atomic_add_fetch(&s->n_readdir_c, 1, __ATOMIC_RELAXED);
+    return 1;
+}
+
+/* The root's listing is never kept: a node's root lists only the
+ * repositories that are loaded, and a lookup must still find one that
+ * loads later without a switch. */
 static void ll_readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus) {
     Session *s = fuse_req_userdata(req);
     __atomic_add_fetch(&s->n_readdir, 1, __ATOMIC_RELAXED);
+    int keep = ino != FUSE_ROOT_ID;
+    if (keep && listed_reply(s, req, ino, size, off, plus))
+        return;
+    unsigned long long gen = __atomic_load_n(&s->list_gen, __ATOMIC_SEQ_CST);
     unsigned long long t0 = now_us();
     PyGILState_STATE g = PyGILState_Ensure();
     PyObject *r = call(s, "readdir", Py_BuildValue("(K)", (unsigned long long)ino));
     SPENT(s, us_readdir, t0);
     int err = result_errno(r);
-    if (!err && !PyList_Check(r))
+    Listing *l = err ? NULL : listing_from(r, ino);
+    Py_XDECREF(r);
+    PyGILState_Release(g);
+    if (!err && !l)
         err = EIO;
+    char *buf = err ? NULL : malloc(size);
+    if (!err && !buf)
+        err = ENOMEM;
     if (err) {
-        Py_XDECREF(r);
-        PyGILState_Release(g);
+        listing_free(l);
         fuse_reply_err(req, err);
         return;
     }
-    char *buf = malloc(size);
-    if (!buf) {
-        Py_DECREF(r);
-        PyGILState_Release(g);
-        fuse_reply_err(req, ENOMEM);
-        return;
-    }
-    size_t used = 0;
-    Py_ssize_t n = PyList_GET_SIZE(r);
-    for (Py_ssize_t i = off; i < n + 2; i++) {
-        struct fuse_entry_param e;
-        memset(&e, 0, sizeof e);
-        const char *name;
-        if (i < 2) { /* "." and "..": no attributes, the kernel links neither */
-            name = i == 0 ? "." : "..";
-            e.attr.st_ino = ino;
-            e.attr.st_mode = S_IFDIR;
-        } else {
-            PyObject *item = PyList_GET_ITEM(r, i - 2); /* (name, attr tuple) */
-            PyObject *pname, *attr;
-            if (!PyArg_ParseTuple(item, "SO", &pname, &attr) || fill_stat(attr, &e.attr) < 0) {
-                PyErr_Clear();
-                break;
-            }
-            name = PyBytes_AS_STRING(pname);
-            e.ino = e.attr.st_ino;
-            e.attr_timeout = s->entry_timeout;
-            e.entry_timeout = s->entry_timeout;
-        }
-        size_t want = plus ? fuse_add_direntry_plus(req, buf + used, size - used, name, &e, i + 1)
-                           : fuse_add_direntry(req, buf + used, size - used, name, &e.attr, i + 1);
-        if (want > size - used)
-            break;
-        used += want;
-    }
-    Py_DECREF(r);
-    PyGILState_Release(g);
-    fuse_reply_buf(req, buf, used);
+    fuse_reply_buf(req, buf, listing_fill(s, req, ino, l, buf, size, off, plus));
     free(buf);
+    if (keep)
+        listing_keep(s, l, gen);
+    else
+        listing_free(l);
 }
 
 static void ll_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -624,6 +876,13 @@ static int Session_init(Session *self, PyObject *args, PyObject *kw) {
     for (int i = 0; i < SHARDS; i++)
         pthread_rwlock_init(&self->shards[i].lock, NULL);
     pthread_mutex_init(&self->notify_lock, NULL);
+    self->lists = calloc(LIST_SHARDS, sizeof(ListShard));
+    if (!self->lists) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < LIST_SHARDS; i++)
+        pthread_rwlock_init(&self->lists[i].lock, NULL);
 
     Py_ssize_t n = PyList_GET_SIZE(options);
     char **argv = calloc((size_t)n + 2, sizeof(char *));
@@ -797,6 +1056,16 @@ static PyObject *Session_drop_fds(Session *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *Session_drop_listings(Session *self, PyObject *unused) {
+    (void)unused;
+    if (self->lists) {
+        Py_BEGIN_ALLOW_THREADS
+        listings_drop_all(self);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *Session_fd(Session *self, PyObject *unused) {
     (void)unused;
     return PyLong_FromLong(self->se ? fuse_session_fd(self->se) : -1);
@@ -804,12 +1073,13 @@ static PyObject *Session_fd(Session *self, PyObject *unused) {
 
 static PyObject *Session_counters(Session *self, PyObject *unused) {
     (void)unused;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsK}", "open", self->n_open, "opendir",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsl}", "open", self->n_open, "opendir",
                          self->n_opendir, "read_c", self->n_read_c, "read_py", self->n_read_py,
-                         "lookup", self->n_lookup, "readdir", self->n_readdir, "getattr",
+                         "lookup", self->n_lookup, "lookup_c", self->n_lookup_c, "readdir",
+                         self->n_readdir, "readdir_c", self->n_readdir_c, "getattr",
                          self->n_getattr, "lookup_us", self->us_lookup, "read_py_us",
                          self->us_read_py, "readdir_us", self->us_readdir, "getattr_us",
-                         self->us_getattr);
+                         self->us_getattr, "listed", self->listed);
 }
 
 static void Session_dealloc(Session *self) {
@@ -826,6 +1096,10 @@ static void Session_dealloc(Session *self) {
                     fd_entry_clear(&self->shards[i], &self->shards[i].slots[j]);
         free(self->shards);
     }
+    if (self->lists) {
+        listings_drop_all(self);
+        free(self->lists);
+    }
     Py_XDECREF(self->ops);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -840,6 +1114,8 @@ static PyMethodDef Session_methods[] = {
     {"set_fds", (PyCFunction)Session_set_fds, METH_VARARGS,
      "set_fds(ino, fds, offsets): serve reads of ino from these descriptors (owned from now)"},
     {"drop_fds", (PyCFunction)Session_drop_fds, METH_VARARGS, "drop_fds(ino)"},
+    {"drop_listings", (PyCFunction)Session_drop_listings, METH_NOARGS,
+     "forget every directory listing kept in C (a revision switch)"},
     {"fd", (PyCFunction)Session_fd, METH_NOARGS, "the /dev/fuse descriptor"},
     {"counters", (PyCFunction)Session_counters, METH_NOARGS, "requests seen, by kind"},
     {NULL, NULL, 0, NULL},

@@ -31,9 +31,14 @@ class Session:
     def inval_inode(self, ino: int, off: int, length: int) -> int: ...
     def set_fds(self, ino: int, fds: list[int], offsets: list[int]) -> None: ...
     def drop_fds(self, ino: int) -> None: ...
+    def drop_listings(self) -> None:
+        """Forget every directory listing kept in C (a revision switch)."""
+
     def fd(self) -> int: ...
     def counters(self) -> dict[str, int]:
         """Requests that reached this process, by kind (open, opendir, read_c,
-        read_py, lookup, readdir, getattr), and the microseconds spent
-        answering them in Python, GIL waits included (lookup_us, read_py_us,
-        readdir_us, getattr_us)."""
+        read_py, lookup, readdir, getattr; lookup_c and readdir_c: those of
+        lookup and readdir answered from the listing table), the microseconds
+        spent answering them in Python, GIL waits included (lookup_us,
+        read_py_us, readdir_us, getattr_us), and the bytes the listing
+        table holds (listed)."""

@@ -15,6 +15,10 @@ revision's content is immutable:
   directory listings (a node's mount, which serves VM images without the
   page cache, answers OPEN in C instead: ``keep_cache``, or ``direct_io`` for
   an image);
+* listings are kept in C after Python's first answer, so READDIR of a
+  directory listed before, and LOOKUP of a name in it (there or absent), are
+  answered without Python after the kernel dropped its caches; a revision
+  switch drops them all;
 * READDIRPLUS always (a listing fills the kernel's dentries and attributes),
   long entry and attribute timeouts, negative entries cached until a revision
   switch invalidates them with ``notify_inval_entry`` (so a name added by a
@@ -185,6 +189,9 @@ class ReleaseOperations:
         session, table = self.session, self._inodes
         if session is None or table is None:
             return
+        # First the listings kept in C (any may have changed), so that what
+        # the kernel asks again below is answered from the new revision.
+        session.drop_listings()
         dirs: set[int] = set()
         for p in paths:
             parent, _, name = p.rpartition(b"/")

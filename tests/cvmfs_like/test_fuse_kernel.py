@@ -96,6 +96,58 @@ def test_a_listing_fills_the_kernel_so_stat_of_each_entry_needs_no_lookup(site: 
         assert after_stat["getattr"] == after_list["getattr"]
 
 
+def drop_kernel_caches() -> None:
+    """The kernel forgets unused dentries, inodes and pages (as under memory
+    pressure, or the bench's dropped-caches runs): machine-wide, needs root."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def test_a_directory_listed_once_is_answered_in_c_after_the_kernel_forgot_it(
+    site: Site,
+) -> None:
+    with site.mount() as m:
+        lib = m.mountpoint / "lib"
+        names = sorted(os.listdir(lib))
+        attrs = {n: os.lstat(lib / n) for n in names}
+        drop_kernel_caches()
+        os.lstat(lib)  # the root's listing is never kept: this may reach Python
+        before = counters(site)
+        assert sorted(os.listdir(lib)) == names
+        again = {n: os.lstat(lib / n) for n in names}
+        assert not (lib / "no-such-name").exists()
+        after = counters(site)
+        delta = {k: after[k] - before[k] for k in after}
+        assert delta["readdir"] >= 1 and delta["readdir_c"] == delta["readdir"]
+        assert delta["lookup"] >= 1 and delta["lookup_c"] == delta["lookup"]
+        assert delta["getattr"] == 0
+        for n in names:  # the same inodes and attributes as Python gave
+            a, b = attrs[n], again[n]
+            assert (a.st_ino, a.st_mode, a.st_size, a.st_mtime_ns) == (
+                b.st_ino, b.st_mode, b.st_size, b.st_mtime_ns
+            ), n  # fmt: skip
+        assert after["listed"] > 0
+
+
+def test_a_revision_switch_drops_the_listings_kept_in_c(site: Site) -> None:
+    with site.mount("mnt", "cache", "--ttl", "3600") as m:
+        mp = m.mountpoint
+        lib = mp / "lib"
+        old = set(os.listdir(lib))
+        assert "data.bin" in old and "added.txt" not in old
+        assert not (lib / "added.txt").exists()
+        (site.src / "lib/added.txt").write_text("new in revision 2\n")
+        (site.src / "lib/data.bin").unlink()
+        site.publish()
+        assert control(mp, "reload")
+        assert set(os.listdir(lib)) == (old - {"data.bin"}) | {"added.txt"}
+        drop_kernel_caches()  # what the kernel asks again comes from the new revision
+        assert set(os.listdir(lib)) == (old - {"data.bin"}) | {"added.txt"}
+        assert (lib / "added.txt").read_text() == "new in revision 2\n"
+        assert not (lib / "data.bin").exists()
+        assert counters(site)["readdir_c"] >= 1
+
+
 def test_a_file_open_across_a_revision_switch_keeps_its_content_and_inode(site: Site) -> None:
     with site.mount("mnt", "cache", "--ttl", "3600") as m:
         mp = m.mountpoint
