@@ -124,7 +124,8 @@ def find_section(b: ReleaseBench) -> None:
         for _ in range(b.reps):
             drop_caches()
             cold_n.append(timed_find(b.tree))
-    hot_n = [timed_find(b.tree) for _ in range(b.reps)]
+    timed_find(b.tree)  # native hot: sampled beside ours, below
+    hot_n: list[float] = []
     # squashfuse: fresh mount each cold sample.
     cold_q: list[float] = []
     hot_q: list[float] = []
@@ -145,9 +146,12 @@ def find_section(b: ReleaseBench) -> None:
     for i in range(b.reps):
         b.mount(TREE_REPO, mnt, cache)
         b.maybe_drop()
-        cold_o.append(timed_find(mnt))
+        cold_o.append(requests_during(b, "find_ours_cold_requests", cache, lambda: timed_find(mnt)))
         if i == b.reps - 1:
-            hot_o = [timed_find(mnt) for _ in range(b.reps)]
+            for _ in range(b.reps):  # paired: the machine's drift hits both alike
+                hot_o.append(timed_find(mnt))
+                hot_n.append(timed_find(b.tree))
+            requests_during(b, "find_ours_hot_requests", cache, lambda: timed_find(mnt))
         b.res.unmount(mnt, cache)
     # ours, fresh cache: catalogs below the root come from the origin.
     cold_f: list[float] = []
