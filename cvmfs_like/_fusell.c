@@ -13,10 +13,9 @@
  *     registration, FORGET and eviction take for writing;
  *   - READDIR of a directory listed before, and LOOKUP of a name in it
  *     (present or absent), are answered in C from the listing table: the
- *     listings Python gave (READDIR's answers, and those it makes of a
- *     directory looked up in twice, Session.keep_listing), kept until a
- *     revision switch drops them all (Session.drop_listings), so a dropped
- *     page cache costs no Python call for what was listed once;
+ *     listings Python gave, kept until a revision switch drops them all
+ *     (Session.drop_listings), so a dropped page cache costs no Python call
+ *     for what was listed once;
  *   - everything else (LOOKUP, GETATTR, READDIR, READLINK, a READ not in the
  *     table, FORGET, xattrs, statfs) calls one method of the Python
  *     operations object with the GIL held.  A method returns its answer, or an
