@@ -223,9 +223,7 @@ def mount_counters(cache: Path) -> dict[str, int]:
         got = json.loads(data)
     except (OSError, ValueError):
         return {}
-    if not isinstance(got, dict):  # the mfusepy adapter answers {"error": ...}
-        return {}
-    return {k: int(v) for k, v in got.items() if isinstance(v, int)}
+    return {k: int(v) for k, v in got.items()} if isinstance(got, dict) else {}
 
 
 def requests_during(b: ReleaseBench, key: str, cache: Path, fn: Any) -> Any:

@@ -1066,32 +1066,6 @@ static PyObject *Session_drop_listings(Session *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Session_listing_generation(Session *self, PyObject *unused) {
-    (void)unused;
-    return PyLong_FromUnsignedLongLong(__atomic_load_n(&self->list_gen, __ATOMIC_SEQ_CST));
-}
-
-/* keep_listing(ino, listing, generation): keep a listing Python made on its
- * own (a directory looked up in more than once) as READDIR's answers are
- * kept; dropped if a drop_listings came since ``generation`` was read. */
-static PyObject *Session_keep_listing(Session *self, PyObject *args) {
-    unsigned long long ino, gen;
-    PyObject *lst;
-    if (!PyArg_ParseTuple(args, "KO!K", &ino, &PyList_Type, &lst, &gen))
-        return NULL;
-    if (ino == FUSE_ROOT_ID || !self->lists)
-        Py_RETURN_FALSE; /* the root's listing is never kept (see ll_readdir_common) */
-    Listing *l = listing_from(lst, ino);
-    if (!l) {
-        PyErr_SetString(PyExc_ValueError, "keep_listing: malformed listing");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    listing_keep(self, l, gen);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_TRUE;
-}
-
 static PyObject *Session_fd(Session *self, PyObject *unused) {
     (void)unused;
     return PyLong_FromLong(self->se ? fuse_session_fd(self->se) : -1);
@@ -1142,10 +1116,6 @@ static PyMethodDef Session_methods[] = {
     {"drop_fds", (PyCFunction)Session_drop_fds, METH_VARARGS, "drop_fds(ino)"},
     {"drop_listings", (PyCFunction)Session_drop_listings, METH_NOARGS,
      "forget every directory listing kept in C (a revision switch)"},
-    {"listing_generation", (PyCFunction)Session_listing_generation, METH_NOARGS,
-     "the listing table's generation (read before computing a listing to keep)"},
-    {"keep_listing", (PyCFunction)Session_keep_listing, METH_VARARGS,
-     "keep_listing(ino, listing, generation) -> kept: a listing Python made, kept as READDIR's"},
     {"fd", (PyCFunction)Session_fd, METH_NOARGS, "the /dev/fuse descriptor"},
     {"counters", (PyCFunction)Session_counters, METH_NOARGS, "requests seen, by kind"},
     {NULL, NULL, 0, NULL},

@@ -34,15 +34,6 @@ class Session:
     def drop_listings(self) -> None:
         """Forget every directory listing kept in C (a revision switch)."""
 
-    def listing_generation(self) -> int: ...
-    def keep_listing(self, ino: int, listing: list[tuple[bytes, Any]], generation: int) -> bool:
-        """Keep a listing Python made (as READDIR's answers are kept), unless
-        ``drop_listings`` ran since ``generation`` was read; False for the root.
-
-        Raises:
-            ValueError: a malformed listing.
-        """
-
     def fd(self) -> int: ...
     def counters(self) -> dict[str, int]:
         """Requests that reached this process, by kind (open, opendir, read_c,

@@ -17,8 +17,7 @@ revision's content is immutable:
   an image);
 * listings are kept in C after Python's first answer, so READDIR of a
   directory listed before, and LOOKUP of a name in it (there or absent), are
-  answered without Python after the kernel dropped its caches; a directory
-  looked up in twice through Python is listed for C as well; a revision
+  answered without Python after the kernel dropped its caches; a revision
   switch drops them all;
 * READDIRPLUS always (a listing fills the kernel's dentries and attributes),
   long entry and attribute timeouts, negative entries cached until a revision
@@ -56,7 +55,7 @@ from cvmfs_like import _fusell
 from cvmfs_like.cache import MOUNT_THREADS
 from cvmfs_like.catalog import Entry
 from cvmfs_like.exceptions import ObjectUnavailable, ObjectVerificationError, ReleaseError
-from cvmfs_like.fs_inodes import ROOT_INO, InodeTable, Node, content_key
+from cvmfs_like.fs_inodes import InodeTable, Node, content_key
 from cvmfs_like.mounted import MountedRelease
 from cvmfs_like.namespace import Namespace
 
@@ -65,7 +64,6 @@ log = logging.getLogger(__name__)
 XATTR_PREFIX = "user.swarm."
 _XATTR_PREFIX_B = XATTR_PREFIX.encode()
 ADAPTER_ENV = "SWARM_FUSE_ADAPTER"
-LIST_AFTER_LOOKUPS = 2  # lookups in one directory reaching Python before it is listed for C
 Attr = tuple[int, int, int, int, int]  # (ino, mode, nlink, size, mtime_ns): what _fusell reads
 
 
@@ -113,7 +111,6 @@ class ReleaseOperations:
         self._threads: list[threading.Thread] = []
         self._server: socket.socket | None = None
         self._inodes: InodeTable | None = None
-        self._lookups: dict[int, int] = {}  # directory -> lookups that reached Python
         # Chunk read-ahead of large files (see _read_ahead): files in flight.
         self._ahead: set[int] = set()
         self._ahead_pool = concurrent.futures.ThreadPoolExecutor(2, "swarm-read-ahead")
@@ -195,7 +192,6 @@ class ReleaseOperations:
         # First the listings kept in C (any may have changed), so that what
         # the kernel asks again below is answered from the new revision.
         session.drop_listings()
-        self._lookups = {}
         dirs: set[int] = set()
         for p in paths:
             parent, _, name = p.rpartition(b"/")
@@ -287,35 +283,13 @@ class ReleaseOperations:
             return errno.ESTALE
         path = _join(pnode.path, name)
         e = self._lookup_path(path)
-        if isinstance(e, int):
+        if e is None or isinstance(e, int):
             return e
-        self._list_if_busy(parent)
-        if e is None:
-            return None
         try:
             return self._attr(path, e)
         except ReleaseError as exc:  # a chunked file's chunk list
             log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
             return errno.EIO
-
-    def _list_if_busy(self, parent: int) -> None:
-        """Every :data:`LIST_AFTER_LOOKUPS` lookups in a directory that
-        reach Python, hand its whole listing to the C table, which answers
-        the directory's later lookups (there or absent) itself: a job that
-        opens the files of a directory by name, after the kernel dropped its
-        caches, costs one listing instead of a lookup per file."""
-        session = self.session
-        if session is None or parent == ROOT_INO:
-            return
-        n = self._lookups.get(parent, 0) + 1
-        if n < LIST_AFTER_LOOKUPS:
-            self._lookups[parent] = n
-            return
-        self._lookups.pop(parent, None)
-        generation = session.listing_generation()  # before the listing is read
-        listing = self.readdir(parent)
-        if isinstance(listing, list):
-            session.keep_listing(parent, listing, generation)
 
     def _current(self, ino: int) -> tuple[Node, Entry] | int:
         """An inode's node and its entry now: a directory's attributes follow

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from cvmfs_like.fs import LIST_AFTER_LOOKUPS
 from tests.cvmfs_like.test_fuse_mount import REPO, Site, control
 from tests.harness import MountProcess
 
@@ -128,26 +127,6 @@ def test_a_directory_listed_once_is_answered_in_c_after_the_kernel_forgot_it(
                 b.st_ino, b.st_mode, b.st_size, b.st_mtime_ns
             ), n  # fmt: skip
         assert after["listed"] > 0
-
-
-def test_a_directory_looked_up_in_by_name_is_listed_for_c_after_two_lookups(
-    site: Site,
-) -> None:
-    names = sorted(os.listdir(site.src / "lib"))  # the mount's own listing is not used
-    assert len(names) >= 3
-    with site.mount() as m:
-        lib = m.mountpoint / "lib"
-        os.lstat(lib)
-        before = counters(site)
-        for n in names:
-            assert os.lstat(lib / n).st_size == os.lstat(site.src / "lib" / n).st_size, n
-        assert not (lib / "no-such-name").exists()
-        after = counters(site)
-        looked_up = after["lookup"] - before["lookup"]
-        in_c = after["lookup_c"] - before["lookup_c"]
-        assert looked_up == len(names) + 1
-        assert looked_up - in_c == LIST_AFTER_LOOKUPS, "the rest were answered from the listing"
-        assert after["readdir"] == before["readdir"]
 
 
 def test_a_revision_switch_drops_the_listings_kept_in_c(site: Site) -> None:
