@@ -223,7 +223,9 @@ def mount_counters(cache: Path) -> dict[str, int]:
         got = json.loads(data)
     except (OSError, ValueError):
         return {}
-    return {k: int(v) for k, v in got.items()} if isinstance(got, dict) else {}
+    if not isinstance(got, dict):  # the mfusepy adapter answers {"error": ...}
+        return {}
+    return {k: int(v) for k, v in got.items() if isinstance(v, int)}
 
 
 def requests_during(b: ReleaseBench, key: str, cache: Path, fn: Any) -> Any:
