@@ -667,26 +667,16 @@ static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     fuse_reply_err(req, EIO);
 }
 
-/* Answer from the listing table; 0 when the directory is not in it. */
-static int listed_reply(Session *s, fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
-                        int plus) {
+/* Fill buf from the listing table; -1 when the directory is not in it, else
+ * the bytes used. */
+static long listed_fill(Session *s, fuse_req_t req, fuse_ino_t ino, char *buf, size_t size,
+                        off_t off, int plus) {
     ListShard *sh = lshard_of(s, ino);
     pthread_rwlock_rdlock(&sh->lock);
     const Listing *l = listing_find(sh, ino);
-    if (!l) {
-        pthread_rwlock_unlock(&sh->lock);
-        return 0;
-    }
-    char *buf = malloc(size);
-    size_t used = buf ? listing_fill(s, req, ino, l, buf, size, off, plus) : 0;
+    long used = l ? (long)listing_fill(s, req, ino, l, buf, size, off, plus) : -1;
     pthread_rwlock_unlock(&sh->lock);
-    if (buf)
-        fuse_reply_buf(req, buf, used);
-    else
-        fuse_reply_err(req, ENOMEM);
-    free(buf);
-    __atomic_add_fetch(&s->n_readdir_c, 1, __ATOMIC_RELAXED);
-    return 1;
+    return used;
 }
 
 /* The root's listing is never kept: a node's root lists only the
@@ -695,9 +685,19 @@ static int listed_reply(Session *s, fuse_req_t req, fuse_ino_t ino, size_t size,
 static void ll_readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, int plus) {
     Session *s = fuse_req_userdata(req);
     __atomic_add_fetch(&s->n_readdir, 1, __ATOMIC_RELAXED);
-    int keep = ino != FUSE_ROOT_ID;
-    if (keep && listed_reply(s, req, ino, size, off, plus))
+    char *buf = malloc(size);
+    if (!buf) {
+        fuse_reply_err(req, ENOMEM);
         return;
+    }
+    int keep = ino != FUSE_ROOT_ID;
+    long used = keep ? listed_fill(s, req, ino, buf, size, off, plus) : -1;
+    if (used >= 0) {
+        __atomic_add_fetch(&s->n_readdir_c, 1, __ATOMIC_RELAXED);
+        fuse_reply_buf(req, buf, (size_t)used);
+        free(buf);
+        return;
+    }
     unsigned long long gen = __atomic_load_n(&s->list_gen, __ATOMIC_SEQ_CST);
     unsigned long long t0 = now_us();
     PyGILState_STATE g = PyGILState_Ensure();
@@ -707,14 +707,9 @@ static void ll_readdir_common(fuse_req_t req, fuse_ino_t ino, size_t size, off_t
     Listing *l = err ? NULL : listing_from(r, ino);
     Py_XDECREF(r);
     PyGILState_Release(g);
-    if (!err && !l)
-        err = EIO;
-    char *buf = err ? NULL : malloc(size);
-    if (!err && !buf)
-        err = ENOMEM;
-    if (err) {
-        listing_free(l);
-        fuse_reply_err(req, err);
+    if (err || !l) {
+        fuse_reply_err(req, err ? err : EIO);
+        free(buf);
         return;
     }
     fuse_reply_buf(req, buf, listing_fill(s, req, ino, l, buf, size, off, plus));

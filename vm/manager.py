@@ -963,8 +963,9 @@ class VmService:
             await q.cancel_mirror()  # the destination has the disk and runs
             # qemu's last bytes may still be on their way through the relays:
             # the streams end when the destination has loaded them.
-            for r in relays:
-                if not await r.finish(RELAY_FINISH_DEADLINE):
+            ended = await asyncio.gather(*(r.finish(RELAY_FINISH_DEADLINE) for r in relays))
+            for r, ok in zip(relays, ended, strict=True):
+                if not ok:
                     log.warning("vm %s: the %s stream to %s did not end within %g s",
                                 vm_id, r.channel, to, RELAY_FINISH_DEADLINE)  # fmt: skip
         except (QemuError, MigrationError) as exc:

@@ -189,9 +189,7 @@ class _Relay:
         qemu counts a migration complete once its last byte is in the
         relay's socket: closing the relay then would cut what is still on
         its way to the destination."""
-        if self._server is not None:
-            self._server.close()
-            self._server = None
+        self._stop_listening()
         ended = True
         if self._tasks:
             _, left = await asyncio.wait(list(self._tasks), timeout=deadline)
@@ -199,11 +197,14 @@ class _Relay:
         await self.close()
         return ended
 
-    async def close(self) -> None:
-        """Stop listening and end every connection (safe twice)."""
+    def _stop_listening(self) -> None:
         if self._server is not None:
             self._server.close()
             self._server = None
+
+    async def close(self) -> None:
+        """Stop listening and end every connection (safe twice)."""
+        self._stop_listening()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):
