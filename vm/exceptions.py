@@ -37,6 +37,10 @@ class QemuError(VmError):
     """qemu or qemu-img failed or did not answer within its deadline."""
 
 
+class QemuExited(QemuError):
+    """qemu ended before it answered on QMP (it printed why on its log)."""
+
+
 class MigrationError(VmError):
     """A migration's peer could not be reached, did not answer, or refused the stream."""
 

@@ -91,6 +91,7 @@ from vm.exceptions import (
     MigrationError,
     NoFreeCores,
     QemuError,
+    QemuExited,
     UnknownVm,
     VmError,
     VmRefused,
@@ -349,15 +350,32 @@ class VmService:
         else:
             async with self._trial:
                 accel = await self.accelerator.choose()
-                await self._run_qemu(vm, image, node, accel)
-                if accel.provisional:
-                    await self._try_kvm(vm, image, node)
+                if not accel.provisional:
+                    await self._run_qemu(vm, image, node, accel)
+                else:
+                    await self._try_kvm(vm, image, node, accel)
         vm.tasks.append(asyncio.create_task(self._watch(vm)))
 
-    async def _try_kvm(self, vm: _Vm, image: ImageLookup, node: NodeShare) -> None:
+    async def _try_kvm(
+        self, vm: _Vm, image: ImageLookup, node: NodeShare, trial: Accelerator
+    ) -> None:
         seconds = self.accelerator.probe_seconds
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(vm.hello.wait(), seconds)
+        try:
+            await self._run_qemu(vm, image, node, trial)
+        except QemuExited as exc:  # seen: qemu aborts on an MSR under KVM on some hosts
+            verdict = Accelerator("tcg", f"software emulation: KVM unusable ({exc})")
+            self.accelerator.settle(verdict)
+            log.warning("vm %s: %s", vm.report.id, verdict.why)
+            await self._run_qemu(vm, image, node, verdict)
+            return
+        assert vm.qemu is not None
+        hello = asyncio.create_task(vm.hello.wait())
+        ended = asyncio.create_task(vm.qemu.proc.wait())  # qemu may also die under KVM later
+        try:
+            await asyncio.wait({hello, ended}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hello.cancel()
+            ended.cancel()
         if vm.hello.is_set():
             verdict = Accelerator(
                 "kvm", f"KVM: the first VM's agent said HELLO within {seconds:g} s"
@@ -365,11 +383,15 @@ class VmService:
             self.accelerator.settle(verdict)
             self._update(vm, accelerator_why=verdict.why)
             return
-        verdict = Accelerator(
-            "tcg",
-            f"software emulation: no agent HELLO within {seconds:g} s under KVM"
-            " (the first VM was restarted under TCG)",
-        )
+        if vm.qemu.proc.returncode is not None:
+            why = f"qemu exited with status {vm.qemu.proc.returncode}: {vm.qemu.log_tail() or '-'}"
+            verdict = Accelerator("tcg", f"software emulation: KVM unusable ({why})")
+        else:
+            verdict = Accelerator(
+                "tcg",
+                f"software emulation: no agent HELLO within {seconds:g} s under KVM"
+                " (the first VM was restarted under TCG)",
+            )
         self.accelerator.settle(verdict)
         log.warning("vm %s: %s", vm.report.id, verdict.why)
         await self._discard_qemu(vm)

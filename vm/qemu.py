@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from vm.channel import PORT_FROM_GUEST, PORT_TO_GUEST
-from vm.exceptions import QemuError
+from vm.exceptions import QemuError, QemuExited
 
 log = logging.getLogger("vm.qemu")
 
@@ -268,11 +268,7 @@ class QemuProcess:
         return self
 
     def log_tail(self, lines: int = 3) -> str:
-        try:
-            text = (self.vm_dir / QEMU_LOG).read_text(errors="replace")
-        except OSError:
-            return ""
-        return " ".join(text.strip().splitlines()[-lines:])
+        return _tail(self.vm_dir / QEMU_LOG, lines)
 
     async def _connect_qmp(self, deadline: float) -> None:
         from qemu.qmp import QMPClient
@@ -301,7 +297,7 @@ class QemuProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 0.1)
         if self.proc.returncode is not None:
-            raise QemuError(
+            raise QemuExited(
                 f"qemu exited with status {self.proc.returncode}: {self.log_tail() or '-'}"
             )
         raise QemuError(f"qemu's QMP did not answer within {deadline:g} s: {why}")
@@ -537,6 +533,15 @@ class QemuProcess:
             self._dirfd = -1
 
 
+def _tail(path: Path, lines: int = 3) -> str:
+    """The last ``lines`` lines of a log, on one line ("" if unreadable)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return " ".join(text.strip().splitlines()[-lines:])
+
+
 # -- the accelerator ---------------------------------------------------------------------
 
 
@@ -619,7 +624,8 @@ class AcceleratorChoice:
             )
         failed = await self._probe(self.probe_seconds)
         if failed is not None:
-            return Accelerator("tcg", f"software emulation: the KVM probe failed ({failed})")
+            kind = "KVM unusable" if failed.startswith("qemu exited") else "the KVM probe failed"
+            return Accelerator("tcg", f"software emulation: {kind} ({failed})")
         return Accelerator("kvm", f"KVM: the probe guest booted within {self.probe_seconds:g} s")
 
 
@@ -632,14 +638,15 @@ async def probe_serial_line(
     work_dir.mkdir(parents=True, exist_ok=True)
     (work_dir / SERIAL_LOG).unlink(missing_ok=True)
     try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            cwd=work_dir,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        with open(work_dir / QEMU_LOG, "wb") as err:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=work_dir,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=err,
+                start_new_session=True,
+            )
     except OSError as exc:
         return f"cannot run {argv[0]}: {exc.strerror}"
     end = time.monotonic() + deadline
@@ -649,7 +656,10 @@ async def probe_serial_line(
                 if line in (work_dir / SERIAL_LOG).read_bytes():
                     return None
             if proc.returncode is not None:
-                return f"the probe guest exited with status {proc.returncode}"
+                # qemu itself failed (seen: an MSR assertion under KVM on
+                # some hosts): say what it printed last.
+                tail = _tail(work_dir / QEMU_LOG)
+                return f"qemu exited with status {proc.returncode}" + (f": {tail}" if tail else "")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.2)
         return f"no {line.decode(errors='replace')!r} on its console within {deadline:g} s"
