@@ -196,6 +196,39 @@ def test_an_object_stored_after_close_takes_the_clean_marker_away(tmp_path: Path
     assert ObjectCache(tmp_path, 1 << 20).closed_cleanly
 
 
+def test_first_use_after_a_clean_close_takes_no_lock_and_still_checks_the_size(
+    tmp_path: Path,
+) -> None:
+    """Readers after a remount: each object's first use (a size check) is
+    answered while the cache's lock is held elsewhere; a cut one is not served."""
+    src = InMemoryObjectSource()
+    good, cut = src.add(b"g" * 500), src.add(b"c" * 700)
+    cache = ObjectCache(tmp_path, 1 << 20)
+    for d, n in ((good, 500), (cut, 700)):
+        os.close(cache.open(d, n, src))
+    cache.close()
+    os.truncate(cache.path_of(cut), 10)
+    again = ObjectCache(tmp_path, 1 << 20)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        again._lock.acquire()
+        try:
+            answer = pool.submit(again.open, good, 500, src)
+            concurrent.futures.wait([answer], timeout=10)
+            blocked = not answer.done()
+            damaged = pool.submit(again.open, cut, 700, src)
+            concurrent.futures.wait([damaged], timeout=0.5)
+            assert not damaged.done()  # the cut object goes the locked way
+        finally:
+            again._lock.release()
+        assert not blocked, "the first use waited for the cache's lock"
+        assert read_fd(answer.result(10)) == b"g" * 500
+        assert read_fd(damaged.result(10)) == b"c" * 700
+    assert src.calls == [good, cut, cut]  # only the cut one fetched again
+    assert again.stats()["dropped"] == 1
+    again.close()
+    assert (tmp_path / CLEAN_MARKER).read_bytes() == b""  # both checked: nothing owed
+
+
 def test_dropping_a_damaged_object_keeps_the_quota_accounting(tmp_path: Path) -> None:
     src = InMemoryObjectSource()
     ds = [src.add(bytes([i]) * 400) for i in range(3)]
