@@ -630,6 +630,18 @@ static void ll_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi
     fuse_reply_err(req, ENOSYS);
 }
 
+/* Reply with what ops.read returned: bytes, or an errno (consumes r). */
+static void reply_read_result(fuse_req_t req, PyObject *r) {
+    int err = result_errno(r);
+    if (!err && PyBytes_Check(r)) {
+        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
+        Py_DECREF(r);
+        return;
+    }
+    Py_XDECREF(r);
+    fuse_reply_err(req, err ? err : EIO);
+}
+
 static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
                     struct fuse_file_info *fi) {
     (void)fi;
@@ -642,29 +654,27 @@ static void ll_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     PyObject *r = call(s, "read", Py_BuildValue("(KnL)", (unsigned long long)ino,
                                                 (Py_ssize_t)size, (long long)off));
     SPENT(s, us_read_py, t0);
-    int err = r == Py_None ? 0 : result_errno(r);
-    if (err) {
-        Py_XDECREF(r);
-        PyGILState_Release(g);
-        fuse_reply_err(req, err);
-        return;
-    }
-    if (r == Py_None) { /* the descriptors were registered: serve from the table */
-        Py_DECREF(r);
-        PyGILState_Release(g);
-        if (!table_read(s, req, ino, size, off))
-            fuse_reply_err(req, EIO);
-        return;
-    }
-    if (PyBytes_Check(r)) {
-        fuse_reply_buf(req, PyBytes_AS_STRING(r), (size_t)PyBytes_GET_SIZE(r));
-        Py_DECREF(r);
+    if (r != Py_None) {
+        reply_read_result(req, r);
         PyGILState_Release(g);
         return;
     }
+    /* The descriptors were registered: serve from the table. */
     Py_DECREF(r);
     PyGILState_Release(g);
-    fuse_reply_err(req, EIO);
+    if (table_read(s, req, ino, size, off))
+        return;
+    /* Other registrations evicted them meanwhile (a full table under many
+       readers): the bytes through Python this once (register=False). */
+    g = PyGILState_Ensure();
+    r = call(s, "read", Py_BuildValue("(KnLO)", (unsigned long long)ino, (Py_ssize_t)size,
+                                      (long long)off, Py_False));
+    if (r == Py_None) { /* not with register=False; a bug if seen */
+        Py_DECREF(r);
+        r = NULL;
+    }
+    reply_read_result(req, r);
+    PyGILState_Release(g);
 }
 
 /* Fill buf from the listing table; -1 when the directory is not in it, else

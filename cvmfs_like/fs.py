@@ -352,9 +352,11 @@ class ReleaseOperations:
 
     # -- content ----------------------------------------------------------------------
 
-    def read(self, ino: int, size: int, offset: int) -> bytes | int | None:
+    def read(self, ino: int, size: int, offset: int, register: bool = True) -> bytes | int | None:
         """Open what a read of ``ino`` needs and hand it to the C table
-        (returns None), or the bytes themselves (images, empty files)."""
+        (returns None), or the bytes themselves (images, empty files, and
+        always with ``register=False``: the table lost the descriptors to
+        other registrations before it could answer)."""
         node = self.inodes().node(ino)
         if node is None:
             return errno.ESTALE
@@ -373,7 +375,7 @@ class ReleaseOperations:
             fh = node.handle if node.handle is not None else mounted.open(e)
             try:
                 mounted.read_pieces(fh, offset, size)  # fetches and verifies what is missing
-                if not self._register(ino, fh):
+                if not register or not self._register(ino, fh):
                     return mounted.read(fh, offset, size)
             finally:
                 if node.handle is None:

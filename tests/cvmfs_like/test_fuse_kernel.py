@@ -308,3 +308,33 @@ def test_more_files_than_the_read_table_holds_are_read_correctly(site: Site) -> 
                 drop_pages(p)
                 assert p.read_bytes() == f"file {i}\n".encode() * (i + 1)
         assert counters(site)["read_c"] > 0
+
+
+# `swarm mount` whose read table loses every entry as soon as it is registered:
+# what a full table under many concurrent readers does to a few reads (another
+# registration evicts the entry before the C side serves it).
+_EVICTED_AT_ONCE = (
+    "-c",
+    "import runpy, sys; from cvmfs_like.fs import ReleaseOperations as R; r = R._register; "
+    "R._register = lambda s, i, f: r(s, i, f) and (s.session.drop_fds(i), True)[1]; "
+    "sys.argv = ['swarm', *sys.argv[1:]]; runpy.run_module('swarm.cli', run_name='__main__')",
+)
+
+
+def test_a_read_whose_descriptors_are_evicted_before_it_is_served_still_gets_its_bytes(
+    site: Site,
+) -> None:
+    with MountProcess(
+        REPO,
+        site.tmp / "mnt",
+        site.origin.url,
+        site.root_json,
+        site.tmp / "cache",
+        launcher=_EVICTED_AT_ONCE,
+    ) as m:
+        for rel in ("lib/data.bin", "bin/hello"):
+            p = m.mountpoint / rel
+            drop_pages(p)
+            assert p.read_bytes() == (site.src / rel).read_bytes()  # not EIO
+        c = counters(site)
+        assert c["read_py"] >= 2 and c["read_c"] == 0  # each answered by Python
