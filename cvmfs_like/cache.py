@@ -302,9 +302,9 @@ class ObjectCache:
         # queue on the lock for a flight each.  A wrong size goes the locked
         # way, which drops the object and fetches it again.
         if not catalog and self._unchecked.get(digest) is False:
-            fd = self._open_sized(digest, size)
-            if fd is not None:
-                return fd
+            sized = self._open_sized(digest, size)
+            if sized is not None:
+                return sized
         while True:
             with self._lock:
                 if digest in self._lru and digest not in self._unchecked:
