@@ -280,6 +280,18 @@ def test_the_previous_adapter_stays_mountable_for_the_benchmark(
         assert "error" in counters(site)  # the old adapter has no counters
 
 
+def mount_launched_by(site: Site, launcher: tuple[str, ...]) -> MountProcess:
+    """The site's mount, its `swarm mount` started by ``python *launcher``."""
+    return MountProcess(
+        REPO,
+        site.tmp / "mnt",
+        site.origin.url,
+        site.root_json,
+        site.tmp / "cache",
+        launcher=launcher,
+    )
+
+
 # `swarm mount` under a descriptor limit of 256 (it raises its soft limit to the hard one).
 _LOW_FD_LIMIT = (
     "-c",
@@ -294,14 +306,7 @@ def test_more_files_than_the_read_table_holds_are_read_correctly(site: Site) -> 
     for i in range(400):
         (many / f"f{i}").write_bytes(f"file {i}\n".encode() * (i + 1))
     site.publish()
-    with MountProcess(
-        REPO,
-        site.tmp / "mnt",
-        site.origin.url,
-        site.root_json,
-        site.tmp / "cache",
-        launcher=_LOW_FD_LIMIT,
-    ) as m:
+    with mount_launched_by(site, _LOW_FD_LIMIT) as m:
         for _ in range(2):
             for i in range(400):
                 p = m.mountpoint / "many" / f"f{i}"
@@ -324,14 +329,7 @@ _EVICTED_AT_ONCE = (
 def test_a_read_whose_descriptors_are_evicted_before_it_is_served_still_gets_its_bytes(
     site: Site,
 ) -> None:
-    with MountProcess(
-        REPO,
-        site.tmp / "mnt",
-        site.origin.url,
-        site.root_json,
-        site.tmp / "cache",
-        launcher=_EVICTED_AT_ONCE,
-    ) as m:
+    with mount_launched_by(site, _EVICTED_AT_ONCE) as m:
         for rel in ("lib/data.bin", "bin/hello"):
             p = m.mountpoint / rel
             drop_pages(p)
