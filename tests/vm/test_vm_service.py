@@ -22,6 +22,7 @@ from swarm.config import parse_config
 from vm.config import ImageName, VmRequest, VmSettings, parse_request, vm_settings
 from vm.exceptions import ImageRefused, QemuError, VmConfigError, VmRefused
 from vm.manager import ImageLookup, VmService, physical_cores
+from vm.qemu import kvm_usable
 
 IMAGE = ImageName("r.example.org", "blank", "1")
 
@@ -125,6 +126,40 @@ def test_a_qemu_that_cannot_start_is_recorded_as_failed_and_gives_its_cores_back
             with pytest.raises(ImageRefused, match="refused by the site policy"):
                 await svc.start_vm(VmRequest(ImageName("r.example.org", "refused", "1")))
             assert len(svc.list()) == 1  # a refused image starts nothing, records nothing
+        finally:
+            await svc.stop()
+
+    asyncio.run(main())
+
+
+@pytest.mark.qemu
+def test_a_qemu_that_dies_under_kvm_settles_software_emulation_at_once(tmp_path: Path) -> None:
+    """Seen on some boots of these machines: qemu aborts on an MSR under KVM.
+    The first VM (KVM on trial) is started again under TCG at once, the
+    verdict naming what qemu printed, instead of failing its start."""
+    qemu = tmp_path / "qemu-dies-under-kvm"
+    qemu.write_text(
+        "#!/bin/sh\n"
+        'case "$*" in *accel=kvm*) echo "kvm_buf_set_msrs: Assertion failed" >&2; exit 134;; esac\n'
+        'exec qemu-system-x86_64 "$@"\n'
+    )
+    qemu.chmod(0o755)
+
+    async def main() -> None:
+        svc = service(
+            tmp_path, lease_for(3600), accelerator="auto", probe_seconds=600.0, qemu=str(qemu)
+        )
+        await svc.start()
+        try:
+            vm = await asyncio.wait_for(svc.start_vm(VmRequest(IMAGE)), 60)  # not the 600 s
+            verdict = svc.accelerator.chosen
+            assert verdict is not None and verdict.name == vm.accelerator == "tcg"
+            if kvm_usable() is None:  # /dev/kvm opens: the first VM was KVM's trial
+                assert verdict.why == (
+                    "software emulation: KVM unusable (qemu exited with status 134:"
+                    " kvm_buf_set_msrs: Assertion failed)"
+                )
+            assert svc.get(vm.id).state == "running"
         finally:
             await svc.stop()
 
