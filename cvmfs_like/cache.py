@@ -283,28 +283,17 @@ class ObjectCache:
         # A hit takes no lock, so many readers never queue behind one: two
         # dict reads (atomic under the GIL), the open outside any lock, the
         # LRU touch queued for the lock's next holder (eviction applies the
-        # queue before it picks victims).  An object evicted between the
-        # check and the open is not found, and goes the locked way below.
-        if digest in self._lru and digest not in self._unchecked:
-            with contextlib.suppress(FileNotFoundError):
-                # A str path: building a Path costs more than the open.
-                fd = os.open(self._objects_prefix + relative_path(digest), os.O_RDONLY)
-                self._touched.append(digest)
-                self.hits += 1  # may lose a count under races: statistics only
-                if len(self._touched) > _TOUCH_BATCH and self._lock.acquire(blocking=False):
-                    try:
-                        self._apply_touches_locked()
-                    finally:
-                        self._lock.release()
-                return fd
-        # The first use after an open, checked by size only (the cache was
-        # closed cleanly): lock-free too, so readers after a remount do not
-        # queue on the lock for a flight each.  A wrong size goes the locked
-        # way, which drops the object and fetches it again.
-        if not catalog and self._unchecked.get(digest) is False:
-            sized = self._open_sized(digest, size)
-            if sized is not None:
-                return sized
+        # queue before it picks victims).  So does the first use after an
+        # open when it is a size check only (the cache was closed cleanly).
+        # An object evicted between the check and the open is not found, and
+        # one of the wrong size is not taken: both go the locked way below
+        # (which drops a damaged object and fetches it again).
+        if digest in self._lru:
+            unchecked = self._unchecked.get(digest)  # None: checked already
+            if unchecked is None or (unchecked is False and not catalog):
+                fd = self._open_lock_free(digest, None if unchecked is None else size)
+                if fd is not None:
+                    return fd
         while True:
             with self._lock:
                 if digest in self._lru and digest not in self._unchecked:
@@ -343,23 +332,30 @@ class ObjectCache:
             if flight.error is not None:
                 raise flight.error
 
-    def _open_sized(self, digest: str, size: int) -> int | None:
-        """The object's descriptor if its file has ``size`` bytes, else None.
+    def _open_lock_free(self, digest: str, size: int | None) -> int | None:
+        """The cached object's descriptor, taken without the lock (see
+        :meth:`open`); None if it is gone, or is not ``size`` bytes long.
 
-        No lock: two readers may both check it (both find the same size), and
-        one evicted meanwhile is either not found or read through the open
-        descriptor, as a hit is.
+        Two readers may both check an object's size (both find the same), and
+        one evicted meanwhile is read through the open descriptor.
         """
         try:
+            # A str path: building a Path costs more than the open.
             fd = os.open(self._objects_prefix + relative_path(digest), os.O_RDONLY)
         except FileNotFoundError:
             return None
-        if os.fstat(fd).st_size != size:
-            os.close(fd)
-            return None
-        self._unchecked.pop(digest, None)  # atomic under the GIL; see close for the reader
+        if size is not None:
+            if os.fstat(fd).st_size != size:
+                os.close(fd)
+                return None
+            self._unchecked.pop(digest, None)  # atomic under the GIL; see close for the reader
         self._touched.append(digest)
-        self.hits += 1
+        self.hits += 1  # may lose a count under races: statistics only
+        if len(self._touched) > _TOUCH_BATCH and self._lock.acquire(blocking=False):
+            try:
+                self._apply_touches_locked()
+            finally:
+                self._lock.release()
         return fd
 
     def _open_checked(self, digest: str, size: int, catalog: bool) -> int | None:
@@ -513,7 +509,7 @@ class ObjectCache:
             with self._lock:
                 if not self._marked_clean or self._writing:
                     return  # an insert came in meanwhile
-                # One C-level copy first: _open_sized pops entries without the lock.
+                # One C-level copy first: _open_lock_free pops entries without the lock.
                 owing = sorted(d for d, with_hash in list(self._unchecked.items()) if with_hash)
                 marker = "".join(f"{d}\n" for d in owing).encode("ascii")
                 write_file_atomic(self.root / CLEAN_MARKER, marker)  # fsynced, then its directory
