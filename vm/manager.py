@@ -359,39 +359,39 @@ class VmService:
     async def _try_kvm(
         self, vm: _Vm, image: ImageLookup, node: NodeShare, trial: Accelerator
     ) -> None:
+        """Run the first VM under KVM on trial: KVM if its agent says HELLO
+        within the probe's time, else it is started again under TCG."""
         seconds = self.accelerator.probe_seconds
         try:
             await self._run_qemu(vm, image, node, trial)
         except QemuExited as exc:  # seen: qemu aborts on an MSR under KVM on some hosts
-            verdict = Accelerator("tcg", f"software emulation: KVM unusable ({exc})")
-            self.accelerator.settle(verdict)
-            log.warning("vm %s: %s", vm.report.id, verdict.why)
-            await self._run_qemu(vm, image, node, verdict)
-            return
-        assert vm.qemu is not None
-        hello = asyncio.create_task(vm.hello.wait())
-        ended = asyncio.create_task(vm.qemu.proc.wait())  # qemu may also die under KVM later
-        try:
-            await asyncio.wait({hello, ended}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            hello.cancel()
-            ended.cancel()
-        if vm.hello.is_set():
-            verdict = Accelerator(
-                "kvm", f"KVM: the first VM's agent said HELLO within {seconds:g} s"
-            )
-            self.accelerator.settle(verdict)
-            self._update(vm, accelerator_why=verdict.why)
-            return
-        if vm.qemu.proc.returncode is not None:
-            why = f"qemu exited with status {vm.qemu.proc.returncode}: {vm.qemu.log_tail() or '-'}"
-            verdict = Accelerator("tcg", f"software emulation: KVM unusable ({why})")
+            why = f"KVM unusable ({exc})"
         else:
-            verdict = Accelerator(
-                "tcg",
-                f"software emulation: no agent HELLO within {seconds:g} s under KVM"
-                " (the first VM was restarted under TCG)",
-            )
+            assert vm.qemu is not None
+            hello = asyncio.create_task(vm.hello.wait())
+            ended = asyncio.create_task(vm.qemu.proc.wait())  # qemu may also die under KVM later
+            try:
+                await asyncio.wait(
+                    {hello, ended}, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                hello.cancel()
+                ended.cancel()
+            if vm.hello.is_set():
+                verdict = Accelerator(
+                    "kvm", f"KVM: the first VM's agent said HELLO within {seconds:g} s"
+                )
+                self.accelerator.settle(verdict)
+                self._update(vm, accelerator_why=verdict.why)
+                return
+            if vm.qemu.proc.returncode is not None:
+                why = f"KVM unusable ({vm.qemu.exit_reason()})"
+            else:
+                why = (
+                    f"no agent HELLO within {seconds:g} s under KVM"
+                    " (the first VM was restarted under TCG)"
+                )
+        verdict = Accelerator("tcg", f"software emulation: {why}")
         self.accelerator.settle(verdict)
         log.warning("vm %s: %s", vm.report.id, verdict.why)
         await self._discard_qemu(vm)

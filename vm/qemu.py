@@ -270,6 +270,10 @@ class QemuProcess:
     def log_tail(self, lines: int = 3) -> str:
         return _tail(self.vm_dir / QEMU_LOG, lines)
 
+    def exit_reason(self) -> str:
+        """Why qemu ended (call once it has): its status and last words."""
+        return exit_reason(self.proc.returncode, self.vm_dir / QEMU_LOG)
+
     async def _connect_qmp(self, deadline: float) -> None:
         from qemu.qmp import QMPClient
         from qemu.qmp.error import QMPError
@@ -297,9 +301,7 @@ class QemuProcess:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.proc.wait(), 0.1)
         if self.proc.returncode is not None:
-            raise QemuExited(
-                f"qemu exited with status {self.proc.returncode}: {self.log_tail() or '-'}"
-            )
+            raise QemuExited(self.exit_reason())
         raise QemuError(f"qemu's QMP did not answer within {deadline:g} s: {why}")
 
     async def execute(self, command: str, args: dict[str, Any] | None = None) -> Any:
@@ -533,6 +535,11 @@ class QemuProcess:
             self._dirfd = -1
 
 
+def exit_reason(returncode: int | None, log_path: Path) -> str:
+    """``qemu exited with status N: <the end of its log>``."""
+    return f"qemu exited with status {returncode}: {_tail(log_path) or '-'}"
+
+
 def _tail(path: Path, lines: int = 3) -> str:
     """The last ``lines`` lines of a log, on one line ("" if unreadable)."""
     try:
@@ -658,8 +665,7 @@ async def probe_serial_line(
             if proc.returncode is not None:
                 # qemu itself failed (seen: an MSR assertion under KVM on
                 # some hosts): say what it printed last.
-                tail = _tail(work_dir / QEMU_LOG)
-                return f"qemu exited with status {proc.returncode}" + (f": {tail}" if tail else "")
+                return exit_reason(proc.returncode, work_dir / QEMU_LOG)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.wait(), 0.2)
         return f"no {line.decode(errors='replace')!r} on its console within {deadline:g} s"
