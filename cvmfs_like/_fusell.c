@@ -49,6 +49,7 @@
 #define SHARDS 64
 #define SHARD_SLOTS 1024        /* per shard: SHARDS * SHARD_SLOTS files' descriptors */
 #define MAX_PIECES 16
+#define BACKGROUND 64          /* asynchronous READs the kernel may have in flight */
 
 typedef struct {
     uint64_t ino;     /* 0: free */
@@ -501,6 +502,12 @@ static void ll_init(void *userdata, struct fuse_conn_info *conn) {
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA; /* content never changes under an inode */
     conn->max_readahead = 4 << 20;
+    /* Readahead of a page-cached file is an asynchronous ("background") READ,
+       and the kernel keeps at most max_background of those in flight (12 by
+       default): 64 readers of dropped files would wait in the kernel's queue
+       while worker threads idle. */
+    conn->max_background = BACKGROUND;
+    conn->congestion_threshold = BACKGROUND * 3 / 4;
     PyGILState_STATE g = PyGILState_Ensure();
     Py_XDECREF(call(s, "init", PyTuple_New(0)));
     PyGILState_Release(g);

@@ -242,6 +242,23 @@ def test_sequential_reads_come_in_1_mib_requests(site: Site) -> None:
         assert 0 < requests <= 2 * size // MiB, requests
 
 
+def test_the_kernel_may_keep_64_reads_in_flight(site: Site, tmp_path: Path) -> None:
+    """Read-ahead READs are background requests: with the kernel's default of
+    12 in flight, 64 readers of dropped files would queue in the kernel."""
+    if os.geteuid() != 0 and os.environ.get("SWARM_REQUIRE_ALL") != "1":
+        pytest.skip("mounting fusectl (to read the connection's settings) needs root")
+    ctl = tmp_path / "fusectl"
+    ctl.mkdir()
+    subprocess.run(["mount", "-t", "fusectl", "fusectl", str(ctl)], check=True, timeout=30)
+    try:
+        with site.mount() as m:
+            conn = ctl / str(os.stat(m.mountpoint).st_dev)
+            assert int((conn / "max_background").read_text()) == 64
+            assert int((conn / "congestion_threshold").read_text()) == 48
+    finally:
+        subprocess.run(["umount", str(ctl)], check=True, timeout=30)
+
+
 def test_64_concurrent_readers_are_served_from_the_descriptor_table(site: Site) -> None:
     with site.mount() as m:
         mp = m.mountpoint
