@@ -64,6 +64,7 @@ log = logging.getLogger(__name__)
 XATTR_PREFIX = "user.swarm."
 _XATTR_PREFIX_B = XATTR_PREFIX.encode()
 ADAPTER_ENV = "SWARM_FUSE_ADAPTER"
+AHEAD_BYTES = 64 << 20  # of a large file, opened ahead of its reader (see _read_ahead)
 Attr = tuple[int, int, int, int, int]  # (ino, mode, nlink, size, mtime_ns): what _fusell reads
 
 
@@ -247,8 +248,11 @@ class ReleaseOperations:
         return {"error": f"unknown command {command!r} (status, reload, counters)"}
 
     def counters(self) -> dict[str, int]:
-        """Requests that reached this process, by kind (tests and the bench)."""
-        return {} if self.session is None else dict(self.session.counters())
+        """Requests that reached this process, by kind (tests and the bench),
+        and ``ahead``: large files whose next chunks are being opened."""
+        if self.session is None:
+            return {}
+        return {**self.session.counters(), "ahead": len(self._ahead)}
 
     # -- metadata: called by _fusell -------------------------------------------------
 
@@ -411,26 +415,30 @@ class ReleaseOperations:
         return True
 
     def _read_ahead(self, ino: int, node: Node, end: int) -> None:
-        """Open the chunk after the one a read of a chunked file ended in, in
-        the background: by the time the reader gets there its object is
-        verified, its pages are on their way (``POSIX_FADV_WILLNEED``) and
-        its descriptor is in the C table.  One chunk ahead per file at most."""
+        """Open the chunks after the one a read of a chunked file ended in, in
+        the background: by the time the reader gets there their objects are
+        verified, their pages are on their way (``POSIX_FADV_WILLNEED``) and
+        their descriptors are in the C table.  The chunks starting in the next
+        ``AHEAD_BYTES`` are opened, one background job per file at a time: the
+        reads the C table serves never come here to ask for more, so the
+        window must hold the reader until its next miss."""
         assert node.handle is not None
+        if ino in self._ahead:
+            return
         of = self.mounted.open_file(node.handle)
         here = bisect.bisect_right(of.offsets, end) - 1  # the chunk holding the next byte
-        for i in (here, here + 1):
-            if i >= len(of.chunks) or ino in self._ahead:
-                return
-            if i not in of.fds:
-                self._ahead.add(ino)
-                self._ahead_pool.submit(self._open_ahead, ino, node, of.offsets[i])
-                return
+        last = bisect.bisect_right(of.offsets, end + AHEAD_BYTES) - 1
+        todo = [i for i in range(here, min(last + 1, len(of.chunks))) if i not in of.fds]
+        if todo:
+            self._ahead.add(ino)
+            self._ahead_pool.submit(self._open_ahead, ino, node, [of.offsets[i] for i in todo])
 
-    def _open_ahead(self, ino: int, node: Node, offset: int) -> None:
+    def _open_ahead(self, ino: int, node: Node, offsets: list[int]) -> None:
         try:
             assert node.handle is not None
-            self.mounted.read_pieces(node.handle, offset, 1)
-            self._register(ino, node.handle)
+            for offset in offsets:
+                self.mounted.read_pieces(node.handle, offset, 1)
+                self._register(ino, node.handle)
         except (ObjectVerificationError, ObjectUnavailable, OSError, ReleaseError) as exc:
             # The reader meets the same failure, with its log line, when it gets there.
             log.debug("read-ahead of /%s stopped: %s", os.fsdecode(node.path), exc)

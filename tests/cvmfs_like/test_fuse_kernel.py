@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from swarm_testing.waiting import eventually
 from tests.cvmfs_like.test_fuse_mount import REPO, Site, control
 from tests.harness import MountProcess
 
@@ -240,6 +241,22 @@ def test_sequential_reads_come_in_1_mib_requests(site: Site) -> None:
         requests = (after["read_c"] + after["read_py"]) - (before["read_c"] + before["read_py"])
         # 128 KiB requests would be 8 per MiB; 1 MiB requests about one.
         assert 0 < requests <= 2 * size // MiB, requests
+
+
+def test_a_large_file_is_opened_ahead_of_its_reader_so_c_serves_the_rest(site: Site) -> None:
+    want = (site.src / "large.bin").read_bytes()
+    with site.mount() as m:
+        with open(m.mountpoint / "large.bin", "rb", buffering=0) as f:
+            assert f.read(MiB) == want[:MiB]
+            # The first read started opening the chunks after it (all of
+            # them: the file is smaller than the read-ahead window).
+            eventually("the chunks to be opened ahead", lambda: counters(site)["ahead"] == 0, 30)
+            before = counters(site)
+            rest = b"".join(iter(lambda: f.read(MiB), b""))
+        after = counters(site)
+    assert rest == want[MiB:]
+    assert after["read_c"] > before["read_c"]
+    assert after["read_py"] == before["read_py"], "a chunk was not open when the reader got there"
 
 
 def test_the_kernel_may_keep_64_reads_in_flight(site: Site, tmp_path: Path) -> None:
