@@ -10,7 +10,11 @@
  *     Session.set_fds() is answered in C from those descriptors (spliced
  *     to the kernel), without the GIL and without a global lock: the table
  *     is sharded, and each shard has a reader-writer lock that only
- *     registration, FORGET and eviction take for writing;
+ *     registration, FORGET and eviction take for writing; so is the first
+ *     READ of a file whose verified cached object Python named at LOOKUP
+ *     (Session.set_path): C opens it (checking its size if the cache owes
+ *     that check) and installs the descriptor, or leaves the read to Python
+ *     when the object is gone or cut;
  *   - READDIR of a directory listed before, and LOOKUP of a name in it
  *     (present or absent), are answered in C from the listing table: the
  *     listings Python gave, kept until a revision switch drops them all
@@ -41,7 +45,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -56,6 +62,8 @@ typedef struct {
     int n;            /* chunks */
     int *fds;         /* n descriptors */
     uint64_t *offs;   /* n+1 offsets: chunk i is [offs[i], offs[i+1]) */
+    char *path;       /* n == 1, fds[0] < 0: the verified object C may open itself */
+    int check_size;   /* ... after checking that it is offs[1] bytes long */
 } FdEntry;
 
 typedef struct {
@@ -110,6 +118,7 @@ typedef struct {
     /* counters, read by tests and the bench (relaxed, approximate under races) */
     unsigned long long n_open, n_opendir, n_read_c, n_read_py, n_lookup, n_readdir, n_getattr;
     unsigned long long n_lookup_c, n_readdir_c; /* of n_lookup, n_readdir: answered in C */
+    unsigned long long n_open_c;                /* objects C opened itself (Session.set_path) */
     /* microseconds spent answering in Python (GIL wait included), by kind */
     unsigned long long us_lookup, us_read_py, us_readdir, us_getattr;
 } Session;
@@ -132,6 +141,7 @@ static void fd_entry_clear(FdShard *sh, FdEntry *e) {
         }
     free(e->fds);
     free(e->offs);
+    free(e->path);
     memset(e, 0, sizeof *e);
 }
 
@@ -155,6 +165,41 @@ static FdEntry *shard_find(FdShard *sh, uint64_t ino) {
     return NULL;
 }
 
+/* Evict entries other than keep (clock order; each is registered again on
+ * its next read) until the shard can hold `more` descriptors more within its
+ * share of the descriptor limit (write lock held). */
+static void shard_make_room(Session *s, FdShard *sh, const FdEntry *keep, long more) {
+    for (unsigned k = 0; k < SHARD_SLOTS && sh->fds + more > s->shard_fd_cap; k++) {
+        FdEntry *v = &sh->slots[sh->victim++ % SHARD_SLOTS];
+        if (v->ino && v != keep)
+            fd_entry_clear(sh, v);
+    }
+}
+
+/* Put entry *ne into the shard (write lock held), replacing ino's entry, else
+ * in a free slot near home, else evicting one (re-registered on its next
+ * read); then evict others while the shard holds more than its share of the
+ * descriptor limit.  The table owns what *ne held from now on. */
+static void shard_put(Session *s, FdShard *sh, FdEntry *ne) {
+    FdEntry *e = shard_find(sh, ne->ino);
+    if (!e) {
+        unsigned h = slot_of(ne->ino);
+        for (int k = 0; k < PROBE && !e; k++)
+            if (sh->slots[(h + k) % SHARD_SLOTS].ino == 0)
+                e = &sh->slots[(h + k) % SHARD_SLOTS];
+        if (!e)
+            e = &sh->slots[(h + (sh->victim++ % PROBE)) % SHARD_SLOTS];
+    }
+    if (e->ino)
+        fd_entry_clear(sh, e);
+    long held = 0;
+    for (int i = 0; i < ne->n; i++)
+        held += ne->fds[i] >= 0;
+    shard_make_room(s, sh, e, held);
+    *e = *ne;
+    sh->fds += held;
+}
+
 static void table_drop(Session *s, uint64_t ino) {
     FdShard *sh = shard_of(s, ino);
     pthread_rwlock_wrlock(&sh->lock);
@@ -175,8 +220,12 @@ static void table_drop(Session *s, uint64_t ino) {
  * table's own descriptors are still only closed under the write lock.  If a
  * duplicate cannot be made (out of descriptors), the splice runs under the
  * lock as before. */
+static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, int check_size);
+
 static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off_t off) {
     FdShard *sh = shard_of(s, ino);
+    int opened = 0;
+again:
     pthread_rwlock_rdlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
     if (!e) {
@@ -210,7 +259,17 @@ static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off
     uint64_t pos = (uint64_t)off;
     for (int i = lo; pos < end && i < e->n; i++) {
         if (count == MAX_PIECES || e->fds[i] < 0) { /* too many, or not opened: Python */
+            char path[PATH_MAX];
+            int mine = !opened && e->fds[i] < 0 && e->path && strlen(e->path) < sizeof path;
+            uint64_t want = e->offs[1];
+            int check = e->check_size;
+            if (mine)
+                strcpy(path, e->path);
             pthread_rwlock_unlock(&sh->lock);
+            if (mine && open_path(s, ino, path, want, check)) {
+                opened = 1;
+                goto again;
+            }
             return 0;
         }
         uint64_t cend = e->offs[i + 1] < end ? e->offs[i + 1] : end;
@@ -244,6 +303,44 @@ static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off
     }
     __atomic_add_fetch(&s->n_read_c, 1, __ATOMIC_RELAXED);
     return 1;
+}
+
+/* The first read of a file whose object Python named with set_path: open
+ * it here, without the GIL, and install the descriptor; 1 when installed.
+ * On any failure (gone: evicted since; not the size the catalog says: cut
+ * by a crash) the path is forgotten and the read goes to Python, which
+ * fetches or drops and fetches the object as a first read always did. */
+static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, int check_size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0 && check_size) {
+        struct stat st;
+        if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != size) {
+            close(fd);
+            fd = -1;
+        }
+    }
+    FdShard *sh = shard_of(s, ino);
+    pthread_rwlock_wrlock(&sh->lock);
+    FdEntry *e = shard_find(sh, ino);
+    int ours = e && e->n == 1 && e->fds[0] < 0 && e->path && strcmp(e->path, path) == 0;
+    int installed = 0;
+    if (ours && fd >= 0) {
+        shard_make_room(s, sh, e, 1);
+        e->fds[0] = fd;
+        sh->fds++;
+        installed = 1;
+    }
+    if (ours) { /* installed, or not to be tried again */
+        free(e->path);
+        e->path = NULL;
+    }
+    int ready = e && e->n >= 1 && e->fds[0] >= 0; /* ours, or another reader's */
+    pthread_rwlock_unlock(&sh->lock);
+    if (!installed && fd >= 0)
+        close(fd);
+    if (installed)
+        __atomic_add_fetch(&s->n_open_c, 1, __ATOMIC_RELAXED);
+    return ready;
 }
 
 /* -- calling Python -------------------------------------------------------- */
@@ -1031,30 +1128,49 @@ static PyObject *Session_set_fds(Session *self, PyObject *args) {
        wait is short and cannot deadlock; releasing the GIL here cost a
        reacquisition behind other Python threads on every registration. */
     pthread_rwlock_wrlock(&sh->lock);
-    FdEntry *e = shard_find(sh, ino);
-    if (!e) { /* a free slot near home, else evict one (it is re-registered on its next read) */
-        unsigned s = slot_of(ino);
-        for (int k = 0; k < PROBE && !e; k++)
-            if (sh->slots[(s + k) % SHARD_SLOTS].ino == 0)
-                e = &sh->slots[(s + k) % SHARD_SLOTS];
-        if (!e)
-            e = &sh->slots[(s + (sh->victim++ % PROBE)) % SHARD_SLOTS];
-    }
-    if (e->ino)
-        fd_entry_clear(sh, e);
-    long held = 0;
-    for (int i = 0; i < ne.n; i++)
-        held += ne.fds[i] >= 0;
-    /* Over this shard's share of the descriptor limit: evict others (clock
-       order; each is registered again on its next read). */
-    for (unsigned k = 0; k < SHARD_SLOTS && sh->fds + held > self->shard_fd_cap; k++) {
-        FdEntry *v = &sh->slots[sh->victim++ % SHARD_SLOTS];
-        if (v->ino && v != e)
-            fd_entry_clear(sh, v);
-    }
-    *e = ne;
-    sh->fds += held;
+    shard_put(self, sh, &ne);
     pthread_rwlock_unlock(&sh->lock);
+    Py_RETURN_NONE;
+}
+
+/* set_path(ino, path, size, check_size): until ino has an entry, its first
+ * read opens the verified object at path in C (open_path); an entry already
+ * there is kept. */
+static PyObject *Session_set_path(Session *self, PyObject *args) {
+    unsigned long long ino, size;
+    const char *path;
+    Py_ssize_t len;
+    int check;
+    if (!PyArg_ParseTuple(args, "Ky#Kp", &ino, &path, &len, &size, &check))
+        return NULL;
+    if ((size_t)len >= PATH_MAX || strlen(path) != (size_t)len) {
+        PyErr_SetString(PyExc_ValueError, "set_path: not a path");
+        return NULL;
+    }
+    FdEntry ne = {.ino = ino, .n = 1, .check_size = check};
+    ne.fds = malloc(sizeof(int));
+    ne.offs = malloc(2 * sizeof(uint64_t));
+    ne.path = strdup(path);
+    if (!ne.fds || !ne.offs || !ne.path) {
+        free(ne.fds);
+        free(ne.offs);
+        free(ne.path);
+        return PyErr_NoMemory();
+    }
+    ne.fds[0] = -1;
+    ne.offs[0] = 0;
+    ne.offs[1] = size;
+    FdShard *sh = shard_of(self, ino);
+    pthread_rwlock_wrlock(&sh->lock); /* with the GIL: see set_fds */
+    int known = shard_find(sh, ino) != NULL;
+    if (!known)
+        shard_put(self, sh, &ne);
+    pthread_rwlock_unlock(&sh->lock);
+    if (known) { /* the table keeps what it has */
+        free(ne.fds);
+        free(ne.offs);
+        free(ne.path);
+    }
     Py_RETURN_NONE;
 }
 
@@ -1085,13 +1201,13 @@ static PyObject *Session_fd(Session *self, PyObject *unused) {
 
 static PyObject *Session_counters(Session *self, PyObject *unused) {
     (void)unused;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsl}", "open", self->n_open, "opendir",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsl}", "open", self->n_open, "opendir",
                          self->n_opendir, "read_c", self->n_read_c, "read_py", self->n_read_py,
                          "lookup", self->n_lookup, "lookup_c", self->n_lookup_c, "readdir",
                          self->n_readdir, "readdir_c", self->n_readdir_c, "getattr",
                          self->n_getattr, "lookup_us", self->us_lookup, "read_py_us",
                          self->us_read_py, "readdir_us", self->us_readdir, "getattr_us",
-                         self->us_getattr, "listed", self->listed);
+                         self->us_getattr, "open_c", self->n_open_c, "listed", self->listed);
 }
 
 static void Session_dealloc(Session *self) {
@@ -1130,6 +1246,8 @@ static PyMethodDef Session_methods[] = {
      "forget every directory listing kept in C (a revision switch)"},
     {"fd", (PyCFunction)Session_fd, METH_NOARGS, "the /dev/fuse descriptor"},
     {"counters", (PyCFunction)Session_counters, METH_NOARGS, "requests seen, by kind"},
+    {"set_path", (PyCFunction)Session_set_path, METH_VARARGS,
+     "set_path(ino, path, size, check_size): the object C opens on ino's first read"},
     {NULL, NULL, 0, NULL},
 };
 

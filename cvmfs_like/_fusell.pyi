@@ -30,6 +30,10 @@ class Session:
     def inval_entry(self, parent: int, name: bytes) -> int: ...
     def inval_inode(self, ino: int, off: int, length: int) -> int: ...
     def set_fds(self, ino: int, fds: list[int], offsets: list[int]) -> None: ...
+    def set_path(self, ino: int, path: bytes, size: int, check_size: bool) -> None:
+        """Until ``ino`` has an entry in the read table, its first read opens
+        the verified object at ``path`` in C (checking its size if asked)."""
+
     def drop_fds(self, ino: int) -> None: ...
     def drop_listings(self) -> None:
         """Forget every directory listing kept in C (a revision switch)."""
@@ -40,5 +44,6 @@ class Session:
         read_py, lookup, readdir, getattr; lookup_c and readdir_c: those of
         lookup and readdir answered from the listing table), the microseconds
         spent answering them in Python, GIL waits included (lookup_us,
-        read_py_us, readdir_us, getattr_us), and the bytes the listing
-        table holds (listed)."""
+        read_py_us, readdir_us, getattr_us), the objects C opened itself
+        (open_c, see set_path), and the bytes the listing table holds
+        (listed)."""

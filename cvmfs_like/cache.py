@@ -332,6 +332,20 @@ class ObjectCache:
             if flight.error is not None:
                 raise flight.error
 
+    def trusted_path(self, digest: str) -> tuple[str, bool] | None:
+        """Where a reader may open the cached object itself, and whether it
+        must check its size first (the first use after a clean close); None
+        when the object is not here or owes a hash check.  The reader drops
+        the path when the object is gone or has another size, and asks
+        :meth:`open` instead.  Counts as a use (the LRU touch is queued)."""
+        if digest not in self._lru:
+            return None
+        unchecked = self._unchecked.get(digest)  # None: checked already
+        if unchecked:
+            return None
+        self._touched.append(digest)
+        return self._objects_prefix + relative_path(digest), unchecked is False
+
     def _open_lock_free(self, digest: str, size: int | None) -> int | None:
         """The cached object's descriptor, taken without the lock (see
         :meth:`open`); None if it is gone, or is not ``size`` bytes long.

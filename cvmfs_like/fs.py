@@ -290,10 +290,18 @@ class ReleaseOperations:
         if e is None or isinstance(e, int):
             return e
         try:
-            return self._attr(path, e)
+            attr = self._attr(path, e)
         except ReleaseError as exc:  # a chunked file's chunk list
             log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
             return errno.EIO
+        if e.is_file and not e.chunked and self.session is not None:
+            # A file looked up by name is about to be read, more often than
+            # not: name its cached object, so C opens it on the first read
+            # without coming back here (a dropped page cache's readers).
+            got = self.mounted.cached_path(e)
+            if got is not None:
+                self.session.set_path(attr[0], os.fsencode(got[0]), e.size, got[1])
+        return attr
 
     def _current(self, ino: int) -> tuple[Node, Entry] | int:
         """An inode's node and its entry now: a directory's attributes follow

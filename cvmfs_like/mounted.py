@@ -370,6 +370,18 @@ class MountedRelease:
     def open_file(self, fh: int) -> OpenFile:
         return self._files[fh]
 
+    def cached_path(self, entry: Entry) -> tuple[str, bool] | None:
+        """Where the verified object of an unchunked file is in the local
+        cache, and whether its size must be checked before it is read (see
+        :meth:`ObjectCache.trusted_path`); None when it is not there, or when
+        reads are being recorded for the start profile (each must pass
+        :meth:`read_pieces` to be recorded)."""
+        if entry.object is None or entry.chunked:
+            return None
+        if self._profiles is not None and self._profiles.recording():
+            return None
+        return self._cache.trusted_path(entry.object)
+
     def read_pieces(self, fh: int, offset: int, size: int) -> list[tuple[int, int, int]]:
         """Where the verified bytes ``[offset, offset+size)`` of an open file are:
         (descriptor of a verified cached object, position in it, length).

@@ -654,6 +654,16 @@ class StartProfiles:
         if cur.prefetch is not None:
             cur.prefetch.start()
 
+    def recording(self) -> bool:
+        """Whether reads are being recorded now (or will be, from the first):
+        a read that does not pass :meth:`saw` would be missing from the profile."""
+        cur = self._current
+        return (
+            cur is not None
+            and cur.recorder is not None
+            and cur.recorder.state is not RecordState.ENDED
+        )
+
     def saw(self, revision: int, path: bytes, chunk: int) -> None:
         """A reader of ``revision`` read ``chunk`` of ``path`` (the hot path)."""
         cur = self._current

@@ -259,6 +259,20 @@ def test_a_large_file_is_opened_ahead_of_its_reader_so_c_serves_the_rest(site: S
     assert after["read_py"] == before["read_py"], "a chunk was not open when the reader got there"
 
 
+def test_the_first_read_of_a_file_looked_up_by_name_opens_its_object_in_c(site: Site) -> None:
+    want = {rel: (site.src / rel).read_bytes() for rel in ("lib/data.bin", "VERSION")}
+    with site.mount() as m:
+        for rel, data in want.items():
+            assert (m.mountpoint / rel).read_bytes() == data  # fetched into the cache
+    with site.mount() as m:  # a remount: lookups and first reads again
+        before = counters(site)
+        for rel, data in want.items():
+            assert (m.mountpoint / rel).read_bytes() == data
+        after = counters(site)
+    assert after["open_c"] - before["open_c"] == len(want)
+    assert after["read_py"] == before["read_py"], "a first read went through Python"
+
+
 def test_the_kernel_may_keep_64_reads_in_flight(site: Site, tmp_path: Path) -> None:
     """Read-ahead READs are background requests: with the kernel's default of
     12 in flight, 64 readers of dropped files would queue in the kernel."""
