@@ -55,6 +55,7 @@
 #define SHARDS 64
 #define SHARD_SLOTS 1024        /* per shard: SHARDS * SHARD_SLOTS files' descriptors */
 #define MAX_PIECES 16
+#define READ_WHOLE (128 << 10) /* objects above it are advised WILLNEED when opened (as mounted.py) */
 #define BACKGROUND 64          /* asynchronous READs the kernel may have in flight */
 
 typedef struct {
@@ -306,10 +307,11 @@ again:
 }
 
 /* The first read of a file whose object Python named with set_path: open
- * it here, without the GIL, and install the descriptor; 1 when installed.
- * On any failure (gone: evicted since; not the size the catalog says: cut
- * by a crash) the path is forgotten and the read goes to Python, which
- * fetches or drops and fetches the object as a first read always did. */
+ * it here, without the GIL, and install the descriptor; 1 when the entry
+ * has its descriptor now (ours, or another first reader's).  On any failure
+ * (gone: evicted since; not the size the catalog says: cut by a crash) the
+ * path is forgotten and the read goes to Python, which fetches or drops and
+ * fetches the object as a first read always did. */
 static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, int check_size) {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd >= 0 && check_size) {
@@ -319,6 +321,12 @@ static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, 
             fd = -1;
         }
     }
+    /* As Python does for what it opens (before the table owns fd): an object
+       above the kernel's default read-ahead is read whole far more often
+       than not, and a shared library mapped by the loader faults its pages
+       in scattered. */
+    if (fd >= 0 && size > READ_WHOLE)
+        posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
     FdShard *sh = shard_of(s, ino);
     pthread_rwlock_wrlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
