@@ -343,7 +343,7 @@ class ObjectCache:
         unchecked = self._unchecked.get(digest)  # None: checked already
         if unchecked:
             return None
-        self._touched.append(digest)
+        self._touch(digest)
         return self._objects_prefix + relative_path(digest), unchecked is False
 
     def _open_lock_free(self, digest: str, size: int | None) -> int | None:
@@ -363,14 +363,20 @@ class ObjectCache:
                 os.close(fd)
                 return None
             self._unchecked.pop(digest, None)  # atomic under the GIL; see close for the reader
-        self._touched.append(digest)
+        self._touch(digest)
         self.hits += 1  # may lose a count under races: statistics only
+        return fd
+
+    def _touch(self, digest: str) -> None:
+        """Queue a use for the LRU without the lock; a batch is applied by
+        whoever finds the lock free once the queue is long (else by the next
+        holder), so the queue stays bounded however long only hits come."""
+        self._touched.append(digest)
         if len(self._touched) > _TOUCH_BATCH and self._lock.acquire(blocking=False):
             try:
                 self._apply_touches_locked()
             finally:
                 self._lock.release()
-        return fd
 
     def _open_checked(self, digest: str, size: int, catalog: bool) -> int | None:
         """The cached object's descriptor once it passed its first-use check;
