@@ -11,10 +11,11 @@
  *     to the kernel), without the GIL and without a global lock: the table
  *     is sharded, and each shard has a reader-writer lock that only
  *     registration, FORGET and eviction take for writing; so is the first
- *     READ of a file whose verified cached object Python named at LOOKUP
- *     (Session.set_path): C opens it (checking its size if the cache owes
- *     that check) and installs the descriptor, or leaves the read to Python
- *     when the object is gone or cut;
+ *     READ of a file whose verified cached objects Python named at LOOKUP
+ *     (Session.set_paths): C opens each chunk's object when a read first
+ *     needs it, and those of the chunks ahead of the reader (checking sizes
+ *     if the cache owes that check), and installs the descriptors, or leaves
+ *     the read to Python when an object is gone or cut;
  *   - READDIR of a directory listed before, and LOOKUP of a name in it
  *     (present or absent), are answered in C from the listing table: the
  *     listings Python gave, kept until a revision switch drops them all
@@ -57,14 +58,18 @@
 #define MAX_PIECES 16
 #define READ_WHOLE (128 << 10) /* objects above it are advised WILLNEED when opened (as mounted.py) */
 #define BACKGROUND 64          /* asynchronous READs the kernel may have in flight */
+#define AHEAD_BYTES (64ULL << 20) /* of a file C opens itself: opened ahead of its reader (as fs.py) */
+#define AHEAD_MAX 64              /* chunks one read opens ahead (chunks are at least 1 MiB) */
 
 typedef struct {
     uint64_t ino;     /* 0: free */
     int n;            /* chunks */
     int *fds;         /* n descriptors */
     uint64_t *offs;   /* n+1 offsets: chunk i is [offs[i], offs[i+1]) */
-    char *path;       /* n == 1, fds[0] < 0: the verified object C may open itself */
-    int check_size;   /* ... after checking that it is offs[1] bytes long */
+    char **paths;     /* NULL, or n: while fds[i] < 0, chunk i's verified object C may
+                         open itself (NULL: not, or not again) */
+    int check_size;   /* ... after checking that it is offs[i+1] - offs[i] bytes long */
+    int ahead;        /* chunks below this were claimed by a read for opening ahead */
 } FdEntry;
 
 typedef struct {
@@ -119,7 +124,7 @@ typedef struct {
     /* counters, read by tests and the bench (relaxed, approximate under races) */
     unsigned long long n_open, n_opendir, n_read_c, n_read_py, n_lookup, n_readdir, n_getattr;
     unsigned long long n_lookup_c, n_readdir_c; /* of n_lookup, n_readdir: answered in C */
-    unsigned long long n_open_c;                /* objects C opened itself (Session.set_path) */
+    unsigned long long n_open_c;                /* objects C opened itself (Session.set_paths) */
     /* microseconds spent answering in Python (GIL wait included), by kind */
     unsigned long long us_lookup, us_read_py, us_readdir, us_getattr;
 } Session;
@@ -140,9 +145,12 @@ static void fd_entry_clear(FdShard *sh, FdEntry *e) {
             close(e->fds[i]);
             sh->fds--;
         }
+    if (e->paths)
+        for (int i = 0; i < e->n; i++)
+            free(e->paths[i]);
+    free(e->paths);
     free(e->fds);
     free(e->offs);
-    free(e->path);
     memset(e, 0, sizeof *e);
 }
 
@@ -210,6 +218,32 @@ static void table_drop(Session *s, uint64_t ino) {
     pthread_rwlock_unlock(&sh->lock);
 }
 
+/* Chunks of one entry whose objects C opens itself (see open_chunks). */
+typedef struct {
+    int count;
+    int idx[AHEAD_MAX];
+    char *paths[AHEAD_MAX]; /* copies, freed by open_chunks */
+    uint64_t sizes[AHEAD_MAX];
+    int check;
+} OpenJob;
+
+/* Add chunk i of e to job (read lock held); 0 when the job is full or out of memory. */
+static int job_add(OpenJob *job, const FdEntry *e, int i) {
+    if (job->count == AHEAD_MAX)
+        return 0;
+    char *copy = strdup(e->paths[i]);
+    if (!copy)
+        return 0;
+    job->idx[job->count] = i;
+    job->paths[job->count] = copy;
+    job->sizes[job->count] = e->offs[i + 1] - e->offs[i];
+    job->check = e->check_size;
+    job->count++;
+    return 1;
+}
+
+static void open_chunks(Session *s, uint64_t ino, OpenJob *job);
+
 /* Answer a read from the table; returns 0 when not all of it is there.
  *
  * The shard's read lock is held only to find the entry and duplicate the
@@ -220,12 +254,16 @@ static void table_drop(Session *s, uint64_t ino) {
  * dropped-caches import).  The duplicates are closed after the reply; the
  * table's own descriptors are still only closed under the write lock.  If a
  * duplicate cannot be made (out of descriptors), the splice runs under the
- * lock as before. */
-static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, int check_size);
-
-static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off_t off) {
+ * lock as before.
+ *
+ * Chunks Python named (set_paths) are opened here: those this read needs
+ * before it is answered, and, after it, those starting in the next
+ * AHEAD_BYTES that no other read claimed (the entry's `ahead` mark), so the
+ * disk is busy with them before the reader gets there. */
+static int table_read_now(Session *s, fuse_req_t req, uint64_t ino, size_t size, off_t off,
+                          OpenJob *ahead) {
     FdShard *sh = shard_of(s, ino);
-    int opened = 0;
+    int tried = 0;
 again:
     pthread_rwlock_rdlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
@@ -242,12 +280,6 @@ again:
         fuse_reply_buf(req, NULL, 0);
         return 1;
     }
-    /* fuse_bufvec ends in buf[1]; reached through a pointer, its array runs on
-       into the storage behind it (a declared struct would make that UB). */
-    _Alignas(struct fuse_bufvec) char storage[sizeof(struct fuse_bufvec) +
-                                              (MAX_PIECES - 1) * sizeof(struct fuse_buf)];
-    memset(storage, 0, sizeof storage);
-    struct fuse_bufvec *v = (struct fuse_bufvec *)storage;
     int lo = 0, hi = e->n - 1; /* chunk holding off */
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
@@ -256,19 +288,40 @@ again:
         else
             hi = mid - 1;
     }
+    if (e->paths && !ahead->count) {
+        /* claim the chunks after this read's up to AHEAD_BYTES past its end */
+        int from = lo, want;
+        while (from < e->n && e->offs[from] < end)
+            from++;
+        for (want = from; want < e->n && e->offs[want] < end + AHEAD_BYTES; want++)
+            ;
+        int cur = __atomic_load_n(&e->ahead, __ATOMIC_RELAXED);
+        if (cur < want &&
+            __atomic_compare_exchange_n(&e->ahead, &cur, want, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED))
+            for (int k = cur > from ? cur : from; k < want; k++)
+                if (e->fds[k] < 0 && e->paths[k] && !job_add(ahead, e, k))
+                    break;
+    }
+    /* fuse_bufvec ends in buf[1]; reached through a pointer, its array runs on
+       into the storage behind it (a declared struct would make that UB). */
+    _Alignas(struct fuse_bufvec) char storage[sizeof(struct fuse_bufvec) +
+                                              (MAX_PIECES - 1) * sizeof(struct fuse_buf)];
+    memset(storage, 0, sizeof storage);
+    struct fuse_bufvec *v = (struct fuse_bufvec *)storage;
     size_t count = 0;
     uint64_t pos = (uint64_t)off;
     for (int i = lo; pos < end && i < e->n; i++) {
-        if (count == MAX_PIECES || e->fds[i] < 0) { /* too many, or not opened: Python */
-            char path[PATH_MAX];
-            int mine = !opened && e->fds[i] < 0 && e->path && strlen(e->path) < sizeof path;
-            uint64_t want = e->offs[1];
-            int check = e->check_size;
-            if (mine)
-                strcpy(path, e->path);
+        if (count == MAX_PIECES || e->fds[i] < 0) { /* too many, or not opened */
+            OpenJob now = {0};
+            if (!tried && count < MAX_PIECES && e->paths)
+                for (int k = i; k < e->n && e->offs[k] < end; k++)
+                    if (e->fds[k] < 0 && e->paths[k] && !job_add(&now, e, k))
+                        break;
             pthread_rwlock_unlock(&sh->lock);
-            if (mine && open_path(s, ino, path, want, check)) {
-                opened = 1;
+            if (now.count) { /* open them, then answer from the table, else Python */
+                open_chunks(s, ino, &now);
+                tried = 1;
                 goto again;
             }
             return 0;
@@ -306,49 +359,66 @@ again:
     return 1;
 }
 
-/* The first read of a file whose object Python named with set_path: open
- * it here, without the GIL, and install the descriptor; 1 when the entry
- * has its descriptor now (ours, or another first reader's).  On any failure
- * (gone: evicted since; not the size the catalog says: cut by a crash) the
- * path is forgotten and the read goes to Python, which fetches or drops and
- * fetches the object as a first read always did. */
-static int open_path(Session *s, uint64_t ino, const char *path, uint64_t size, int check_size) {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd >= 0 && check_size) {
+static int table_read(Session *s, fuse_req_t req, uint64_t ino, size_t size, off_t off) {
+    OpenJob ahead = {0};
+    int answered = table_read_now(s, req, ino, size, off, &ahead);
+    if (ahead.count) /* after the answer (or before Python's): the reader's next chunks */
+        open_chunks(s, ino, &ahead);
+    return answered;
+}
+
+/* Open the verified objects of the chunks in job, without the GIL, and
+ * install their descriptors where the entry still names the same objects
+ * (another reader may have installed one first: that one stays).  An object
+ * that is gone (evicted since) or not its chunk's size (cut by a crash) is
+ * not tried again: its path is forgotten, and reads of that chunk go to
+ * Python, which fetches or drops and fetches the object as a first read
+ * always did.  Objects above READ_WHOLE are advised WILLNEED, as Python does
+ * for what it opens: such an object is read whole far more often than not,
+ * and a shared library mapped by the loader faults its pages in scattered.
+ * Frees the job's paths. */
+static void open_chunks(Session *s, uint64_t ino, OpenJob *job) {
+    int fds[AHEAD_MAX];
+    for (int j = 0; j < job->count; j++) {
+        fds[j] = open(job->paths[j], O_RDONLY | O_CLOEXEC);
         struct stat st;
-        if (fstat(fd, &st) != 0 || (uint64_t)st.st_size != size) {
-            close(fd);
-            fd = -1;
+        if (fds[j] >= 0 && job->check &&
+            (fstat(fds[j], &st) != 0 || (uint64_t)st.st_size != job->sizes[j])) {
+            close(fds[j]);
+            fds[j] = -1;
         }
+        if (fds[j] >= 0 && job->sizes[j] > READ_WHOLE)
+            posix_fadvise(fds[j], 0, 0, POSIX_FADV_WILLNEED);
     }
-    /* As Python does for what it opens (before the table owns fd): an object
-       above the kernel's default read-ahead is read whole far more often
-       than not, and a shared library mapped by the loader faults its pages
-       in scattered. */
-    if (fd >= 0 && size > READ_WHOLE)
-        posix_fadvise(fd, 0, 0, POSIX_FADV_WILLNEED);
     FdShard *sh = shard_of(s, ino);
+    unsigned long long installed = 0;
     pthread_rwlock_wrlock(&sh->lock);
     FdEntry *e = shard_find(sh, ino);
-    int ours = e && e->n == 1 && e->fds[0] < 0 && e->path && strcmp(e->path, path) == 0;
-    int installed = 0;
-    if (ours && fd >= 0) {
-        shard_make_room(s, sh, e, 1);
-        e->fds[0] = fd;
-        sh->fds++;
-        installed = 1;
+    for (int j = 0; j < job->count; j++) {
+        int i = job->idx[j];
+        int same = e && e->paths && i < e->n && e->fds[i] < 0 && e->paths[i] &&
+                   strcmp(e->paths[i], job->paths[j]) == 0;
+        if (same && fds[j] >= 0) {
+            shard_make_room(s, sh, e, 1);
+            e->fds[i] = fds[j];
+            sh->fds++;
+            fds[j] = -1;
+            installed++;
+        }
+        if (same) { /* installed, or not to be tried again */
+            free(e->paths[i]);
+            e->paths[i] = NULL;
+        }
     }
-    if (ours) { /* installed, or not to be tried again */
-        free(e->path);
-        e->path = NULL;
-    }
-    int ready = e && e->n >= 1 && e->fds[0] >= 0; /* ours, or another reader's */
     pthread_rwlock_unlock(&sh->lock);
-    if (!installed && fd >= 0)
-        close(fd);
+    for (int j = 0; j < job->count; j++) {
+        if (fds[j] >= 0)
+            close(fds[j]);
+        free(job->paths[j]);
+    }
+    job->count = 0;
     if (installed)
-        __atomic_add_fetch(&s->n_open_c, 1, __ATOMIC_RELAXED);
-    return ready;
+        __atomic_add_fetch(&s->n_open_c, installed, __ATOMIC_RELAXED);
 }
 
 /* -- calling Python -------------------------------------------------------- */
@@ -1141,44 +1211,64 @@ static PyObject *Session_set_fds(Session *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* set_path(ino, path, size, check_size): until ino has an entry, its first
- * read opens the verified object at path in C (open_path); an entry already
- * there is kept. */
-static PyObject *Session_set_path(Session *self, PyObject *args) {
-    unsigned long long ino, size;
-    const char *path;
-    Py_ssize_t len;
+/* set_paths(ino, paths, offsets, check_size): until ino has an entry, reads
+ * of chunk i (offsets[i] to offsets[i+1]) open the verified object at
+ * paths[i] in C (open_chunks); an entry already there is kept. */
+static PyObject *Session_set_paths(Session *self, PyObject *args) {
+    unsigned long long ino;
+    PyObject *paths, *offs;
     int check;
-    if (!PyArg_ParseTuple(args, "Ky#Kp", &ino, &path, &len, &size, &check))
+    if (!PyArg_ParseTuple(args, "KO!O!p", &ino, &PyList_Type, &paths, &PyList_Type, &offs,
+                          &check))
         return NULL;
-    if ((size_t)len >= PATH_MAX || strlen(path) != (size_t)len) {
-        PyErr_SetString(PyExc_ValueError, "set_path: not a path");
+    Py_ssize_t n = PyList_GET_SIZE(paths);
+    if (n < 1 || n > 1 << 20 || PyList_GET_SIZE(offs) != n + 1) {
+        PyErr_SetString(PyExc_ValueError, "set_paths: need n >= 1 paths and n + 1 offsets");
         return NULL;
     }
-    FdEntry ne = {.ino = ino, .n = 1, .check_size = check};
-    ne.fds = malloc(sizeof(int));
-    ne.offs = malloc(2 * sizeof(uint64_t));
-    ne.path = strdup(path);
-    if (!ne.fds || !ne.offs || !ne.path) {
+    FdEntry ne = {.ino = ino, .n = (int)n, .check_size = check};
+    ne.fds = malloc(sizeof(int) * (size_t)n);
+    ne.offs = malloc(sizeof(uint64_t) * (size_t)(n + 1));
+    ne.paths = calloc((size_t)n, sizeof(char *));
+    int ok = ne.fds && ne.offs && ne.paths;
+    for (Py_ssize_t i = 0; ok && i < n; i++) {
+        PyObject *p = PyList_GET_ITEM(paths, i);
+        char *b;
+        Py_ssize_t len;
+        if (!PyBytes_Check(p) || PyBytes_AsStringAndSize(p, &b, &len) < 0 ||
+            (size_t)len >= PATH_MAX || strlen(b) != (size_t)len) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_ValueError, "set_paths: not a path");
+            ok = 0;
+            break;
+        }
+        ne.fds[i] = -1;
+        ne.paths[i] = strdup(b);
+        ok = ne.paths[i] != NULL;
+    }
+    for (Py_ssize_t i = 0; ok && i <= n; i++)
+        ne.offs[i] = PyLong_AsUnsignedLongLong(PyList_GET_ITEM(offs, i));
+    if (ok && PyErr_Occurred())
+        ok = 0;
+    int known = 1;
+    if (ok) {
+        FdShard *sh = shard_of(self, ino);
+        pthread_rwlock_wrlock(&sh->lock); /* with the GIL: see set_fds */
+        known = shard_find(sh, ino) != NULL;
+        if (!known)
+            shard_put(self, sh, &ne);
+        pthread_rwlock_unlock(&sh->lock);
+    }
+    if (known) { /* not taken: the table keeps what it has, or an error */
+        if (ne.paths)
+            for (Py_ssize_t i = 0; i < n; i++)
+                free(ne.paths[i]);
+        free(ne.paths);
         free(ne.fds);
         free(ne.offs);
-        free(ne.path);
-        return PyErr_NoMemory();
     }
-    ne.fds[0] = -1;
-    ne.offs[0] = 0;
-    ne.offs[1] = size;
-    FdShard *sh = shard_of(self, ino);
-    pthread_rwlock_wrlock(&sh->lock); /* with the GIL: see set_fds */
-    int known = shard_find(sh, ino) != NULL;
-    if (!known)
-        shard_put(self, sh, &ne);
-    pthread_rwlock_unlock(&sh->lock);
-    if (known) { /* the table keeps what it has */
-        free(ne.fds);
-        free(ne.offs);
-        free(ne.path);
-    }
+    if (!ok)
+        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -1254,8 +1344,8 @@ static PyMethodDef Session_methods[] = {
      "forget every directory listing kept in C (a revision switch)"},
     {"fd", (PyCFunction)Session_fd, METH_NOARGS, "the /dev/fuse descriptor"},
     {"counters", (PyCFunction)Session_counters, METH_NOARGS, "requests seen, by kind"},
-    {"set_path", (PyCFunction)Session_set_path, METH_VARARGS,
-     "set_path(ino, path, size, check_size): the object C opens on ino's first read"},
+    {"set_paths", (PyCFunction)Session_set_paths, METH_VARARGS,
+     "set_paths(ino, paths, offsets, check_size): the objects C opens on reads of ino's chunks"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,9 +30,11 @@ class Session:
     def inval_entry(self, parent: int, name: bytes) -> int: ...
     def inval_inode(self, ino: int, off: int, length: int) -> int: ...
     def set_fds(self, ino: int, fds: list[int], offsets: list[int]) -> None: ...
-    def set_path(self, ino: int, path: bytes, size: int, check_size: bool) -> None:
-        """Until ``ino`` has an entry in the read table, its first read opens
-        the verified object at ``path`` in C (checking its size if asked)."""
+    def set_paths(self, ino: int, paths: list[bytes], offsets: list[int], check_size: bool) -> None:
+        """Until ``ino`` has an entry in the read table, a read of its chunk
+        ``i`` (``offsets[i]`` to ``offsets[i+1]``) opens the verified object at
+        ``paths[i]`` in C (checking its size if asked), as do the chunks ahead
+        of the reader."""
 
     def drop_fds(self, ino: int) -> None: ...
     def drop_listings(self) -> None:
@@ -45,5 +47,5 @@ class Session:
         lookup and readdir answered from the listing table), the microseconds
         spent answering them in Python, GIL waits included (lookup_us,
         read_py_us, readdir_us, getattr_us), the objects C opened itself
-        (open_c, see set_path), and the bytes the listing table holds
+        (open_c, see set_paths), and the bytes the listing table holds
         (listed)."""

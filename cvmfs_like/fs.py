@@ -294,14 +294,28 @@ class ReleaseOperations:
         except ReleaseError as exc:  # a chunked file's chunk list
             log.error("EIO on /%s: catalog unavailable: %s", os.fsdecode(path), exc)
             return errno.EIO
-        if e.is_file and not e.chunked and self.session is not None:
-            # A file looked up by name is about to be read, more often than
-            # not: name its cached object, so C opens it on the first read
-            # without coming back here (a dropped page cache's readers).
-            got = self.mounted.cached_path(e)
-            if got is not None:
-                self.session.set_path(attr[0], os.fsencode(got[0]), e.size, got[1])
+        if e.is_file and self.session is not None:
+            self._name_objects(attr[0], e)
         return attr
+
+    def _name_objects(self, ino: int, e: Entry) -> None:
+        """A file looked up by name is about to be read, more often than not:
+        name its cached objects to C, which opens them on the reads that need
+        them, and those ahead of the reader, without coming back here (a
+        dropped page cache's readers)."""
+        if e.chunked:
+            node = self.inodes().node(ino)
+            if node is None or node.handle is None:
+                return
+            of = self.mounted.open_file(node.handle)
+            digests, offsets = [c.object for c in of.chunks], [*of.offsets, e.size]
+        elif e.object is not None:
+            digests, offsets = [e.object], [0, e.size]
+        else:
+            return
+        got = self.mounted.cached_paths(e, digests)
+        if got is not None and self.session is not None:
+            self.session.set_paths(ino, [os.fsencode(p) for p in got[0]], offsets, got[1])
 
     def _current(self, ino: int) -> tuple[Node, Entry] | int:
         """An inode's node and its entry now: a directory's attributes follow

@@ -370,17 +370,23 @@ class MountedRelease:
     def open_file(self, fh: int) -> OpenFile:
         return self._files[fh]
 
-    def cached_path(self, entry: Entry) -> tuple[str, bool] | None:
-        """Where the verified object of an unchunked file is in the local
-        cache, and whether its size must be checked before it is read (see
-        :meth:`ObjectCache.trusted_path`); None when it is not there, or when
-        reads are being recorded for the start profile (each must pass
-        :meth:`read_pieces` to be recorded)."""
-        if entry.object is None or entry.chunked:
+    def cached_paths(self, entry: Entry, digests: list[str]) -> tuple[list[str], bool] | None:
+        """Where the verified objects of file ``entry`` (its object, or its
+        chunks' in order: ``digests``) are in the local cache, and whether their sizes must be
+        checked before they are read (see :meth:`ObjectCache.trusted_path`);
+        None unless all are there, and while reads are being recorded for the
+        start profile (each must pass :meth:`read_pieces` to be recorded)."""
+        if not entry.is_file or (self._profiles is not None and self._profiles.recording()):
             return None
-        if self._profiles is not None and self._profiles.recording():
-            return None
-        return self._cache.trusted_path(entry.object)
+        paths: list[str] = []
+        check = False
+        for digest in digests:
+            got = self._cache.trusted_path(digest)
+            if got is None:
+                return None
+            paths.append(got[0])
+            check |= got[1]
+        return paths, check
 
     def read_pieces(self, fh: int, offset: int, size: int) -> list[tuple[int, int, int]]:
         """Where the verified bytes ``[offset, offset+size)`` of an open file are:

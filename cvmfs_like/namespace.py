@@ -227,10 +227,11 @@ class Namespace:
             return OpenFile(h.entry, 0, [], [])
         return self._slots[h[0]].open_file(h[1])
 
-    def cached_path(self, entry: Entry) -> tuple[str, bool] | None:
-        """See :meth:`MountedRelease.cached_path`; None for an image."""
+    def cached_paths(self, entry: Entry, digests: list[str]) -> tuple[list[str], bool] | None:
+        """See :meth:`MountedRelease.cached_paths` (of ``entry``'s
+        repository); None for an image."""
         slot = self._slots.get(entry.ino >> _SLOT_SHIFT)
-        return None if slot is None else slot.cached_path(entry)
+        return None if slot is None else slot.cached_paths(entry, digests)
 
     def read_pieces(self, fh: int, offset: int, size: int) -> list[tuple[int, int, int]] | bytes:
         """Descriptor pieces for repository files; the bytes themselves for images."""

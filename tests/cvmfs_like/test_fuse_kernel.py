@@ -273,6 +273,53 @@ def test_the_first_read_of_a_file_looked_up_by_name_opens_its_object_in_c(site: 
     assert after["read_py"] == before["read_py"], "a first read went through Python"
 
 
+def _chunk_objects(site: Site, want: bytes) -> dict[int, Path]:
+    """The cached objects of a file's chunks, by their offset in it."""
+    out = {}
+    for obj in (site.tmp / "cache" / "objects").glob("*/*"):
+        if obj.stat().st_size >= MiB:  # chunks are at least 1 MiB; other objects are small
+            data = obj.read_bytes()
+            out[want.index(data)] = obj
+    return dict(sorted(out.items()))
+
+
+def test_a_cached_large_file_is_read_in_c_alone_after_a_remount(site: Site) -> None:
+    want = (site.src / "large.bin").read_bytes()
+    with site.mount() as m:
+        assert (m.mountpoint / "large.bin").read_bytes() == want  # fetched into the cache
+        chunks = int(os.getxattr(m.mountpoint / "large.bin", "user.swarm.chunks"))
+    assert chunks >= 2
+    with site.mount() as m:  # a remount: the lookup names every chunk's object to C
+        before = counters(site)
+        with open(m.mountpoint / "large.bin", "rb", buffering=0) as f:
+            got = b"".join(iter(lambda: f.read(MiB), b""))
+        after = counters(site)
+    assert got == want
+    assert after["open_c"] - before["open_c"] == chunks
+    assert after["read_py"] == before["read_py"], "a read went through Python"
+
+
+def test_a_chunk_cut_short_in_the_cache_is_fetched_again_and_the_file_read_whole(
+    site: Site,
+) -> None:
+    want = (site.src / "large.bin").read_bytes()
+    with site.mount() as m:
+        assert (m.mountpoint / "large.bin").read_bytes() == want
+    objs = _chunk_objects(site, want)
+    assert len(objs) >= 2 and (site.tmp / "cache" / "closed-cleanly").exists()
+    offset, cut = list(objs.items())[1]
+    size = cut.stat().st_size
+    os.truncate(cut, size // 2)  # what a power loss after the write left
+    with site.mount() as m:
+        before = counters(site)
+        assert (m.mountpoint / "large.bin").read_bytes() == want
+        after = counters(site)
+        assert f"cached object {cut.name}: size {size // 2} != expected {size}" in m.log()
+    assert after["read_py"] > before["read_py"]  # the cut chunk: Python fetched it again
+    assert after["open_c"] > before["open_c"]  # the chunks before it: opened in C
+    assert cut.read_bytes() == want[offset : offset + size]
+
+
 def test_the_kernel_may_keep_64_reads_in_flight(site: Site, tmp_path: Path) -> None:
     """Read-ahead READs are background requests: with the kernel's default of
     12 in flight, 64 readers of dropped files would queue in the kernel."""
