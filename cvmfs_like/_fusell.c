@@ -3,7 +3,7 @@
  *
  * Only cvmfs_like/fs.py imports it.  The kernel is asked to do as much as it
  * can on its own (no OPEN/OPENDIR round trips, cached directory listings,
- * READDIRPLUS, 1 MiB reads, splice), and what still reaches this process is
+ * READDIRPLUS, 992 KiB reads, splice), and what still reaches this process is
  * answered here:
  *
  *   - READ of a file whose verified cached objects were handed over with
@@ -58,6 +58,7 @@
 #define MAX_PIECES 16
 #define READ_WHOLE (128 << 10) /* objects above it are advised WILLNEED when opened (as mounted.py) */
 #define BACKGROUND 64          /* asynchronous READs the kernel may have in flight */
+#define READ_MAX (248 * 4096)  /* largest READ: its splice fits a pipe of fs.pipe-max-size (1 MiB) */
 #define AHEAD_BYTES (64ULL << 20) /* of a file C opens itself: opened ahead of its reader (as fs.py) */
 #define AHEAD_MAX 64              /* chunks one read opens ahead (chunks are at least 1 MiB) */
 
@@ -677,6 +678,11 @@ static void ll_init(void *userdata, struct fuse_conn_info *conn) {
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     conn->want &= ~FUSE_CAP_AUTO_INVAL_DATA; /* content never changes under an inode */
     conn->max_readahead = 4 << 20;
+    /* Read-only, so max_write only sizes max_pages, hence READs.  libfuse
+       splices a reply through a pipe of the READ's size plus a few pages; a
+       pipe above fs.pipe-max-size (1 MiB) needs CAP_SYS_RESOURCE, and
+       without it every 1 MiB READ was copied through this process. */
+    conn->max_write = READ_MAX;
     /* Readahead of a page-cached file is an asynchronous ("background") READ,
        and the kernel keeps at most max_background of those in flight (12 by
        default): 64 readers of dropped files would wait in the kernel's queue

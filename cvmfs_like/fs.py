@@ -24,8 +24,9 @@ revision's content is immutable:
   switch invalidates them with ``notify_inval_entry`` (so a name added by a
   new revision appears at once), listings and attributes of changed
   directories dropped with ``notify_inval_inode``;
-* reads come as 1 MiB requests (4 MiB read-ahead) and are spliced to the
-  kernel from descriptors of verified cached objects: the first read of an
+* reads come as requests of up to 992 KiB (4 MiB read-ahead; the largest
+  whose splice fits a pipe of ``fs.pipe-max-size``, 1 MiB) and are spliced
+  to the kernel from descriptors of verified cached objects: the first read of an
   inode opens (fetching and verifying if needed) its objects in Python and
   hands duplicates of the descriptors to the C table, which answers the
   inode's later reads without the GIL or a global lock until the kernel
@@ -65,6 +66,9 @@ XATTR_PREFIX = "user.swarm."
 _XATTR_PREFIX_B = XATTR_PREFIX.encode()
 ADAPTER_ENV = "SWARM_FUSE_ADAPTER"
 AHEAD_BYTES = 64 << 20  # of a large file, opened ahead of its reader (see _read_ahead)
+# The kernel's read-ahead window, in four READs of _fusell's READ_MAX (992 KiB):
+# a window of 4 MiB would end each in a fifth READ of 128 KiB.
+READ_AHEAD_KB = 4 * 992
 Attr = tuple[int, int, int, int, int]  # (ino, mode, nlink, size, mtime_ns): what _fusell reads
 
 
@@ -99,7 +103,7 @@ class ReleaseOperations:
         ttl: float | None = 60.0,
         control_socket: Path | None = None,
         on_ready: Callable[[], None] | None = None,
-        read_ahead_kb: int = 4096,
+        read_ahead_kb: int = READ_AHEAD_KB,
     ) -> None:
         self.mounted = mounted
         self.read_ahead_kb = read_ahead_kb
@@ -139,8 +143,8 @@ class ReleaseOperations:
         tuner.start()
 
     def _tune_read_ahead(self) -> None:
-        """Raise the mount's read-ahead so sequential reads come in 1 MiB
-        requests (the kernel offers FUSE 128 KiB); then report readiness.
+        """Raise the mount's read-ahead so sequential reads come in requests
+        of almost 1 MiB (the kernel offers FUSE 128 KiB); then report readiness.
 
         Runs once the mount answers (a stat from inside ``init`` would
         deadlock).  Best effort: needs root.
